@@ -1,0 +1,1 @@
+//! The CORA image format. See `FORMAT.md` beside this crate.

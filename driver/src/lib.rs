@@ -1,0 +1,1 @@
+//! CORA run-time: lazy chunk source, local content-addressed cache, ublk server.

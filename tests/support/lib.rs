@@ -1,0 +1,1 @@
+//! Helpers shared by the integration tests: services started and stopped by PID.

@@ -1,0 +1,65 @@
+//! System packages: installed with apt-get when we are root, otherwise we print the exact line.
+use anyhow::{Context, Result, bail};
+use std::process::Command;
+
+/// Everything the README test command needs on a fresh Debian/Ubuntu machine.
+pub const TEST_PACKAGES: &[&str] = &[
+    "zstd",
+    "e2fsprogs",
+    "erofs-utils",
+    "docker-registry",
+    "skopeo",
+    "umoci",
+    "apache2-utils",
+    "openssl",
+    "curl",
+    "libclang-dev",
+    "clang",
+];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+pub fn ensure(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let line = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    // SAFETY-free check of the effective uid: `id -u` avoids a libc dependency here.
+    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!("missing packages: {}\nrun as root: {line}", missing.join(" "));
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(&line)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get failed ({status}); the command was: {line}");
+    }
+    Ok(())
+}
+
+pub fn run(prog: &str, args: &[&str]) -> Result<()> {
+    eprintln!("xtask: {prog} {}", args.join(" "));
+    let status = Command::new(prog)
+        .args(args)
+        .status()
+        .with_context(|| format!("starting {prog}"))?;
+    if !status.success() {
+        bail!("{prog} {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
