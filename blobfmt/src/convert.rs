@@ -1,0 +1,257 @@
+//! Converting an ordered list of layer tars into CORA layer blobs.
+
+use crate::format::{FsType, Lower, Sha256Digest, Trailer, oci_digest};
+use crate::image::{self, BLOCK_SIZE};
+use crate::staging::{FileContent, Staging};
+use crate::writer::{ChunkParams, HashingWriter, write_chunked, write_trailer};
+use crate::{Error, IoContext};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub fs: FsType,
+    pub params: ChunkParams,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            fs: FsType::Erofs,
+            params: ChunkParams::default(),
+        }
+    }
+}
+
+/// One converted layer: a finished blob file named by its digest's hex.
+#[derive(Debug, Clone)]
+pub struct LayerBlob {
+    pub path: PathBuf,
+    pub digest: Sha256Digest,
+    pub size: u64,
+    pub trailer: Trailer,
+    pub trailer_offset: u64,
+    pub trailer_length: u64,
+    pub trailer_digest: Sha256Digest,
+    pub stats: LayerStats,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LayerStats {
+    pub data_blocks: u64,
+    pub meta_blocks: u64,
+    pub zero_blocks: u64,
+    pub chunk_secs: f64,
+    pub image_secs: f64,
+}
+
+/// Progress callback: (layer index, message).
+pub type Progress<'a> = &'a dyn Fn(usize, &str);
+
+/// Convert layer tars (bottom first) into blobs written under `out_dir`, using `work` for
+/// the staging tree and images. Blobs appear under their final name only when complete.
+pub fn convert_layers(
+    tars: &[PathBuf],
+    opts: &Options,
+    work: &Path,
+    out_dir: &Path,
+    progress: Progress<'_>,
+) -> Result<Vec<LayerBlob>, Error> {
+    opts.params.validate()?;
+    let staging_dir = work.join("tree");
+    std::fs::create_dir_all(&staging_dir).ctx(|| format!("creating {}", staging_dir.display()))?;
+    let mut staging = Staging::new(staging_dir);
+    let mut open_tars = Vec::new();
+    let mut contents: Vec<FileContent> = Vec::new();
+    let mut out: Vec<LayerBlob> = Vec::new();
+    for (i, tar_path) in tars.iter().enumerate() {
+        let layer = i as u32;
+        let tmp = tempfile::Builder::new()
+            .prefix(".cora-blob-")
+            .tempfile_in(out_dir)
+            .ctx(|| format!("creating a temporary blob in {}", out_dir.display()))?;
+        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.as_file()));
+
+        progress(i, "chunking");
+        let t0 = Instant::now();
+        let tar = File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?;
+        let data = write_chunked(&tar, &mut w, 0, &opts.params, false)?;
+        let chunk_secs = t0.elapsed().as_secs_f64();
+
+        progress(i, "building filesystem image");
+        let t1 = Instant::now();
+        contents.extend(staging.apply_layer(tar_path, layer)?);
+        staging.finalize_times()?;
+        open_tars.push(File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?);
+        let image_path = work.join(format!("stack-{i}.img"));
+        image::build(opts.fs, staging.root(), &image_path)?;
+        let image_size = std::fs::metadata(&image_path)
+            .ctx(|| "stat image".into())?
+            .len();
+        let described = image::describe(&image_path, &open_tars, &contents)?;
+        std::fs::remove_file(&image_path).ctx(|| "removing image".into())?;
+        let image_secs = t1.elapsed().as_secs_f64();
+
+        let meta = write_chunked(
+            described.meta.as_slice(),
+            &mut w,
+            data.written,
+            &opts.params,
+            true,
+        )?;
+        let trailer = Trailer {
+            flags: 0,
+            block_size: BLOCK_SIZE,
+            fs_type: opts.fs,
+            chunk_min: opts.params.min,
+            chunk_avg: opts.params.avg,
+            chunk_max: opts.params.max,
+            stream_size: data.stream_size,
+            data_size: data.written,
+            image_size,
+            meta_size: meta.stream_size,
+            diff_id: data.stream_digest,
+            lowers: out
+                .iter()
+                .map(|l| Lower {
+                    blob_digest: l.digest,
+                    diff_id: l.trailer.diff_id,
+                })
+                .collect(),
+            chunks: data.chunks,
+            meta_chunks: meta.chunks,
+            extents: described.extents,
+        };
+        let trailer_offset = data.written + meta.written;
+        let footer = write_trailer(&mut w, trailer_offset, &trailer, opts.params.zstd_level)?;
+        w.flush().ctx(|| "writing blob".into())?;
+        let (_, digest, size) = w.finish();
+        let path = out_dir.join(hex::encode(digest));
+        tmp.persist(&path)
+            .map_err(|e| Error::IoAt {
+                context: format!("renaming blob to {}", path.display()),
+                source: e.error,
+            })?;
+        progress(i, &format!("done {}", oci_digest(&digest)));
+        out.push(LayerBlob {
+            path,
+            digest,
+            size,
+            trailer_offset,
+            trailer_length: footer.trailer_length,
+            trailer_digest: footer.trailer_digest,
+            trailer,
+            stats: LayerStats {
+                data_blocks: described.data_blocks,
+                meta_blocks: described.meta_blocks,
+                zero_blocks: described.zero_blocks,
+                chunk_secs,
+                image_secs,
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// One layer of a converted image, with its source for comparison.
+#[derive(Debug, Clone)]
+pub struct LayerReport {
+    pub source_digest: String,
+    pub source_size: u64,
+    pub tar_size: u64,
+    pub blob: LayerBlob,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageReport {
+    pub layers: Vec<LayerReport>,
+    pub manifest_digest: String,
+    pub manifest: crate::oci::Manifest,
+    pub secs: f64,
+}
+
+/// Convert the image `src` into a CORA image tagged `dst_tag` in the layout at `dst_root`.
+pub fn convert_layout(
+    src: &crate::oci::LayoutImage,
+    dst_root: &Path,
+    dst_tag: &str,
+    opts: &Options,
+    work: &Path,
+    progress: Progress<'_>,
+) -> Result<ImageReport, Error> {
+    use crate::oci::{self, Descriptor, Manifest, annotation};
+    use std::collections::BTreeMap;
+    let t0 = Instant::now();
+    let blob_dir = dst_root.join("blobs/sha256");
+    std::fs::create_dir_all(&blob_dir).ctx(|| format!("creating {}", blob_dir.display()))?;
+    let mut tars = Vec::new();
+    for (i, l) in src.manifest.layers.iter().enumerate() {
+        let compression = oci::layer_compression(&l.media_type)
+            .map_err(|e| Error::Convert(format!("layer {i} ({}): {e}", l.digest)))?;
+        progress(i, "decompressing source layer");
+        let tar = work.join(format!("layer-{i}.tar"));
+        let diff_id = oci::decompress_layer(&src.blob_path(&l.digest)?, compression, &tar)?;
+        if oci_digest(&diff_id) != src.config.rootfs.diff_ids[i] {
+            return Err(Error::Convert(format!(
+                "layer {i} ({}) decompresses to {}, but the config's diff_id is {}",
+                l.digest,
+                oci_digest(&diff_id),
+                src.config.rootfs.diff_ids[i]
+            )));
+        }
+        tars.push(tar);
+    }
+    let blobs = convert_layers(&tars, opts, work, &blob_dir, progress)?;
+    let mut layers = Vec::new();
+    let mut descs = Vec::new();
+    for ((l, tar), blob) in src.manifest.layers.iter().zip(&tars).zip(blobs) {
+        let mut ann = BTreeMap::new();
+        ann.insert(annotation::VERSION.into(), crate::format::VERSION.to_string());
+        ann.insert(annotation::TRAILER_OFFSET.into(), blob.trailer_offset.to_string());
+        ann.insert(annotation::TRAILER_LENGTH.into(), blob.trailer_length.to_string());
+        ann.insert(annotation::TRAILER_DIGEST.into(), oci_digest(&blob.trailer_digest));
+        ann.insert(annotation::IMAGE_SIZE.into(), blob.trailer.image_size.to_string());
+        ann.insert(annotation::FS_TYPE.into(), opts.fs.name().into());
+        descs.push(Descriptor {
+            media_type: oci::MT_LAYER_ZSTD.into(),
+            digest: oci_digest(&blob.digest),
+            size: blob.size,
+            annotations: Some(ann),
+            platform: None,
+        });
+        layers.push(LayerReport {
+            source_digest: l.digest.clone(),
+            source_size: l.size,
+            tar_size: std::fs::metadata(tar).ctx(|| "stat tar".into())?.len(),
+            blob,
+        });
+        std::fs::remove_file(tar).ctx(|| "removing tar".into())?;
+    }
+    let config_digest = oci::put_blob(dst_root, &src.config_bytes)?;
+    let mut mann = BTreeMap::new();
+    mann.insert(annotation::VERSION.into(), crate::format::VERSION.to_string());
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(oci::MT_OCI_MANIFEST.into()),
+        config: Descriptor {
+            media_type: oci::MT_OCI_CONFIG.into(),
+            digest: config_digest,
+            size: src.config_bytes.len() as u64,
+            annotations: None,
+            platform: None,
+        },
+        layers: descs,
+        annotations: Some(mann),
+    };
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Convert(e.to_string()))?;
+    let manifest_digest = oci::put_blob(dst_root, &bytes)?;
+    oci::tag_manifest(dst_root, dst_tag, &bytes)?;
+    Ok(ImageReport {
+        layers,
+        manifest_digest,
+        manifest,
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}

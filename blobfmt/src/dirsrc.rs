@@ -1,0 +1,101 @@
+//! `dir:PATH` sources: a root filesystem directory as a one-layer OCI image, reproducibly.
+
+use crate::format::oci_digest;
+use crate::oci;
+use crate::{Error, IoContext};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Write `dir` as a sorted tar (numeric owners, file mtimes, no atime/ctime) into an OCI
+/// layout at `layout` tagged `tag`. The same tree always gives the same bytes.
+pub fn layout_from_dir(dir: &Path, layout: &Path, tag: &str) -> Result<(), Error> {
+    let tar_path = layout.join("layer.tar.tmp");
+    fs::create_dir_all(layout).ctx(|| format!("creating {}", layout.display()))?;
+    {
+        let f = fs::File::create(&tar_path).ctx(|| "creating layer tar".into())?;
+        let mut b = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, f));
+        b.follow_symlinks(false);
+        let mut entries = Vec::new();
+        collect(dir, Path::new(""), &mut entries)?;
+        for rel in entries {
+            let p = dir.join(&rel);
+            let m = fs::symlink_metadata(&p).ctx(|| format!("stat {}", p.display()))?;
+            let mut h = tar::Header::new_ustar();
+            h.set_metadata_in_mode(&m, tar::HeaderMode::Complete);
+            h.set_mtime(m.mtime().max(0) as u64);
+            h.set_uid(u64::from(m.uid()));
+            h.set_gid(u64::from(m.gid()));
+            if m.file_type().is_symlink() {
+                let target = fs::read_link(&p).ctx(|| format!("readlink {}", p.display()))?;
+                b.append_link(&mut h, &rel, &target).ctx(|| format!("adding {}", rel.display()))?;
+            } else if m.is_file() {
+                let f = fs::File::open(&p).ctx(|| format!("opening {}", p.display()))?;
+                b.append_data(&mut h, &rel, f).ctx(|| format!("adding {}", rel.display()))?;
+            } else {
+                b.append_data(&mut h, &rel, std::io::empty())
+                    .ctx(|| format!("adding {}", rel.display()))?;
+            }
+        }
+        b.into_inner()
+            .and_then(|mut w| w.flush())
+            .ctx(|| "finishing layer tar".into())?;
+    }
+    let bytes = fs::read(&tar_path).ctx(|| "reading layer tar".into())?;
+    let diff_id = oci::put_blob(layout, &bytes)?;
+    fs::remove_file(&tar_path).ctx(|| "removing layer tar".into())?;
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Convert(e.to_string()))?;
+    let config_digest = oci::put_blob(layout, &config_bytes)?;
+    let manifest = oci::Manifest {
+        schema_version: 2,
+        media_type: Some(oci::MT_OCI_MANIFEST.into()),
+        config: oci::Descriptor {
+            media_type: oci::MT_OCI_CONFIG.into(),
+            digest: config_digest,
+            size: config_bytes.len() as u64,
+            annotations: None,
+            platform: None,
+        },
+        layers: vec![oci::Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: diff_id.clone(),
+            size: bytes.len() as u64,
+            annotations: None,
+            platform: None,
+        }],
+        annotations: None,
+    };
+    let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::Convert(e.to_string()))?;
+    oci::put_blob(layout, &mbytes)?;
+    oci::tag_manifest(layout, tag, &mbytes)?;
+    debug_assert_eq!(diff_id, oci_digest(&crate::format::sha256(&bytes)));
+    Ok(())
+}
+
+fn collect(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
+    let dir = root.join(rel);
+    let mut names: Vec<_> = fs::read_dir(&dir)
+        .ctx(|| format!("listing {}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .ctx(|| format!("listing {}", dir.display()))?;
+    names.sort();
+    for n in names {
+        let r = rel.join(&n);
+        let is_dir = fs::symlink_metadata(root.join(&r))
+            .ctx(|| format!("stat {}", r.display()))?
+            .is_dir();
+        out.push(r.clone());
+        if is_dir {
+            collect(root, &r, out)?;
+        }
+    }
+    Ok(())
+}

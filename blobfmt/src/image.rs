@@ -1,0 +1,194 @@
+//! Building a stack's filesystem image and describing it as extents over layer streams.
+
+use crate::format::{Extent, FsType, SOURCE_META, sha256};
+use crate::staging::FileContent;
+use crate::{Error, IoContext};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+pub const BLOCK_SIZE: u32 = 4096;
+/// Fixed so the same tree always gives the same image bytes.
+const FS_UUID: &str = "c0ca0000-0000-4000-8000-000000000001";
+
+/// Run mkfs for `fs` over `tree`, writing `image`.
+pub fn build(fs: FsType, tree: &Path, image: &Path) -> Result<(), Error> {
+    let mut cmd = match fs {
+        FsType::Erofs => {
+            let mut c = Command::new("mkfs.erofs");
+            // noinline_data: tail packing would interleave file tails with metadata, so a
+            // file's blocks would no longer be a copy of its tar bytes.
+            c.args(["-Enoinline_data", "--quiet", "-U", FS_UUID, "-T0"]);
+            // -T0 only sets the build time; per-file mtimes are kept (--preserve-mtime).
+            c.arg("--preserve-mtime");
+            c.arg(image).arg(tree);
+            c
+        }
+        FsType::Ext4 => {
+            let size = ext4_size(tree)?;
+            File::create(image)
+                .and_then(|f| f.set_len(size))
+                .ctx(|| format!("creating {}", image.display()))?;
+            let mut c = Command::new("mke2fs");
+            c.args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-I", "256"]);
+            c.args(["-O", "^has_journal,^resize_inode", "-U", FS_UUID]);
+            c.args(["-E", &format!("hash_seed={FS_UUID},lazy_itable_init=0,nodiscard")]);
+            c.env("E2FSPROGS_FAKE_TIME", "1");
+            c.arg("-d").arg(tree).arg(image);
+            c
+        }
+    };
+    cmd.env("SOURCE_DATE_EPOCH", "0");
+    let out = cmd.output().map_err(|e| Error::IoAt {
+        context: format!("running {:?} (is {} installed?)", cmd.get_program(), fs.name()),
+        source: e,
+    })?;
+    if !out.status.success() {
+        return Err(Error::Convert(format!(
+            "{:?} failed ({}): {}",
+            cmd.get_program(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes of file data plus generous room for metadata: mke2fs needs the size up front.
+fn ext4_size(tree: &Path) -> Result<u64, Error> {
+    fn walk(p: &Path, acc: &mut (u64, u64)) -> Result<(), Error> {
+        for e in std::fs::read_dir(p).ctx(|| format!("listing {}", p.display()))? {
+            let e = e.ctx(|| "listing".into())?;
+            let m = e.metadata().ctx(|| "stat".into())?;
+            acc.1 += 1;
+            acc.0 += m.len().div_ceil(4096) * 4096;
+            if m.is_dir() {
+                walk(&e.path(), acc)?;
+            }
+        }
+        Ok(())
+    }
+    let mut acc = (0u64, 0u64);
+    walk(tree, &mut acc)?;
+    Ok((acc.0 + acc.1 * 512) * 6 / 5 + (16 << 20))
+}
+
+/// Where one block of some file's content comes from.
+#[derive(Clone, Copy)]
+struct BlockSource {
+    layer: u32,
+    offset: u64,
+    /// Bytes of content in the block; the rest of the block is zero.
+    valid: u32,
+}
+
+/// The stack index for `image`, plus the metadata bytes it references (source `SOURCE_META`).
+pub struct Described {
+    pub extents: Vec<Extent>,
+    pub meta: Vec<u8>,
+    pub data_blocks: u64,
+    pub meta_blocks: u64,
+    pub zero_blocks: u64,
+}
+
+/// Match every non-zero image block to a block of file content in one of `tars` (by hash,
+/// then confirmed byte for byte); whatever matches nothing is metadata.
+pub fn describe(image: &Path, tars: &[File], contents: &[FileContent]) -> Result<Described, Error> {
+    let bs = BLOCK_SIZE as usize;
+    let mut by_hash: HashMap<[u8; 16], BlockSource> = HashMap::new();
+    let mut buf = vec![0u8; bs];
+    for c in contents {
+        let tar = &tars[c.layer as usize];
+        let mut off = 0u64;
+        while off < c.size {
+            let valid = (c.size - off).min(bs as u64) as usize;
+            buf[valid..].fill(0);
+            tar.read_exact_at(&mut buf[..valid], c.offset + off)
+                .ctx(|| format!("reading layer {} tar", c.layer))?;
+            if buf.iter().any(|&b| b != 0) {
+                by_hash.entry(short_hash(&buf)).or_insert(BlockSource {
+                    layer: c.layer,
+                    offset: c.offset + off,
+                    valid: valid as u32,
+                });
+            }
+            off += bs as u64;
+        }
+    }
+
+    let mut f = File::open(image).ctx(|| format!("opening {}", image.display()))?;
+    let image_size = f.metadata().ctx(|| "stat image".into())?.len();
+    if image_size % bs as u64 != 0 {
+        return Err(Error::Convert(format!("image size {image_size} is not block aligned")));
+    }
+    let mut d = Described {
+        extents: Vec::new(),
+        meta: Vec::new(),
+        data_blocks: 0,
+        meta_blocks: 0,
+        zero_blocks: 0,
+    };
+    let mut check = vec![0u8; bs];
+    let mut big = vec![0u8; 256 * bs];
+    let mut pos = 0u64;
+    while pos < image_size {
+        let n = ((image_size - pos) as usize).min(big.len());
+        f.read_exact(&mut big[..n]).ctx(|| "reading image".into())?;
+        for block in big[..n].chunks(bs) {
+            let at = pos;
+            pos += bs as u64;
+            if block.iter().all(|&b| b == 0) {
+                d.zero_blocks += 1;
+                continue;
+            }
+            let found = by_hash.get(&short_hash(block)).copied().filter(|s| {
+                let v = s.valid as usize;
+                tars[s.layer as usize]
+                    .read_exact_at(&mut check[..v], s.offset)
+                    .is_ok()
+                    && check[..v] == block[..v]
+                    && block[v..].iter().all(|&b| b == 0)
+            });
+            let (source, src_offset, len) = match found {
+                Some(s) => {
+                    d.data_blocks += 1;
+                    (s.layer, s.offset, u64::from(s.valid))
+                }
+                None => {
+                    d.meta_blocks += 1;
+                    let off = d.meta.len() as u64;
+                    d.meta.extend_from_slice(block);
+                    (SOURCE_META, off, bs as u64)
+                }
+            };
+            push_extent(&mut d.extents, at, len, source, src_offset);
+        }
+    }
+    Ok(d)
+}
+
+fn push_extent(v: &mut Vec<Extent>, image_offset: u64, length: u64, source: u32, src_offset: u64) {
+    if let Some(last) = v.last_mut()
+        && last.source == source
+        && last.image_end() == image_offset
+        && last.src_offset + last.length == src_offset
+    {
+        last.length += length;
+        return;
+    }
+    v.push(Extent {
+        image_offset,
+        length,
+        src_offset,
+        source,
+    });
+}
+
+fn short_hash(block: &[u8]) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h.copy_from_slice(&sha256(block)[..16]);
+    h
+}

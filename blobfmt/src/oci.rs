@@ -1,0 +1,251 @@
+//! OCI image layout and manifests: reading sources, writing converted images.
+
+use crate::format::{Sha256Digest, oci_digest, parse_oci_digest, sha256};
+use crate::{Error, IoContext};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MT_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+/// Annotation keys, under the prefix containerd copies from layer descriptors into snapshot labels.
+pub mod annotation {
+    pub const PREFIX: &str = "containerd.io/snapshot/cora/";
+    pub const VERSION: &str = "containerd.io/snapshot/cora/version";
+    pub const TRAILER_OFFSET: &str = "containerd.io/snapshot/cora/trailer-offset";
+    pub const TRAILER_LENGTH: &str = "containerd.io/snapshot/cora/trailer-length";
+    pub const TRAILER_DIGEST: &str = "containerd.io/snapshot/cora/trailer-digest";
+    pub const IMAGE_SIZE: &str = "containerd.io/snapshot/cora/image-size";
+    pub const FS_TYPE: &str = "containerd.io/snapshot/cora/fs-type";
+    pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Index {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub rootfs: RootFs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RootFs {
+    pub diff_ids: Vec<String>,
+}
+
+/// How a source layer is compressed, from its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+pub fn layer_compression(media_type: &str) -> Result<Compression, Error> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Ok(Compression::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Compression::Gzip),
+        MT_LAYER_ZSTD => Ok(Compression::Zstd),
+        other => Err(Error::Convert(format!("unknown layer media type {other:?}"))),
+    }
+}
+
+/// Stream-decompress a layer blob into `dst`, returning the sha256 of the tar (its diff_id).
+pub fn decompress_layer(src: &Path, compression: Compression, dst: &Path) -> Result<Sha256Digest, Error> {
+    let f = File::open(src).ctx(|| format!("opening {}", src.display()))?;
+    let mut reader: Box<dyn Read> = match compression {
+        Compression::None => Box::new(f),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(f))),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(f).map_err(Error::Io)?),
+    };
+    let out = File::create(dst).ctx(|| format!("creating {}", dst.display()))?;
+    let mut w = crate::writer::HashingWriter::new(io::BufWriter::with_capacity(1 << 20, out));
+    io::copy(&mut reader, &mut w)
+        .ctx(|| format!("decompressing layer {}", src.display()))?;
+    w.flush().ctx(|| "writing tar".into())?;
+    Ok(w.finish().1)
+}
+
+/// An image as found in an OCI layout.
+#[derive(Debug, Clone)]
+pub struct LayoutImage {
+    pub root: PathBuf,
+    pub manifest: Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub config_bytes: Vec<u8>,
+    pub config: Config,
+}
+
+impl LayoutImage {
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, Error> {
+        blob_path(&self.root, digest)
+    }
+}
+
+pub fn blob_path(root: &Path, digest: &str) -> Result<PathBuf, Error> {
+    let d = parse_oci_digest(digest)?;
+    Ok(root.join("blobs/sha256").join(hex::encode(d)))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Convert(format!("{what} is not valid JSON of the expected shape: {e}")))
+}
+
+/// Read a blob and check its digest.
+pub fn read_blob(root: &Path, digest: &str) -> Result<Vec<u8>, Error> {
+    let p = blob_path(root, digest)?;
+    let bytes = fs::read(&p).ctx(|| format!("reading blob {digest} in {}", root.display()))?;
+    if oci_digest(&sha256(&bytes)) != digest {
+        return Err(Error::Convert(format!("blob {digest} in {} does not match its digest", root.display())));
+    }
+    Ok(bytes)
+}
+
+/// Open the image tagged `tag` (or the only image) in the layout at `root`.
+pub fn open_layout(root: &Path, tag: Option<&str>) -> Result<LayoutImage, Error> {
+    let index_bytes = fs::read(root.join("index.json"))
+        .ctx(|| format!("{} is not an OCI layout (index.json)", root.display()))?;
+    let index: Index = read_json(&index_bytes, "index.json")?;
+    let desc = pick_manifest(&index.manifests, tag)
+        .ok_or_else(|| Error::Convert(format!("no image {} in {}", tag.unwrap_or("(untagged)"), root.display())))?
+        .clone();
+    let mut bytes = read_blob(root, &desc.digest)?;
+    // Follow one level of index (a multi-platform image) to linux/amd64.
+    if matches!(desc.media_type.as_str(), MT_OCI_INDEX | MT_DOCKER_LIST) {
+        let inner: Index = read_json(&bytes, "image index")?;
+        let d = select_platform(&inner.manifests)
+            .ok_or_else(|| Error::Convert("image index has no linux/amd64 manifest".into()))?;
+        bytes = read_blob(root, &d.digest)?;
+    }
+    let manifest = parse_manifest(&bytes)?;
+    let config_bytes = read_blob(root, &manifest.config.digest)?;
+    let config: Config = read_json(&config_bytes, "image config")?;
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(Error::Convert(format!(
+            "config lists {} diff_ids for {} layers",
+            config.rootfs.diff_ids.len(),
+            manifest.layers.len()
+        )));
+    }
+    Ok(LayoutImage {
+        root: root.to_path_buf(),
+        manifest,
+        manifest_bytes: bytes,
+        config_bytes,
+        config,
+    })
+}
+
+pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, Error> {
+    let m: Manifest = read_json(bytes, "image manifest")?;
+    if m.layers.is_empty() {
+        return Err(Error::Convert("manifest has no layers".into()));
+    }
+    Ok(m)
+}
+
+fn pick_manifest<'a>(all: &'a [Descriptor], tag: Option<&str>) -> Option<&'a Descriptor> {
+    match tag {
+        Some(t) => all.iter().find(|d| {
+            d.annotations
+                .as_ref()
+                .and_then(|a| a.get(annotation::REF_NAME))
+                .is_some_and(|n| n == t)
+        }),
+        None if all.len() == 1 => all.first(),
+        None => None,
+    }
+}
+
+pub fn select_platform(all: &[Descriptor]) -> Option<&Descriptor> {
+    all.iter().find(|d| {
+        d.platform.as_ref().is_some_and(|p| {
+            p.get("os").and_then(|v| v.as_str()) == Some("linux")
+                && p.get("architecture").and_then(|v| v.as_str()) == Some("amd64")
+        })
+    })
+}
+
+/// Write `bytes` as a blob of the layout (temporary name, then rename).
+pub fn put_blob(root: &Path, bytes: &[u8]) -> Result<String, Error> {
+    let digest = oci_digest(&sha256(bytes));
+    let dir = root.join("blobs/sha256");
+    fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir).ctx(|| "temporary blob".into())?;
+    tmp.write_all(bytes).ctx(|| "writing blob".into())?;
+    tmp.persist(blob_path(root, &digest)?)
+        .map_err(|e| Error::IoAt { context: "renaming blob".into(), source: e.error })?;
+    Ok(digest)
+}
+
+/// Record `manifest_bytes` (already stored as a blob) in index.json under `tag`.
+pub fn tag_manifest(root: &Path, tag: &str, manifest_bytes: &[u8]) -> Result<(), Error> {
+    fs::create_dir_all(root).ctx(|| format!("creating {}", root.display()))?;
+    let layout = root.join("oci-layout");
+    if !layout.exists() {
+        fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).ctx(|| "writing oci-layout".into())?;
+    }
+    let index_path = root.join("index.json");
+    let mut index: Index = match fs::read(&index_path) {
+        Ok(b) => read_json(&b, "index.json")?,
+        Err(_) => Index { schema_version: 2, media_type: Some(MT_OCI_INDEX.into()), manifests: vec![] },
+    };
+    index.manifests.retain(|d| {
+        d.annotations.as_ref().and_then(|a| a.get(annotation::REF_NAME)).map(String::as_str) != Some(tag)
+    });
+    let mut ann = BTreeMap::new();
+    ann.insert(annotation::REF_NAME.to_string(), tag.to_string());
+    index.manifests.push(Descriptor {
+        media_type: MT_OCI_MANIFEST.into(),
+        digest: oci_digest(&sha256(manifest_bytes)),
+        size: manifest_bytes.len() as u64,
+        annotations: Some(ann),
+        platform: None,
+    });
+    let bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::Convert(e.to_string()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(root).ctx(|| "temporary index".into())?;
+    tmp.write_all(&bytes).ctx(|| "writing index.json".into())?;
+    tmp.persist(&index_path)
+        .map_err(|e| Error::IoAt { context: "renaming index.json".into(), source: e.error })?;
+    Ok(())
+}
