@@ -129,11 +129,10 @@ pub fn convert_layers(
         w.flush().ctx(|| "writing blob".into())?;
         let (_, digest, size) = w.finish();
         let path = out_dir.join(hex::encode(digest));
-        tmp.persist(&path)
-            .map_err(|e| Error::IoAt {
-                context: format!("renaming blob to {}", path.display()),
-                source: e.error,
-            })?;
+        tmp.persist(&path).map_err(|e| Error::IoAt {
+            context: format!("renaming blob to {}", path.display()),
+            source: e.error,
+        })?;
         progress(i, &format!("done {}", oci_digest(&digest)));
         out.push(LayerBlob {
             path,
@@ -208,12 +207,28 @@ pub fn convert_layout(
     let mut descs = Vec::new();
     for ((l, tar), blob) in src.manifest.layers.iter().zip(&tars).zip(blobs) {
         let mut ann = BTreeMap::new();
-        ann.insert(annotation::VERSION.into(), crate::format::VERSION.to_string());
-        ann.insert(annotation::TRAILER_OFFSET.into(), blob.trailer_offset.to_string());
-        ann.insert(annotation::TRAILER_LENGTH.into(), blob.trailer_length.to_string());
-        ann.insert(annotation::TRAILER_DIGEST.into(), oci_digest(&blob.trailer_digest));
-        ann.insert(annotation::IMAGE_SIZE.into(), blob.trailer.image_size.to_string());
+        ann.insert(
+            annotation::VERSION.into(),
+            crate::format::VERSION.to_string(),
+        );
+        ann.insert(
+            annotation::TRAILER_OFFSET.into(),
+            blob.trailer_offset.to_string(),
+        );
+        ann.insert(
+            annotation::TRAILER_LENGTH.into(),
+            blob.trailer_length.to_string(),
+        );
+        ann.insert(
+            annotation::TRAILER_DIGEST.into(),
+            oci_digest(&blob.trailer_digest),
+        );
+        ann.insert(
+            annotation::IMAGE_SIZE.into(),
+            blob.trailer.image_size.to_string(),
+        );
         ann.insert(annotation::FS_TYPE.into(), opts.fs.name().into());
+        ann.insert(annotation::SOURCE_SIZE.into(), l.size.to_string());
         descs.push(Descriptor {
             media_type: oci::MT_LAYER_ZSTD.into(),
             digest: oci_digest(&blob.digest),
@@ -231,7 +246,10 @@ pub fn convert_layout(
     }
     let config_digest = oci::put_blob(dst_root, &src.config_bytes)?;
     let mut mann = BTreeMap::new();
-    mann.insert(annotation::VERSION.into(), crate::format::VERSION.to_string());
+    mann.insert(
+        annotation::VERSION.into(),
+        crate::format::VERSION.to_string(),
+    );
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(oci::MT_OCI_MANIFEST.into()),

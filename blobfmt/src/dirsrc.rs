@@ -29,10 +29,12 @@ pub fn layout_from_dir(dir: &Path, layout: &Path, tag: &str) -> Result<(), Error
             h.set_gid(u64::from(m.gid()));
             if m.file_type().is_symlink() {
                 let target = fs::read_link(&p).ctx(|| format!("readlink {}", p.display()))?;
-                b.append_link(&mut h, &rel, &target).ctx(|| format!("adding {}", rel.display()))?;
+                b.append_link(&mut h, &rel, &target)
+                    .ctx(|| format!("adding {}", rel.display()))?;
             } else if m.is_file() {
                 let f = fs::File::open(&p).ctx(|| format!("opening {}", p.display()))?;
-                b.append_data(&mut h, &rel, f).ctx(|| format!("adding {}", rel.display()))?;
+                b.append_data(&mut h, &rel, f)
+                    .ctx(|| format!("adding {}", rel.display()))?;
             } else {
                 b.append_data(&mut h, &rel, std::io::empty())
                     .ctx(|| format!("adding {}", rel.display()))?;

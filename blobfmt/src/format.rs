@@ -230,7 +230,9 @@ impl std::str::FromStr for FsType {
         match s {
             "erofs" => Ok(FsType::Erofs),
             "ext4" => Ok(FsType::Ext4),
-            _ => Err(Error::Format(format!("unknown filesystem {s:?} (erofs|ext4)"))),
+            _ => Err(Error::Format(format!(
+                "unknown filesystem {s:?} (erofs|ext4)"
+            ))),
         }
     }
 }
@@ -391,7 +393,9 @@ impl Trailer {
         }
         let header_len = r.u16()? as usize;
         if header_len < TRAILER_HEADER_LEN {
-            return Err(Error::Format(format!("trailer header length {header_len} too small")));
+            return Err(Error::Format(format!(
+                "trailer header length {header_len} too small"
+            )));
         }
         let flags = r.u32()?;
         let block_size = r.u32()?;
@@ -411,7 +415,9 @@ impl Trailer {
         // Future versions may grow the header; skip what we do not know.
         r.bytes(header_len - TRAILER_HEADER_LEN)?;
         if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() {
-            return Err(Error::Format(format!("trailer: bad block size {block_size}")));
+            return Err(Error::Format(format!(
+                "trailer: bad block size {block_size}"
+            )));
         }
         // Counts must fit in the remaining bytes before anything is allocated.
         let need = n_lowers
@@ -487,12 +493,16 @@ impl Trailer {
             frame += u64::from(c.compressed_len);
         }
         if frame != self.data_size {
-            return Err(Error::Format("trailer: data frames do not add up to data size".into()));
+            return Err(Error::Format(
+                "trailer: data frames do not add up to data size".into(),
+            ));
         }
         let mut prev_meta_end = self.data_size;
         for (i, c) in self.meta_chunks.iter().enumerate() {
             if c.frame_offset < prev_meta_end + SKIPPABLE_HEADER as u64 {
-                return Err(Error::Format(format!("trailer: metadata chunk {i} frame misplaced")));
+                return Err(Error::Format(format!(
+                    "trailer: metadata chunk {i} frame misplaced"
+                )));
             }
             prev_meta_end = c.frame_end();
         }
@@ -509,7 +519,9 @@ impl Trailer {
                 && (e.source != SOURCE_META || src_end.is_some_and(|x| x <= self.meta_size))
                 && (e.source != position || src_end.is_some_and(|x| x <= self.stream_size));
             if !ok {
-                return Err(Error::Format(format!("trailer: extent {i} is invalid: {e:?}")));
+                return Err(Error::Format(format!(
+                    "trailer: extent {i} is invalid: {e:?}"
+                )));
             }
             prev_end = end.unwrap_or(0);
         }
@@ -524,9 +536,13 @@ fn check_stream_table(what: &str, chunks: &[ChunkEntry], size: u64) -> Result<()
             || c.uncompressed_len == 0
             || c.uncompressed_len > MAX_CHUNK
             || c.compressed_len == 0
-            || c.frame_offset.checked_add(u64::from(c.compressed_len)).is_none()
+            || c.frame_offset
+                .checked_add(u64::from(c.compressed_len))
+                .is_none()
         {
-            return Err(Error::Format(format!("trailer: {what} chunk {i} is invalid: {c:?}")));
+            return Err(Error::Format(format!(
+                "trailer: {what} chunk {i} is invalid: {c:?}"
+            )));
         }
         off += u64::from(c.uncompressed_len);
     }

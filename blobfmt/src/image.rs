@@ -33,9 +33,14 @@ pub fn build(fs: FsType, tree: &Path, image: &Path) -> Result<(), Error> {
                 .and_then(|f| f.set_len(size))
                 .ctx(|| format!("creating {}", image.display()))?;
             let mut c = Command::new("mke2fs");
-            c.args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-I", "256"]);
+            c.args([
+                "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-I", "256",
+            ]);
             c.args(["-O", "^has_journal,^resize_inode", "-U", FS_UUID]);
-            c.args(["-E", &format!("hash_seed={FS_UUID},lazy_itable_init=0,nodiscard")]);
+            c.args([
+                "-E",
+                &format!("hash_seed={FS_UUID},lazy_itable_init=0,nodiscard"),
+            ]);
             c.env("E2FSPROGS_FAKE_TIME", "1");
             c.arg("-d").arg(tree).arg(image);
             c
@@ -43,7 +48,11 @@ pub fn build(fs: FsType, tree: &Path, image: &Path) -> Result<(), Error> {
     };
     cmd.env("SOURCE_DATE_EPOCH", "0");
     let out = cmd.output().map_err(|e| Error::IoAt {
-        context: format!("running {:?} (is {} installed?)", cmd.get_program(), fs.name()),
+        context: format!(
+            "running {:?} (is {} installed?)",
+            cmd.get_program(),
+            fs.name()
+        ),
         source: e,
     })?;
     if !out.status.success() {
@@ -122,7 +131,9 @@ pub fn describe(image: &Path, tars: &[File], contents: &[FileContent]) -> Result
     let mut f = File::open(image).ctx(|| format!("opening {}", image.display()))?;
     let image_size = f.metadata().ctx(|| "stat image".into())?.len();
     if image_size % bs as u64 != 0 {
-        return Err(Error::Convert(format!("image size {image_size} is not block aligned")));
+        return Err(Error::Convert(format!(
+            "image size {image_size} is not block aligned"
+        )));
     }
     let mut d = Described {
         extents: Vec::new(),

@@ -24,6 +24,8 @@ pub mod annotation {
     pub const TRAILER_DIGEST: &str = "containerd.io/snapshot/cora/trailer-digest";
     pub const IMAGE_SIZE: &str = "containerd.io/snapshot/cora/image-size";
     pub const FS_TYPE: &str = "containerd.io/snapshot/cora/fs-type";
+    /// Size of the layer this one was converted from (for reports only).
+    pub const SOURCE_SIZE: &str = "containerd.io/snapshot/cora/source-size";
     pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 }
 
@@ -86,12 +88,18 @@ pub fn layer_compression(media_type: &str) -> Result<Compression, Error> {
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Compression::Gzip),
         MT_LAYER_ZSTD => Ok(Compression::Zstd),
-        other => Err(Error::Convert(format!("unknown layer media type {other:?}"))),
+        other => Err(Error::Convert(format!(
+            "unknown layer media type {other:?}"
+        ))),
     }
 }
 
 /// Stream-decompress a layer blob into `dst`, returning the sha256 of the tar (its diff_id).
-pub fn decompress_layer(src: &Path, compression: Compression, dst: &Path) -> Result<Sha256Digest, Error> {
+pub fn decompress_layer(
+    src: &Path,
+    compression: Compression,
+    dst: &Path,
+) -> Result<Sha256Digest, Error> {
     let f = File::open(src).ctx(|| format!("opening {}", src.display()))?;
     let mut reader: Box<dyn Read> = match compression {
         Compression::None => Box::new(f),
@@ -100,8 +108,7 @@ pub fn decompress_layer(src: &Path, compression: Compression, dst: &Path) -> Res
     };
     let out = File::create(dst).ctx(|| format!("creating {}", dst.display()))?;
     let mut w = crate::writer::HashingWriter::new(io::BufWriter::with_capacity(1 << 20, out));
-    io::copy(&mut reader, &mut w)
-        .ctx(|| format!("decompressing layer {}", src.display()))?;
+    io::copy(&mut reader, &mut w).ctx(|| format!("decompressing layer {}", src.display()))?;
     w.flush().ctx(|| "writing tar".into())?;
     Ok(w.finish().1)
 }
@@ -128,7 +135,11 @@ pub fn blob_path(root: &Path, digest: &str) -> Result<PathBuf, Error> {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Convert(format!("{what} is not valid JSON of the expected shape: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        Error::Convert(format!(
+            "{what} is not valid JSON of the expected shape: {e}"
+        ))
+    })
 }
 
 /// Read a blob and check its digest.
@@ -136,7 +147,10 @@ pub fn read_blob(root: &Path, digest: &str) -> Result<Vec<u8>, Error> {
     let p = blob_path(root, digest)?;
     let bytes = fs::read(&p).ctx(|| format!("reading blob {digest} in {}", root.display()))?;
     if oci_digest(&sha256(&bytes)) != digest {
-        return Err(Error::Convert(format!("blob {digest} in {} does not match its digest", root.display())));
+        return Err(Error::Convert(format!(
+            "blob {digest} in {} does not match its digest",
+            root.display()
+        )));
     }
     Ok(bytes)
 }
@@ -147,7 +161,13 @@ pub fn open_layout(root: &Path, tag: Option<&str>) -> Result<LayoutImage, Error>
         .ctx(|| format!("{} is not an OCI layout (index.json)", root.display()))?;
     let index: Index = read_json(&index_bytes, "index.json")?;
     let desc = pick_manifest(&index.manifests, tag)
-        .ok_or_else(|| Error::Convert(format!("no image {} in {}", tag.unwrap_or("(untagged)"), root.display())))?
+        .ok_or_else(|| {
+            Error::Convert(format!(
+                "no image {} in {}",
+                tag.unwrap_or("(untagged)"),
+                root.display()
+            ))
+        })?
         .clone();
     let mut bytes = read_blob(root, &desc.digest)?;
     // Follow one level of index (a multi-platform image) to linux/amd64.
@@ -214,7 +234,10 @@ pub fn put_blob(root: &Path, bytes: &[u8]) -> Result<String, Error> {
     let mut tmp = tempfile::NamedTempFile::new_in(&dir).ctx(|| "temporary blob".into())?;
     tmp.write_all(bytes).ctx(|| "writing blob".into())?;
     tmp.persist(blob_path(root, &digest)?)
-        .map_err(|e| Error::IoAt { context: "renaming blob".into(), source: e.error })?;
+        .map_err(|e| Error::IoAt {
+            context: "renaming blob".into(),
+            source: e.error,
+        })?;
     Ok(digest)
 }
 
@@ -223,15 +246,24 @@ pub fn tag_manifest(root: &Path, tag: &str, manifest_bytes: &[u8]) -> Result<(),
     fs::create_dir_all(root).ctx(|| format!("creating {}", root.display()))?;
     let layout = root.join("oci-layout");
     if !layout.exists() {
-        fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).ctx(|| "writing oci-layout".into())?;
+        fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .ctx(|| "writing oci-layout".into())?;
     }
     let index_path = root.join("index.json");
     let mut index: Index = match fs::read(&index_path) {
         Ok(b) => read_json(&b, "index.json")?,
-        Err(_) => Index { schema_version: 2, media_type: Some(MT_OCI_INDEX.into()), manifests: vec![] },
+        Err(_) => Index {
+            schema_version: 2,
+            media_type: Some(MT_OCI_INDEX.into()),
+            manifests: vec![],
+        },
     };
     index.manifests.retain(|d| {
-        d.annotations.as_ref().and_then(|a| a.get(annotation::REF_NAME)).map(String::as_str) != Some(tag)
+        d.annotations
+            .as_ref()
+            .and_then(|a| a.get(annotation::REF_NAME))
+            .map(String::as_str)
+            != Some(tag)
     });
     let mut ann = BTreeMap::new();
     ann.insert(annotation::REF_NAME.to_string(), tag.to_string());
@@ -245,7 +277,9 @@ pub fn tag_manifest(root: &Path, tag: &str, manifest_bytes: &[u8]) -> Result<(),
     let bytes = serde_json::to_vec_pretty(&index).map_err(|e| Error::Convert(e.to_string()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(root).ctx(|| "temporary index".into())?;
     tmp.write_all(&bytes).ctx(|| "writing index.json".into())?;
-    tmp.persist(&index_path)
-        .map_err(|e| Error::IoAt { context: "renaming index.json".into(), source: e.error })?;
+    tmp.persist(&index_path).map_err(|e| Error::IoAt {
+        context: "renaming index.json".into(),
+        source: e.error,
+    })?;
     Ok(())
 }

@@ -56,7 +56,9 @@ impl Stack {
             return Err(Error::Format("a stack needs at least one layer".into()));
         };
         if blob_digests.len() != layers.len() {
-            return Err(Error::Format("one blob digest per layer is required".into()));
+            return Err(Error::Format(
+                "one blob digest per layer is required".into(),
+            ));
         }
         for (i, t) in layers.iter().enumerate() {
             if t.lowers.len() != i {

@@ -47,7 +47,9 @@ impl Staging {
         for entry in archive.entries().ctx(|| "reading layer tar".into())? {
             let entry = entry.ctx(|| format!("reading layer {layer} tar"))?;
             let rel = clean_path(&entry.path().ctx(|| "entry path".into())?)?;
-            let Some(name) = rel.file_name() else { continue };
+            let Some(name) = rel.file_name() else {
+                continue;
+            };
             let parent = rel.parent().unwrap_or(Path::new(""));
             if name == OPAQUE {
                 self.clear_dir(parent)?;
@@ -66,7 +68,9 @@ impl Staging {
         for entry in archive.entries().ctx(|| "reading layer tar".into())? {
             let mut entry = entry.ctx(|| format!("reading layer {layer} tar"))?;
             let rel = clean_path(&entry.path().ctx(|| "entry path".into())?)?;
-            let Some(name) = rel.file_name() else { continue };
+            let Some(name) = rel.file_name() else {
+                continue;
+            };
             if name.as_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()) {
                 continue;
             }
@@ -133,11 +137,10 @@ impl Staging {
                     walk(root, &rel.join(e.file_name()), mtimes)?;
                 }
             }
-            let t = filetime::FileTime::from_unix_time(
-                mtimes.get(rel).copied().unwrap_or(0) as i64,
-                0,
-            );
-            filetime::set_file_times(&dir, t, t).ctx(|| format!("setting times of {}", dir.display()))
+            let t =
+                filetime::FileTime::from_unix_time(mtimes.get(rel).copied().unwrap_or(0) as i64, 0);
+            filetime::set_file_times(&dir, t, t)
+                .ctx(|| format!("setting times of {}", dir.display()))
         }
         walk(&self.root, Path::new(""), &self.dir_mtimes)
     }
@@ -219,7 +222,11 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn make_node<R: std::io::Read>(entry: &tar::Entry<'_, R>, dst: &Path, kind: EntryType) -> Result<(), Error> {
+fn make_node<R: std::io::Read>(
+    entry: &tar::Entry<'_, R>,
+    dst: &Path,
+    kind: EntryType,
+) -> Result<(), Error> {
     use std::os::unix::ffi::OsStrExt as _;
     let h = entry.header();
     let mode = h.mode().unwrap_or(0o644) & 0o7777;

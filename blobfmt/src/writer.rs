@@ -1,8 +1,8 @@
 //! Writing a CORA layer blob: data frames from a tar stream, metadata frames, trailer, footer.
 
 use crate::format::{
-    ChunkEntry, Footer, MAGIC_META, SKIPPABLE_HEADER, Sha256Digest, Trailer,
-    VERSION, sha256, skippable_header,
+    ChunkEntry, Footer, MAGIC_META, SKIPPABLE_HEADER, Sha256Digest, Trailer, VERSION, sha256,
+    skippable_header,
 };
 use crate::{Error, IoContext};
 use rayon::prelude::*;
@@ -88,8 +88,12 @@ pub fn write_chunked<R: Read, W: Write>(
     params.validate()?;
     // Enough chunks per batch to keep both cores busy without holding much memory.
     const BATCH: usize = 64;
-    let mut cdc =
-        fastcdc::v2020::StreamCDC::new(BufReader::with_capacity(1 << 20, input), params.min, params.avg, params.max);
+    let mut cdc = fastcdc::v2020::StreamCDC::new(
+        BufReader::with_capacity(1 << 20, input),
+        params.min,
+        params.avg,
+        params.max,
+    );
     let mut hasher = Sha256::new();
     let mut chunks = Vec::new();
     let mut frame_pos = base;

@@ -1,1 +1,5 @@
 //! CORA run-time: lazy chunk source, local content-addressed cache, ublk server.
+
+pub mod blobs;
+pub mod imageref;
+pub mod inspect;

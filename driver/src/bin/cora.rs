@@ -1,0 +1,236 @@
+//! `cora`: convert, inspect and export CORA images; manage the local chunk cache.
+
+use anyhow::{Context, Result, bail};
+use blobfmt::FsType;
+use blobfmt::convert::{self, Options};
+use blobfmt::writer::ChunkParams;
+use clap::{Parser, Subcommand};
+use driver::blobs::LayoutBlobs;
+use driver::imageref::ImageRef;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "cora", version, about = "CORA lazily loaded container images")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert an image to the CORA format.
+    Convert {
+        /// oci:PATH[:TAG], dir:PATH or HOST[:PORT]/REPO[:TAG|@DIGEST]
+        src: ImageRef,
+        /// oci:PATH[:TAG] or HOST[:PORT]/REPO[:TAG]
+        dst: ImageRef,
+        /// Filesystem of the stack images.
+        #[arg(long, default_value = "erofs")]
+        fs: FsType,
+        /// Average chunk size in bytes (min = avg/4, max = avg*4 unless given).
+        #[arg(long, default_value_t = 64 << 10)]
+        chunk_avg: u32,
+        #[arg(long)]
+        chunk_min: Option<u32>,
+        #[arg(long)]
+        chunk_max: Option<u32>,
+        #[arg(long, default_value_t = 3)]
+        zstd_level: i32,
+        /// Scratch directory for layer tars and the staging tree (default: $TMPDIR).
+        #[arg(long)]
+        work: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's layers, chunks and sizes.
+    Inspect {
+        image: ImageRef,
+        #[arg(long)]
+        json: bool,
+        /// Check every chunk digest and the trailer seals; nonzero exit on the first bad one.
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CORA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cora: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Convert {
+            src,
+            dst,
+            fs,
+            chunk_avg,
+            chunk_min,
+            chunk_max,
+            zstd_level,
+            work,
+            json,
+        } => {
+            let mut params = ChunkParams::from_avg(chunk_avg, zstd_level)?;
+            params.min = chunk_min.unwrap_or(params.min);
+            params.max = chunk_max.unwrap_or(params.max);
+            params.validate()?;
+            let opts = Options { fs, params };
+            cmd_convert(&src, &dst, &opts, work, json)
+        }
+        Cmd::Inspect {
+            image,
+            json,
+            verify,
+        } => cmd_inspect(&image, json, verify),
+    }
+}
+
+fn work_dir(work: Option<PathBuf>) -> Result<tempfile::TempDir> {
+    let base = work.unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    tempfile::Builder::new()
+        .prefix("cora-work-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a work directory in {}", base.display()))
+}
+
+fn cmd_convert(
+    src: &ImageRef,
+    dst: &ImageRef,
+    opts: &Options,
+    work: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let work = work_dir(work)?;
+    let src_image = match src {
+        ImageRef::Layout { path, tag } => blobfmt::oci::open_layout(path, tag.as_deref())
+            .with_context(|| format!("opening {src}"))?,
+        ImageRef::Dir(path) => {
+            let layout = work.path().join("src-layout");
+            blobfmt::dirsrc::layout_from_dir(path, &layout, "latest")
+                .with_context(|| format!("packing {src}"))?;
+            blobfmt::oci::open_layout(&layout, Some("latest"))?
+        }
+        ImageRef::Registry(_) => bail!("registry sources are not supported by this build yet"),
+    };
+    let (dst_root, dst_tag) = match dst {
+        ImageRef::Layout { path, tag } => (path.clone(), tag.clone().unwrap_or("latest".into())),
+        ImageRef::Dir(_) => bail!("dir: is a source only"),
+        ImageRef::Registry(_) => bail!("registry destinations are not supported by this build yet"),
+    };
+    let scratch = work.path().join("convert");
+    std::fs::create_dir_all(&scratch)?;
+    let tty = std::io::stderr().is_terminal();
+    let n = src_image.manifest.layers.len();
+    let progress = |i: usize, msg: &str| {
+        if tty {
+            eprint!("\r\x1b[2Klayer {}/{n}: {msg}", i + 1);
+            if msg.starts_with("done") {
+                eprintln!();
+            }
+        } else {
+            eprintln!("layer {}/{n}: {msg}", i + 1);
+        }
+    };
+    let report =
+        convert::convert_layout(&src_image, &dst_root, &dst_tag, opts, &scratch, &progress)
+            .with_context(|| format!("converting {src} to {dst}"))?;
+    if json {
+        let layers: Vec<_> = report
+            .layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "source_digest": l.source_digest,
+                    "source_size": l.source_size,
+                    "tar_size": l.tar_size,
+                    "digest": blobfmt::oci_digest(&l.blob.digest),
+                    "size": l.blob.size,
+                    "chunks": l.blob.trailer.chunks.len(),
+                    "image_size": l.blob.trailer.image_size,
+                    "data_blocks": l.blob.stats.data_blocks,
+                    "meta_blocks": l.blob.stats.meta_blocks,
+                    "zero_blocks": l.blob.stats.zero_blocks,
+                    "chunk_secs": l.blob.stats.chunk_secs,
+                    "image_secs": l.blob.stats.image_secs,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "manifest_digest": report.manifest_digest,
+                "secs": report.secs,
+                "layers": layers,
+            }))?
+        );
+    } else {
+        let tar: u64 = report.layers.iter().map(|l| l.tar_size).sum();
+        let src_size: u64 = report.layers.iter().map(|l| l.source_size).sum();
+        let stored: u64 = report.layers.iter().map(|l| l.blob.size).sum();
+        println!(
+            "{dst}: {} layers, {} -> {} bytes stored (source {} compressed, {} tar) in {:.1}s, {:.1} MB/s of tar",
+            report.layers.len(),
+            src_size,
+            stored,
+            src_size,
+            tar,
+            report.secs,
+            tar as f64 / report.secs / 1e6
+        );
+        println!("manifest {}", report.manifest_digest);
+    }
+    Ok(())
+}
+
+fn cmd_inspect(image: &ImageRef, json: bool, verify: bool) -> Result<()> {
+    let (manifest, blobs) = match image {
+        ImageRef::Layout { path, tag } => {
+            let img = blobfmt::oci::open_layout(path, tag.as_deref())
+                .with_context(|| format!("opening {image}"))?;
+            (img.manifest, LayoutBlobs { root: path.clone() })
+        }
+        _ => bail!("inspect reads oci: layouts in this build"),
+    };
+    let info = driver::inspect::inspect(&manifest, &blobs)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!(
+            "{:>3} {:<71} {:>12} {:>12} {:>8} {:>12} {:>6}",
+            "#", "digest", "stored", "tar", "chunks", "image", "fs"
+        );
+        for l in &info.layers {
+            match &l.cora {
+                Some(c) => println!(
+                    "{:>3} {:<71} {:>12} {:>12} {:>8} {:>12} {:>6}",
+                    l.index, l.digest, l.size, c.tar_size, c.chunks, c.image_size, c.fs_type
+                ),
+                None => println!(
+                    "{:>3} {:<71} {:>12} (not CORA: {})",
+                    l.index, l.digest, l.size, l.media_type
+                ),
+            }
+        }
+    }
+    if verify {
+        let n = driver::inspect::verify(&manifest, &blobs)?;
+        println!("verified {n} chunks: all digests match");
+    }
+    Ok(())
+}
