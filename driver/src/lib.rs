@@ -1,1 +1,3 @@
 //! CORA run-time: lazy chunk source, local content-addressed cache, ublk server.
+
+pub mod cache;
