@@ -1,5 +1,6 @@
 //! CORA run-time: lazy chunk source, local content-addressed cache, ublk server.
 
 pub mod blobs;
+pub mod cache;
 pub mod imageref;
 pub mod inspect;
