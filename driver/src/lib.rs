@@ -4,3 +4,4 @@ pub mod blobs;
 pub mod cache;
 pub mod imageref;
 pub mod inspect;
+pub mod source;

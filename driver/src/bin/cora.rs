@@ -5,10 +5,12 @@ use blobfmt::FsType;
 use blobfmt::convert::{self, Options};
 use blobfmt::writer::ChunkParams;
 use clap::{Parser, Subcommand};
-use driver::blobs::LayoutBlobs;
+use driver::blobs::{BlobRead, LayoutBlobs};
 use driver::imageref::ImageRef;
+use driver::source::{FetchOptions, LazySource};
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "cora", version, about = "CORA lazily loaded container images")]
@@ -53,6 +55,25 @@ enum Cmd {
         #[arg(long)]
         verify: bool,
     },
+    /// Rebuild the filesystem image of stack N through the lazy read path.
+    Export {
+        image: ImageRef,
+        /// Top layer of the stack (0-based; default: the image's top layer).
+        #[arg(long)]
+        layer: Option<usize>,
+        out: PathBuf,
+        /// Chunk cache directory (shared by all images on the host).
+        #[arg(long, default_value = driver::cache::cli::DEFAULT_CACHE_DIR)]
+        cache: PathBuf,
+        /// Cache size limit, e.g. 10G.
+        #[arg(long, default_value = "10G", value_parser = driver::cache::cli::parse_size)]
+        cache_size: u64,
+        /// Print statistics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and maintain the local chunk cache.
+    Cache(driver::cache::cli::CacheArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,6 +118,18 @@ fn run(cli: Cli) -> Result<()> {
             json,
             verify,
         } => cmd_inspect(&image, json, verify),
+        Cmd::Export {
+            image,
+            layer,
+            out,
+            cache,
+            cache_size,
+            json,
+        } => cmd_export(&image, layer, &out, &cache, cache_size, json),
+        Cmd::Cache(args) => {
+            print!("{}", driver::cache::cli::run_cli(&args)?);
+            Ok(())
+        }
     }
 }
 
@@ -198,16 +231,82 @@ fn cmd_convert(
     Ok(())
 }
 
-fn cmd_inspect(image: &ImageRef, json: bool, verify: bool) -> Result<()> {
-    let (manifest, blobs) = match image {
+fn open_image(image: &ImageRef) -> Result<(blobfmt::oci::Manifest, Vec<Arc<dyn BlobRead>>)> {
+    match image {
         ImageRef::Layout { path, tag } => {
             let img = blobfmt::oci::open_layout(path, tag.as_deref())
                 .with_context(|| format!("opening {image}"))?;
-            (img.manifest, LayoutBlobs { root: path.clone() })
+            let blobs: Arc<dyn BlobRead> = Arc::new(LayoutBlobs { root: path.clone() });
+            Ok((img.manifest, vec![blobs]))
         }
-        _ => bail!("inspect reads oci: layouts in this build"),
-    };
-    let info = driver::inspect::inspect(&manifest, &blobs)?;
+        ImageRef::Dir(_) => bail!("{image}: dir: is a conversion source only"),
+        ImageRef::Registry(_) => {
+            bail!("{image}: registry images are not supported by this build yet")
+        }
+    }
+}
+
+fn cmd_export(
+    image: &ImageRef,
+    layer: Option<usize>,
+    out: &std::path::Path,
+    cache_dir: &std::path::Path,
+    cache_size: u64,
+    json: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let (manifest, remotes) = open_image(image)?;
+    let top = layer.unwrap_or(manifest.layers.len() - 1);
+    let cache = driver::cache::ChunkCache::open(cache_dir, cache_size)?;
+    let t0 = std::time::Instant::now();
+    let src = LazySource::open(&manifest, top, remotes, cache, FetchOptions::default())
+        .with_context(|| format!("opening stack {top} of {image}"))?;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".cora-export-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let size = src.size();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = ((size - off) as usize).min(buf.len());
+        src.read_at(off, &mut buf[..n])
+            .with_context(|| format!("reading image bytes {off}+{n}"))?;
+        tmp.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(out)
+        .with_context(|| format!("renaming to {}", out.display()))?;
+    let st = src.stats.snapshot();
+    let secs = t0.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"image_size": size, "secs": secs, "stats": st})
+        );
+    } else {
+        println!(
+            "{}: {size} bytes in {secs:.2}s; fetched {} bytes in {} requests; {} chunk hits, {} chunks fetched, {} corrupt",
+            out.display(),
+            st.fetched_bytes,
+            st.requests,
+            st.hits,
+            st.misses,
+            st.corrupt
+        );
+    }
+    Ok(())
+}
+
+fn cmd_inspect(image: &ImageRef, json: bool, verify: bool) -> Result<()> {
+    let (manifest, remotes) = open_image(image)?;
+    let blobs = remotes[0].as_ref();
+    let info = driver::inspect::inspect(&manifest, blobs)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
@@ -229,7 +328,7 @@ fn cmd_inspect(image: &ImageRef, json: bool, verify: bool) -> Result<()> {
         }
     }
     if verify {
-        let n = driver::inspect::verify(&manifest, &blobs)?;
+        let n = driver::inspect::verify(&manifest, blobs)?;
         println!("verified {n} chunks: all digests match");
     }
     Ok(())

@@ -41,7 +41,7 @@
 //! `read_at` of 64 KiB) ~9.6 GB/s vs ~10.9 GB/s (0.9x). Opening the file per read instead of
 //! keeping fds open runs 4 KiB reads at ~0.25x of the fd cache. See the report in the bench.
 
-mod cli;
+pub mod cli;
 mod fdcache;
 mod scan;
 
