@@ -8,11 +8,55 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// Write `dir` as a sorted tar (numeric owners, file mtimes, no atime/ctime) into an OCI
-/// layout at `layout` tagged `tag`. The same tree always gives the same bytes.
+/// Write `dir` as one uncompressed layer into an OCI layout at `layout` tagged `tag`.
 pub fn layout_from_dir(dir: &Path, layout: &Path, tag: &str) -> Result<(), Error> {
-    let tar_path = layout.join("layer.tar.tmp");
+    layout_from_dirs(&[dir], layout, tag, false)
+}
+
+/// Write each of `dirs` as one layer (bottom first; sorted tar, numeric owners, file mtimes,
+/// no atime/ctime) into an OCI layout at `layout` tagged `tag`, gzip-compressed like a
+/// registry would hold them when `gzip` is set. The same trees always give the same bytes.
+pub fn layout_from_dirs(dirs: &[&Path], layout: &Path, tag: &str, gzip: bool) -> Result<(), Error> {
     fs::create_dir_all(layout).ctx(|| format!("creating {}", layout.display()))?;
+    let mut diff_ids = Vec::new();
+    let mut layers = Vec::new();
+    for dir in dirs {
+        let (diff_id, desc) = layer_from_dir(dir, layout, gzip)?;
+        diff_ids.push(diff_id);
+        layers.push(desc);
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Convert(e.to_string()))?;
+    let config_digest = oci::put_blob(layout, &config_bytes)?;
+    let manifest = oci::Manifest {
+        schema_version: 2,
+        media_type: Some(oci::MT_OCI_MANIFEST.into()),
+        config: oci::Descriptor {
+            media_type: oci::MT_OCI_CONFIG.into(),
+            digest: config_digest,
+            size: config_bytes.len() as u64,
+            annotations: None,
+            platform: None,
+        },
+        layers,
+        annotations: None,
+    };
+    let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::Convert(e.to_string()))?;
+    oci::put_blob(layout, &mbytes)?;
+    oci::tag_manifest(layout, tag, &mbytes)
+}
+
+fn layer_from_dir(
+    dir: &Path,
+    layout: &Path,
+    gzip: bool,
+) -> Result<(String, oci::Descriptor), Error> {
+    let tar_path = layout.join("layer.tar.tmp");
     {
         let f = fs::File::create(&tar_path).ctx(|| "creating layer tar".into())?;
         let mut b = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, f));
@@ -45,40 +89,29 @@ pub fn layout_from_dir(dir: &Path, layout: &Path, tag: &str) -> Result<(), Error
             .ctx(|| "finishing layer tar".into())?;
     }
     let bytes = fs::read(&tar_path).ctx(|| "reading layer tar".into())?;
-    let diff_id = oci::put_blob(layout, &bytes)?;
     fs::remove_file(&tar_path).ctx(|| "removing layer tar".into())?;
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    });
-    let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Convert(e.to_string()))?;
-    let config_digest = oci::put_blob(layout, &config_bytes)?;
-    let manifest = oci::Manifest {
-        schema_version: 2,
-        media_type: Some(oci::MT_OCI_MANIFEST.into()),
-        config: oci::Descriptor {
-            media_type: oci::MT_OCI_CONFIG.into(),
-            digest: config_digest,
-            size: config_bytes.len() as u64,
+    let diff_id = oci_digest(&crate::format::sha256(&bytes));
+    let (stored, media_type) = if gzip {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&bytes).ctx(|| "compressing layer".into())?;
+        (
+            e.finish().ctx(|| "compressing layer".into())?,
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )
+    } else {
+        (bytes, "application/vnd.oci.image.layer.v1.tar")
+    };
+    let digest = oci::put_blob(layout, &stored)?;
+    Ok((
+        diff_id,
+        oci::Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size: stored.len() as u64,
             annotations: None,
             platform: None,
         },
-        layers: vec![oci::Descriptor {
-            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            digest: diff_id.clone(),
-            size: bytes.len() as u64,
-            annotations: None,
-            platform: None,
-        }],
-        annotations: None,
-    };
-    let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::Convert(e.to_string()))?;
-    oci::put_blob(layout, &mbytes)?;
-    oci::tag_manifest(layout, tag, &mbytes)?;
-    debug_assert_eq!(diff_id, oci_digest(&crate::format::sha256(&bytes)));
-    Ok(())
+    ))
 }
 
 fn collect(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {

@@ -7,7 +7,7 @@ use crate::format::{
 use crate::{Error, IoContext};
 use rayon::prelude::*;
 use sha2::{Digest as _, Sha256};
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 
 /// FastCDC v2020 parameters and the zstd level of the frames.
 #[derive(Debug, Clone, Copy)]
@@ -79,43 +79,54 @@ pub struct Chunked {
 /// skippable frame (`meta == true`), written to `out` starting at blob offset `base`.
 /// Compression and hashing run on every core; cutting is sequential.
 pub fn write_chunked<R: Read, W: Write>(
-    input: R,
+    mut input: R,
     out: &mut W,
     base: u64,
     params: &ChunkParams,
     meta: bool,
 ) -> Result<Chunked, Error> {
     params.validate()?;
-    // Enough chunks per batch to keep both cores busy without holding much memory.
-    const BATCH: usize = 64;
-    let mut cdc = fastcdc::v2020::StreamCDC::new(
-        BufReader::with_capacity(1 << 20, input),
-        params.min,
-        params.avg,
-        params.max,
-    );
+    // FastCDC restarts its rolling hash at every cut and looks at most `max` bytes ahead, so
+    // cutting a large window and carrying its last (possibly truncated) chunk into the next
+    // window gives exactly the cuts of one pass over the whole stream.
+    let window = (16usize << 20).max(4 * params.max as usize);
+    let mut buf = vec![0u8; window];
+    let mut len = 0usize;
+    let mut eof = false;
     let mut hasher = Sha256::new();
     let mut chunks = Vec::new();
     let mut frame_pos = base;
     let mut stream_pos = 0u64;
     loop {
-        let mut batch = Vec::with_capacity(BATCH);
-        for item in cdc.by_ref().take(BATCH) {
-            let c = item.map_err(|e| Error::Convert(format!("reading stream to chunk: {e}")))?;
-            batch.push(c.data);
+        while !eof && len < window {
+            match input.read(&mut buf[len..]) {
+                Ok(0) => eof = true,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::Convert(format!("reading stream to chunk: {e}"))),
+            }
         }
-        if batch.is_empty() {
+        if len == 0 {
             break;
         }
-        let framed: Vec<(Sha256Digest, Vec<u8>)> = batch
+        let mut cuts: Vec<(usize, usize)> =
+            fastcdc::v2020::FastCDC::new(&buf[..len], params.min, params.avg, params.max)
+                .map(|c| (c.offset, c.length))
+                .collect();
+        if !eof && cuts.len() > 1 {
+            cuts.pop();
+        }
+        let consumed = cuts.last().map_or(0, |&(o, l)| o + l);
+        let framed: Vec<(Sha256Digest, Vec<u8>)> = cuts
             .par_iter()
-            .map(|data| {
+            .map(|&(o, l)| {
+                let data = &buf[o..o + l];
                 let z = zstd::bulk::compress(data, params.zstd_level).map_err(Error::Io)?;
                 Ok((sha256(data), z))
             })
             .collect::<Result<_, Error>>()?;
-        for (data, (digest, z)) in batch.iter().zip(framed) {
-            hasher.update(data);
+        for (&(o, l), (digest, z)) in cuts.iter().zip(framed) {
+            hasher.update(&buf[o..o + l]);
             if meta {
                 out.write_all(&skippable_header(MAGIC_META, z.len())?)
                     .ctx(|| "writing blob".into())?;
@@ -128,12 +139,14 @@ pub fn write_chunked<R: Read, W: Write>(
                 stream_offset: stream_pos,
                 frame_offset: frame_pos,
                 compressed_len,
-                uncompressed_len: data.len() as u32,
+                uncompressed_len: l as u32,
                 digest,
             });
             frame_pos += z.len() as u64;
-            stream_pos += data.len() as u64;
+            stream_pos += l as u64;
         }
+        buf.copy_within(consumed..len, 0);
+        len -= consumed;
     }
     Ok(Chunked {
         chunks,

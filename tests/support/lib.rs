@@ -1,1 +1,2 @@
 //! Helpers shared by the integration tests: services started and stopped by PID.
+pub mod fixtures;

@@ -1,0 +1,149 @@
+//! `cargo bench -p cora-tests --bench convert`: conversion speed, memory and size on a real
+//! Debian tree, beside the single-core FastCDC + sha256 + zstd limit on the same bytes, and
+//! the chunk-size trade-off (stored size vs what an updated base adds).
+//! Prints a human table and one JSON line (prefixed `RESULT `) for `cargo xtask bench`.
+
+use anyhow::Result;
+use blobfmt::convert::{self, Options};
+use blobfmt::writer::ChunkParams;
+use cora_tests::fixtures;
+use std::collections::HashSet;
+use std::time::Instant;
+
+fn main() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let base = fixtures::debian_tree("base", fixtures::BASE)?;
+    let updated = fixtures::debian_tree("base-ssl-updated", &fixtures::base_updated())?;
+    let src = work.path().join("src");
+    blobfmt::dirsrc::layout_from_dirs(&[&base], &src, "v1", true)?;
+    let src_b = work.path().join("src-b");
+    blobfmt::dirsrc::layout_from_dirs(&[&updated], &src_b, "v1", true)?;
+    let img = blobfmt::oci::open_layout(&src, Some("v1"))?;
+    let img_b = blobfmt::oci::open_layout(&src_b, Some("v1"))?;
+    let targz = img.manifest.layers[0].size;
+    let tar_path = work.path().join("base.tar");
+    blobfmt::oci::decompress_layer(
+        &img.blob_path(&img.manifest.layers[0].digest)?,
+        blobfmt::oci::Compression::Gzip,
+        &tar_path,
+    )?;
+    let tar = std::fs::read(&tar_path)?;
+
+    // Reference: one core doing what conversion must do to every byte.
+    let p = ChunkParams::default();
+    let t = Instant::now();
+    let mut zbytes = 0usize;
+    for c in fastcdc::v2020::FastCDC::new(&tar, p.min, p.avg, p.max) {
+        let data = &tar[c.offset..c.offset + c.length];
+        std::hint::black_box(blobfmt::sha256(data));
+        zbytes += zstd::bulk::compress(data, p.zstd_level)?.len();
+    }
+    let ref_secs = t.elapsed().as_secs_f64();
+    let ref_mbs = tar.len() as f64 / ref_secs / 1e6;
+    std::hint::black_box(zbytes);
+
+    let mut rows = Vec::new();
+    for avg in [16u32 << 10, 64 << 10] {
+        let opts = Options {
+            params: ChunkParams::from_avg(avg, 3)?,
+            ..Options::default()
+        };
+        let mut chunk_sets = Vec::new();
+        let mut first = None;
+        for (name, image) in [("v1", &img), ("v1-updated", &img_b)] {
+            let out = work.path().join(format!("out-{avg}-{name}"));
+            let scratch = work.path().join(format!("scratch-{avg}-{name}"));
+            std::fs::create_dir_all(&scratch)?;
+            let t = Instant::now();
+            let r = convert::convert_layout(image, &out, "v1", &opts, &scratch, &|_, _| {})?;
+            let secs = t.elapsed().as_secs_f64();
+            let l = &r.layers[0];
+            let set: HashSet<([u8; 32], u32)> = l
+                .blob
+                .trailer
+                .chunks
+                .iter()
+                .chain(&l.blob.trailer.meta_chunks)
+                .map(|c| (c.digest, c.compressed_len))
+                .collect();
+            chunk_sets.push(set);
+            if first.is_none() {
+                first = Some((
+                    secs,
+                    l.blob.stats.chunk_secs,
+                    l.blob.stats.image_secs,
+                    l.blob.size,
+                    l.blob.trailer.chunks.len(),
+                    l.blob.stats.meta_blocks,
+                    l.blob.stats.data_blocks,
+                    l.blob.trailer_length,
+                ));
+            }
+        }
+        let (secs, chunk_secs, image_secs, stored, chunks, meta_blocks, data_blocks, trailer) =
+            first.expect("v1 converted");
+        let added: u64 = chunk_sets[1]
+            .difference(&chunk_sets[0])
+            .map(|&(_, len)| u64::from(len))
+            .sum();
+        rows.push(serde_json::json!({
+            "chunk_avg": avg,
+            "tar_bytes": tar.len(),
+            "targz_bytes": targz,
+            "stored_bytes": stored,
+            "stored_vs_targz": stored as f64 / targz as f64,
+            "chunks": chunks,
+            "trailer_bytes": trailer,
+            "meta_blocks": meta_blocks,
+            "data_blocks": data_blocks,
+            "convert_secs": secs,
+            "chunk_phase_secs": chunk_secs,
+            "image_phase_secs": image_secs,
+            "convert_mbs": tar.len() as f64 / secs / 1e6,
+            "chunk_phase_mbs": tar.len() as f64 / chunk_secs / 1e6,
+            "updated_base_adds_bytes": added,
+        }));
+    }
+    let peak = |who| {
+        // SAFETY: getrusage only writes the struct we pass.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut ru) };
+        ru.ru_maxrss as u64 * 1024
+    };
+    let result = serde_json::json!({
+        "tree_bytes": fixtures::tree_bytes(&base)?,
+        "reference_single_core_mbs": ref_mbs,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "peak_rss_bytes": peak(libc::RUSAGE_SELF),
+        "peak_child_rss_bytes": peak(libc::RUSAGE_CHILDREN),
+        "runs": rows,
+    });
+    println!(
+        "tree {:.1} MB, tar {:.1} MB, tar.gz {:.1} MB",
+        fixtures::tree_bytes(&base)? as f64 / 1e6,
+        tar.len() as f64 / 1e6,
+        targz as f64 / 1e6
+    );
+    println!("single-core FastCDC+sha256+zstd reference: {ref_mbs:.1} MB/s");
+    for r in result["runs"].as_array().into_iter().flatten() {
+        println!(
+            "avg {:>6}: stored {:>10} ({:.3}x tar.gz), {} chunks, convert {:.1} MB/s (chunk phase {:.1} MB/s = {:.2}x of 2 cores' reference), meta blocks {}, updated base adds {} bytes",
+            r["chunk_avg"],
+            r["stored_bytes"],
+            r["stored_vs_targz"].as_f64().unwrap_or(0.0),
+            r["chunks"],
+            r["convert_mbs"].as_f64().unwrap_or(0.0),
+            r["chunk_phase_mbs"].as_f64().unwrap_or(0.0),
+            r["chunk_phase_mbs"].as_f64().unwrap_or(0.0) / (2.0 * ref_mbs),
+            r["meta_blocks"],
+            r["updated_base_adds_bytes"]
+        );
+    }
+    println!(
+        "peak RSS {} MB (mkfs children {} MB)",
+        result["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20,
+        result["peak_child_rss_bytes"].as_u64().unwrap_or(0) >> 20
+    );
+    println!("RESULT {result}");
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! Real trees from Debian packages (not toys), cached between runs under
+//! `target/cora-fixtures/`: `.deb`s from `apt-get download`, extracted with `dpkg-deb -x`.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A Debian base: libc, coreutils, shells and common libraries (~100 MB unpacked).
+pub const BASE: &[&str] = &[
+    "libc6",
+    "libgcc-s1",
+    "libstdc++6",
+    "coreutils",
+    "bash",
+    "dash",
+    "busybox-static",
+    "grep",
+    "sed",
+    "tar",
+    "gzip",
+    "findutils",
+    "diffutils",
+    "util-linux",
+    "zlib1g",
+    "libzstd1",
+    "liblzma5",
+    "libbz2-1.0",
+    "libacl1",
+    "libattr1",
+    "libselinux1",
+    "libpcre2-8-0",
+    "libtinfo6",
+    "libcrypt1",
+    "perl-base",
+    "debianutils",
+    "libsqlite3-0",
+    "libssl3=3.0.20-1~deb12u2",
+    "openssl=3.0.20-1~deb12u2",
+    "libgnutls30",
+    "libp11-kit0",
+    "libgmp10",
+    "libnettle8",
+    "libhogweed6",
+    "libunistring2",
+    "libidn2-0",
+    "libtasn1-6",
+    "libsystemd0",
+    "libudev1",
+    "libcap2",
+    "libblkid1",
+    "libmount1",
+    "libsmartcols1",
+    "libuuid1",
+    "ncurses-base",
+    "libncursesw6",
+    "libreadline8",
+    "readline-common",
+    "libdb5.3",
+    "libgdbm6",
+    "libexpat1",
+    "libffi8",
+    "libmpfr6",
+];
+
+/// An application layer over BASE: Python 3.11.
+pub const PYTHON: &[&str] = &[
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "python3.11",
+    "media-types",
+    "libmpdec3",
+];
+
+/// BASE rebuilt with one library at another version (bookworm vs bookworm-security).
+pub fn base_updated() -> Vec<&'static str> {
+    BASE.iter()
+        .map(|p| match *p {
+            "libssl3=3.0.20-1~deb12u2" => "libssl3=3.0.22-1~deb12u2",
+            "openssl=3.0.20-1~deb12u2" => "openssl=3.0.22-1~deb12u2",
+            other => other,
+        })
+        .collect()
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("cora-fixtures")
+}
+
+/// Download (once) the given packages (`name` or `name=version`) into the shared .deb cache.
+pub fn download(packages: &[&str]) -> Result<Vec<PathBuf>> {
+    let debs = fixtures_dir().join("debs");
+    std::fs::create_dir_all(&debs)?;
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    for p in packages {
+        match find_deb(&debs, p)? {
+            Some(d) => out.push(d),
+            None => missing.push(*p),
+        }
+    }
+    if !missing.is_empty() {
+        let st = Command::new("apt-get")
+            .arg("download")
+            .args(&missing)
+            .current_dir(&debs)
+            .status()
+            .context("running apt-get download")?;
+        if !st.success() {
+            bail!(
+                "apt-get download {} failed (run apt-get update?)",
+                missing.join(" ")
+            );
+        }
+        for p in missing {
+            out.push(find_deb(&debs, p)?.with_context(|| format!("{p}: no .deb after download"))?);
+        }
+    }
+    Ok(out)
+}
+
+fn find_deb(dir: &Path, spec: &str) -> Result<Option<PathBuf>> {
+    let (name, version) = match spec.split_once('=') {
+        Some((n, v)) => (n, Some(v.replace(':', "%3a"))),
+        None => (spec, None),
+    };
+    let prefix = format!("{name}_");
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let f = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
+        if f.starts_with(&prefix)
+            && f.ends_with(".deb")
+            && version
+                .as_ref()
+                .is_none_or(|v| f[prefix.len()..].starts_with(v.as_str()))
+        {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// A tree holding the given packages extracted, built once and reused (name it by content).
+pub fn debian_tree(name: &str, packages: &[&str]) -> Result<PathBuf> {
+    let root = fixtures_dir().join("trees").join(name);
+    let done = root.with_extension("done");
+    if done.exists() {
+        return Ok(root);
+    }
+    if root.exists() {
+        std::fs::remove_dir_all(&root)?;
+    }
+    std::fs::create_dir_all(&root)?;
+    for deb in download(packages)? {
+        let st = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(&root)
+            .status()
+            .context("running dpkg-deb")?;
+        if !st.success() {
+            bail!("dpkg-deb -x {} failed", deb.display());
+        }
+    }
+    // Give the tree a usable /bin/sh etc. (dash is in BASE) and the dirs a runtime expects.
+    for d in ["proc", "sys", "dev", "tmp", "etc", "root", "run"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::write(&done, name)?;
+    Ok(root)
+}
+
+/// Total bytes of regular files under `dir`.
+pub fn tree_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.path().symlink_metadata()?;
+        if m.is_dir() {
+            total += tree_bytes(&e.path())?;
+        } else if m.is_file() {
+            total += m.len();
+        }
+    }
+    Ok(total)
+}
