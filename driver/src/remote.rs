@@ -1,0 +1,166 @@
+//! Registry images for the lazy path and for `cora convert`: blob range reads through
+//! `BlobRead`, and whole images pulled into / pushed from an OCI layout.
+
+use crate::blobs::{BlobError, BlobRead};
+use crate::registry::{Client, ClientConfig, Mirror, Reference};
+use blobfmt::oci::{self, Manifest};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Format(#[from] blobfmt::Error),
+    #[error("{0}")]
+    Image(String),
+}
+
+/// Blobs of one repository on one registry host, read with range requests.
+pub struct RegistryBlobs {
+    client: Client,
+    reference: Reference,
+    rt: Handle,
+}
+
+impl RegistryBlobs {
+    pub fn new(client: Client, reference: Reference, rt: Handle) -> Self {
+        RegistryBlobs {
+            client,
+            reference,
+            rt,
+        }
+    }
+
+    fn err(&self, digest: &str, e: impl std::fmt::Display) -> BlobError {
+        BlobError::Read {
+            digest: digest.to_string(),
+            source_name: self.name(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+impl BlobRead for RegistryBlobs {
+    fn name(&self) -> String {
+        format!("{}/{}", self.reference.registry, self.reference.repository)
+    }
+
+    fn size(&self, digest: &str) -> Result<u64, BlobError> {
+        match self
+            .rt
+            .block_on(self.client.blob_exists(&self.reference, digest))
+        {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => Err(self.err(digest, "blob not found")),
+            Err(e) => Err(self.err(digest, e)),
+        }
+    }
+
+    fn read(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
+        self.rt
+            .block_on(
+                self.client
+                    .get_blob_range(&self.reference, digest, offset..offset + len),
+            )
+            .map(|b| b.to_vec())
+            .map_err(|e| self.err(digest, e))
+    }
+}
+
+/// The sources a lazy read tries, in order: each mirror, then the upstream. Integrity
+/// failures move to the next one, so the client itself is built without mirrors.
+pub fn sources_for(
+    cfg: &ClientConfig,
+    reference: &Reference,
+    rt: Handle,
+) -> Result<Vec<Arc<dyn BlobRead>>, RemoteError> {
+    let mut cfg = cfg.clone();
+    let mirrors: Vec<Mirror> = std::mem::take(&mut cfg.mirrors);
+    for m in &mirrors {
+        if m.insecure && !cfg.insecure_hosts.contains(&m.host) {
+            cfg.insecure_hosts.push(m.host.clone());
+        }
+    }
+    let client = Client::new(cfg)?;
+    let mut out: Vec<Arc<dyn BlobRead>> = Vec::new();
+    for m in mirrors {
+        let mut r = reference.clone();
+        r.registry = m.host;
+        out.push(Arc::new(RegistryBlobs::new(client.clone(), r, rt.clone())));
+    }
+    out.push(Arc::new(RegistryBlobs::new(
+        client,
+        reference.clone(),
+        rt,
+    )));
+    Ok(out)
+}
+
+/// Fetch the manifest of `reference` (following a multi-platform index to linux/amd64).
+pub async fn fetch_manifest(
+    client: &Client,
+    reference: &Reference,
+) -> Result<(Manifest, Vec<u8>), RemoteError> {
+    let m = client.get_manifest(reference).await?;
+    let mut bytes = m.bytes.to_vec();
+    if matches!(m.media_type.as_str(), oci::MT_OCI_INDEX | oci::MT_DOCKER_LIST) {
+        let index: oci::Index = serde_json::from_slice(&bytes)
+            .map_err(|e| RemoteError::Image(format!("image index of {reference}: {e}")))?;
+        let d = oci::select_platform(&index.manifests).ok_or_else(|| {
+            RemoteError::Image(format!("{reference}: no linux/amd64 manifest in the index"))
+        })?;
+        let mut r = reference.clone();
+        r.digest = Some(d.digest.clone());
+        bytes = client.get_manifest(&r).await?.bytes.to_vec();
+    }
+    let manifest = oci::parse_manifest(&bytes)?;
+    Ok((manifest, bytes))
+}
+
+/// Download a whole image into the OCI layout at `root`, tagged `tag`.
+pub async fn pull_to_layout(
+    client: &Client,
+    reference: &Reference,
+    root: &Path,
+    tag: &str,
+) -> Result<(), RemoteError> {
+    let (manifest, bytes) = fetch_manifest(client, reference).await?;
+    let blobs = root.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)
+        .map_err(|e| RemoteError::Image(format!("creating {}: {e}", blobs.display())))?;
+    for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
+        let path = oci::blob_path(root, &d.digest)?;
+        if !path.exists() {
+            client.get_blob_to_file(reference, &d.digest, &path).await?;
+        }
+    }
+    oci::put_blob(root, &bytes)?;
+    oci::tag_manifest(root, tag, &bytes)?;
+    Ok(())
+}
+
+/// Upload the image `tag` of the layout at `root` to `reference`; returns the manifest digest.
+pub async fn push_layout(
+    client: &Client,
+    root: &Path,
+    tag: &str,
+    reference: &Reference,
+) -> Result<String, RemoteError> {
+    let img = oci::open_layout(root, Some(tag))?;
+    for d in std::iter::once(&img.manifest.config).chain(&img.manifest.layers) {
+        client
+            .push_blob_file(reference, &d.digest, &img.blob_path(&d.digest)?)
+            .await?;
+    }
+    let media_type = img
+        .manifest
+        .media_type
+        .clone()
+        .unwrap_or_else(|| oci::MT_OCI_MANIFEST.to_string());
+    Ok(client
+        .put_manifest(reference, &media_type, img.manifest_bytes.clone().into())
+        .await?)
+}
