@@ -209,6 +209,28 @@ impl Body for FileBody {
     }
 }
 
+/// Attempt counter: `done` attempts made so far (1-based), at most `max`.
+struct Attempts {
+    done: u32,
+    max: u32,
+}
+
+/// What a blob read produces.
+enum BlobRead<'a> {
+    Whole,
+    Range(u64, u64),
+    ToFile {
+        dir: &'a Path,
+        name: &'a str,
+        dest: &'a Path,
+    },
+}
+
+enum BlobOut {
+    Bytes(Bytes),
+    Size(u64),
+}
+
 /// Reads a response body frame by frame with a stall timeout, counting bytes.
 struct BodyReader {
     body: Incoming,
@@ -428,69 +450,140 @@ impl Client {
         v
     }
 
-    /// Runs `f` until it succeeds, fails for good, or `attempts` are used up. One
-    /// concurrency permit is held per attempt, body included.
-    async fn retrying<T>(
-        &self,
-        op: &str,
-        attempts: u32,
-        mut f: impl AsyncFnMut() -> Result<T>,
-    ) -> Result<T> {
-        let mut attempt = 1;
-        loop {
-            let permit = self.inner.sem.acquire().await;
-            let r = f().await;
-            drop(permit);
-            match r {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    self.inner.stats.error();
-                    if !e.is_retryable() || attempt >= attempts {
-                        return Err(e.with_attempts(attempt));
-                    }
-                    let mut delay = backoff(self.inner.backoff, attempt);
-                    if let Some(ra) = e.retry_after() {
-                        delay = delay.max(ra);
-                    }
-                    warn!(op, attempt, error = %e.kind(), ?delay, "registry request failed; retrying");
-                    self.inner.stats.retry();
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-            }
+    /// Runs one attempt while holding a concurrency permit (body included).
+    async fn permitted<T>(&self, attempt: impl Future<Output = Result<T>>) -> Result<T> {
+        let _permit = self.inner.sem.acquire().await;
+        attempt.await
+    }
+
+    /// After a failed attempt: `Err` with the final error, or `Ok` once the backoff has
+    /// elapsed and another attempt may start.
+    async fn on_failure(&self, op: &str, e: RegistryError, tries: &mut Attempts) -> Result<()> {
+        self.inner.stats.error();
+        if !e.is_retryable() || tries.done >= tries.max {
+            return Err(e.with_attempts(tries.done));
+        }
+        let mut delay = backoff(self.inner.backoff, tries.done);
+        if let Some(ra) = e.retry_after() {
+            delay = delay.max(ra);
+        }
+        warn!(op, attempt = tries.done, error = %e.kind(), ?delay, "registry request failed; retrying");
+        self.inner.stats.retry();
+        tokio::time::sleep(delay).await;
+        tries.done += 1;
+        Ok(())
+    }
+
+    fn upstream_tries(&self) -> Attempts {
+        Attempts {
+            done: 1,
+            max: self.inner.max_retries + 1,
         }
     }
 
-    /// Tries each mirror once, then the upstream with the full retry budget.
-    async fn try_sources<T>(
-        &self,
-        r: &Reference,
-        describe: impl Fn(&Source) -> String,
-        mut f: impl AsyncFnMut(&Source, &str) -> Result<T>,
-    ) -> Result<T> {
+    /// Blob reads: each mirror once, then the upstream with the full retry budget.
+    async fn read_blob(&self, r: &Reference, digest: &str, how: &BlobRead<'_>) -> Result<BlobOut> {
+        validate_digest(digest)?;
+        let mut last = None;
         for src in self.blob_sources(r) {
-            let op = describe(&src);
-            let attempts = if src.mirror {
-                1
-            } else {
-                self.inner.max_retries + 1
+            let op = match how {
+                BlobRead::Whole => format!("GET blob {digest} from {}/{}", src.host, r.repository),
+                BlobRead::Range(a, b) => format!(
+                    "GET blob {digest} bytes {a}..{b} from {}/{}",
+                    src.host, r.repository
+                ),
+                BlobRead::ToFile { dest, .. } => format!(
+                    "GET blob {digest} from {}/{} to {}",
+                    src.host,
+                    r.repository,
+                    dest.display()
+                ),
             };
-            match self
-                .retrying(&op, attempts, async || f(&src, &op).await)
-                .await
-            {
-                Ok(v) => return Ok(v),
-                Err(e) if src.mirror => {
-                    warn!(error = %e, "mirror failed; trying the next source");
+            let mut tries = if src.mirror {
+                Attempts { done: 1, max: 1 }
+            } else {
+                self.upstream_tries()
+            };
+            loop {
+                match self
+                    .permitted(self.blob_once(&src, &op, r, digest, how))
+                    .await
+                {
+                    Ok(v) => return Ok(v),
+                    Err(e) => match self.on_failure(&op, e, &mut tries).await {
+                        Ok(()) => {}
+                        Err(e) if src.mirror => {
+                            warn!(error = %e, "mirror failed; trying the next source");
+                            last = Some(e);
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    },
                 }
-                Err(e) => return Err(e),
             }
         }
-        // blob_sources always ends with the upstream, which returns above.
-        Err(RegistryError::new(
-            describe(&self.upstream(r)),
-            ErrorKind::Protocol("no source".into()),
-        ))
+        // Unreachable in practice: the upstream is always the last source and returns.
+        Err(last.unwrap_or_else(|| {
+            RegistryError::new("read blob", ErrorKind::Protocol("no source".into()))
+        }))
+    }
+
+    async fn blob_once(
+        &self,
+        src: &Source,
+        op: &str,
+        r: &Reference,
+        digest: &str,
+        how: &BlobRead<'_>,
+    ) -> Result<BlobOut> {
+        match how {
+            BlobRead::Whole => {
+                let cx = Ctx {
+                    op,
+                    src,
+                    repo: &r.repository,
+                    access: Access::Pull,
+                };
+                let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
+                let resp = self
+                    .send(&cx, Method::GET, url, &[], &Payload::Empty, true)
+                    .await?;
+                let resp = self.expect(op, resp, &[200]).await?;
+                let data = self.read_all(op, resp, u64::MAX).await?;
+                let actual = sha256_digest(&data);
+                if actual != digest {
+                    return Err(RegistryError::new(
+                        op,
+                        ErrorKind::DigestMismatch {
+                            expected: digest.to_string(),
+                            actual,
+                        },
+                    ));
+                }
+                Ok(BlobOut::Bytes(data))
+            }
+            BlobRead::Range(a, b) => Ok(BlobOut::Bytes(
+                self.range_once(src, op, r, digest, *a, *b).await?,
+            )),
+            BlobRead::ToFile { dir, name, dest } => {
+                let tmp = dir.join(format!(
+                    ".{name}.part-{}-{:08x}",
+                    std::process::id(),
+                    fastrand::u32(..)
+                ));
+                let res = match self.download_once(src, op, r, digest, &tmp).await {
+                    Ok(n) => tokio::fs::rename(&tmp, dest)
+                        .await
+                        .map(|()| n)
+                        .map_err(|e| RegistryError::new(op, ErrorKind::Io(e))),
+                    Err(e) => Err(e),
+                };
+                if res.is_err() {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                }
+                res.map(BlobOut::Size)
+            }
+        }
     }
 
     fn auth_header(&self, host: &str, repo: &str, access: Access) -> Option<String> {
@@ -900,109 +993,93 @@ impl Client {
     /// Accepts OCI manifests/indexes and Docker schema 2 manifests/lists.
     pub async fn get_manifest(&self, r: &Reference) -> Result<Manifest> {
         let src = self.upstream(r);
-        let mref = r.manifest_ref().to_string();
-        let op = format!("GET manifest {mref} from {}/{}", src.host, r.repository);
-        let url = format!("{}/v2/{}/manifests/{mref}", src.base(), r.repository);
-        let accept = MANIFEST_MEDIA_TYPES.join(", ");
-        self.retrying(&op, self.inner.max_retries + 1, async || {
-            let cx = Ctx {
-                op: &op,
-                src: &src,
-                repo: &r.repository,
-                access: Access::Pull,
-            };
-            let resp = self
-                .send(
-                    &cx,
-                    Method::GET,
-                    url.clone(),
-                    &[(ACCEPT, accept.clone())],
-                    &Payload::Empty,
-                    true,
-                )
-                .await?;
-            let resp = self.expect(&op, resp, &[200]).await?;
-            let header_type = resp
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
-                .filter(|v| !v.is_empty());
-            let bytes = self.read_all(&op, resp, MAX_MANIFEST).await?;
-            let digest = sha256_digest(&bytes);
-            if let Some(want) = &r.digest
-                && *want != digest
-            {
-                return Err(RegistryError::new(
-                    &op,
-                    ErrorKind::DigestMismatch {
-                        expected: want.clone(),
-                        actual: digest,
-                    },
-                ));
+        let op = format!(
+            "GET manifest {} from {}/{}",
+            r.manifest_ref(),
+            src.host,
+            r.repository
+        );
+        let mut tries = self.upstream_tries();
+        loop {
+            match self.permitted(self.manifest_once(&src, &op, r)).await {
+                Ok(m) => return Ok(m),
+                Err(e) => self.on_failure(&op, e, &mut tries).await?,
             }
-            let media_type = match header_type {
-                Some(t) if t != "application/json" && t != "application/octet-stream" => t,
-                _ => serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
-                    .ok_or_else(|| {
-                        RegistryError::new(
-                            &op,
-                            ErrorKind::Protocol(
-                                "manifest has neither a Content-Type nor a mediaType".into(),
-                            ),
-                        )
-                    })?,
-            };
-            Ok(Manifest {
-                bytes: bytes.clone(),
-                media_type,
-                digest,
-            })
-        })
-        .await
+        }
     }
 
-    /// Fetches a whole blob into memory and checks its sha256.
-    pub async fn get_blob(&self, r: &Reference, digest: &str) -> Result<Bytes> {
-        validate_digest(digest)?;
-        self.try_sources(
-            r,
-            |s| format!("GET blob {digest} from {}/{}", s.host, r.repository),
-            async |src, op| {
-                let cx = Ctx {
-                    op,
-                    src,
-                    repo: &r.repository,
-                    access: Access::Pull,
-                };
-                let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
-                let resp = self
-                    .send(&cx, Method::GET, url, &[], &Payload::Empty, true)
-                    .await?;
-                let resp = self.expect(op, resp, &[200]).await?;
-                let data = self.read_all(op, resp, u64::MAX).await?;
-                let actual = sha256_digest(&data);
-                if actual != digest {
-                    return Err(RegistryError::new(
+    async fn manifest_once(&self, src: &Source, op: &str, r: &Reference) -> Result<Manifest> {
+        let cx = Ctx {
+            op,
+            src,
+            repo: &r.repository,
+            access: Access::Pull,
+        };
+        let url = format!(
+            "{}/v2/{}/manifests/{}",
+            src.base(),
+            r.repository,
+            r.manifest_ref()
+        );
+        let accept = [(ACCEPT, MANIFEST_MEDIA_TYPES.join(", "))];
+        let resp = self
+            .send(&cx, Method::GET, url, &accept, &Payload::Empty, true)
+            .await?;
+        let resp = self.expect(op, resp, &[200]).await?;
+        let header_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+            .filter(|v| !v.is_empty());
+        let bytes = self.read_all(op, resp, MAX_MANIFEST).await?;
+        let digest = sha256_digest(&bytes);
+        if let Some(want) = &r.digest
+            && *want != digest
+        {
+            return Err(RegistryError::new(
+                op,
+                ErrorKind::DigestMismatch {
+                    expected: want.clone(),
+                    actual: digest,
+                },
+            ));
+        }
+        let media_type = match header_type {
+            Some(t) if t != "application/json" && t != "application/octet-stream" => t,
+            _ => serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string))
+                .ok_or_else(|| {
+                    RegistryError::new(
                         op,
-                        ErrorKind::DigestMismatch {
-                            expected: digest.to_string(),
-                            actual,
-                        },
-                    ));
-                }
-                Ok(data)
-            },
-        )
-        .await
+                        ErrorKind::Protocol(
+                            "manifest has neither a Content-Type nor a mediaType".into(),
+                        ),
+                    )
+                })?,
+        };
+        Ok(Manifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// Fetches a whole blob into memory and checks its sha256. Mirrors first.
+    pub async fn get_blob(&self, r: &Reference, digest: &str) -> Result<Bytes> {
+        match self.read_blob(r, digest, &BlobRead::Whole).await? {
+            BlobOut::Bytes(b) => Ok(b),
+            BlobOut::Size(_) => Err(RegistryError::new(
+                "get blob",
+                ErrorKind::Protocol("internal: size".into()),
+            )),
+        }
     }
 
     /// Streams a blob to `path` (via a temporary file in the same directory, renamed when the
-    /// sha256 matches). Returns the blob size.
+    /// sha256 matches). Returns the blob size. Mirrors first.
     pub async fn get_blob_to_file(&self, r: &Reference, digest: &str, path: &Path) -> Result<u64> {
-        validate_digest(digest)?;
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -1016,39 +1093,18 @@ impl Client {
                     ErrorKind::Config("destination has no file name".into()),
                 )
             })?;
-        self.try_sources(
-            r,
-            |s| {
-                format!(
-                    "GET blob {digest} from {}/{} to {}",
-                    s.host,
-                    r.repository,
-                    path.display()
-                )
-            },
-            async |src, op| {
-                let tmp = dir.join(format!(
-                    ".{name}.part-{}-{:08x}",
-                    std::process::id(),
-                    fastrand::u32(..)
-                ));
-                let res = self.download_once(src, op, r, digest, &tmp).await;
-                match res {
-                    Ok(n) => match tokio::fs::rename(&tmp, path).await {
-                        Ok(()) => Ok(n),
-                        Err(e) => {
-                            let _ = tokio::fs::remove_file(&tmp).await;
-                            Err(RegistryError::new(op, ErrorKind::Io(e)))
-                        }
-                    },
-                    Err(e) => {
-                        let _ = tokio::fs::remove_file(&tmp).await;
-                        Err(e)
-                    }
-                }
-            },
-        )
-        .await
+        let how = BlobRead::ToFile {
+            dir: &dir,
+            name: &name,
+            dest: path,
+        };
+        match self.read_blob(r, digest, &how).await? {
+            BlobOut::Size(n) => Ok(n),
+            BlobOut::Bytes(_) => Err(RegistryError::new(
+                "get blob",
+                ErrorKind::Protocol("internal: bytes".into()),
+            )),
+        }
     }
 
     async fn download_once(
@@ -1135,18 +1191,16 @@ impl Client {
                 ErrorKind::RangeNotSatisfiable("range end before start".into()),
             ));
         }
-        let (start, end) = (range.start, range.end);
-        self.try_sources(
-            r,
-            |s| {
-                format!(
-                    "GET blob {digest} bytes {start}..{end} from {}/{}",
-                    s.host, r.repository
-                )
-            },
-            async |src, op| self.range_once(src, op, r, digest, start, end).await,
-        )
-        .await
+        match self
+            .read_blob(r, digest, &BlobRead::Range(range.start, range.end))
+            .await?
+        {
+            BlobOut::Bytes(b) => Ok(b),
+            BlobOut::Size(_) => Err(RegistryError::new(
+                "get blob range",
+                ErrorKind::Protocol("internal: size".into()),
+            )),
+        }
     }
 
     async fn range_once(
@@ -1252,29 +1306,46 @@ impl Client {
         access: Access,
     ) -> Result<Option<u64>> {
         let op = format!("HEAD blob {digest} on {}/{}", src.host, r.repository);
-        let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
-        self.retrying(&op, self.inner.max_retries + 1, async || {
-            let cx = Ctx {
-                op: &op,
-                src,
-                repo: &r.repository,
-                access,
-            };
-            let resp = self
-                .send(&cx, Method::HEAD, url.clone(), &[], &Payload::Empty, true)
-                .await?;
-            match self.expect(&op, resp, &[200]).await {
-                Ok(resp) => content_length(&resp).map(Some).ok_or_else(|| {
-                    RegistryError::new(
-                        &op,
-                        ErrorKind::Protocol("HEAD answer without Content-Length".into()),
-                    )
-                }),
-                Err(e) if e.is_not_found() => Ok(None),
-                Err(e) => Err(e),
+        let mut tries = self.upstream_tries();
+        loop {
+            match self
+                .permitted(self.exists_once(&op, r, digest, src, access))
+                .await
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => self.on_failure(&op, e, &mut tries).await?,
             }
-        })
-        .await
+        }
+    }
+
+    async fn exists_once(
+        &self,
+        op: &str,
+        r: &Reference,
+        digest: &str,
+        src: &Source,
+        access: Access,
+    ) -> Result<Option<u64>> {
+        let cx = Ctx {
+            op,
+            src,
+            repo: &r.repository,
+            access,
+        };
+        let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
+        let resp = self
+            .send(&cx, Method::HEAD, url, &[], &Payload::Empty, true)
+            .await?;
+        match self.expect(op, resp, &[200]).await {
+            Ok(resp) => content_length(&resp).map(Some).ok_or_else(|| {
+                RegistryError::new(
+                    op,
+                    ErrorKind::Protocol("HEAD answer without Content-Length".into()),
+                )
+            }),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Uploads a blob from a file unless the registry already has it (POST + monolithic PUT).
@@ -1329,42 +1400,60 @@ impl Client {
             src.host,
             r.repository
         );
-        self.retrying(&op, self.inner.max_retries + 1, async || {
-            let cx = Ctx {
-                op: &op,
-                src: &src,
-                repo: &r.repository,
-                access: Access::Push,
-            };
-            let url = format!("{}/v2/{}/blobs/uploads/", src.base(), r.repository);
-            let resp = self
-                .send(&cx, Method::POST, url.clone(), &[], &Payload::Empty, false)
-                .await?;
-            let resp = self.expect(&op, resp, &[202]).await?;
-            let loc = resp
-                .headers()
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| {
-                    RegistryError::new(
-                        &op,
-                        ErrorKind::Protocol("upload start without Location".into()),
-                    )
-                })?
-                .to_string();
-            self.drain(resp).await;
-            let mut put = resolve(&url, &loc);
-            put.push(if put.contains('?') { '&' } else { '?' });
-            put.push_str(&format!("digest={}", enc(digest)));
-            let hdr = [(CONTENT_TYPE, "application/octet-stream".to_string())];
-            let resp = self
-                .send(&cx, Method::PUT, put, &hdr, &payload, false)
-                .await?;
-            let resp = self.expect(&op, resp, &[201, 204]).await?;
-            self.drain(resp).await;
-            Ok(())
-        })
-        .await
+        let mut tries = self.upstream_tries();
+        loop {
+            match self
+                .permitted(self.push_once(&op, &src, r, digest, &payload))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => self.on_failure(&op, e, &mut tries).await?,
+            }
+        }
+    }
+
+    /// POST to open an upload session, then one monolithic PUT with the digest.
+    async fn push_once(
+        &self,
+        op: &str,
+        src: &Source,
+        r: &Reference,
+        digest: &str,
+        payload: &Payload<'_>,
+    ) -> Result<()> {
+        let cx = Ctx {
+            op,
+            src,
+            repo: &r.repository,
+            access: Access::Push,
+        };
+        let url = format!("{}/v2/{}/blobs/uploads/", src.base(), r.repository);
+        let resp = self
+            .send(&cx, Method::POST, url.clone(), &[], &Payload::Empty, false)
+            .await?;
+        let resp = self.expect(op, resp, &[202]).await?;
+        let loc = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                RegistryError::new(
+                    op,
+                    ErrorKind::Protocol("upload start without Location".into()),
+                )
+            })?
+            .to_string();
+        self.drain(resp).await;
+        let mut put = resolve(&url, &loc);
+        put.push(if put.contains('?') { '&' } else { '?' });
+        put.push_str(&format!("digest={}", enc(digest)));
+        let hdr = [(CONTENT_TYPE, "application/octet-stream".to_string())];
+        let resp = self
+            .send(&cx, Method::PUT, put, &hdr, payload, false)
+            .await?;
+        let resp = self.expect(op, resp, &[201, 204]).await?;
+        self.drain(resp).await;
+        Ok(())
     }
 
     /// Uploads a manifest under the reference's digest or tag; returns its sha256 digest.
@@ -1375,8 +1464,12 @@ impl Client {
         body: Bytes,
     ) -> Result<String> {
         let src = self.upstream(r);
-        let mref = r.manifest_ref().to_string();
-        let op = format!("PUT manifest {mref} to {}/{}", src.host, r.repository);
+        let op = format!(
+            "PUT manifest {} to {}/{}",
+            r.manifest_ref(),
+            src.host,
+            r.repository
+        );
         let digest = sha256_digest(&body);
         if let Some(want) = &r.digest
             && *want != digest
@@ -1389,46 +1482,69 @@ impl Client {
                 },
             ));
         }
-        let url = format!("{}/v2/{}/manifests/{mref}", src.base(), r.repository);
-        self.retrying(&op, self.inner.max_retries + 1, async || {
-            let cx = Ctx {
-                op: &op,
-                src: &src,
-                repo: &r.repository,
-                access: Access::Push,
-            };
-            let hdr = [(CONTENT_TYPE, media_type.to_string())];
-            let resp = self
-                .send(
-                    &cx,
-                    Method::PUT,
-                    url.clone(),
-                    &hdr,
-                    &Payload::Bytes(body.clone()),
-                    false,
-                )
-                .await?;
-            let resp = self.expect(&op, resp, &[200, 201, 204]).await?;
-            let theirs = resp
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            self.drain(resp).await;
-            if let Some(t) = theirs
-                && t.starts_with("sha256:")
-                && t != digest
+        let mut tries = self.upstream_tries();
+        loop {
+            match self
+                .permitted(self.put_manifest_once(&op, &src, r, media_type, &body, &digest))
+                .await
             {
-                return Err(RegistryError::new(
-                    &op,
-                    ErrorKind::Protocol(format!(
-                        "registry stored the manifest as {t}, expected {digest}"
-                    )),
-                ));
+                Ok(()) => return Ok(digest),
+                Err(e) => self.on_failure(&op, e, &mut tries).await?,
             }
-            Ok(digest.clone())
-        })
-        .await
+        }
+    }
+
+    async fn put_manifest_once(
+        &self,
+        op: &str,
+        src: &Source,
+        r: &Reference,
+        media_type: &str,
+        body: &Bytes,
+        digest: &str,
+    ) -> Result<()> {
+        let cx = Ctx {
+            op,
+            src,
+            repo: &r.repository,
+            access: Access::Push,
+        };
+        let url = format!(
+            "{}/v2/{}/manifests/{}",
+            src.base(),
+            r.repository,
+            r.manifest_ref()
+        );
+        let hdr = [(CONTENT_TYPE, media_type.to_string())];
+        let resp = self
+            .send(
+                &cx,
+                Method::PUT,
+                url,
+                &hdr,
+                &Payload::Bytes(body.clone()),
+                false,
+            )
+            .await?;
+        let resp = self.expect(op, resp, &[200, 201, 204]).await?;
+        let theirs = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        self.drain(resp).await;
+        if let Some(t) = theirs
+            && t.starts_with("sha256:")
+            && t != digest
+        {
+            return Err(RegistryError::new(
+                op,
+                ErrorKind::Protocol(format!(
+                    "registry stored the manifest as {t}, expected {digest}"
+                )),
+            ));
+        }
+        Ok(())
     }
 }
 
