@@ -692,3 +692,47 @@ async fn concurrent_range_reads_share_the_pool() {
     assert!(s.connections <= 5, "{s:?}");
     assert_eq!(s.errors, 0, "{s:?}");
 }
+
+/// Servers that ignore `Range` (200 + whole blob) are sliced; a wrong `Content-Range` is an
+/// error, not silently wrong data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_answers_are_checked() {
+    let data = blob(50_000, 9);
+    let d = sha(&data);
+    let body = Bytes::from(data.clone());
+    let srv = HttpServer::start(move |req| {
+        if req.path.contains("/wrong/") {
+            return respond(
+                206,
+                &[("content-range", "bytes 0-9/50000")],
+                body.slice(0..10),
+            );
+        }
+        respond(200, &[], body.clone())
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::new(config(dir.path(), &[&srv.host])).unwrap();
+    let r = reference(&srv.host, "ignores/range");
+    assert_eq!(
+        client.get_blob_range(&r, &d, 30_000..30_100).await.unwrap(),
+        data[30_000..30_100]
+    );
+    assert_eq!(
+        client.get_blob_range(&r, &d, 49_999..50_000).await.unwrap(),
+        data[49_999..]
+    );
+    let e = client
+        .get_blob_range(&r, &d, 49_000..50_001)
+        .await
+        .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::RangeNotSatisfiable(_)), "{e}");
+    let wrong = reference(&srv.host, "wrong/range");
+    let e = client
+        .get_blob_range(&wrong, &d, 100..110)
+        .await
+        .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::Protocol(_)), "{e}");
+    assert!(e.to_string().contains("100..110"), "{e}");
+}
