@@ -147,13 +147,19 @@ impl FromStr for Reference {
                 ),
             ));
         }
+        // Docker Hub keeps official images under `library/`.
+        let repo = if matches!(host, "docker.io" | "index.docker.io") && !repo.contains('/') {
+            format!("library/{repo}")
+        } else {
+            repo.to_string()
+        };
         let tag = match (&tag, &digest) {
             (None, None) => Some("latest".to_string()),
             _ => tag,
         };
         Ok(Reference {
             registry: host.to_string(),
-            repository: repo.to_string(),
+            repository: repo,
             tag,
             digest,
         })
@@ -198,6 +204,9 @@ mod tests {
         assert_eq!(r.digest.as_deref(), Some(D));
         assert_eq!(r.manifest_ref(), D);
         assert_eq!(r.to_string(), format!("reg.io/x/y@{D}"));
+
+        let r: Reference = "docker.io/alpine:3".parse().unwrap();
+        assert_eq!(r.repository, "library/alpine");
 
         let r: Reference = format!("reg.io:443/x:t@{D}").parse().unwrap();
         assert_eq!(r.tag.as_deref(), Some("t"));
