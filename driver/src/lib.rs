@@ -4,4 +4,6 @@ pub mod blobs;
 pub mod cache;
 pub mod imageref;
 pub mod inspect;
+pub mod registry;
+pub mod remote;
 pub mod source;

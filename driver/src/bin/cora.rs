@@ -15,8 +15,71 @@ use std::sync::Arc;
 #[derive(Parser)]
 #[command(name = "cora", version, about = "CORA lazily loaded container images")]
 struct Cli {
+    #[command(flatten)]
+    registry: RegistryOpts,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How to reach registries (shared by every command that reads or writes one).
+#[derive(clap::Args, Clone)]
+struct RegistryOpts {
+    /// Docker-config JSON with credentials (default: /etc/cora/cred.json, then ~/.docker/config.json).
+    #[arg(long, global = true)]
+    creds: Option<PathBuf>,
+    /// Extra CA certificate (PEM) to trust, besides the system roots.
+    #[arg(long, global = true)]
+    ca: Vec<PathBuf>,
+    /// Registry host (host or host:port) to reach over plain HTTP.
+    #[arg(long, global = true)]
+    insecure: Vec<String>,
+    /// Mirror host tried before the upstream for blob reads (host[:port]; append ",insecure"
+    /// for plain HTTP). Repeatable, tried in order.
+    #[arg(long, global = true)]
+    mirror: Vec<String>,
+}
+
+impl RegistryOpts {
+    fn config(&self) -> driver::registry::ClientConfig {
+        driver::registry::ClientConfig {
+            creds_file: self.creds.clone(),
+            ca_files: self.ca.clone(),
+            insecure_hosts: self.insecure.clone(),
+            mirrors: self
+                .mirror
+                .iter()
+                .map(|m| match m.strip_suffix(",insecure") {
+                    Some(h) => driver::registry::Mirror { host: h.into(), insecure: true },
+                    None => driver::registry::Mirror { host: m.clone(), insecure: false },
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The registry side of a command: a client and the runtime its futures run on.
+struct Net {
+    rt: tokio::runtime::Runtime,
+    cfg: driver::registry::ClientConfig,
+}
+
+impl Net {
+    fn new(opts: &RegistryOpts) -> Result<Net> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        Ok(Net { rt, cfg: opts.config() })
+    }
+    fn client(&self) -> Result<driver::registry::Client> {
+        Ok(driver::registry::Client::new(self.cfg.clone())?)
+    }
+}
+
+fn parse_reference(s: &str) -> Result<driver::registry::Reference> {
+    s.parse().with_context(|| format!("parsing image reference {s:?}"))
 }
 
 #[derive(Subcommand)]
@@ -94,6 +157,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let net = Net::new(&cli.registry)?;
     match cli.cmd {
         Cmd::Convert {
             src,
@@ -111,13 +175,13 @@ fn run(cli: Cli) -> Result<()> {
             params.max = chunk_max.unwrap_or(params.max);
             params.validate()?;
             let opts = Options { fs, params };
-            cmd_convert(&src, &dst, &opts, work, json)
+            cmd_convert(&net, &src, &dst, &opts, work, json)
         }
         Cmd::Inspect {
             image,
             json,
             verify,
-        } => cmd_inspect(&image, json, verify),
+        } => cmd_inspect(&net, &image, json, verify),
         Cmd::Export {
             image,
             layer,
@@ -125,7 +189,7 @@ fn run(cli: Cli) -> Result<()> {
             cache,
             cache_size,
             json,
-        } => cmd_export(&image, layer, &out, &cache, cache_size, json),
+        } => cmd_export(&net, &image, layer, &out, &cache, cache_size, json),
         Cmd::Cache(args) => {
             print!("{}", driver::cache::cli::run_cli(&args)?);
             Ok(())
@@ -143,6 +207,7 @@ fn work_dir(work: Option<PathBuf>) -> Result<tempfile::TempDir> {
 }
 
 fn cmd_convert(
+    net: &Net,
     src: &ImageRef,
     dst: &ImageRef,
     opts: &Options,
@@ -159,12 +224,20 @@ fn cmd_convert(
                 .with_context(|| format!("packing {src}"))?;
             blobfmt::oci::open_layout(&layout, Some("latest"))?
         }
-        ImageRef::Registry(_) => bail!("registry sources are not supported by this build yet"),
+        ImageRef::Registry(r) => {
+            let layout = work.path().join("src-layout");
+            let reference = parse_reference(r)?;
+            let client = net.client()?;
+            net.rt
+                .block_on(driver::remote::pull_to_layout(&client, &reference, &layout, "latest"))
+                .with_context(|| format!("pulling {src}"))?;
+            blobfmt::oci::open_layout(&layout, Some("latest"))?
+        }
     };
     let (dst_root, dst_tag) = match dst {
         ImageRef::Layout { path, tag } => (path.clone(), tag.clone().unwrap_or("latest".into())),
         ImageRef::Dir(_) => bail!("dir: is a source only"),
-        ImageRef::Registry(_) => bail!("registry destinations are not supported by this build yet"),
+        ImageRef::Registry(_) => (work.path().join("dst-layout"), "latest".to_string()),
     };
     let scratch = work.path().join("convert");
     std::fs::create_dir_all(&scratch)?;
@@ -183,6 +256,13 @@ fn cmd_convert(
     let report =
         convert::convert_layout(&src_image, &dst_root, &dst_tag, opts, &scratch, &progress)
             .with_context(|| format!("converting {src} to {dst}"))?;
+    if let ImageRef::Registry(r) = dst {
+        let reference = parse_reference(r)?;
+        let client = net.client()?;
+        net.rt
+            .block_on(driver::remote::push_layout(&client, &dst_root, &dst_tag, &reference))
+            .with_context(|| format!("pushing {dst}"))?;
+    }
     if json {
         let layers: Vec<_> = report
             .layers
@@ -231,7 +311,10 @@ fn cmd_convert(
     Ok(())
 }
 
-fn open_image(image: &ImageRef) -> Result<(blobfmt::oci::Manifest, Vec<Arc<dyn BlobRead>>)> {
+fn open_image(
+    net: &Net,
+    image: &ImageRef,
+) -> Result<(blobfmt::oci::Manifest, Vec<Arc<dyn BlobRead>>)> {
     match image {
         ImageRef::Layout { path, tag } => {
             let img = blobfmt::oci::open_layout(path, tag.as_deref())
@@ -240,13 +323,22 @@ fn open_image(image: &ImageRef) -> Result<(blobfmt::oci::Manifest, Vec<Arc<dyn B
             Ok((img.manifest, vec![blobs]))
         }
         ImageRef::Dir(_) => bail!("{image}: dir: is a conversion source only"),
-        ImageRef::Registry(_) => {
-            bail!("{image}: registry images are not supported by this build yet")
+        ImageRef::Registry(r) => {
+            let reference = parse_reference(r)?;
+            let client = net.client()?;
+            let (manifest, _) = net
+                .rt
+                .block_on(driver::remote::fetch_manifest(&client, &reference))
+                .with_context(|| format!("fetching the manifest of {image}"))?;
+            let sources =
+                driver::remote::sources_for(&net.cfg, &reference, net.rt.handle().clone())?;
+            Ok((manifest, sources))
         }
     }
 }
 
 fn cmd_export(
+    net: &Net,
     image: &ImageRef,
     layer: Option<usize>,
     out: &std::path::Path,
@@ -255,7 +347,7 @@ fn cmd_export(
     json: bool,
 ) -> Result<()> {
     use std::io::Write;
-    let (manifest, remotes) = open_image(image)?;
+    let (manifest, remotes) = open_image(net, image)?;
     let top = layer.unwrap_or(manifest.layers.len() - 1);
     let cache = driver::cache::ChunkCache::open(cache_dir, cache_size)?;
     let t0 = std::time::Instant::now();
@@ -303,9 +395,9 @@ fn cmd_export(
     Ok(())
 }
 
-fn cmd_inspect(image: &ImageRef, json: bool, verify: bool) -> Result<()> {
-    let (manifest, remotes) = open_image(image)?;
-    let blobs = remotes[0].as_ref();
+fn cmd_inspect(net: &Net, image: &ImageRef, json: bool, verify: bool) -> Result<()> {
+    let (manifest, remotes) = open_image(net, image)?;
+    let blobs = remotes.last().context("no blob source")?.as_ref();
     let info = driver::inspect::inspect(&manifest, blobs)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
