@@ -91,11 +91,7 @@ pub fn sources_for(
         r.registry = m.host;
         out.push(Arc::new(RegistryBlobs::new(client.clone(), r, rt.clone())));
     }
-    out.push(Arc::new(RegistryBlobs::new(
-        client,
-        reference.clone(),
-        rt,
-    )));
+    out.push(Arc::new(RegistryBlobs::new(client, reference.clone(), rt)));
     Ok(out)
 }
 
@@ -106,7 +102,10 @@ pub async fn fetch_manifest(
 ) -> Result<(Manifest, Vec<u8>), RemoteError> {
     let m = client.get_manifest(reference).await?;
     let mut bytes = m.bytes.to_vec();
-    if matches!(m.media_type.as_str(), oci::MT_OCI_INDEX | oci::MT_DOCKER_LIST) {
+    if matches!(
+        m.media_type.as_str(),
+        oci::MT_OCI_INDEX | oci::MT_DOCKER_LIST
+    ) {
         let index: oci::Index = serde_json::from_slice(&bytes)
             .map_err(|e| RemoteError::Image(format!("image index of {reference}: {e}")))?;
         let d = oci::select_platform(&index.manifests).ok_or_else(|| {

@@ -62,6 +62,15 @@ pub const BASE: &[&str] = &[
     "libmpfr6",
 ];
 
+/// A small but real tree for functional tests (~25 MB unpacked).
+pub const SMALL: &[&str] = &[
+    "busybox-static",
+    "libc6",
+    "zlib1g",
+    "libzstd1",
+    "libssl3=3.0.20-1~deb12u2",
+];
+
 /// An application layer over BASE: Python 3.11.
 pub const PYTHON: &[&str] = &[
     "python3.11-minimal",
@@ -186,4 +195,72 @@ pub fn tree_bytes(dir: &Path) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// The `cora` binary built beside the running test (`cargo build --release --bins` first;
+/// `cargo xtask test` does).
+pub fn cora_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join(name))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release --bins` before the tests",
+        bin.display()
+    );
+    bin
+}
+
+/// Run a command, failing with its stderr when it fails; returns stdout.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// path -> (kind, mode, uid, gid, sha256 of content or link target) of every entry.
+pub fn tree_manifest(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            let m = p.symlink_metadata()?;
+            let rel = p.strip_prefix(root)?.to_string_lossy().into_owned();
+            let what = if m.file_type().is_symlink() {
+                format!("l {}", std::fs::read_link(&p)?.display())
+            } else if m.is_dir() {
+                walk(root, &p, out)?;
+                "d".to_string()
+            } else {
+                format!(
+                    "f {}",
+                    hex::encode(sha2::Sha256::digest(std::fs::read(&p)?))
+                )
+            };
+            out.insert(
+                rel,
+                format!("{what} {:o} {}:{}", m.mode() & 0o7777, m.uid(), m.gid()),
+            );
+        }
+        Ok(())
+    }
+    walk(root, root, &mut out)?;
+    Ok(out)
 }

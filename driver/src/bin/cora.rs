@@ -49,8 +49,14 @@ impl RegistryOpts {
                 .mirror
                 .iter()
                 .map(|m| match m.strip_suffix(",insecure") {
-                    Some(h) => driver::registry::Mirror { host: h.into(), insecure: true },
-                    None => driver::registry::Mirror { host: m.clone(), insecure: false },
+                    Some(h) => driver::registry::Mirror {
+                        host: h.into(),
+                        insecure: true,
+                    },
+                    None => driver::registry::Mirror {
+                        host: m.clone(),
+                        insecure: false,
+                    },
                 })
                 .collect(),
             ..Default::default()
@@ -71,7 +77,10 @@ impl Net {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        Ok(Net { rt, cfg: opts.config() })
+        Ok(Net {
+            rt,
+            cfg: opts.config(),
+        })
     }
     fn client(&self) -> Result<driver::registry::Client> {
         Ok(driver::registry::Client::new(self.cfg.clone())?)
@@ -79,7 +88,8 @@ impl Net {
 }
 
 fn parse_reference(s: &str) -> Result<driver::registry::Reference> {
-    s.parse().with_context(|| format!("parsing image reference {s:?}"))
+    s.parse()
+        .with_context(|| format!("parsing image reference {s:?}"))
 }
 
 #[derive(Subcommand)]
@@ -229,7 +239,9 @@ fn cmd_convert(
             let reference = parse_reference(r)?;
             let client = net.client()?;
             net.rt
-                .block_on(driver::remote::pull_to_layout(&client, &reference, &layout, "latest"))
+                .block_on(driver::remote::pull_to_layout(
+                    &client, &reference, &layout, "latest",
+                ))
                 .with_context(|| format!("pulling {src}"))?;
             blobfmt::oci::open_layout(&layout, Some("latest"))?
         }
@@ -260,7 +272,9 @@ fn cmd_convert(
         let reference = parse_reference(r)?;
         let client = net.client()?;
         net.rt
-            .block_on(driver::remote::push_layout(&client, &dst_root, &dst_tag, &reference))
+            .block_on(driver::remote::push_layout(
+                &client, &dst_root, &dst_tag, &reference,
+            ))
             .with_context(|| format!("pushing {dst}"))?;
     }
     if json {

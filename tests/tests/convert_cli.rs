@@ -1,0 +1,364 @@
+//! `cora convert|inspect|export` against real components: Debian's docker-registry (plain and
+//! TLS + htpasswd), skopeo and umoci to move and unpack images, zstd and fsck.erofs.
+
+use anyhow::Result;
+use cora_tests::fixtures::{self, cora_bin, run, tree_manifest};
+use cora_tests::registry::Registry;
+use cora_tests::tls::TestCa;
+use sha2::Digest as _;
+use std::path::Path;
+use std::process::Command;
+
+fn cora() -> Command {
+    Command::new(cora_bin("cora"))
+}
+
+/// Two real layers: a small Debian tree, and Python over it with a whiteout.
+fn source_layout(dir: &Path) -> Result<std::path::PathBuf> {
+    let base = fixtures::debian_tree("small", fixtures::SMALL)?;
+    let upper = dir.join("upper");
+    std::fs::create_dir_all(upper.join("usr/share/doc"))?;
+    // Whiteout of a lower directory, and a new file.
+    std::fs::write(upper.join("usr/share/doc/.wh.zlib1g"), b"")?;
+    std::fs::write(upper.join("hello.txt"), b"hello from layer 1\n")?;
+    let layout = dir.join("src");
+    blobfmt::dirsrc::layout_from_dirs(&[&base, &upper], &layout, "v1", true)?;
+    Ok(layout)
+}
+
+fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> Result<std::path::PathBuf> {
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(bundle))?;
+    Ok(bundle.join("rootfs"))
+}
+
+#[test]
+fn registry_round_trip_unpacks_to_the_same_tree() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let src = source_layout(tmp.path())?;
+    let reg = Registry::start()?;
+    let host = reg.host.clone();
+    run(Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(format!("docker://{host}/app:v1")))?;
+    let out = run(cora().args([
+        "convert",
+        "--insecure",
+        &host,
+        &format!("{host}/app:v1"),
+        &format!("{host}/app:cora"),
+    ]))?;
+    assert!(out.contains("2 layers"), "{out}");
+
+    // Pull the converted image with skopeo and unpack with umoci: same tree as the source.
+    // umoci 0.4 cannot read zstd layers, so skopeo decodes them (its own zstd decoder,
+    // which must ignore our skippable frames) and re-encodes gzip on the way.
+    let pulled = tmp.path().join("pulled");
+    run(Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{host}/app:cora"))
+        .arg(format!("oci:{}:cora", pulled.display())))?;
+    let regz = tmp.path().join("regz");
+    run(Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "gzip"])
+        .arg(format!("oci:{}:cora", pulled.display()))
+        .arg(format!("oci:{}:cora", regz.display())))?;
+    let a = umoci_unpack(&src, "v1", &tmp.path().join("b-src"))?;
+    let b = umoci_unpack(&regz, "cora", &tmp.path().join("b-cora"))?;
+    let (ta, tb) = (tree_manifest(&a)?, tree_manifest(&b)?);
+    assert!(ta.len() > 100, "source tree suspiciously small");
+    assert_eq!(ta, tb, "converted image unpacks to a different tree");
+    assert!(
+        !ta.contains_key("usr/share/doc/zlib1g"),
+        "whiteout not applied by umoci"
+    );
+
+    // Each converted layer is a zstd stream of the original tar: zstd -d gives the diff_id.
+    let img = blobfmt::oci::open_layout(&pulled, Some("cora"))?;
+    for (l, diff_id) in img.manifest.layers.iter().zip(&img.config.rootfs.diff_ids) {
+        assert_eq!(l.media_type, blobfmt::oci::MT_LAYER_ZSTD);
+        let tar = run(Command::new("sh").arg("-c").arg(format!(
+            "zstd -dc < {} | sha256sum",
+            img.blob_path(&l.digest)?.display()
+        )))?;
+        assert_eq!(format!("sha256:{}", &tar[..64]), *diff_id);
+    }
+
+    // The lazy path rebuilds the top stack; fsck.erofs extracts the same tree.
+    let image = tmp.path().join("stack.img");
+    let cache = tmp.path().join("cache");
+    let out = run(cora()
+        .args(["export", "--insecure", &host, &format!("{host}/app:cora")])
+        .arg(&image)
+        .arg("--cache")
+        .arg(&cache))?;
+    assert!(out.contains("fetched"), "{out}");
+    let ex = tmp.path().join("extracted");
+    run(Command::new("fsck.erofs")
+        .arg(format!("--extract={}", ex.display()))
+        .arg(&image))?;
+    let te = tree_manifest(&ex)?;
+    // fsck.erofs drops set-id bits and the root's own entry differs; compare contents.
+    let strip = |m: &std::collections::BTreeMap<String, String>| -> Vec<(String, String)> {
+        m.iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.split(' ').take(2).collect::<Vec<_>>().join(" "),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(&ta),
+        strip(&te),
+        "exported stack image holds a different tree"
+    );
+
+    // inspect --verify checks every chunk over the registry.
+    let out = run(cora().args([
+        "inspect",
+        "--verify",
+        "--insecure",
+        &host,
+        &format!("{host}/app:cora"),
+    ]))?;
+    assert!(out.contains("all digests match"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn tls_registry_with_htpasswd_needs_ca_and_credentials() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let src = source_layout(tmp.path())?;
+    let ca = TestCa::new()?;
+    let reg = Registry::builder()
+        .tls(&ca)
+        .htpasswd("alice", "s3cret-pw")
+        .start()?;
+    let host = reg.host.clone();
+    let creds = tmp.path().join("cred.json");
+    std::fs::write(
+        &creds,
+        format!(r#"{{"auths":{{"{host}":{{"username":"alice","password":"s3cret-pw"}}}}}}"#),
+    )?;
+    let ca_file = reg.ca_file.clone().expect("tls registry has a CA");
+    let dst = format!("{host}/secure:v1");
+    let src_ref = format!("oci:{}:v1", src.display());
+
+    let no_ca = cora()
+        .args(["convert", &src_ref, &dst])
+        .arg("--creds")
+        .arg(&creds)
+        .output()?;
+    assert!(!no_ca.status.success(), "must fail without the CA");
+    let err = String::from_utf8_lossy(&no_ca.stderr);
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("tls"),
+        "{err}"
+    );
+
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        format!(r#"{{"auths":{{"{host}":{{"username":"alice","password":"wrong"}}}}}}"#),
+    )?;
+    let denied = cora()
+        .args(["convert", &src_ref, &dst])
+        .arg("--ca")
+        .arg(&ca_file)
+        .arg("--creds")
+        .arg(&bad)
+        .output()?;
+    assert!(!denied.status.success(), "must fail with a wrong password");
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        !err.contains("wrong"),
+        "password leaked into the error: {err}"
+    );
+
+    run(cora()
+        .args(["convert", &src_ref, &dst])
+        .arg("--ca")
+        .arg(&ca_file)
+        .arg("--creds")
+        .arg(&creds))?;
+    let out = run(cora()
+        .args(["inspect", "--verify", &dst])
+        .arg("--ca")
+        .arg(&ca_file)
+        .arg("--creds")
+        .arg(&creds))?;
+    assert!(out.contains("all digests match"), "{out}");
+    Ok(())
+}
+
+/// Copy the layout, then damage one layer blob in place (its digest no longer matches, which
+/// is what a bad disk or a lying server produces).
+fn damaged_copy(
+    src: &Path,
+    dst: &Path,
+    edit: impl Fn(&mut Vec<u8>, &blobfmt::Trailer),
+) -> Result<String> {
+    run(Command::new("cp").arg("-a").arg(src).arg(dst))?;
+    let img = blobfmt::oci::open_layout(dst, Some("cora"))?;
+    let l = &img.manifest.layers[0];
+    let path = img.blob_path(&l.digest)?;
+    let mut bytes = std::fs::read(&path)?;
+    let size = bytes.len() as u64;
+    let (_, t) = blobfmt::read_trailer(size, &mut |o, n| {
+        Ok(bytes[o as usize..(o + n) as usize].to_vec())
+    })?;
+    edit(&mut bytes, &t);
+    std::fs::write(&path, &bytes)?;
+    Ok(l.digest.clone())
+}
+
+#[test]
+fn bad_blobs_are_named_and_never_served() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let src = source_layout(tmp.path())?;
+    let good = tmp.path().join("good");
+    run(cora().args([
+        "convert",
+        &format!("oci:{}:v1", src.display()),
+        &format!("oci:{}:cora", good.display()),
+    ]))?;
+
+    // A flipped byte inside chunk 3's frame: --verify names the layer and the chunk.
+    let bad = tmp.path().join("bad-chunk");
+    let digest = damaged_copy(&good, &bad, |b, t| {
+        let c = &t.chunks[3];
+        b[(c.frame_offset + u64::from(c.compressed_len) / 2) as usize] ^= 0x40;
+    })?;
+    let out = cora()
+        .args([
+            "inspect",
+            "--verify",
+            &format!("oci:{}:cora", bad.display()),
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&digest) && err.contains("chunk 3"), "{err}");
+    // The lazy path refuses to export it, and leaves no output behind.
+    let img = tmp.path().join("out.img");
+    let out = cora()
+        .args(["export", &format!("oci:{}:cora", bad.display())])
+        .arg(&img)
+        .arg("--cache")
+        .arg(tmp.path().join("cache"))
+        .output()?;
+    assert!(!out.status.success(), "corrupt chunk must fail the export");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("digest mismatch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !img.exists(),
+        "a failed export left an output that looks complete"
+    );
+
+    // Truncated blob: the footer is gone.
+    let trunc = tmp.path().join("truncated");
+    damaged_copy(&good, &trunc, |b, _| b.truncate(b.len() - 10))?;
+    let out = cora()
+        .args(["inspect", &format!("oci:{}:cora", trunc.display())])
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("footer") || err.contains("trailer"), "{err}");
+
+    // Trailer digest mismatch.
+    let sealed = tmp.path().join("bad-trailer");
+    damaged_copy(&good, &sealed, |b, _| {
+        let n = b.len();
+        b[n - 100] ^= 1;
+    })?;
+    let out = cora()
+        .args(["inspect", &format!("oci:{}:cora", sealed.display())])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trailer digest mismatch"));
+    Ok(())
+}
+
+#[test]
+fn unusable_sources_fail_clearly_without_output() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let src = source_layout(tmp.path())?;
+    // Unknown layer media type.
+    let odd = tmp.path().join("odd");
+    run(Command::new("cp").arg("-a").arg(&src).arg(&odd))?;
+    let img = blobfmt::oci::open_layout(&odd, Some("v1"))?;
+    let mut m = img.manifest.clone();
+    m.layers[1].media_type = "application/x-mystery".into();
+    let bytes = serde_json::to_vec(&m)?;
+    blobfmt::oci::put_blob(&odd, &bytes)?;
+    blobfmt::oci::tag_manifest(&odd, "v1", &bytes)?;
+    let dst = tmp.path().join("dst");
+    let out = cora()
+        .args([
+            "convert",
+            &format!("oci:{}:v1", odd.display()),
+            &format!("oci:{}:x", dst.display()),
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown layer media type") && err.contains("application/x-mystery"),
+        "{err}"
+    );
+    assert!(
+        !dst.join("index.json").exists(),
+        "failed conversion wrote an index"
+    );
+
+    // A manifest without layers.
+    m.layers.clear();
+    let bytes = serde_json::to_vec(&m)?;
+    blobfmt::oci::put_blob(&odd, &bytes)?;
+    blobfmt::oci::tag_manifest(&odd, "empty", &bytes)?;
+    let out = cora()
+        .args([
+            "convert",
+            &format!("oci:{}:empty", odd.display()),
+            &format!("oci:{}:x", dst.display()),
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("manifest has no layers"));
+
+    // A plain (non-CORA) image is reported as such, not misread.
+    let out = run(cora().args(["inspect", &format!("oci:{}:v1", src.display())]))?;
+    assert!(out.contains("not CORA"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn sha256_of_blob_matches_its_name() -> Result<()> {
+    // Converted blobs are content-addressed like every OCI blob.
+    let tmp = tempfile::tempdir()?;
+    let src = source_layout(tmp.path())?;
+    let dst = tmp.path().join("dst");
+    run(cora().args([
+        "convert",
+        &format!("oci:{}:v1", src.display()),
+        &format!("oci:{}:cora", dst.display()),
+    ]))?;
+    for e in std::fs::read_dir(dst.join("blobs/sha256"))? {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        assert_eq!(hex::encode(sha2::Sha256::digest(std::fs::read(&p)?)), name);
+    }
+    Ok(())
+}
