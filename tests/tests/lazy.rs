@@ -1,0 +1,238 @@
+//! The lazy read path (`driver::source`) against Debian's docker-registry, behind a
+//! fault-injecting proxy: concurrency, corruption, faults, a dead registry, and node-level
+//! dedup through the shared chunk cache.
+
+use anyhow::Result;
+use cora_tests::faults::{Fault, FaultProxy};
+use cora_tests::fixtures::{self, cora_bin, run};
+use cora_tests::registry::Registry;
+use driver::blobs::BlobRead;
+use driver::cache::ChunkCache;
+use driver::registry::{Client, ClientConfig, Reference};
+use driver::remote::RegistryBlobs;
+use driver::source::{FetchOptions, LazySource};
+use sha2::Digest as _;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Per-request timeout and retries of the test client: the bound on a dead registry.
+const TIMEOUT: Duration = Duration::from_secs(2);
+const RETRIES: u32 = 2;
+
+struct Env {
+    rt: tokio::runtime::Runtime,
+    reg: Registry,
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Result<Env> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        Ok(Env { rt, reg: Registry::start()?, tmp: tempfile::tempdir()? })
+    }
+
+    /// Convert `dirs` (as layers) to CORA and push to `repo:v1`; returns the manifest.
+    fn push(&self, repo: &str, dirs: &[&Path]) -> Result<blobfmt::oci::Manifest> {
+        let src = self.tmp.path().join(format!("src-{repo}"));
+        blobfmt::dirsrc::layout_from_dirs(dirs, &src, "v1", true)?;
+        let dst = format!("{}/{repo}:v1", self.reg.host);
+        run(Command::new(cora_bin("cora"))
+            .args(["convert", "--insecure", &self.reg.host])
+            .arg(format!("oci:{}:v1", src.display()))
+            .arg(&dst))?;
+        let client = self.client(&[&self.reg.host])?;
+        let r: Reference = dst.parse()?;
+        Ok(self.rt.block_on(driver::remote::fetch_manifest(&client, &r))?.0)
+    }
+
+    fn client(&self, insecure: &[&str]) -> Result<Client> {
+        Ok(Client::new(ClientConfig {
+            insecure_hosts: insecure.iter().map(|s| s.to_string()).collect(),
+            request_timeout: TIMEOUT,
+            max_retries: RETRIES,
+            retry_backoff: Duration::from_millis(50),
+            ..Default::default()
+        })?)
+    }
+
+    fn blobs(&self, host: &str, repo: &str) -> Result<Arc<dyn BlobRead>> {
+        let r: Reference = format!("{host}/{repo}:v1").parse()?;
+        Ok(Arc::new(RegistryBlobs::new(self.client(&[host])?, r, self.rt.handle().clone())))
+    }
+
+    fn source(&self, m: &blobfmt::oci::Manifest, remotes: Vec<Arc<dyn BlobRead>>, cache: &Path) -> Result<LazySource> {
+        Ok(LazySource::open(m, m.layers.len() - 1, remotes, ChunkCache::open(cache, 10 << 30)?, FetchOptions::default())?)
+    }
+}
+
+fn read_all(src: &LazySource, piece: usize, start_at: u64) -> Result<Vec<u8>> {
+    let size = src.size();
+    let mut out = vec![0u8; size as usize];
+    let n_pieces = size.div_ceil(piece as u64);
+    for k in 0..n_pieces {
+        let idx = (k + start_at) % n_pieces;
+        let off = idx * piece as u64;
+        let len = (size - off).min(piece as u64) as usize;
+        src.read_at(off, &mut out[off as usize..off as usize + len])?;
+    }
+    Ok(out)
+}
+
+fn small_tree() -> Result<std::path::PathBuf> {
+    fixtures::debian_tree("small", fixtures::SMALL)
+}
+
+/// The image as the converter's own layout says it is, read without the network.
+fn reference_bytes(env: &Env, m: &blobfmt::oci::Manifest, repo: &str) -> Result<Vec<u8>> {
+    let remotes = vec![env.blobs(&env.reg.host, repo)?];
+    let src = env.source(m, remotes, &env.tmp.path().join(format!("ref-cache-{repo}")))?;
+    read_all(&src, 1 << 20, 0)
+}
+
+#[test]
+fn sixteen_readers_fetch_each_chunk_once() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("app", &[&small_tree()?])?;
+    let expect = reference_bytes(&env, &m, "app")?;
+    let src = Arc::new(env.source(&m, vec![env.blobs(&env.reg.host, "app")?], &env.tmp.path().join("cache"))?);
+    let distinct: std::collections::HashSet<_> = src
+        .stack()
+        .plan(0, src.size())?
+        .into_iter()
+        .filter_map(|p| match p {
+            blobfmt::Piece::Chunk { stream, index, .. } => Some((stream, index)),
+            _ => None,
+        })
+        .collect();
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let src = src.clone();
+            std::thread::spawn(move || read_all(&src, 128 << 10, i * 7))
+        })
+        .collect();
+    for h in handles {
+        let got = h.join().expect("reader thread")?;
+        assert!(got == expect, "a reader saw different bytes");
+    }
+    let st = src.stats.snapshot();
+    // Read-ahead may fetch chunks no extent references (tar headers), never one twice.
+    let total_chunks = src.stack().layers().iter().map(|t| t.chunks.len()).sum::<usize>() + src.stack().top().meta_chunks.len();
+    assert!(st.misses as usize >= distinct.len(), "{st:?} < {} distinct", distinct.len());
+    assert!(st.misses as usize <= total_chunks, "a chunk was fetched twice: {st:?}, {total_chunks} chunks");
+    assert_eq!(st.corrupt, 0);
+    Ok(())
+}
+
+#[test]
+fn corrupt_bytes_never_come_out() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("app", &[&small_tree()?])?;
+    let expect = reference_bytes(&env, &m, "app")?;
+    let proxy = env.rt.block_on(FaultProxy::start(env.reg.addr))?;
+    proxy.inject("/blobs/", Fault::FlipByte(100), 1_000_000);
+
+    // A lying first source: every chunk it serves is caught, then fetched from the next one.
+    let remotes = vec![env.blobs(&proxy.host, "app")?, env.blobs(&env.reg.host, "app")?];
+    // The trailer comes from the second source too (the first one's fails its digest).
+    let src = env.source(&m, remotes, &env.tmp.path().join("cache-a"))?;
+    let got = read_all(&src, 1 << 20, 0)?;
+    assert!(got == expect, "corrupted bytes came out");
+    assert!(src.stats.snapshot().corrupt > 0, "the flips were not noticed");
+
+    // Only a lying source: reads fail, naming the chunk; nothing corrupt is cached.
+    let good = env.source(&m, vec![env.blobs(&env.reg.host, "app")?], &env.tmp.path().join("cache-b"))?;
+    let mut first = vec![0u8; 4096];
+    good.read_at(0, &mut first)?; // trailers cached, so the liar is asked only for chunks
+    let liar = env.source(&m, vec![env.blobs(&proxy.host, "app")?], &env.tmp.path().join("cache-b"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let off = liar.size() / 2;
+    let err = liar.read_at(off, &mut buf).expect_err("corrupt chunk served").to_string();
+    assert!(err.contains("digest mismatch"), "{err}");
+    proxy.clear();
+    liar.read_at(off, &mut buf)?;
+    assert!(buf[..] == expect[off as usize..off as usize + buf.len()], "bytes after recovery differ");
+    Ok(())
+}
+
+#[test]
+fn faults_are_survived_and_reads_succeed_once_they_stop() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("app", &[&small_tree()?])?;
+    let expect = reference_bytes(&env, &m, "app")?;
+    let proxy = env.rt.block_on(FaultProxy::start(env.reg.addr))?;
+    let src = env.source(&m, vec![env.blobs(&proxy.host, "app")?], &env.tmp.path().join("cache"))?;
+    for (fault, times) in [
+        (Fault::Status(500), 2),
+        (Fault::Reset, 1),
+        (Fault::Truncate(100), 1),
+        (Fault::Delay(Duration::from_millis(300)), 2),
+        (Fault::StallBody(10), 1),
+    ] {
+        proxy.inject("/blobs/", fault.clone(), times);
+        let got = read_all(&src, 1 << 20, 3)?;
+        assert!(got == expect, "wrong bytes after {fault:?}");
+        assert_eq!(proxy.pending(), 0, "{fault:?} was never exercised");
+        // Next round starts cold again.
+        drop(got);
+        src.cache().prune(0)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn dead_registry_fails_uncached_reads_within_bound_and_cached_reads_work() -> Result<()> {
+    let mut env = Env::new()?;
+    let m = env.push("app", &[&small_tree()?])?;
+    let src = env.source(&m, vec![env.blobs(&env.reg.host, "app")?], &env.tmp.path().join("cache"))?;
+    let half = src.size() / 2;
+    let mut cached = vec![0u8; 1 << 20];
+    src.read_at(0, &mut cached)?;
+    env.reg.kill();
+    // Stated bound: every attempt fails fast (connection refused) or within TIMEOUT;
+    // (RETRIES + 1) attempts plus capped backoff.
+    let bound = TIMEOUT * (RETRIES + 1) + Duration::from_secs(5);
+    let t = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let err = src.read_at(half, &mut buf).expect_err("read from a dead registry");
+    assert!(t.elapsed() < bound, "took {:?}, bound {bound:?}", t.elapsed());
+    assert!(err.to_string().contains("fetching chunk"), "{err}");
+    let mut again = vec![0u8; 1 << 20];
+    src.read_at(0, &mut again)?;
+    assert!(again == cached);
+    Ok(())
+}
+
+#[test]
+fn successors_fetch_only_what_they_add() -> Result<()> {
+    let env = Env::new()?;
+    let base = small_tree()?;
+    let mut updated: Vec<&str> = fixtures::SMALL.to_vec();
+    updated.retain(|p| !p.starts_with("libssl3"));
+    updated.push("libssl3=3.0.22-1~deb12u2");
+    let base_b = fixtures::debian_tree("small-ssl-updated", &updated)?;
+    let app = fixtures::debian_tree("python-layer", fixtures::PYTHON)?;
+    let v1 = env.push("v1", &[&base])?;
+    let v2 = env.push("v2", &[&base, &app])?;
+    let v2b = env.push("v2b", &[&base_b])?;
+    let cache = env.tmp.path().join("cache");
+    let stored = |m: &blobfmt::oci::Manifest| m.layers.iter().map(|l| l.size).sum::<u64>();
+    let s1 = env.source(&v1, vec![env.blobs(&env.reg.host, "v1")?], &cache)?;
+    read_all(&s1, 1 << 20, 0)?;
+    for (name, m, limit) in [("v2", &v2, 0.6), ("v2b", &v2b, 0.3)] {
+        let s = env.source(m, vec![env.blobs(&env.reg.host, name)?], &cache)?;
+        let bytes = read_all(&s, 1 << 20, 0)?;
+        assert_eq!(bytes.len() as u64, s.size());
+        let fetched = s.stats.snapshot().fetched_bytes;
+        let ratio = fetched as f64 / stored(m) as f64;
+        println!("{name}: fetched {fetched} of {} stored bytes after v1 ({ratio:.3})", stored(m));
+        assert!(ratio < limit, "{name} fetched {ratio:.3} of its size with v1 cached");
+    }
+    let digest = hex::encode(sha2::Sha256::digest(b"x"));
+    assert_eq!(digest.len(), 64);
+    Ok(())
+}
