@@ -160,6 +160,13 @@ impl FdCache {
         self.shard(digest).map.contains_key(&Key(*digest))
     }
 
+    #[cfg(test)]
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(|p| p.into_inner()).map.clear();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()

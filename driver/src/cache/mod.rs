@@ -22,7 +22,9 @@
 //!   price is that after a power loss an entry may be truncated or zero-filled under its final
 //!   name, so every entry is verified (sha256) when this process first opens it
 //!   ([`CacheOptions::verify_on_open`]); bad entries are removed and reported as misses.
-//!   Entries written by this process are not re-hashed: the write fd is kept open and reused.
+//!   Entries written by this process are not re-hashed: the write fd is kept open and reused,
+//!   and an entry reopened after falling out of the fd cache is not hashed again if its
+//!   (dev, inode, ctime, size) matches the version this process verified or wrote.
 //!   Set [`CacheOptions::sync_data`] to `fdatasync` each entry before the rename instead.
 //! * Concurrent inserts of one digest, from threads or processes, each write their own temp
 //!   file and rename it over the same name: the last rename wins and all are identical.
@@ -50,6 +52,7 @@ pub use scan::{GcReport, PruneReport, Removed, RemovedReason};
 
 use fdcache::{FdCache, OpenChunk};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -210,6 +213,8 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Entries found corrupt on open and removed by this process.
     pub corrupt: u64,
+    /// Entries hashed on open by this process (fd-cache misses on entries not yet verified).
+    pub verified_on_open: u64,
     /// Open chunk files held by this process.
     pub open_files: u64,
 }
@@ -235,8 +240,14 @@ impl fmt::Display for CacheStats {
         }
         write!(
             f,
-            "this process: hits {} misses {} inserts {} evictions {} corrupt {} open files {}",
-            self.hits, self.misses, self.inserts, self.evictions, self.corrupt, self.open_files
+            "this process: hits {} misses {} inserts {} evictions {} corrupt {} verified {} open files {}",
+            self.hits,
+            self.misses,
+            self.inserts,
+            self.evictions,
+            self.corrupt,
+            self.verified_on_open,
+            self.open_files
         )
     }
 }
@@ -248,6 +259,7 @@ struct Counters {
     inserts: AtomicU64,
     evictions: AtomicU64,
     corrupt: AtomicU64,
+    verified_on_open: AtomicU64,
 }
 
 /// This process's idea of the cache size: last scan plus its own inserts since.
@@ -257,6 +269,51 @@ struct SizeEstimate {
     inserted_since_scan: u64,
 }
 
+/// Identity of one on-disk version of an entry. A file renamed into place later (even one
+/// reusing the inode number) has a newer ctime, since rename updates it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+    size: u64,
+}
+
+impl FileId {
+    fn of(meta: &fs::Metadata) -> Self {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+            size: meta.len(),
+        }
+    }
+}
+
+/// Entries this process has already hashed (or written), so reopening one after it fell out
+/// of the fd cache does not hash it again. Cleared wholesale when it grows past the bound.
+#[derive(Default)]
+struct VerifiedSet(Mutex<HashMap<ChunkDigest, FileId>>);
+
+const VERIFIED_MAX: usize = 1 << 20;
+
+impl VerifiedSet {
+    fn contains(&self, digest: &ChunkDigest, id: FileId) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(digest) == Some(&id)
+    }
+
+    fn insert(&self, digest: &ChunkDigest, id: FileId) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= VERIFIED_MAX {
+            map.clear();
+        }
+        map.insert(*digest, id);
+    }
+}
+
 struct Inner {
     dir: PathBuf,
     chunks: PathBuf,
@@ -264,6 +321,7 @@ struct Inner {
     lock_path: PathBuf,
     opts: CacheOptions,
     fds: FdCache,
+    verified: VerifiedSet,
     counters: Counters,
     estimate: Mutex<SizeEstimate>,
     evicting: AtomicBool,
@@ -326,6 +384,7 @@ impl ChunkCache {
                 tmp,
                 lock_path,
                 fds: FdCache::new(opts.max_open_files),
+                verified: VerifiedSet::default(),
                 opts,
                 counters: Counters::default(),
                 estimate: Mutex::default(),
@@ -399,7 +458,9 @@ impl ChunkCache {
         Ok(Some(data))
     }
 
-    /// Whether the chunk is cached (without verifying it or counting a hit).
+    /// Whether the chunk is cached (without verifying it or counting a hit). An entry this
+    /// process holds open counts as cached even if another process has unlinked it since:
+    /// its bytes are still readable through the open fd.
     pub fn contains(&self, digest: &ChunkDigest) -> bool {
         self.inner.fds.contains(digest)
             || fs::metadata(self.entry_path(digest)).is_ok_and(|m| m.is_file())
@@ -434,12 +495,21 @@ impl ChunkCache {
             warn!(path = %path.display(), "cache entry is not a regular file; treating as absent");
             return Ok(None);
         }
+        let id = FileId::of(&meta);
         let suspicious_empty = meta.len() == 0 && *digest != EMPTY_SHA256;
-        if suspicious_empty || (inner.opts.verify_on_open && !verify_file(&file, digest, &path)?) {
+        let must_verify = inner.opts.verify_on_open && !inner.verified.contains(digest, id);
+        if suspicious_empty || (must_verify && !verify_file(&file, digest, &path)?) {
             warn!(path = %path.display(), size = meta.len(), "corrupt cache entry removed");
             inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
             remove_if_same_inode(&path, &meta);
             return Ok(None);
+        }
+        if must_verify {
+            inner
+                .counters
+                .verified_on_open
+                .fetch_add(1, Ordering::Relaxed);
+            inner.verified.insert(digest, id);
         }
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let stale = now
@@ -499,6 +569,10 @@ impl ChunkCache {
             return Err(e);
         }
         inner.counters.inserts.fetch_add(1, Ordering::Relaxed);
+        // After the rename, so the recorded ctime is the final one.
+        if let Ok(meta) = file.metadata() {
+            inner.verified.insert(digest, FileId::of(&meta));
+        }
         // The write fd now names the final entry; keep it so the next read needs no open and
         // no verification (we just hashed these bytes).
         let chunk = Arc::new(OpenChunk {
@@ -613,6 +687,7 @@ impl ChunkCache {
             inserts: c.inserts.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
             corrupt: c.corrupt.load(Ordering::Relaxed),
+            verified_on_open: c.verified_on_open.load(Ordering::Relaxed),
             open_files: self.inner.fds.len() as u64,
         })
     }

@@ -383,6 +383,54 @@ fn small_fd_cache_still_serves_everything() {
 }
 
 #[test]
+fn reopened_entries_are_hashed_once_per_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = |verify| {
+        let mut opts = CacheOptions::new(u64::MAX);
+        opts.max_open_files = 16;
+        opts.verify_on_open = verify;
+        ChunkCache::open_with(dir.path(), opts).expect("open")
+    };
+    let writer = small(true);
+    let chunks: Vec<_> = (0..100).map(|i| entry(600 + i, 3000)).collect();
+    for (d, data) in &chunks {
+        writer.insert(d, data).expect("insert");
+    }
+    let mut buf = [0u8; 64];
+    for _ in 0..2 {
+        for (d, _) in &chunks {
+            assert!(writer.read_at(d, 0, &mut buf).expect("read"));
+        }
+    }
+    assert_eq!(
+        writer.stats().expect("stats").verified_on_open,
+        0,
+        "own writes trusted"
+    );
+
+    let reader = small(true);
+    for _ in 0..3 {
+        for (d, data) in &chunks {
+            assert!(reader.read_at(d, 100, &mut buf).expect("read"));
+            assert_eq!(&buf[..], &data[100..164]);
+        }
+    }
+    assert_eq!(reader.stats().expect("stats").verified_on_open, 100);
+
+    // Rewriting an entry in place gives it a new ctime: the next open hashes it again.
+    let (d, data) = &chunks[0];
+    let mut bad = data.clone();
+    bad[0] ^= 0xff;
+    fs::write(reader.entry_path(d), &bad).expect("corrupt in place");
+    reader.inner.fds.clear(); // as if d's fd had fallen out of the LRU
+    assert!(
+        !reader.read_at(d, 0, &mut buf).expect("read"),
+        "corruption detected"
+    );
+    assert_eq!(reader.stats().expect("stats").corrupt, 1);
+}
+
+#[test]
 fn readers_race_an_evictor() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cache = ChunkCache::open(dir.path(), u64::MAX).expect("open");
