@@ -56,7 +56,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -152,6 +152,11 @@ pub struct CacheOptions {
     pub verify_on_open: bool,
     /// `fdatasync` each new entry before renaming it into place.
     pub sync_data: bool,
+    /// Map open entries and serve reads by memcpy instead of `pread` (several times faster
+    /// for 4 KiB reads, see the module doc). Off by default: a file truncated in place by
+    /// someone else, or a disk I/O error, then kills the process with SIGBUS instead of
+    /// returning an error.
+    pub mmap: bool,
     /// `gc` removes temp files older than this (younger ones may be inserts in progress).
     pub tmp_max_age: Duration,
     pub clock: Arc<dyn Clock>,
@@ -165,6 +170,7 @@ impl CacheOptions {
             touch_interval: Duration::from_secs(60),
             verify_on_open: true,
             sync_data: false,
+            mmap: false,
             tmp_max_age: Duration::from_secs(3600),
             clock: Arc::new(SystemClock),
         }
@@ -431,7 +437,6 @@ impl ChunkCache {
             });
         }
         chunk
-            .file
             .read_exact_at(buf, offset as u64)
             .map_err(|e| io_err("read", &self.entry_path(digest))(e))?;
         Ok(true)
@@ -452,7 +457,6 @@ impl ChunkCache {
         })?;
         let mut data = vec![0u8; len];
         chunk
-            .file
             .read_exact_at(&mut data, 0)
             .map_err(|e| io_err("read", &self.entry_path(digest))(e))?;
         Ok(Some(data))
@@ -519,10 +523,7 @@ impl ChunkCache {
             self.touch(digest, &file, now);
         }
         let touched = if stale { now } else { mtime };
-        let chunk = Arc::new(OpenChunk {
-            file,
-            size: meta.len(),
-        });
+        let chunk = Arc::new(OpenChunk::new(file, meta.len(), inner.opts.mmap));
         Ok(Some(inner.fds.put(digest, chunk, touched)))
     }
 
@@ -575,10 +576,7 @@ impl ChunkCache {
         }
         // The write fd now names the final entry; keep it so the next read needs no open and
         // no verification (we just hashed these bytes).
-        let chunk = Arc::new(OpenChunk {
-            file,
-            size: data.len() as u64,
-        });
+        let chunk = Arc::new(OpenChunk::new(file, data.len() as u64, inner.opts.mmap));
         inner.fds.put(digest, chunk, inner.opts.clock.now());
         self.note_inserted(data.len() as u64);
         Ok(())
