@@ -198,6 +198,13 @@ fn main() {
         .collect();
     let maps: Vec<Mapping> = chunk_files.iter().map(Mapping::new).collect();
 
+    let mut mmap_opts = CacheOptions::new(u64::MAX);
+    mmap_opts.mmap = true;
+    let mapped_cache = ChunkCache::open_with(&tmp.path().join("cache"), mmap_opts).expect("open");
+    for d in &digests {
+        assert!(mapped_cache.read_at(d, 0, &mut buf).expect("read"));
+    }
+
     let mut no_fd_opts = CacheOptions::new(u64::MAX);
     no_fd_opts.max_open_files = 0;
     no_fd_opts.verify_on_open = false;
@@ -216,6 +223,7 @@ fn main() {
         };
         let via_cache = |pos: usize, b: &mut [u8]| cache_read(&cache, &digests, pos, b);
         let via_open = |pos: usize, b: &mut [u8]| cache_read(&no_fd, &digests, pos, b);
+        let via_mapped = |pos: usize, b: &mut [u8]| cache_read(&mapped_cache, &digests, pos, b);
         let bookkeeping_only = |pos: usize, b: &mut [u8]| {
             pieces(pos, b, |idx, off, _| {
                 let hit = cache.read_at(&digests[idx], off, &mut []).expect("read_at");
@@ -239,6 +247,7 @@ fn main() {
             let mut variants: Vec<(&str, &ReadFn<'_>)> = vec![
                 ("pread on one plain file (reference)", &pread),
                 ("cache read_at", &via_cache),
+                ("cache read_at, mmap mode", &via_mapped),
                 ("cache read_at, no fd cache (open per read)", &via_open),
                 ("bare pread on chunk files (no bookkeeping)", &bare_pread),
                 ("bare memcpy from mmap'd chunk files", &bare_mmap),
@@ -248,7 +257,7 @@ fn main() {
                 ),
             ];
             if threads > 1 {
-                variants.truncate(2);
+                variants.truncate(3);
             }
             compare(&variants, &positions, len, threads);
         }
