@@ -122,8 +122,19 @@ pub trait Clock: Send + Sync + fmt::Debug {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    /// `CLOCK_REALTIME_COARSE`: a few ns instead of ~150 ns for `SystemTime::now` on the dev
+    /// VM, and millisecond resolution is plenty for an LRU clock touched once a minute.
     fn now(&self) -> SystemTime {
-        SystemTime::now()
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime only writes into the timespec we pass.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        match (rc, u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec)) {
+            (0, Ok(secs), Ok(nanos)) => SystemTime::UNIX_EPOCH + Duration::new(secs, nanos),
+            _ => SystemTime::now(),
+        }
     }
 }
 

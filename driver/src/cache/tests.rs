@@ -37,6 +37,21 @@ fn open_manual(dir: &Path, limit: u64, clock: &ManualClock) -> ChunkCache {
 }
 
 #[test]
+fn handle_is_clone_send_sync_and_clock_is_sane() {
+    fn assert_traits<T: Clone + Send + Sync + 'static>() {}
+    assert_traits::<ChunkCache>();
+    let coarse = SystemClock.now();
+    let precise = SystemTime::now();
+    let skew = precise
+        .duration_since(coarse)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        skew < Duration::from_secs(1),
+        "coarse clock off by {skew:?}"
+    );
+}
+
+#[test]
 fn round_trip_whole_and_sub_ranges() {
     round_trip_whole_and_sub_ranges_in(false);
 }
