@@ -41,17 +41,17 @@
 //! Best of 7 interleaved rounds on the shared 2-core dev VM (load ~13, so ±30 % noise),
 //! against `pread` on one plain file holding the same bytes in the same run:
 //!
-//! | random reads, 1 thread        | ops/s  | vs plain pread |
-//! |-------------------------------|--------|----------------|
-//! | 4 KiB `read_at` (pread mode)  | 155 k  | 0.69x          |
-//! | 4 KiB `read_at` (mmap mode)   | 474 k  | 2.12x          |
-//! | 4 KiB, open per read (no fd cache) | 40 k | 0.18x      |
-//! | 1 MiB = 16 `read_at` (pread)  | 2.7 k (2.9 GB/s) | 0.61x |
-//! | 1 MiB = 16 `read_at` (mmap)   | 4.9 k (5.2 GB/s) | 1.10x |
+//! | random reads, 1 thread (two runs)  | ops/s       | vs plain pread |
+//! |-------------------------------------|-------------|----------------|
+//! | 4 KiB `read_at` (pread mode)        | 155 k       | 0.69–0.70x     |
+//! | 4 KiB `read_at` (mmap mode)         | 400–474 k   | 1.8–2.1x       |
+//! | 4 KiB, open per read (no fd cache)  | 40–45 k     | 0.18–0.21x     |
+//! | 1 MiB = 16 `read_at` (pread mode)   | 2.7–3.7 k (2.9–3.9 GB/s) | 0.61–0.76x |
+//! | 1 MiB = 16 `read_at` (mmap mode)    | 4.9–6.2 k (5.2–6.6 GB/s) | 1.10–1.29x |
 //!
-//! Bare `pread` on the chunk files without any bookkeeping gets 0.92x (4 KiB) and 0.65x
-//! (1 MiB: 16 syscalls instead of one); the bookkeeping alone (lookup, counters, clock) is
-//! ~0.3 µs per call. First read of an entry by a process (open + sha256 verify of 64 KiB):
+//! Bare `pread` on the chunk files without any bookkeeping gets 0.87–0.92x (4 KiB) and
+//! 0.65–0.97x (1 MiB: 16 syscalls instead of one); the bookkeeping alone (shard lock, map
+//! lookup, counters, clock) is ~0.25 µs per call. First read of an entry by a process (open + sha256 verify of 64 KiB):
 //! ~0.2 ms. pread stays the default because an I/O error then reaches the caller as an error
 //! instead of a SIGBUS; set [`CacheOptions::mmap`] for the faster path.
 
