@@ -15,6 +15,96 @@ const SHARDS: usize = 16;
 pub(crate) struct OpenChunk {
     pub file: File,
     pub size: u64,
+    /// Present in mmap mode: reads become a memcpy instead of a `pread` syscall.
+    pub map: Option<Mapping>,
+}
+
+impl OpenChunk {
+    /// Wrap an open entry, mapping it when asked; a failed mmap falls back to `pread`.
+    pub fn new(file: File, size: u64, mmap: bool) -> Self {
+        let map = if mmap && size > 0 {
+            match Mapping::new(&file, size) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::debug!(error = %e, "mmap of cache entry failed; using pread");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        OpenChunk { file, size, map }
+    }
+
+    /// Copy `buf.len()` bytes at `offset`; the caller has checked the range against `size`.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &self.map {
+            Some(map) => {
+                let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+                let src = map
+                    .bytes()
+                    .get(start..start + buf.len())
+                    .ok_or_else(|| std::io::Error::other("read past the end of the mapping"))?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => self.file.read_exact_at(buf, offset),
+        }
+    }
+}
+
+/// A read-only shared mapping of a whole entry.
+///
+/// Safe to read as long as nobody truncates the file in place: this cache only ever creates
+/// entries by rename and removes them by unlink, which leaves the mapped inode intact. A
+/// truncation behind our back (or an I/O error on the backing disk) raises SIGBUS instead of
+/// an error, which is why mmap mode is opt-in.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only for its whole life and only read through `bytes()`.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, size: u64) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(size).map_err(std::io::Error::other)?;
+        // SAFETY: a fresh read-only shared mapping of `len` bytes of an open regular file;
+        // the kernel picks the address, and failure is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| std::io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live PROT_READ mapping of `len` bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region mmap returned; no borrows outlive `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
+    }
 }
 
 /// The digest is already uniformly distributed, so the map needs no real hashing.
@@ -160,6 +250,13 @@ impl FdCache {
         self.shard(digest).map.contains_key(&Key(*digest))
     }
 
+    #[cfg(test)]
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(|p| p.into_inner()).map.clear();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -175,7 +272,7 @@ mod tests {
 
     fn chunk() -> Arc<OpenChunk> {
         let file = tempfile::tempfile().expect("tempfile");
-        Arc::new(OpenChunk { file, size: 0 })
+        Arc::new(OpenChunk::new(file, 0, false))
     }
 
     #[test]

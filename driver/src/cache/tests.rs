@@ -24,6 +24,12 @@ fn t(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
 }
 
+fn opts(mmap: bool) -> CacheOptions {
+    let mut o = CacheOptions::new(u64::MAX);
+    o.mmap = mmap;
+    o
+}
+
 fn open_manual(dir: &Path, limit: u64, clock: &ManualClock) -> ChunkCache {
     let mut opts = CacheOptions::new(limit);
     opts.clock = Arc::new(clock.clone());
@@ -31,9 +37,33 @@ fn open_manual(dir: &Path, limit: u64, clock: &ManualClock) -> ChunkCache {
 }
 
 #[test]
+fn handle_is_clone_send_sync_and_clock_is_sane() {
+    fn assert_traits<T: Clone + Send + Sync + 'static>() {}
+    assert_traits::<ChunkCache>();
+    let coarse = SystemClock.now();
+    let precise = SystemTime::now();
+    let skew = precise
+        .duration_since(coarse)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        skew < Duration::from_secs(1),
+        "coarse clock off by {skew:?}"
+    );
+}
+
+#[test]
 fn round_trip_whole_and_sub_ranges() {
+    round_trip_whole_and_sub_ranges_in(false);
+}
+
+#[test]
+fn round_trip_whole_and_sub_ranges_mmap() {
+    round_trip_whole_and_sub_ranges_in(true);
+}
+
+fn round_trip_whole_and_sub_ranges_in(mmap: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cache = ChunkCache::open(dir.path(), u64::MAX).expect("open");
+    let cache = ChunkCache::open_with(dir.path(), opts(mmap)).expect("open");
     let (d, data) = entry(1, 70_000);
     assert!(!cache.contains(&d));
     let mut buf = [0u8; 16];
@@ -53,7 +83,7 @@ fn round_trip_whole_and_sub_ranges() {
         assert_eq!(buf, &data[off..off + len]);
     }
     // A fresh handle (no fd cache, verify on open) reads the same bytes.
-    let other = ChunkCache::open(dir.path(), u64::MAX).expect("open again");
+    let other = ChunkCache::open_with(dir.path(), opts(mmap)).expect("open again");
     let mut buf = vec![0u8; 1000];
     assert!(other.read_at(&d, 5000, &mut buf).expect("read"));
     assert_eq!(buf, &data[5000..6000]);
@@ -64,8 +94,17 @@ fn round_trip_whole_and_sub_ranges() {
 
 #[test]
 fn out_of_range_is_an_error_and_copies_nothing() {
+    out_of_range_is_an_error_and_copies_nothing_in(false);
+}
+
+#[test]
+fn out_of_range_is_an_error_and_copies_nothing_mmap() {
+    out_of_range_is_an_error_and_copies_nothing_in(true);
+}
+
+fn out_of_range_is_an_error_and_copies_nothing_in(mmap: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cache = ChunkCache::open(dir.path(), u64::MAX).expect("open");
+    let cache = ChunkCache::open_with(dir.path(), opts(mmap)).expect("open");
     let (d, data) = entry(2, 1000);
     cache.insert(&d, &data).expect("insert");
     for (off, len) in [(999, 2), (1000, 1), (5000, 10), (usize::MAX, 2)] {
@@ -364,8 +403,17 @@ fn file_removed_under_a_reader_is_a_miss_or_still_correct() {
 
 #[test]
 fn small_fd_cache_still_serves_everything() {
+    small_fd_cache_still_serves_everything_in(false);
+}
+
+#[test]
+fn small_fd_cache_still_serves_everything_mmap() {
+    small_fd_cache_still_serves_everything_in(true);
+}
+
+fn small_fd_cache_still_serves_everything_in(mmap: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut opts = CacheOptions::new(u64::MAX);
+    let mut opts = opts(mmap);
     opts.max_open_files = 16; // one per shard
     let cache = ChunkCache::open_with(dir.path(), opts).expect("open");
     let chunks: Vec<_> = (0..100).map(|i| entry(300 + i, 2000)).collect();
@@ -383,9 +431,66 @@ fn small_fd_cache_still_serves_everything() {
 }
 
 #[test]
-fn readers_race_an_evictor() {
+fn reopened_entries_are_hashed_once_per_version() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cache = ChunkCache::open(dir.path(), u64::MAX).expect("open");
+    let small = |verify| {
+        let mut opts = CacheOptions::new(u64::MAX);
+        opts.max_open_files = 16;
+        opts.verify_on_open = verify;
+        ChunkCache::open_with(dir.path(), opts).expect("open")
+    };
+    let writer = small(true);
+    let chunks: Vec<_> = (0..100).map(|i| entry(600 + i, 3000)).collect();
+    for (d, data) in &chunks {
+        writer.insert(d, data).expect("insert");
+    }
+    let mut buf = [0u8; 64];
+    for _ in 0..2 {
+        for (d, _) in &chunks {
+            assert!(writer.read_at(d, 0, &mut buf).expect("read"));
+        }
+    }
+    assert_eq!(
+        writer.stats().expect("stats").verified_on_open,
+        0,
+        "own writes trusted"
+    );
+
+    let reader = small(true);
+    for _ in 0..3 {
+        for (d, data) in &chunks {
+            assert!(reader.read_at(d, 100, &mut buf).expect("read"));
+            assert_eq!(&buf[..], &data[100..164]);
+        }
+    }
+    assert_eq!(reader.stats().expect("stats").verified_on_open, 100);
+
+    // Rewriting an entry in place gives it a new ctime: the next open hashes it again.
+    let (d, data) = &chunks[0];
+    let mut bad = data.clone();
+    bad[0] ^= 0xff;
+    fs::write(reader.entry_path(d), &bad).expect("corrupt in place");
+    reader.inner.fds.clear(); // as if d's fd had fallen out of the LRU
+    assert!(
+        !reader.read_at(d, 0, &mut buf).expect("read"),
+        "corruption detected"
+    );
+    assert_eq!(reader.stats().expect("stats").corrupt, 1);
+}
+
+#[test]
+fn readers_race_an_evictor() {
+    readers_race_an_evictor_in(false);
+}
+
+#[test]
+fn readers_race_an_evictor_mmap() {
+    readers_race_an_evictor_in(true);
+}
+
+fn readers_race_an_evictor_in(mmap: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ChunkCache::open_with(dir.path(), opts(mmap)).expect("open");
     let chunks: Vec<_> = (0..64).map(|i| entry(400 + i, 16 * 1024)).collect();
     for (d, data) in &chunks {
         cache.insert(d, data).expect("insert");
@@ -404,9 +509,9 @@ fn readers_race_an_evictor() {
                 let c = if th % 2 == 0 {
                     cache
                 } else {
-                    let mut opts = CacheOptions::new(u64::MAX);
-                    opts.max_open_files = 0;
-                    own = ChunkCache::open_with(dir, opts).expect("open");
+                    let mut o = opts(mmap);
+                    o.max_open_files = 0;
+                    own = ChunkCache::open_with(dir, o).expect("open");
                     &own
                 };
                 let mut buf = vec![0u8; 4096];
