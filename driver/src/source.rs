@@ -313,6 +313,7 @@ impl LazySource {
         // Claim each chunk: either we fetch it, or someone else already is.
         let mut mine: Vec<(StreamId, usize, Arc<Flight>)> = Vec::new();
         let mut theirs: Vec<((StreamId, usize), Arc<Flight>)> = Vec::new();
+        let mut cached: Vec<(StreamId, usize)> = Vec::new();
         {
             let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
             for &(s, i) in want.iter().chain(&extra) {
@@ -327,7 +328,11 @@ impl LazySource {
                         }
                     }
                     None => {
-                        if !is_wanted && self.cache.contains(&d) {
+                        // Another reader may have finished this chunk since our cache miss.
+                        if self.cache.contains(&d) {
+                            if is_wanted {
+                                cached.push((s, i));
+                            }
                             continue;
                         }
                         let f = Arc::new(Flight::default());
@@ -354,6 +359,14 @@ impl LazySource {
             }
         }
         result?;
+        for (s, i) in cached {
+            let d = match self.cache.get(&self.stack.chunk(s, i).digest)? {
+                Some(d) => Arc::new(d),
+                // Evicted in between: fetch it after all.
+                None => self.fetch_one_verified(s, i)?,
+            };
+            out.insert((s, i), d);
+        }
         for (key, f) in theirs {
             match f.wait() {
                 Ok(d) => {

@@ -78,7 +78,6 @@ pub const PYTHON: &[&str] = &[
     "libpython3.11-stdlib",
     "python3.11",
     "media-types",
-    "libmpdec3",
 ];
 
 /// BASE rebuilt with one library at another version (bookworm vs bookworm-security).
