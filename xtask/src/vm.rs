@@ -17,6 +17,7 @@ const PACKAGES: &[&str] = &[
     "linux-image-6.12-amd64",
     "busybox-static",
     "xz-utils",
+    "zstd",
 ];
 const GUEST_SH: &str = include_str!("vm/guest.sh");
 /// Host environment variables passed into the guest unchanged.
@@ -76,13 +77,15 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
     let (kver, kernel) = find_kernel()?;
     let cache = target_dir().join("vm");
     let initrd = initramfs::ensure(&cache, &kver)?;
+    let vmlinux = initramfs::ensure_vmlinux(&cache, &kver, &kernel)?;
     let tools = crate::tools::bin_dir();
 
-    let run = RunDir::create(&cache.join("runs"))?;
+    let repo = fs::canonicalize(repo_root()).context("repository root")?;
+    // The run dir must lie inside the repository: share0, the only share the init knows
+    // before reading the run dir's share list.
+    let run = RunDir::create(&repo.join("target/vm/runs"))?;
     let cwd = std::env::current_dir().context("current directory")?;
-    let mut shares = vec![repo_root()];
-    shares.extend(opts.shares.iter().cloned());
-    let shares = canonical_shares(&shares)?;
+    let shares = canonical_shares(&repo, &opts.shares)?;
 
     let mut share_list = String::new();
     for (i, dir) in shares.iter().enumerate() {
@@ -111,11 +114,18 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
     run.write("cmd", &cmd.join(" "))?;
     run.write("guest.sh", GUEST_SH)?;
 
-    let mut append = String::from("console=ttyS0 panic=-1 rdinit=/init");
+    // Unknown `key=value` kernel parameters reach the init as environment variables.
+    let mut append = format!(
+        "console=ttyS0 panic=-1 rdinit=/init cora_repo={} cora_run={}",
+        cmdline_path(&repo)?,
+        cmdline_path(&run.path)?
+    );
     // Skips work that only costs time under TCG; see kernel-notes/README.md.
     append += " mitigations=off tsc=reliable no_timer_check random.trust_cpu=on";
     append += " i8042.noaux i8042.nokbd 8250.nr_uarts=1";
-    if !opts.verbose {
+    if opts.verbose {
+        append += " cora_verbose=1";
+    } else {
         append += " quiet loglevel=1";
     }
     let mut qemu = Command::new("qemu-system-x86_64");
@@ -130,7 +140,7 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
     .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem])
     .args(["-bios", "/usr/share/qemu/qboot.rom"])
     .arg("-kernel")
-    .arg(&kernel)
+    .arg(&vmlinux)
     .arg("-initrd")
     .arg(&initrd)
     .args(["-append", &append])
@@ -143,7 +153,6 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
     .args(["-chardev", "file,id=err,path=/proc/self/fd/2,append=on"])
     .args(["-device", "virtconsole,bus=vser.0,chardev=err"]);
     add_9p(&mut qemu, "root", Path::new("/"), true);
-    add_9p(&mut qemu, "corarun", &run.path, false);
     for (i, dir) in shares.iter().enumerate() {
         add_9p(&mut qemu, &format!("share{i}"), dir, false);
     }
@@ -252,22 +261,28 @@ fn find_kernel() -> Result<(String, PathBuf)> {
     Ok((kver, kernel))
 }
 
-fn canonical_shares(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// The repository first (share0), then the extra shares that it does not already contain,
+/// parents before children so a nested share is mounted on top of its parent.
+fn canonical_shares(repo: &Path, extra: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out: Vec<PathBuf> = Vec::new();
-    for d in dirs {
+    for d in extra {
         let c = fs::canonicalize(d).with_context(|| format!("share {}", d.display()))?;
         if !c.is_dir() {
             bail!("share {} is not a directory", c.display());
         }
-        if c == Path::new("/") {
-            bail!("cannot share / read-write");
+        if repo.starts_with(&c) && c != repo {
+            bail!(
+                "share {} contains the repository {}; share a sibling or a subdirectory instead",
+                c.display(),
+                repo.display()
+            );
         }
-        if !out.contains(&c) {
+        if !c.starts_with(repo) && !out.contains(&c) {
             out.push(c);
         }
     }
-    // Parents before children, so a nested share is mounted on top of its parent share.
     out.sort_by_key(|p| p.components().count());
+    out.insert(0, repo.to_path_buf());
     Ok(out)
 }
 
@@ -277,6 +292,15 @@ fn path_str(p: &Path) -> Result<&str> {
         .with_context(|| format!("path is not UTF-8: {}", p.display()))?;
     if s.contains('\n') {
         bail!("path contains a newline: {s:?}");
+    }
+    Ok(s)
+}
+
+/// Paths on the kernel command line cannot be quoted.
+fn cmdline_path(p: &Path) -> Result<&str> {
+    let s = path_str(p)?;
+    if s.contains(char::is_whitespace) || s.contains('"') {
+        bail!("path {s:?} cannot go on the kernel command line (whitespace or quote)");
     }
     Ok(s)
 }
@@ -332,7 +356,7 @@ impl RunDir {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = parent.join(format!("{}-{nanos}", std::process::id()));
+        let path = parent.join(format!("{}-{nanos:09}", std::process::id()));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(RunDir { path })
     }
@@ -360,14 +384,24 @@ mod tests {
     }
 
     #[test]
-    fn shares_parents_first_and_deduplicated() {
+    fn shares_repo_first_then_parents_first() {
         let d = tempfile::tempdir().unwrap();
-        let child = d.path().join("x/y");
+        let root = fs::canonicalize(d.path()).unwrap();
+        let repo = root.join("repo");
+        let child = root.join("x/y");
         fs::create_dir_all(&child).unwrap();
-        let got = canonical_shares(&[child.clone(), d.path().into(), child.clone()]).unwrap();
-        assert_eq!(got.len(), 2);
-        assert_eq!(got[0], fs::canonicalize(d.path()).unwrap());
-        assert!(canonical_shares(&[d.path().join("missing")]).is_err());
-        assert!(canonical_shares(&["/".into()]).is_err());
+        fs::create_dir_all(repo.join("sub")).unwrap();
+        let extra = [
+            child.clone(),
+            root.join("x"),
+            child.clone(),
+            repo.join("sub"),
+        ];
+        let got = canonical_shares(&repo, &extra).unwrap();
+        assert_eq!(got, [repo.clone(), root.join("x"), child]);
+        assert!(canonical_shares(&repo, &[root.join("missing")]).is_err());
+        // A parent of the repository would be mounted over it.
+        assert!(canonical_shares(&repo, &[root.clone()]).is_err());
+        assert!(canonical_shares(&repo, &["/".into()]).is_err());
     }
 }

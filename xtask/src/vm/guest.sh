@@ -1,7 +1,12 @@
-# Stage 2, PID 1 after `chroot` into the guest root, run by the host's /bin/sh. Finishes the
-# setup that needs the host's userland, runs the command, records its exit status on the run
-# share, then reboots (QEMU runs with -no-reboot, so that ends the VM).
-R=/run/cora
+# Stage 2, PID 1 after `chroot` into the guest root, run by the host's /bin/sh: runs the
+# command, records its exit status on the run share, then reboots (QEMU runs with
+# -no-reboot, so that ends the VM). All other setup happened in the initramfs (init.sh).
+R=$1
+stage() {
+    [ -n "${cora_verbose:-}" ] && echo "cora-vm: $1 at $(cut -d' ' -f1 /proc/uptime) s" >&2
+    return 0
+}
+stage "chroot done"
 
 fail() {
     echo "$*" >"$R/error"
@@ -16,19 +21,12 @@ finish() {
 }
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-echo cora-vm >/proc/sys/kernel/hostname || fail "cannot set hostname"
-ip link set lo up || fail "cannot bring up lo"
-modprobe ublk_drv || fail "modprobe ublk_drv failed"
-[ -c /dev/ublk-control ] || fail "/dev/ublk-control missing after modprobe ublk_drv"
-# Raw consoles: no \n -> \r\n translation, no echo, so the command's bytes arrive unchanged.
-stty -F /dev/hvc0 raw -echo || fail "stty hvc0"
-stty -F /dev/hvc1 raw -echo || fail "stty hvc1"
-
 # env: `export K='V'` lines written by xtask (PATH, HOME, CORA_*, RUST_*; cwd in CORA_VM_CWD).
-. "$R/env" || fail "cannot read $R/env"
-cd "$CORA_VM_CWD" || fail "cannot cd to $CORA_VM_CWD"
-# The host reads this file's mtime to measure boot-to-command time.
-: >"$R/started"
-sh -c "$(cat "$R/cmd")" </dev/null >/dev/hvc0 2>/dev/hvc1
+(. "$R/env" && cd "$CORA_VM_CWD") || fail "cannot enter the working directory (see $R/env)"
+stage "running command"
+# env -i: the command must not inherit the init's environment (cora_* boot parameters, TERM).
+# The host reads the mtime of "started" to measure boot-to-command time.
+env -i /bin/sh -c '. "$1/env" && cd "$CORA_VM_CWD" && : >"$1/started" && exec sh -c "$(cat "$1/cmd")"' \
+    guest "$R" </dev/null >/dev/hvc0 2>/dev/hvc1
 echo $? >"$R/status"
 finish

@@ -9,11 +9,19 @@ fail() {
     echo "cora-vm init: $*" >&2
     # Without -no-reboot QEMU would loop; with it, the reboot ends QEMU and the host reports
     # that no exit status was written.
-    echo b >/proc/sysrq-trigger
+    echo b >/proc/sysrq-trigger 2>/dev/null || echo b >/newroot/proc/sysrq-trigger
     exit 1
 }
 
+# cora_* parameters from the kernel command line arrive here as environment variables.
+stage() {
+    [ -n "${cora_verbose:-}" ] &&
+        echo "cora-vm: $1 at $(cut -d' ' -f1 /proc/uptime /newroot/proc/uptime 2>/dev/null) s" >&2
+    return 0
+}
+
 mount -t proc proc /proc || fail "mount /proc"
+stage "init started"
 mount -t sysfs sysfs /sys || fail "mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "mount /dev"
 
@@ -21,7 +29,16 @@ while read -r mod; do
     insmod "/lib/modules/$mod.ko" || fail "insmod $mod"
 done </modules.order
 
-# The kernel cmdline carries only what the init cannot learn from the run directory.
+stage "modules loaded"
+# Kernel-global setup is done here with busybox applets: executing the host's ip/stty/modprobe
+# over 9p costs seconds under TCG (each pulls in its shared libraries).
+[ -c /dev/ublk-control ] || fail "/dev/ublk-control missing after loading ublk_drv"
+hostname cora-vm || fail "hostname"
+ip link set lo up || fail "ip link set lo up"
+# Raw consoles: no \n -> \r\n translation, no echo, so the command's bytes arrive unchanged.
+stty -F /dev/hvc0 raw -echo || fail "stty hvc0"
+stty -F /dev/hvc1 raw -echo || fail "stty hvc1"
+
 msize=262144
 p9="trans=virtio,version=9p2000.L,msize=$msize"
 
@@ -33,19 +50,22 @@ mkdir -p /upper/data /upper/work
 mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work overlay /newroot \
     || fail "mount overlay root"
 
-# The per-run directory (command, environment, status file) lives on its own rw share.
-mount -t 9p -o "$p9,cache=none" corarun /cora || fail "mount 9p run dir"
-
-mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount /run"
-mkdir -p /newroot/run/cora
-mount --move /cora /newroot/run/cora || fail "move run dir"
-
 # Read-write shares, mounted at the same path as on the host. cache=mmap keeps host and
 # guest coherent (no page cache for read/write) while still allowing shared writable mmap.
+# share0 is the repository; the per-run directory (command, environment, share list, status
+# file) lies inside it, so no extra device is needed (each virtio device costs boot time).
+share() {
+    mkdir -p "/newroot$2" || fail "mkdir $2"
+    mount -t 9p -o "$p9,cache=mmap" "$1" "/newroot$2" || fail "mount share $2"
+}
+[ -n "${cora_repo:-}" ] && [ -n "${cora_run:-}" ] || fail "cora_repo/cora_run not on the kernel command line"
+share share0 "$cora_repo"
+run="/newroot$cora_run"
 while read -r tag path; do
-    mkdir -p "/newroot$path" || fail "mkdir $path"
-    mount -t 9p -o "$p9,cache=mmap" "$tag" "/newroot$path" || fail "mount share $path"
-done </newroot/run/cora/shares
+    [ "$tag" = share0 ] || share "$tag" "$path"
+done <"$run/shares"
+
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount /run"
 
 mount --move /proc /newroot/proc || fail "move /proc"
 mount --move /sys /newroot/sys || fail "move /sys"
@@ -57,4 +77,5 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /newroot/dev
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/dev/shm || fail "mount /dev/shm"
 mount -t cgroup2 -o nsdelegate cgroup2 /newroot/sys/fs/cgroup || fail "mount cgroup2"
 
-exec chroot /newroot /bin/sh /run/cora/guest.sh
+stage "root ready"
+exec chroot /newroot /bin/sh "$cora_run/guest.sh" "$cora_run"
