@@ -11,6 +11,10 @@ use std::process::Command;
 /// host's modprobe over 9p.
 const MODULES: &[&str] = &["9pnet_virtio", "9p", "overlay", "ublk_drv"];
 const BUSYBOX: &str = "/bin/busybox";
+/// The busybox applets init.sh uses, linked in /bin.
+const APPLETS: &[&str] = &[
+    "sh", "mount", "insmod", "mkdir", "cut", "cat", "hostname", "ip", "stty", "chroot",
+];
 const INIT: &str = include_str!("vm/init.sh");
 
 /// Returns the path of an up-to-date initramfs for kernel release `kver`.
@@ -18,7 +22,10 @@ pub fn ensure(cache: &Path, kver: &str) -> Result<PathBuf> {
     let moddir = PathBuf::from("/lib/modules").join(kver);
     let modules = resolve_modules(&moddir, MODULES)?;
     // The key names every input; an unchanged key means the cached archive is current.
-    let mut key = format!("kernel {kver}\n{}\n", file_stamp(Path::new(BUSYBOX))?);
+    let mut key = format!(
+        "kernel {kver}\n{}\n{APPLETS:?}\n",
+        file_stamp(Path::new(BUSYBOX))?
+    );
     for (name, path) in &modules {
         key += &format!("{name} {}\n", file_stamp(path)?);
     }
@@ -51,6 +58,9 @@ pub fn ensure(cache: &Path, kver: &str) -> Result<PathBuf> {
     cpio.char_dev("dev/console", 0o600, 5, 1);
     let busybox = fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX}"))?;
     cpio.file("bin/busybox", 0o755, &busybox);
+    for applet in APPLETS {
+        cpio.symlink(&format!("bin/{applet}"), "busybox");
+    }
     cpio.file("init", 0o755, INIT.as_bytes());
     let mut order = String::new();
     for (name, path) in &modules {
@@ -217,6 +227,10 @@ impl Cpio {
 
     fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
         self.entry(name, 0o100_000 | perm, (0, 0), data);
+    }
+
+    fn symlink(&mut self, name: &str, target: &str) {
+        self.entry(name, 0o120_777, (0, 0), target.as_bytes());
     }
 
     fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) {

@@ -41,6 +41,9 @@ pub struct VmOpts {
     /// Show the kernel log and timing.
     #[arg(long)]
     pub verbose: bool,
+    /// Extra kernel command line parameters (debugging).
+    #[arg(long, value_name = "ARGS")]
+    pub kernel_args: Option<String>,
 }
 
 impl Default for VmOpts {
@@ -51,6 +54,7 @@ impl Default for VmOpts {
             timeout: 1200,
             shares: Vec::new(),
             verbose: false,
+            kernel_args: None,
         }
     }
 }
@@ -123,11 +127,21 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
     // Skips work that only costs time under TCG; see kernel-notes/README.md.
     append += " mitigations=off tsc=reliable no_timer_check random.trust_cpu=on";
     append += " i8042.noaux i8042.nokbd 8250.nr_uarts=1";
+    if let Some(extra) = &opts.kernel_args {
+        append += " ";
+        append += extra;
+    }
     if opts.verbose {
         append += " cora_verbose=1";
     } else {
         append += " quiet loglevel=1";
     }
+    let console_log = run.path.join("console.log");
+    let console_chardev = if opts.verbose {
+        "file,id=kcon,path=/proc/self/fd/2,append=on".to_string()
+    } else {
+        format!("file,id=kcon,path={}", qemu_opt(path_str(&console_log)?))
+    };
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
         "-nodefaults",
@@ -144,8 +158,8 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
     .arg("-initrd")
     .arg(&initrd)
     .args(["-append", &append])
-    // ttyS0: kernel console -> our stderr. hvc0/hvc1: the command's stdout/stderr.
-    .args(["-chardev", "file,id=kcon,path=/proc/self/fd/2,append=on"])
+    // ttyS0: kernel console -> our stderr with --verbose, else a log shown on failure.
+    .args(["-chardev", &console_chardev])
     .args(["-serial", "chardev:kcon"])
     .args(["-device", "virtio-serial-pci,id=vser"])
     .args(["-chardev", "stdio,id=out,signal=off"])
@@ -174,6 +188,7 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
         let _ = p.join();
     }
     let Some(qemu_status) = exited else {
+        show_console(&console_log);
         bail!(
             "VM timed out after {} s (QEMU killed); command: {}",
             opts.timeout,
@@ -183,9 +198,13 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
     let total = t0.elapsed();
 
     if let Ok(err) = fs::read_to_string(run.path.join("error")) {
+        show_console(&console_log);
         bail!("guest setup failed: {}", err.trim());
     }
     let status = fs::read_to_string(run.path.join("status"));
+    if status.is_err() {
+        show_console(&console_log);
+    }
     if opts.verbose {
         let boot = fs::metadata(run.path.join("started"))
             .and_then(|m| m.modified())
@@ -218,7 +237,7 @@ fn add_9p(qemu: &mut Command, tag: &str, dir: &Path, readonly: bool) {
     // inode numbers from different devices can collide inside the single 9p device.
     let mut fsdev = format!(
         "local,id={tag},path={},security_model=none,multidevs=remap",
-        dir.display().to_string().replace(',', ",,")
+        qemu_opt(&dir.display().to_string())
     );
     if readonly {
         fsdev += ",readonly=on";
@@ -296,6 +315,26 @@ fn path_str(p: &Path) -> Result<&str> {
     Ok(s)
 }
 
+/// QEMU option values escape a comma by doubling it.
+fn qemu_opt(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+/// The tail of the kernel console log, for when the guest failed without --verbose.
+fn show_console(log: &Path) {
+    const LINES: usize = 40;
+    let Ok(text) = fs::read(log) else { return };
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    eprintln!(
+        "xtask: last {LINES} lines of the guest console ({}):",
+        log.display()
+    );
+    for line in &lines[lines.len().saturating_sub(LINES)..] {
+        eprintln!("  {line}");
+    }
+}
+
 /// Paths on the kernel command line cannot be quoted.
 fn cmdline_path(p: &Path) -> Result<&str> {
     let s = path_str(p)?;
@@ -345,6 +384,22 @@ fn wait_deadline(child: &mut Child, timeout: Duration) -> Result<Option<std::pro
     }
 }
 
+/// Removes run dirs left by xtask processes that died without cleaning up (e.g. Ctrl-C).
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Per-run directory shared with the guest; removed when dropped.
 struct RunDir {
     path: PathBuf,
@@ -352,6 +407,7 @@ struct RunDir {
 
 impl RunDir {
     fn create(parent: &Path) -> Result<Self> {
+        remove_stale(parent);
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())

@@ -2,8 +2,7 @@
 # PID 1 inside the initramfs. Builds the guest root (read-only 9p view of the host root with a
 # tmpfs overlay, rw 9p shares at their host paths), then execs chroot into it: the chroot'ed
 # PID 1 sees the host's /sbin/modprobe, so module autoload and `modprobe ublk_drv` work.
-/bin/busybox --install -s /bin
-export PATH=/bin
+export PATH=/bin  # busybox applet symlinks, made by xtask (faster than busybox --install)
 
 fail() {
     echo "cora-vm init: $*" >&2
@@ -36,6 +35,9 @@ stage "modules loaded"
 hostname cora-vm || fail "hostname"
 ip link set lo up || fail "ip link set lo up"
 # Raw consoles: no \n -> \r\n translation, no echo, so the command's bytes arrive unchanged.
+# hvc resets termios on every first open, so fds 3 and 4 stay open (through the exec chroot,
+# in PID 1) to keep these settings for the command's own opens.
+exec 3>/dev/hvc0 4>/dev/hvc1
 stty -F /dev/hvc0 raw -echo || fail "stty hvc0"
 stty -F /dev/hvc1 raw -echo || fail "stty hvc1"
 
