@@ -457,7 +457,7 @@ mod tests {
         assert_eq!(got, [repo.clone(), root.join("x"), child]);
         assert!(canonical_shares(&repo, &[root.join("missing")]).is_err());
         // A parent of the repository would be mounted over it.
-        assert!(canonical_shares(&repo, &[root.clone()]).is_err());
+        assert!(canonical_shares(&repo, std::slice::from_ref(&root)).is_err());
         assert!(canonical_shares(&repo, &["/".into()]).is_err());
     }
 }
