@@ -13,7 +13,7 @@ const MODULES: &[&str] = &["9pnet_virtio", "9p", "overlay", "ublk_drv"];
 const BUSYBOX: &str = "/bin/busybox";
 /// The busybox applets init.sh uses, linked in /bin.
 const APPLETS: &[&str] = &[
-    "sh", "mount", "insmod", "mkdir", "cut", "cat", "hostname", "ip", "stty", "chroot",
+    "sh", "mount", "insmod", "mkdir", "mknod", "cut", "cat", "hostname", "ip", "stty", "chroot",
 ];
 const INIT: &str = include_str!("vm/init.sh");
 
@@ -29,6 +29,8 @@ pub fn ensure(cache: &Path, kver: &str) -> Result<PathBuf> {
     for (name, path) in &modules {
         key += &format!("{name} {}\n", file_stamp(path)?);
     }
+    let nodes = static_nodes(&moddir)?;
+    key += &nodes;
     key += INIT;
 
     let out = cache.join("initramfs.cpio");
@@ -69,6 +71,7 @@ pub fn ensure(cache: &Path, kver: &str) -> Result<PathBuf> {
         order.push('\n');
     }
     cpio.file("modules.order", 0o644, order.as_bytes());
+    cpio.file("static-nodes", 0o644, nodes.as_bytes());
     let bytes = cpio.finish();
 
     // Write-then-rename so a concurrent run never boots a half-written archive.
@@ -78,6 +81,31 @@ pub fn ensure(cache: &Path, kver: &str) -> Result<PathBuf> {
     let tmp_key = cache.join(format!("initramfs.key.{}", std::process::id()));
     fs::write(&tmp_key, key).context("writing initramfs key")?;
     fs::rename(&tmp_key, &key_path).context("renaming initramfs key")?;
+    Ok(out)
+}
+
+/// `path c|b major minor` lines from modules.devname: the device nodes whose opening makes
+/// the kernel load the module (/dev/loop-control, /dev/fuse...). Without udev or
+/// systemd-tmpfiles nobody else creates them.
+fn static_nodes(moddir: &Path) -> Result<String> {
+    let file = moddir.join("modules.devname");
+    let text = match fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let mut out = String::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let parsed = (|| {
+            let mut f = line.split_whitespace();
+            let (_module, path, dev) = (f.next()?, f.next()?, f.next()?);
+            let kind = dev.get(..1).filter(|k| *k == "c" || *k == "b")?;
+            let (major, minor) = dev[1..].split_once(':')?;
+            let (major, minor): (u32, u32) = (major.parse().ok()?, minor.parse().ok()?);
+            (!path.contains("..")).then(|| format!("{path} {kind} {major} {minor}\n"))
+        })();
+        out += &parsed.with_context(|| format!("bad line in {}: {line:?}", file.display()))?;
+    }
     Ok(out)
 }
 
@@ -306,6 +334,27 @@ mod tests {
         assert_eq!(names, ["c", "b", "a", "d"]);
         assert_eq!(got[2].1, dir.path().join("kernel/a.ko.xz"));
         assert!(resolve_modules(dir.path(), &["nope"]).is_err());
+    }
+
+    #[test]
+    fn parses_modules_devname() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(static_nodes(dir.path()).unwrap(), "");
+        fs::write(
+            dir.path().join("modules.devname"),
+            "# comment\nloop loop-control c10:237\ndm_mod mapper/control c10:236\n",
+        )
+        .unwrap();
+        assert_eq!(
+            static_nodes(dir.path()).unwrap(),
+            "loop-control c 10 237\nmapper/control c 10 236\n"
+        );
+        fs::write(
+            dir.path().join("modules.devname"),
+            "loop loop-control x10:237\n",
+        )
+        .unwrap();
+        assert!(static_nodes(dir.path()).is_err());
     }
 
     #[test]

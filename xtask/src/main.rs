@@ -81,12 +81,13 @@ fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let runner = repo.join("xtask/src/vm/run-tests.sh");
+    let q = |p: &std::path::Path| vm::shell_quote(&p.display().to_string());
     let cmd = format!(
-        "CORA_VM_TEST_OUT='{out}' sh '{runner}' '{tests}' '{filter}'; echo $? >'{out}/suite-status'; exit {PROBE_STATUS}",
-        out = out.display(),
-        runner = runner.display(),
-        tests = repo.join("tests/vm").display(),
-        filter = filter.unwrap_or(""),
+        "CORA_VM_TEST_OUT={out} sh {runner} {tests} {filter}; echo $? >{out}/suite-status; exit {PROBE_STATUS}",
+        out = q(&out),
+        runner = q(&runner),
+        tests = q(&repo.join("tests/vm")),
+        filter = vm::shell_quote(filter.unwrap_or("")),
     );
     let code = vm::run(opts, &[cmd])?;
     let suite = std::fs::read_to_string(out.join("suite-status"))

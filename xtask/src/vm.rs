@@ -344,7 +344,7 @@ fn cmdline_path(p: &Path) -> Result<&str> {
     Ok(s)
 }
 
-fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

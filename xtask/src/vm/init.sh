@@ -32,6 +32,11 @@ stage "modules loaded"
 # Kernel-global setup is done here with busybox applets: executing the host's ip/stty/modprobe
 # over 9p costs seconds under TCG (each pulls in its shared libraries).
 [ -c /dev/ublk-control ] || fail "/dev/ublk-control missing after loading ublk_drv"
+# Nodes whose opening autoloads a module (udev would create them): /dev/loop-control etc.
+while read -r path kind major minor; do
+    case $path in */*) mkdir -p "/dev/${path%/*}" ;; esac
+    [ -e "/dev/$path" ] || mknod -m 0600 "/dev/$path" "$kind" "$major" "$minor" || fail "mknod $path"
+done </static-nodes
 hostname cora-vm || fail "hostname"
 ip link set lo up || fail "ip link set lo up"
 # Raw consoles: no \n -> \r\n translation, no echo, so the command's bytes arrive unchanged.
