@@ -358,12 +358,19 @@ where
         let Some(mut src) = src else { return };
         let mut dst = dst();
         let mut buf = [0u8; 8192];
-        // Forward as bytes arrive (no line buffering) so progress shows up live.
-        while let Ok(n) = src.read(&mut buf) {
-            if n == 0 || dst.write_all(&buf[..n]).is_err() {
-                break;
+        // Forward as bytes arrive (no line buffering) so progress shows up live. If our side
+        // is closed (`| head`), keep draining so QEMU, and with it the guest, never blocks.
+        let mut open = true;
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if open {
+                open = dst.write_all(&buf[..n]).and_then(|()| dst.flush()).is_ok();
             }
-            let _ = dst.flush();
         }
     })
 }
