@@ -125,7 +125,7 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
         cmdline_path(&run.path)?
     );
     // Skips work that only costs time under TCG; see kernel-notes/README.md.
-    append += " mitigations=off tsc=reliable no_timer_check random.trust_cpu=on";
+    append += " mitigations=off tsc=reliable no_timer_check random.trust_cpu=on cryptomgr.notests";
     append += " i8042.noaux i8042.nokbd 8250.nr_uarts=1";
     if let Some(extra) = &opts.kernel_args {
         append += " ";
