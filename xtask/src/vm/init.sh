@@ -57,6 +57,11 @@ mkdir -p /upper/data /upper/work
 mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work overlay /newroot \
     || fail "mount overlay root"
 
+# Fresh /run and /tmp (the host's must not leak in) before the shares, so a share below
+# them (`--share /tmp/x`) is mounted on top instead of being hidden.
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount /run"
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/tmp || fail "mount /tmp"
+
 # Read-write shares, mounted at the same path as on the host. cache=mmap keeps host and
 # guest coherent (no page cache for read/write) while still allowing shared writable mmap.
 # share0 is the repository; the per-run directory (command, environment, share list, status
@@ -72,12 +77,9 @@ while read -r tag path; do
     [ "$tag" = share0 ] || share "$tag" "$path"
 done <"$run/shares"
 
-mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "mount /run"
-
 mount --move /proc /newroot/proc || fail "move /proc"
 mount --move /sys /newroot/sys || fail "move /sys"
 mount --move /dev /newroot/dev || fail "move /dev"
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/tmp || fail "mount /tmp"
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /newroot/dev/pts \
     || fail "mount /dev/pts"
