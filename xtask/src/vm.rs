@@ -7,6 +7,7 @@ use crate::{deps, initramfs};
 use anyhow::{Context, Result, bail};
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -176,6 +177,16 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
 
+    // If xtask dies (killed by a test harness's timeout), QEMU must not outlive it.
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        qemu.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let start = SystemTime::now();
     let t0 = Instant::now();
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
