@@ -1,0 +1,26 @@
+#!/bin/sh
+# Proves the VM harness gives the guest what later tests rely on.
+set -eu
+fail() { echo "00-harness: $*" >&2; exit 1; }
+
+case $(uname -r) in 6.12.*) ;; *) fail "kernel $(uname -r), want 6.12" ;; esac
+[ -c /dev/ublk-control ] || fail "/dev/ublk-control missing"
+grep -q '^ublk_drv ' /proc/modules || fail "ublk_drv not loaded"
+[ "$(cat /proc/sys/kernel/hostname)" = cora-vm ] || fail "hostname not set"
+for m in /tmp /run /dev/shm; do
+    [ "$(stat -f -c %T "$m")" = tmpfs ] || fail "$m is not tmpfs"
+done
+[ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ] || fail "cgroup2 not at /sys/fs/cgroup"
+[ "$(stat -f -c %T /dev/pts)" = devpts ] || fail "/dev/pts not devpts"
+ip -o addr show lo | grep -q 'inet 127.0.0.1/' || fail "lo has no 127.0.0.1"
+busybox ping -c1 -W2 127.0.0.1 >/dev/null 2>&1 || fail "ping 127.0.0.1 failed"
+[ "$HOME" = /root ] || fail "HOME=$HOME"
+# The root is the host's, read-only below a tmpfs overlay: writes succeed but stay in the guest.
+[ "$(stat -f -c %T /)" = overlayfs ] || fail "/ is not overlayfs"
+echo guest >/etc/cora-vm-overlay-check || fail "cannot write to the overlay root"
+# rublk (target/tools/bin, on PATH) talks to the kernel: GET_FEATURES must answer.
+command -v rublk >/dev/null || fail "rublk not on PATH ($PATH)"
+# (rublk exits 0 even when the kernel does not answer, so check its output.)
+features=$(rublk features) || fail "rublk features failed"
+echo "$features"
+echo "$features" | grep -q "UBLK FEATURES" || fail "no GET_FEATURES answer from ublk_drv"
