@@ -163,3 +163,54 @@ pub async fn push_layout(
         .put_manifest(reference, &media_type, img.manifest_bytes.clone().into())
         .await?)
 }
+
+/// How to reach registries, in a form that can be stored with a device and read back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegistryAccess {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_files: Vec<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insecure_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+}
+
+impl RegistryAccess {
+    pub fn config(&self) -> ClientConfig {
+        ClientConfig {
+            creds_file: self.creds_file.clone(),
+            ca_files: self.ca_files.clone(),
+            insecure_hosts: self.insecure_hosts.clone(),
+            mirrors: self.mirrors.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The manifest of `image` and the blob sources a lazy read tries, in order.
+pub fn open_image(
+    image: &crate::imageref::ImageRef,
+    cfg: &ClientConfig,
+    rt: &Handle,
+) -> Result<(Manifest, Vec<Arc<dyn BlobRead>>), RemoteError> {
+    use crate::imageref::ImageRef;
+    match image {
+        ImageRef::Layout { path, tag } => {
+            let img = oci::open_layout(path, tag.as_deref())?;
+            let blobs: Arc<dyn BlobRead> = Arc::new(crate::blobs::LayoutBlobs { root: path.clone() });
+            Ok((img.manifest, vec![blobs]))
+        }
+        ImageRef::Dir(_) => Err(RemoteError::Image(format!(
+            "{image}: dir: is a conversion source only"
+        ))),
+        ImageRef::Registry(r) => {
+            let reference: Reference = r.parse()?;
+            let client = Client::new(cfg.clone())?;
+            let (manifest, _) = rt.block_on(fetch_manifest(&client, &reference))?;
+            let sources = sources_for(cfg, &reference, rt.clone())?;
+            Ok((manifest, sources))
+        }
+    }
+}

@@ -5,7 +5,7 @@ use blobfmt::FsType;
 use blobfmt::convert::{self, Options};
 use blobfmt::writer::ChunkParams;
 use clap::{Parser, Subcommand};
-use driver::blobs::{BlobRead, LayoutBlobs};
+use driver::blobs::BlobRead;
 use driver::imageref::ImageRef;
 use driver::source::{FetchOptions, LazySource};
 use std::io::IsTerminal;
@@ -329,26 +329,8 @@ fn open_image(
     net: &Net,
     image: &ImageRef,
 ) -> Result<(blobfmt::oci::Manifest, Vec<Arc<dyn BlobRead>>)> {
-    match image {
-        ImageRef::Layout { path, tag } => {
-            let img = blobfmt::oci::open_layout(path, tag.as_deref())
-                .with_context(|| format!("opening {image}"))?;
-            let blobs: Arc<dyn BlobRead> = Arc::new(LayoutBlobs { root: path.clone() });
-            Ok((img.manifest, vec![blobs]))
-        }
-        ImageRef::Dir(_) => bail!("{image}: dir: is a conversion source only"),
-        ImageRef::Registry(r) => {
-            let reference = parse_reference(r)?;
-            let client = net.client()?;
-            let (manifest, _) = net
-                .rt
-                .block_on(driver::remote::fetch_manifest(&client, &reference))
-                .with_context(|| format!("fetching the manifest of {image}"))?;
-            let sources =
-                driver::remote::sources_for(&net.cfg, &reference, net.rt.handle().clone())?;
-            Ok((manifest, sources))
-        }
-    }
+    driver::remote::open_image(image, &net.cfg, net.rt.handle())
+        .with_context(|| format!("opening {image}"))
 }
 
 fn cmd_export(

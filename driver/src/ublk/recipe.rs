@@ -1,0 +1,221 @@
+//! How a device's source is described (stored with the device) and rebuilt (`add`, `recover`).
+use std::collections::HashSet;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::source::{BlockSource, FileSource};
+
+/// Everything needed to open a device's source again in a new process. Stored as the device's
+/// target data by `add`, read back by `recover`. Add a variant per kind of source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceRecipe {
+    /// A plain image file.
+    File {
+        path: PathBuf,
+        /// Testing aid: serve the file as if each `chunk`-byte piece were remote until first
+        /// fetched, a fetch taking `delay_ms`; exercises the miss path with real devices.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        simulate_misses: Option<SimulatedMisses>,
+    },
+    /// Stack `layer` of a CORA image, read lazily through the shared chunk cache.
+    Image {
+        /// `oci:PATH[:TAG]` or `HOST[:PORT]/REPO[:TAG|@DIGEST]`.
+        image: String,
+        /// Top layer of the stack (default: the image's top layer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer: Option<usize>,
+        cache: PathBuf,
+        cache_size: u64,
+        #[serde(default)]
+        registry: crate::remote::RegistryAccess,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimulatedMisses {
+    pub delay_ms: u64,
+    pub chunk: u64,
+}
+
+impl SourceRecipe {
+    /// Opens the source this recipe describes.
+    pub fn open(&self) -> io::Result<Arc<dyn BlockSource>> {
+        match self {
+            SourceRecipe::File {
+                path,
+                simulate_misses: None,
+            } => Ok(Arc::new(FileSource::open(path)?)),
+            SourceRecipe::File {
+                path,
+                simulate_misses: Some(sim),
+            } => Ok(Arc::new(ColdFile::new(FileSource::open(path)?, *sim)?)),
+            SourceRecipe::Image {
+                image,
+                layer,
+                cache,
+                cache_size,
+                registry,
+            } => Ok(Arc::new(LazyImage::open(image, *layer, cache, *cache_size, registry)?)),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        // A derived Serialize of plain fields cannot fail.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> io::Result<Self> {
+        serde_json::from_value(v.clone()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad source recipe {v}: {e}"),
+            )
+        })
+    }
+}
+
+/// A file whose chunks count as local only after a (delayed) `read_at` fetched them.
+struct ColdFile {
+    file: FileSource,
+    sim: SimulatedMisses,
+    fetched: Mutex<HashSet<u64>>,
+}
+
+impl ColdFile {
+    fn new(file: FileSource, sim: SimulatedMisses) -> io::Result<Self> {
+        if sim.chunk == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "simulated miss chunk size must be > 0",
+            ));
+        }
+        Ok(ColdFile {
+            file,
+            sim,
+            fetched: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn chunks(&self, offset: u64, len: usize) -> std::ops::Range<u64> {
+        let end = offset + len as u64;
+        offset / self.sim.chunk..end.div_ceil(self.sim.chunk)
+    }
+}
+
+impl BlockSource for ColdFile {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+
+    fn read_local(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let all_local = {
+            let fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+            self.chunks(offset, buf.len()).all(|c| fetched.contains(&c))
+        };
+        if !all_local {
+            return Ok(false);
+        }
+        self.file.read_local(offset, buf)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        std::thread::sleep(Duration::from_millis(self.sim.delay_ms));
+        self.file.read_at(offset, buf)?;
+        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        fetched.extend(self.chunks(offset, buf.len()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn recipe_round_trips_and_cold_file_warms_up() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![7u8; 8192]).unwrap();
+        let r = SourceRecipe::File {
+            path: f.path().to_path_buf(),
+            simulate_misses: Some(SimulatedMisses {
+                delay_ms: 1,
+                chunk: 4096,
+            }),
+        };
+        let back = SourceRecipe::from_json(&r.to_json()).unwrap();
+        assert_eq!(back, r);
+        let src = back.open().unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(!src.read_local(0, &mut buf).unwrap());
+        src.read_at(0, &mut buf).unwrap();
+        assert!(src.read_local(0, &mut buf).unwrap());
+        assert!(!src.read_local(2048, &mut buf).unwrap());
+        assert!(buf.iter().all(|b| *b == 7));
+        assert!(SourceRecipe::from_json(&serde_json::json!({"kind": "nope"})).is_err());
+    }
+}
+
+/// A CORA stack served through `LazySource`; owns the runtime its registry reads run on.
+pub struct LazyImage {
+    source: crate::source::LazySource,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn io_other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl LazyImage {
+    pub fn open(
+        image: &str,
+        layer: Option<usize>,
+        cache: &std::path::Path,
+        cache_size: u64,
+        registry: &crate::remote::RegistryAccess,
+    ) -> io::Result<LazyImage> {
+        let image: crate::imageref::ImageRef = image.parse().map_err(io_other)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cora-fetch")
+            .enable_all()
+            .build()?;
+        let (manifest, remotes) =
+            crate::remote::open_image(&image, &registry.config(), rt.handle()).map_err(io_other)?;
+        let top = layer.unwrap_or(manifest.layers.len().saturating_sub(1));
+        let cache = crate::cache::ChunkCache::open(cache, cache_size).map_err(io_other)?;
+        let source = crate::source::LazySource::open(
+            &manifest,
+            top,
+            remotes,
+            cache,
+            crate::source::FetchOptions::default(),
+        )
+        .map_err(io_other)?;
+        Ok(LazyImage { source, _rt: rt })
+    }
+
+    pub fn source(&self) -> &crate::source::LazySource {
+        &self.source
+    }
+}
+
+impl BlockSource for LazyImage {
+    fn size(&self) -> u64 {
+        self.source.size()
+    }
+    fn read_local(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.source.read_local(offset, buf).map_err(io_other)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.source.read_at(offset, buf).map_err(|e| {
+            tracing::warn!(offset, len = buf.len(), error = %e, "read failed");
+            io_other(e)
+        })
+    }
+}
