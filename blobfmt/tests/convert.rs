@@ -287,8 +287,14 @@ fn same_input_gives_same_blobs() {
         let work = tmp.path().join(format!("work{run}"));
         fs::create_dir(&out).unwrap();
         fs::create_dir(&work).unwrap();
-        let b =
-            convert_layers(&[l0.clone()], &Options::default(), &work, &out, &|_, _| {}).unwrap();
+        let b = convert_layers(
+            std::slice::from_ref(&l0),
+            &Options::default(),
+            &work,
+            &out,
+            &|_, _| {},
+        )
+        .unwrap();
         digests.push(b[0].digest);
     }
     assert_eq!(digests[0], digests[1]);

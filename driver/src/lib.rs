@@ -8,4 +8,3 @@ pub mod registry;
 pub mod remote;
 pub mod source;
 pub mod ublk;
-

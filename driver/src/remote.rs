@@ -199,7 +199,8 @@ pub fn open_image(
     match image {
         ImageRef::Layout { path, tag } => {
             let img = oci::open_layout(path, tag.as_deref())?;
-            let blobs: Arc<dyn BlobRead> = Arc::new(crate::blobs::LayoutBlobs { root: path.clone() });
+            let blobs: Arc<dyn BlobRead> =
+                Arc::new(crate::blobs::LayoutBlobs { root: path.clone() });
             Ok((img.manifest, vec![blobs]))
         }
         ImageRef::Dir(_) => Err(RemoteError::Image(format!(

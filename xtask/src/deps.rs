@@ -15,6 +15,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "curl",
     "libclang-dev",
     "clang",
+    "fio",
+    "jq",
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -65,6 +65,8 @@ fn test() -> Result<()> {
             "warnings",
         ],
     )?;
+    // Integration tests run the binaries; build them with the same profile first.
+    deps::run("cargo", &["build", "--workspace", "--release", "--bins"])?;
     deps::run("cargo", &["test", "--workspace", "--release"])?;
     vm_test(&vm::VmOpts::default(), None)
 }

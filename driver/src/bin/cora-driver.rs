@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a read-only device and serve it; prints /dev/ublkbN once it is ready.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// List ublk devices.
     List {
         #[arg(long)]
@@ -67,7 +67,12 @@ struct AddArgs {
 #[derive(Args)]
 struct SourceArgs {
     /// A plain image file (erofs, ext4, ...).
-    #[arg(long, value_name = "IMAGE", conflicts_with = "image", required_unless_present = "image")]
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        conflicts_with = "image",
+        required_unless_present = "image"
+    )]
     file: Option<PathBuf>,
     /// A CORA image: oci:PATH[:TAG] or HOST[:PORT]/REPO[:TAG|@DIGEST].
     #[arg(long, value_name = "REF")]
@@ -122,7 +127,10 @@ fn parse_sim(s: &str) -> Result<SimulatedMisses, String> {
 fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
     if let Some(image) = &args.image {
         // Paths are made absolute: recover may run from another directory.
-        let image = match image.parse::<driver::imageref::ImageRef>().map_err(anyhow::Error::msg)? {
+        let image = match image
+            .parse::<driver::imageref::ImageRef>()
+            .map_err(anyhow::Error::msg)?
+        {
             driver::imageref::ImageRef::Layout { path, tag } => {
                 let path = std::fs::canonicalize(&path)
                     .with_context(|| format!("image layout {}", path.display()))?;
@@ -144,16 +152,25 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
                     .mirror
                     .iter()
                     .map(|m| match m.strip_suffix(",insecure") {
-                        Some(h) => driver::registry::Mirror { host: h.into(), insecure: true },
-                        None => driver::registry::Mirror { host: m.clone(), insecure: false },
+                        Some(h) => driver::registry::Mirror {
+                            host: h.into(),
+                            insecure: true,
+                        },
+                        None => driver::registry::Mirror {
+                            host: m.clone(),
+                            insecure: false,
+                        },
                     })
                     .collect(),
             },
         });
     }
-    let file = args.file.as_ref().context("--file or --image is required")?;
-    let path = std::fs::canonicalize(file)
-        .with_context(|| format!("image file {}", file.display()))?;
+    let file = args
+        .file
+        .as_ref()
+        .context("--file or --image is required")?;
+    let path =
+        std::fs::canonicalize(file).with_context(|| format!("image file {}", file.display()))?;
     Ok(SourceRecipe::File {
         path,
         simulate_misses: args.simulate_misses,
@@ -163,7 +180,7 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Add(args) => add(args),
+        Cmd::Add(args) => add(*args),
         Cmd::Recover { id, run } => recover(id, run),
         Cmd::List { json } => list(json),
         Cmd::Del { id } => {

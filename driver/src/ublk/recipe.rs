@@ -60,7 +60,13 @@ impl SourceRecipe {
                 cache,
                 cache_size,
                 registry,
-            } => Ok(Arc::new(LazyImage::open(image, *layer, cache, *cache_size, registry)?)),
+            } => Ok(Arc::new(LazyImage::open(
+                image,
+                *layer,
+                cache,
+                *cache_size,
+                registry,
+            )?)),
         }
     }
 
@@ -132,35 +138,6 @@ impl BlockSource for ColdFile {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn recipe_round_trips_and_cold_file_warms_up() {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(&vec![7u8; 8192]).unwrap();
-        let r = SourceRecipe::File {
-            path: f.path().to_path_buf(),
-            simulate_misses: Some(SimulatedMisses {
-                delay_ms: 1,
-                chunk: 4096,
-            }),
-        };
-        let back = SourceRecipe::from_json(&r.to_json()).unwrap();
-        assert_eq!(back, r);
-        let src = back.open().unwrap();
-        let mut buf = vec![0u8; 4096];
-        assert!(!src.read_local(0, &mut buf).unwrap());
-        src.read_at(0, &mut buf).unwrap();
-        assert!(src.read_local(0, &mut buf).unwrap());
-        assert!(!src.read_local(2048, &mut buf).unwrap());
-        assert!(buf.iter().all(|b| *b == 7));
-        assert!(SourceRecipe::from_json(&serde_json::json!({"kind": "nope"})).is_err());
-    }
-}
-
 /// A CORA stack served through `LazySource`; owns the runtime its registry reads run on.
 pub struct LazyImage {
     source: crate::source::LazySource,
@@ -217,5 +194,34 @@ impl BlockSource for LazyImage {
             tracing::warn!(offset, len = buf.len(), error = %e, "read failed");
             io_other(e)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn recipe_round_trips_and_cold_file_warms_up() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![7u8; 8192]).unwrap();
+        let r = SourceRecipe::File {
+            path: f.path().to_path_buf(),
+            simulate_misses: Some(SimulatedMisses {
+                delay_ms: 1,
+                chunk: 4096,
+            }),
+        };
+        let back = SourceRecipe::from_json(&r.to_json()).unwrap();
+        assert_eq!(back, r);
+        let src = back.open().unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(!src.read_local(0, &mut buf).unwrap());
+        src.read_at(0, &mut buf).unwrap();
+        assert!(src.read_local(0, &mut buf).unwrap());
+        assert!(!src.read_local(2048, &mut buf).unwrap());
+        assert!(buf.iter().all(|b| *b == 7));
+        assert!(SourceRecipe::from_json(&serde_json::json!({"kind": "nope"})).is_err());
     }
 }
