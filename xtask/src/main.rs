@@ -36,6 +36,9 @@ enum Cmd {
     },
     /// Install the pinned rublk into target/tools/bin (the guest's PATH).
     Tools,
+    /// The main job: build two images from Debian packages, push them to a local registry as
+    /// plain OCI, convert them to CORA, and cold-start both ways on a ublk kernel.
+    Demo,
 }
 
 fn main() -> Result<()> {
@@ -48,6 +51,7 @@ fn main() -> Result<()> {
         }
         Cmd::VmTest { filter, opts } => vm_test(&opts, filter.as_deref()),
         Cmd::Tools => tools::ensure_rublk().map(drop),
+        Cmd::Demo => demo(),
     }
 }
 
@@ -103,5 +107,25 @@ fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
         bail!("VM tests failed (runner exit status {})", suite.trim());
     }
     eprintln!("xtask: vm-test passed (exit status and rw share verified)");
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    deps::ensure(deps::TEST_PACKAGES)?;
+    deps::run("cargo", &["build", "--workspace", "--release", "--bins"])?;
+    let repo = vm::repo_root();
+    let repo_s = repo.to_string_lossy().into_owned();
+    let script = |name: &str| {
+        repo.join("xtask/src/demo")
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    deps::run("sh", &[&script("prepare.sh"), &repo_s])?;
+    let guest = vec!["sh".to_string(), script("guest.sh"), repo_s];
+    let code = vm::run(&vm::VmOpts::default(), &guest)?;
+    if code != 0 {
+        bail!("the demo failed in the VM (exit status {code})");
+    }
     Ok(())
 }

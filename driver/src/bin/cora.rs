@@ -147,6 +147,14 @@ enum Cmd {
     },
     /// Inspect and maintain the local chunk cache.
     Cache(driver::cache::cli::CacheArgs),
+    /// Pack root filesystem directories as a plain OCI image: one reproducible gzip layer per
+    /// directory, bottom first (for building test and demo images without Docker).
+    Pack {
+        /// oci:PATH[:TAG]
+        dst: ImageRef,
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -200,6 +208,20 @@ fn run(cli: Cli) -> Result<()> {
             cache_size,
             json,
         } => cmd_export(&net, &image, layer, &out, &cache, cache_size, json),
+        Cmd::Pack { dst, dirs } => {
+            let ImageRef::Layout { path, tag } = &dst else {
+                bail!("{dst}: pack writes oci:PATH[:TAG] layouts");
+            };
+            let dirs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
+            blobfmt::dirsrc::layout_from_dirs(
+                &dirs,
+                path,
+                tag.as_deref().unwrap_or("latest"),
+                true,
+            )
+            .with_context(|| format!("packing into {dst}"))?;
+            Ok(())
+        }
         Cmd::Cache(args) => {
             print!("{}", driver::cache::cli::run_cli(&args)?);
             Ok(())
