@@ -35,9 +35,15 @@ pub fn ensure(pkgs: &[&str]) -> Result<()> {
         missing.join(" ")
     );
     // SAFETY-free check of the effective uid: `id -u` avoids a libc dependency here.
-    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        bail!("missing packages: {}\nrun as root: {line}", missing.join(" "));
+        bail!(
+            "missing packages: {}\nrun as root: {line}",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     let status = Command::new("sh")

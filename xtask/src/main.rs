@@ -31,7 +31,14 @@ fn test() -> Result<()> {
     deps::run("cargo", &["fmt", "--all", "--", "--check"])?;
     deps::run(
         "cargo",
-        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
     )?;
     deps::run("cargo", &["test", "--workspace", "--release"])?;
     Ok(())
