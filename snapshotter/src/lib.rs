@@ -1,6 +1,7 @@
 //! cora-snapshotter: a containerd proxy snapshotter. Plain OCI layers are overlayfs snapshots
 //! like containerd's built-in overlayfs snapshotter; CORA layers can be served lazily through a
 //! [`remote::RemoteLayers`] backend.
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod remote;

@@ -15,6 +15,9 @@ pub const TEST_PACKAGES: &[&str] = &[
     "curl",
     "libclang-dev",
     "clang",
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 
 fn installed(pkg: &str) -> bool {
