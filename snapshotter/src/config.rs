@@ -302,6 +302,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let c = parse(include_str!("../config.example.json")).unwrap();
+        assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
+        assert!(c.exporter_config.enable && c.auto_remove_dev);
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("10G").unwrap(), 10 << 30);
         assert_eq!(parse_size("1.5Gi").unwrap(), 3 << 29);

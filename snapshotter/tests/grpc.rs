@@ -223,7 +223,7 @@ async fn snapshot_semantics_and_status_codes() -> Result<()> {
     assert_eq!(v[0].options, ["ro", "rbind"]);
     let v = view(&mut c, "v2", "top").await?;
     assert_eq!(v[0].r#type, "overlay");
-    assert_eq!(v[0].options, [lowerdir.clone()]);
+    assert_eq!(v[0].options, std::slice::from_ref(&lowerdir));
     assert_eq!(
         code(commit(&mut c, "vc", "v1").await),
         Code::FailedPrecondition

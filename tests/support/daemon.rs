@@ -61,10 +61,7 @@ impl Daemon {
 
     /// Whether the process is still running (false once it exited or was stopped).
     pub fn running(&mut self) -> bool {
-        match self.child.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => true,
-            _ => false,
-        }
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
     /// Waits for the process to exit by itself (e.g. after a startup error).
