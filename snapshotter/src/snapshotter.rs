@@ -151,6 +151,7 @@ impl Snapshotter {
     /// containerd's Prepare: a new active snapshot over `parent`, or for a lazily servable CORA
     /// layer, a remote committed snapshot and AlreadyExists.
     pub fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        debug!(key, parent, ?labels, "prepare");
         if wants_remote(&labels) {
             match self.remote.available() {
                 Ok(()) if self.remote.is_remote(&labels) => {

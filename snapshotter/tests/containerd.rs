@@ -391,3 +391,49 @@ fn pull_run_time_vs_builtin_overlayfs() -> Result<()> {
     );
     Ok(())
 }
+
+/// A CORA image (layers annotated `containerd.io/snapshot/cora/*`) on a host without a lazy
+/// backend: containerd unpacks it normally and it runs.
+#[test]
+fn cora_annotated_image_falls_back_to_plain_unpack() -> Result<()> {
+    let env = Env::start(serde_json::json!({}))?;
+    let rootfs = env.path("img/rootfs");
+    busybox_rootfs(&rootfs)?;
+    let mut layer = LayerSpec::new(&rootfs);
+    layer.annotations.insert(
+        "containerd.io/snapshot/cora/index".into(),
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+    );
+    let layout = env.path("img/layout");
+    write_oci_layout(&layout, "v1", &[layer], Compression::Zstd, &["/bin/sh"])?;
+    let reference = env.registry.push(&layout, "v1", "test/cora")?;
+    let c = &env.ctrd;
+    c.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "cora",
+        &reference,
+    ])?;
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "cora",
+        &reference,
+        "cora",
+        "/bin/busybox",
+        "echo",
+        "fallback",
+    ])?;
+    assert_eq!(out.trim(), "fallback");
+    // Nothing was claimed remote: every committed layer is a local one.
+    let rows = parse_ls(&env.snapshots(&["ls"])?);
+    assert_eq!(
+        rows.iter().filter(|r| r.2 == "Committed").count(),
+        1,
+        "{rows:?}"
+    );
+    Ok(())
+}
