@@ -55,15 +55,16 @@ fn io(what: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error)
 }
 
 /// Serves the snapshots API on `config.address` (and metrics when enabled) until `shutdown`
-/// resolves. Snapshots, mounts and attached stacks are left in place on exit, so running
+/// resolves. `metrics` is shared with the lazy backend, which updates its device, cache and
+/// fetch counters. Snapshots, mounts and attached stacks are left in place on exit, so running
 /// containers keep running across a restart.
 pub async fn serve(
     config: &Config,
     remote: Arc<dyn RemoteLayers>,
+    metrics: Arc<metrics::Metrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     std::fs::create_dir_all(&config.root).map_err(io("creating", &config.root))?;
-    let metrics = Arc::new(metrics::Metrics::default());
     let root = config.root.clone();
     let auto_remove = config.auto_remove_dev;
     let m = metrics.clone();

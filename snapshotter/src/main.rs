@@ -2,6 +2,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use cora_snapshotter::config::{Config, DEFAULT_CONFIG_PATH, Verbose};
+use cora_snapshotter::metrics::Metrics;
 use cora_snapshotter::remote::NoRemoteLayers;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,7 +56,8 @@ fn main() -> Result<()> {
             }
             tracing::info!("shutting down; snapshots and mounts stay in place");
         };
-        cora_snapshotter::serve(&config, Arc::new(NoRemoteLayers), shutdown)
+        let metrics = Arc::new(Metrics::default());
+        cora_snapshotter::serve(&config, Arc::new(NoRemoteLayers), metrics, shutdown)
             .await
             .context("cora-snapshotter")
     })

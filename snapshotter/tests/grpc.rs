@@ -468,11 +468,14 @@ async fn remote_layers_commit_attach_refcount_and_mount() -> Result<()> {
         .to_string(),
     )?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics = Arc::new(cora_snapshotter::metrics::Metrics::default());
+    let devices = || metrics.devices.load(std::sync::atomic::Ordering::Relaxed);
     let server = {
+        let metrics = metrics.clone();
         let config = config.clone();
         let backend: Arc<dyn RemoteLayers> = backend.clone();
         tokio::spawn(async move {
-            cora_snapshotter::serve(&config, backend, async {
+            cora_snapshotter::serve(&config, backend, metrics, async {
                 let _ = stop_rx.await;
             })
             .await
@@ -523,6 +526,7 @@ async fn remote_layers_commit_attach_refcount_and_mount() -> Result<()> {
     assert_eq!(m2[0].r#type, "bind");
     assert_eq!(m2[0].source, stack.display().to_string());
     assert_eq!(*backend.calls.lock().unwrap(), ["attach sha256:l2"]);
+    assert_eq!(devices(), 1);
 
     // Mount the overlay for real: the container sees the stack's files and writes to its upper.
     let target = dir.path().join("mnt");
@@ -571,6 +575,7 @@ async fn remote_layers_commit_attach_refcount_and_mount() -> Result<()> {
         backend.calls.lock().unwrap().last().map(String::as_str),
         Some("detach sha256:l2")
     );
+    assert_eq!(devices(), 0);
     for k in ["sha256:l3", "sha256:l2", "sha256:l1"] {
         remove(&mut c, k).await?;
     }
