@@ -7,6 +7,8 @@ use cora_snapshotter::remote::NoRemoteLayers;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Parser)]
 #[command(
     name = "cora-snapshotter",
@@ -49,16 +51,35 @@ fn main() -> Result<()> {
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing SIGTERM handler")?;
-        let shutdown = async move {
+        // A watch channel keeps the "stopping" state, so late waiters still see it.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("shutting down; snapshots and mounts stay in place");
-        };
+            let _ = stop_tx.send(true);
+        });
         let metrics = Arc::new(Metrics::default());
-        cora_snapshotter::serve(&config, Arc::new(NoRemoteLayers), metrics, shutdown)
-            .await
-            .context("cora-snapshotter")
+        let mut stopped = stop_rx.clone();
+        let server =
+            cora_snapshotter::serve(&config, Arc::new(NoRemoteLayers), metrics, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            });
+        tokio::pin!(server);
+        // Graceful shutdown waits for open connections; containerd keeps one open, so a grace
+        // period bounds how long a stop can take.
+        tokio::select! {
+            result = &mut server => result.context("cora-snapshotter"),
+            _ = async {
+                let mut stop = stop_rx.clone();
+                let _ = stop.wait_for(|s| *s).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting");
+                Ok(())
+            }
+        }
     })
 }
