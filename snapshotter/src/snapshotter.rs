@@ -699,3 +699,87 @@ pub fn disk_usage(root: &Path) -> Result<Usage> {
     }
     Ok(usage)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::{LABEL_CORA_PREFIX, RemoteError};
+
+    /// Serves every stack from one directory and records attach/detach calls.
+    struct Recorder {
+        dir: PathBuf,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl RemoteLayers for Recorder {
+        fn available(&self) -> Result<(), RemoteError> {
+            Ok(())
+        }
+        fn is_remote(&self, _labels: &Labels) -> bool {
+            true
+        }
+        fn attach(&self, stack_key: &str, _labels: &Labels) -> Result<PathBuf, RemoteError> {
+            lock(&self.calls).push(format!("attach {stack_key}"));
+            Ok(self.dir.clone())
+        }
+        fn detach(&self, stack_key: &str, _mountpoint: &Path) -> Result<(), RemoteError> {
+            lock(&self.calls).push(format!("detach {stack_key}"));
+            Ok(())
+        }
+    }
+
+    fn remote_labels(target: &str) -> Labels {
+        [
+            (LABEL_TARGET_REF.to_owned(), target.to_owned()),
+            (format!("{LABEL_CORA_PREFIX}index"), "sha256:00".to_owned()),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn stacks_survive_restart_and_cleanup_detaches_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Recorder {
+            dir: dir.path().join("stack"),
+            calls: Mutex::new(Vec::new()),
+        });
+        std::fs::create_dir_all(&backend.dir).unwrap();
+        let root = dir.path().join("root");
+        let open = || {
+            Snapshotter::open(&root, backend.clone(), false, Arc::new(Metrics::default())).unwrap()
+        };
+        let sn = open();
+        let err = sn.prepare("x1", "", remote_labels("L1")).unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        // The same layer again (a second pull) is still AlreadyExists, and creates nothing.
+        let err = sn.prepare("x2", "", remote_labels("L1")).unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        sn.prepare("c1", "L1", Labels::new()).unwrap();
+        assert_eq!(sn.attachment_refs().get("L1"), Some(&1));
+        drop(sn);
+
+        // A restart re-attaches the stack a live snapshot uses.
+        let sn = open();
+        assert_eq!(*lock(&backend.calls), ["attach L1", "attach L1"]);
+        assert_eq!(sn.attachment_refs().get("L1"), Some(&1));
+        let m = sn.mounts("c1").unwrap();
+        assert!(
+            m[0].options
+                .contains(&format!("lowerdir={}", backend.dir.display()))
+        );
+
+        // Without autoRemoveDev the stack stays attached until Cleanup.
+        sn.remove("c1").unwrap();
+        assert_eq!(sn.attachment_refs().get("L1"), Some(&0));
+        assert_eq!(lock(&backend.calls).len(), 2);
+        sn.cleanup().unwrap();
+        assert_eq!(
+            lock(&backend.calls).last().map(String::as_str),
+            Some("detach L1")
+        );
+        assert!(sn.attachment_refs().is_empty());
+        let counts = sn.counts().unwrap();
+        assert_eq!((counts.committed, counts.remote, counts.active), (1, 1, 0));
+    }
+}
