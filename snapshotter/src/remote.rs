@@ -37,8 +37,11 @@ pub enum RemoteError {
 
 /// Serves CORA layer stacks as mounted read-only file systems.
 ///
-/// `stack_key` is the name (chainID) of the topmost remote committed snapshot of the stack;
-/// `labels` are that snapshot's labels (its CORA annotations say which index to serve). The
+/// `stack_key` is the name of the topmost remote committed snapshot of the stack: the value of
+/// the target-ref label, which containerd's metadata layer makes `<namespace>/<n>/<chainID>`, so
+/// treat it as opaque. `labels` are that snapshot's labels: its CORA annotations say which index
+/// to serve; under CRI (`disable_snapshot_annotations = false`) they also carry
+/// `containerd.io/snapshot/cri.image-ref` and `cri.layer-digest` for fetching. The
 /// snapshotter reference-counts attachments: `attach` is called once per stack while at least one
 /// active snapshot or view uses it (and again after a snapshotter restart, so it must accept an
 /// already-attached stack and return the same path); `detach` when the last user is removed and
