@@ -22,13 +22,23 @@ impl Containerd {
     /// Starts containerd with its state under `dir` and one `[proxy_plugins.NAME]` snapshotter
     /// per `(name, socket)`. CRI is disabled: tests drive containerd with `ctr`.
     pub fn start(dir: &Path, proxy_snapshotters: &[(&str, &Path)]) -> Result<Containerd> {
+        Self::start_with(dir, proxy_snapshotters, None)
+    }
+
+    /// Like [`Self::start`]; with `cri = Some(toml)` the CRI plugin is enabled and `toml` (e.g.
+    /// from [`crate::cri::cri_config`]) is appended to the config.
+    pub fn start_with(
+        dir: &Path,
+        proxy_snapshotters: &[(&str, &Path)],
+        cri: Option<&str>,
+    ) -> Result<Containerd> {
         std::fs::create_dir_all(dir)?;
         let address = dir.join("containerd.sock");
         let mut config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{disabled}
 
 [grpc]
   address = "{sock}"
@@ -43,7 +53,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             state = dir.join("state").display(),
             sock = address.display(),
             opt = dir.join("opt").display(),
+            disabled = if cri.is_some() {
+                ""
+            } else {
+                r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#
+            },
         );
+        config.push_str(cri.unwrap_or_default());
         for (name, socket) in proxy_snapshotters {
             config.push_str(&format!(
                 "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
@@ -72,28 +88,37 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     pub fn ctr_output(&self, args: &[&str]) -> Result<Output> {
+        self.ctr_output_in(&self.namespace, args)
+    }
+
+    /// `ctr` in another containerd namespace (e.g. CRI's `k8s.io`).
+    pub fn ctr_output_in(&self, namespace: &str, args: &[&str]) -> Result<Output> {
         Command::new("ctr")
             .arg("--address")
             .arg(&self.address)
-            .args(["--namespace", &self.namespace])
+            .args(["--namespace", namespace])
             .args(args)
             .output()
             .context("running ctr")
     }
 
-    /// Runs `ctr ARGS`; returns stdout, or an error with stderr when it fails.
-    pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out = self.ctr_output(args)?;
+    /// Like [`Self::ctr`] in another namespace.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
+        let out = self.ctr_output_in(namespace, args)?;
         if !out.status.success() {
             bail!(
-                "ctr {} failed ({}): {}{}",
+                "ctr -n {namespace} {} failed ({}): {}",
                 args.join(" "),
                 out.status,
-                String::from_utf8_lossy(&out.stderr),
-                String::from_utf8_lossy(&out.stdout)
+                String::from_utf8_lossy(&out.stderr)
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `ctr ARGS`; returns stdout, or an error with stderr when it fails.
+    pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        self.ctr_in(&self.namespace, args)
     }
 
     pub fn log_text(&self) -> String {
@@ -109,17 +134,29 @@ impl Drop for Containerd {
             signal(pid, libc::SIGKILL);
         }
         unmount_under(&self.dir);
-        let runc_root = Path::new(RUNC_ROOT).join(&self.namespace);
-        if let Ok(entries) = std::fs::read_dir(&runc_root) {
+        // runc state of our containers: all of our namespace, and in CRI's shared `k8s.io`
+        // the ones whose IDs start with our namespace name.
+        for (ns, all) in [
+            (self.namespace.as_str(), true),
+            (crate::cri::CRI_NAMESPACE, false),
+        ] {
+            let runc_root = Path::new(RUNC_ROOT).join(ns);
+            let Ok(entries) = std::fs::read_dir(&runc_root) else {
+                continue;
+            };
             for e in entries.flatten() {
-                let _ = Command::new("runc")
-                    .arg("--root")
-                    .arg(&runc_root)
-                    .args(["delete", "--force"])
-                    .arg(e.file_name())
-                    .output();
+                if all || e.file_name().to_string_lossy().starts_with(&self.namespace) {
+                    let _ = Command::new("runc")
+                        .arg("--root")
+                        .arg(&runc_root)
+                        .args(["delete", "--force"])
+                        .arg(e.file_name())
+                        .output();
+                }
             }
-            let _ = std::fs::remove_dir_all(&runc_root);
+            if all {
+                let _ = std::fs::remove_dir_all(&runc_root);
+            }
         }
     }
 }
