@@ -34,3 +34,9 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> 
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+pub mod containerd;
+pub mod cri;
+pub mod daemon;
+pub mod images;
+pub mod snapshotter;

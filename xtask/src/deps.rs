@@ -17,6 +17,9 @@ pub const TEST_PACKAGES: &[&str] = &[
     "clang",
     "fio",
     "jq",
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 
 fn installed(pkg: &str) -> bool {

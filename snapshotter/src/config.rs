@@ -1,0 +1,321 @@
+//! `/etc/cora/snapshotter.json`: field names follow the seed's snapshotter config.
+//!
+//! Unknown fields and bad values are rejected at start with an error naming the field, so a typo
+//! never silently falls back to a default.
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cora/snapshotter.json";
+pub const DEFAULT_ROOT: &str = "/var/lib/cora-snapshotter";
+pub const DEFAULT_ADDRESS: &str = "/run/cora-snapshotter/cora.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: field `{field}`: {message}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verbose {
+    Info,
+    Debug,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RwMode {
+    /// Writable layer as an overlayfs upper dir, like containerd's overlayfs snapshotter.
+    Overlayfs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExporterConfig {
+    pub enable: bool,
+    pub uri_prefix: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorRegistry {
+    pub host: String,
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub root: PathBuf,
+    pub address: PathBuf,
+    pub verbose: Verbose,
+    pub rw_mode: RwMode,
+    pub log_report_caller: bool,
+    pub auto_remove_dev: bool,
+    pub exporter_config: ExporterConfig,
+    pub mirror_registry: Vec<MirrorRegistry>,
+    pub credential_file: Option<PathBuf>,
+    pub cache_size: u64,
+    pub cache_dir: PathBuf,
+}
+
+/// The file as written; enums and sizes stay strings here so their errors can name the field.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    root: Option<PathBuf>,
+    address: Option<PathBuf>,
+    verbose: Option<String>,
+    rw_mode: Option<String>,
+    #[serde(default)]
+    log_report_caller: bool,
+    #[serde(default)]
+    auto_remove_dev: bool,
+    exporter_config: Option<RawExporter>,
+    #[serde(default)]
+    mirror_registry: Vec<MirrorRegistry>,
+    credential_file: Option<PathBuf>,
+    cache_size: Option<String>,
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawExporter {
+    #[serde(default)]
+    enable: bool,
+    uri_prefix: Option<String>,
+    port: Option<u16>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_json_str(path, &text)
+    }
+
+    /// Parses and validates config text; `path` only labels errors.
+    pub fn from_json_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let field_err = |field: &str, message: String| ConfigError::Field {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." {
+                "<top level>".to_owned()
+            } else {
+                field
+            };
+            field_err(&field, e.into_inner().to_string())
+        })?;
+
+        let root = raw.root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+        if !root.is_absolute() {
+            return Err(field_err("root", "must be an absolute path".into()));
+        }
+        let address = raw
+            .address
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS));
+        if !address.is_absolute() {
+            return Err(field_err("address", "must be an absolute path".into()));
+        }
+        let verbose = match raw.verbose.as_deref() {
+            None | Some("info") => Verbose::Info,
+            Some("debug") => Verbose::Debug,
+            Some(other) => {
+                return Err(field_err(
+                    "verbose",
+                    format!("unknown value {other:?}; expected \"info\" or \"debug\""),
+                ));
+            }
+        };
+        let rw_mode = match raw.rw_mode.as_deref() {
+            None | Some("overlayfs") => RwMode::Overlayfs,
+            Some(other) => {
+                return Err(field_err(
+                    "rwMode",
+                    format!(
+                        "unsupported value {other:?}; the only supported mode is \"overlayfs\""
+                    ),
+                ));
+            }
+        };
+        let exp = raw.exporter_config.unwrap_or_default();
+        let uri_prefix = exp.uri_prefix.unwrap_or_else(|| "/metrics".to_owned());
+        if !uri_prefix.starts_with('/') {
+            return Err(field_err(
+                "exporterConfig.uriPrefix",
+                format!("{uri_prefix:?} must start with '/'"),
+            ));
+        }
+        let port = exp.port.unwrap_or(9110);
+        if exp.enable && port == 0 {
+            return Err(field_err(
+                "exporterConfig.port",
+                "must be non-zero when the exporter is enabled".into(),
+            ));
+        }
+        for (i, m) in raw.mirror_registry.iter().enumerate() {
+            if m.host.is_empty() || m.host.contains('/') {
+                return Err(field_err(
+                    &format!("mirrorRegistry[{i}].host"),
+                    format!("{:?} is not a host[:port]", m.host),
+                ));
+            }
+        }
+        let cache_size = match raw.cache_size.as_deref() {
+            None => 10 << 30,
+            Some(s) => parse_size(s).map_err(|m| field_err("cacheSize", m))?,
+        };
+        let cache_dir = raw.cache_dir.unwrap_or_else(|| root.join("cache"));
+        if !cache_dir.is_absolute() {
+            return Err(field_err("cacheDir", "must be an absolute path".into()));
+        }
+        Ok(Config {
+            root,
+            address,
+            verbose,
+            rw_mode,
+            log_report_caller: raw.log_report_caller,
+            auto_remove_dev: raw.auto_remove_dev,
+            exporter_config: ExporterConfig {
+                enable: exp.enable,
+                uri_prefix,
+                port,
+            },
+            mirror_registry: raw.mirror_registry,
+            credential_file: raw.credential_file,
+            cache_size,
+            cache_dir,
+        })
+    }
+}
+
+/// Parses sizes like `10G`, `512M`, `1.5Gi`, `4096` (binary units: K = 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit
+        .trim()
+        .trim_end_matches(['B', 'b'])
+        .trim_end_matches('i');
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with an optional unit, like \"10G\""))?;
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?}: out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_json_str(Path::new("test.json"), text)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("{}").unwrap();
+        assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
+        assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
+        assert_eq!(c.rw_mode, RwMode::Overlayfs);
+        assert_eq!(c.cache_size, 10 << 30);
+        assert_eq!(c.cache_dir, PathBuf::from(DEFAULT_ROOT).join("cache"));
+        assert!(!c.exporter_config.enable);
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            r#"{"root":"/r","address":"/s.sock","verbose":"debug","rwMode":"overlayfs",
+            "logReportCaller":true,"autoRemoveDev":true,
+            "exporterConfig":{"enable":true,"uriPrefix":"/m","port":9000},
+            "mirrorRegistry":[{"host":"127.0.0.1:5000","insecure":true}],
+            "credentialFile":"/etc/cora/creds.json","cacheSize":"512M","cacheDir":"/c"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.verbose, Verbose::Debug);
+        assert!(c.auto_remove_dev && c.log_report_caller);
+        assert_eq!(c.exporter_config.port, 9000);
+        assert_eq!(c.exporter_config.uri_prefix, "/m");
+        assert_eq!(c.mirror_registry[0].host, "127.0.0.1:5000");
+        assert!(c.mirror_registry[0].insecure);
+        assert_eq!(c.cache_size, 512 << 20);
+        assert_eq!(c.cache_dir, PathBuf::from("/c"));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = parse(r#"{"rootDir":"/x"}"#).unwrap_err().to_string();
+        assert!(e.contains("rootDir"), "{e}");
+        let e = parse(r#"{"exporterConfig":{"enabled":true}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("enabled"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse(r#"{"rwMode":"btrfs"}"#).unwrap_err().to_string();
+        assert!(e.contains("rwMode") && e.contains("btrfs"), "{e}");
+        let e = parse(r#"{"verbose":"trace"}"#).unwrap_err().to_string();
+        assert!(e.contains("verbose"), "{e}");
+        let e = parse(r#"{"cacheSize":"ten"}"#).unwrap_err().to_string();
+        assert!(e.contains("cacheSize"), "{e}");
+        let e = parse(r#"{"exporterConfig":{"port":"x"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exporterConfig.port"), "{e}");
+        let e = parse(r#"{"root":"relative"}"#).unwrap_err().to_string();
+        assert!(e.contains("root"), "{e}");
+        assert!(parse("{").is_err());
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let c = parse(include_str!("../config.example.json")).unwrap();
+        assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
+        assert!(c.exporter_config.enable && c.auto_remove_dev);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1.5Gi").unwrap(), 3 << 29);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64MB").unwrap(), 64 << 20);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("1Q").is_err());
+    }
+}

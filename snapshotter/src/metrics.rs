@@ -1,0 +1,224 @@
+//! Prometheus text exposition on 127.0.0.1:`port` at `uriPrefix`, served by a tiny tokio TCP
+//! server (one GET per connection) so no HTTP framework is pulled in for a single page.
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// RPC names, in the order of the counters in [`Metrics`].
+pub const RPCS: [&str; 10] = [
+    "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage", "Cleanup",
+];
+
+/// Upper bounds (seconds) of the fetch latency histogram buckets.
+pub const FETCH_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// Counters and gauges; the lazy path updates the device/cache/fetch ones.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    rpc_total: [AtomicU64; 10],
+    rpc_errors: [AtomicU64; 10],
+    /// ublk devices currently attached.
+    pub devices: AtomicI64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    fetch_buckets: [AtomicU64; 10],
+    fetch_count: AtomicU64,
+    fetch_sum_micros: AtomicU64,
+}
+
+/// Snapshot counts by kind, taken from the store at scrape time.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotCounts {
+    pub active: u64,
+    pub view: u64,
+    pub committed: u64,
+    pub remote: u64,
+}
+
+impl Metrics {
+    pub fn rpc(&self, name: &str, ok: bool) {
+        if let Some(i) = RPCS.iter().position(|r| *r == name) {
+            self.rpc_total[i].fetch_add(1, Relaxed);
+            if !ok {
+                self.rpc_errors[i].fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    pub fn rpc_count(&self, name: &str) -> (u64, u64) {
+        RPCS.iter()
+            .position(|r| *r == name)
+            .map(|i| {
+                (
+                    self.rpc_total[i].load(Relaxed),
+                    self.rpc_errors[i].load(Relaxed),
+                )
+            })
+            .unwrap_or((0, 0))
+    }
+
+    /// Records one chunk fetch from the registry.
+    pub fn observe_fetch(&self, seconds: f64, bytes: u64) {
+        self.bytes_fetched.fetch_add(bytes, Relaxed);
+        self.fetch_count.fetch_add(1, Relaxed);
+        self.fetch_sum_micros
+            .fetch_add((seconds.max(0.0) * 1e6) as u64, Relaxed);
+        if let Some(i) = FETCH_BUCKETS.iter().position(|b| seconds <= *b) {
+            self.fetch_buckets[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The Prometheus text format (version 0.0.4).
+    pub fn render(&self, counts: SnapshotCounts) -> String {
+        let mut s = String::new();
+        s.push_str("# HELP cora_snapshots Snapshots in the metadata store by kind.\n");
+        s.push_str("# TYPE cora_snapshots gauge\n");
+        for (kind, n) in [
+            ("active", counts.active),
+            ("view", counts.view),
+            ("committed", counts.committed),
+            ("remote", counts.remote),
+        ] {
+            let _ = writeln!(s, "cora_snapshots{{kind=\"{kind}\"}} {n}");
+        }
+        s.push_str("# HELP cora_snapshotter_rpc_total Snapshots RPCs handled.\n");
+        s.push_str("# TYPE cora_snapshotter_rpc_total counter\n");
+        for (i, name) in RPCS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "cora_snapshotter_rpc_total{{method=\"{name}\"}} {}",
+                self.rpc_total[i].load(Relaxed)
+            );
+        }
+        s.push_str(
+            "# HELP cora_snapshotter_rpc_errors_total Snapshots RPCs that returned an error.\n",
+        );
+        s.push_str("# TYPE cora_snapshotter_rpc_errors_total counter\n");
+        for (i, name) in RPCS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "cora_snapshotter_rpc_errors_total{{method=\"{name}\"}} {}",
+                self.rpc_errors[i].load(Relaxed)
+            );
+        }
+        let simple = [
+            (
+                "cora_devices",
+                "gauge",
+                "Attached ublk devices.",
+                self.devices.load(Relaxed) as f64,
+            ),
+            (
+                "cora_cache_hits_total",
+                "counter",
+                "Chunk reads served from the local cache.",
+                self.cache_hits.load(Relaxed) as f64,
+            ),
+            (
+                "cora_cache_misses_total",
+                "counter",
+                "Chunk reads that needed a registry fetch.",
+                self.cache_misses.load(Relaxed) as f64,
+            ),
+            (
+                "cora_bytes_fetched_total",
+                "counter",
+                "Bytes fetched from the registry.",
+                self.bytes_fetched.load(Relaxed) as f64,
+            ),
+        ];
+        for (name, ty, help, v) in simple {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {v}");
+        }
+        s.push_str("# HELP cora_fetch_seconds Registry chunk fetch latency.\n");
+        s.push_str("# TYPE cora_fetch_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, le) in FETCH_BUCKETS.iter().enumerate() {
+            cumulative += self.fetch_buckets[i].load(Relaxed);
+            let _ = writeln!(s, "cora_fetch_seconds_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.fetch_count.load(Relaxed);
+        let _ = writeln!(s, "cora_fetch_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            s,
+            "cora_fetch_seconds_sum {}",
+            self.fetch_sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(s, "cora_fetch_seconds_count {count}");
+        s
+    }
+}
+
+/// Serves `render()` output at `uri_prefix` until the listener's task is dropped.
+pub async fn serve<F>(listener: TcpListener, uri_prefix: String, render: F)
+where
+    F: Fn() -> String + Send + Sync + Clone + 'static,
+{
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let render = render.clone();
+        let prefix = uri_prefix.clone();
+        tokio::spawn(async move {
+            // Only the request line matters; 8 KiB is far more than any scraper sends.
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            while len < buf.len() {
+                match conn.read(&mut buf[len..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => len += n,
+                }
+                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let path = path.split('?').next().unwrap_or("");
+            let (status, body) = if method == "GET" && path == prefix {
+                ("200 OK", render())
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_counts_and_histogram() {
+        let m = Metrics::default();
+        m.rpc("Prepare", true);
+        m.rpc("Prepare", false);
+        m.observe_fetch(0.003, 100);
+        m.observe_fetch(2.0, 50);
+        let text = m.render(SnapshotCounts {
+            active: 1,
+            committed: 3,
+            ..Default::default()
+        });
+        assert!(
+            text.contains("cora_snapshots{kind=\"committed\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("cora_snapshotter_rpc_total{method=\"Prepare\"} 2"));
+        assert!(text.contains("cora_snapshotter_rpc_errors_total{method=\"Prepare\"} 1"));
+        assert!(text.contains("cora_bytes_fetched_total 150"));
+        assert!(text.contains("cora_fetch_seconds_bucket{le=\"0.0025\"} 0"));
+        assert!(text.contains("cora_fetch_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("cora_fetch_seconds_bucket{le=\"+Inf\"} 2"));
+    }
+}

@@ -1,0 +1,785 @@
+//! Snapshot operations with containerd's semantics (snapshots/storage + the overlayfs
+//! snapshotter), on a metadata store plus one directory per snapshot:
+//!
+//! ```text
+//! <root>/metadata.redb
+//! <root>/snapshots/<id>/fs     upper dir of an active snapshot, lower dir once committed
+//! <root>/snapshots/<id>/work   overlayfs work dir (active snapshots)
+//! ```
+//!
+//! Crash safety: a new snapshot's directory is built as `snapshots/tmp-<id>`, the metadata
+//! transaction commits, then the directory is renamed to `<id>`. A removed snapshot's directory is
+//! renamed to `rm-<id>` before its record's deletion commits, then deleted. On start (and on
+//! Cleanup) `tmp-<id>` whose record exists is renamed into place, and every other directory without
+//! a record is deleted, so a crash at any point leaves either a whole snapshot or none.
+use crate::metrics::{Metrics, SnapshotCounts};
+use crate::remote::{LABEL_REMOTE, LABEL_TARGET_REF, Labels, RemoteLayers, wants_remote};
+use crate::store::{Kind, Nanos, Record, Store, StoreError, WriteTxn, now};
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tracing::{debug, info, warn};
+
+/// Errors map one-to-one onto the gRPC codes containerd's errdefs understands.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let msg = format!("{what} {}", path.display());
+    move |e| Error::Internal(format!("{msg}: {e}"))
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A mount in containerd's terms (`containerd.types.Mount` without a target).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    pub name: String,
+    pub parent: Option<String>,
+    pub kind: Kind,
+    pub created: Nanos,
+    pub updated: Nanos,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+#[derive(Debug)]
+struct Attachment {
+    mountpoint: PathBuf,
+    refs: usize,
+}
+
+pub struct Snapshotter {
+    root: PathBuf,
+    store: Store,
+    remote: Arc<dyn RemoteLayers>,
+    auto_remove_dev: bool,
+    metrics: Arc<Metrics>,
+    /// Serialises mutations so a directory rename and its metadata commit are never interleaved
+    /// with another mutation or with Cleanup.
+    lock: Mutex<()>,
+    attachments: Mutex<HashMap<String, Attachment>>,
+    warned_fallback: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the guarded data half-updated (the guarded
+    // state is on disk, in transactions), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Snapshotter {
+    /// Opens (or creates) the snapshotter state under `root`, finishes or discards what a crash
+    /// left half done, and re-attaches the remote stacks that live snapshots use.
+    pub fn open(
+        root: &Path,
+        remote: Arc<dyn RemoteLayers>,
+        auto_remove_dev: bool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Snapshotter> {
+        let snapshots = root.join("snapshots");
+        std::fs::create_dir_all(&snapshots).map_err(io_err("creating", &snapshots))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod", root))?;
+        let store = Store::open(&root.join("metadata.redb"))?;
+        let sn = Snapshotter {
+            root: root.to_owned(),
+            store,
+            remote,
+            auto_remove_dev,
+            metrics,
+            lock: Mutex::new(()),
+            attachments: Mutex::new(HashMap::new()),
+            warned_fallback: AtomicBool::new(false),
+        };
+        sn.recover_dirs()?;
+        for (key, rec) in sn.store.all()? {
+            if let Some(stack) = &rec.stack
+                && let Err(e) = sn.acquire(stack)
+            {
+                warn!(snapshot = %key, %stack, "re-attaching remote layers failed: {e}");
+            }
+        }
+        Ok(sn)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn fs_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    /// containerd's Prepare: a new active snapshot over `parent`, or for a lazily servable CORA
+    /// layer, a remote committed snapshot and AlreadyExists.
+    pub fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        debug!(key, parent, ?labels, "prepare");
+        if wants_remote(&labels) {
+            match self.remote.available() {
+                Ok(()) if self.remote.is_remote(&labels) => {
+                    return Err(self.commit_remote(key, parent, labels));
+                }
+                Ok(()) => debug!(key, "remote backend declined the layer; unpacking it"),
+                Err(e) => {
+                    if !self.warned_fallback.swap(true, Ordering::Relaxed) {
+                        warn!("{e}; CORA images are unpacked as plain OCI images");
+                    }
+                }
+            }
+        }
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    pub fn view(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    /// Commits the layer named by the target-ref label as remote; the result is always an error
+    /// for the caller to return (AlreadyExists on success, as containerd's remote snapshotter
+    /// protocol expects).
+    fn commit_remote(&self, key: &str, parent: &str, mut labels: Labels) -> Error {
+        let Some(target) = labels.get(LABEL_TARGET_REF).cloned() else {
+            return Error::InvalidArgument(format!("{key}: missing {LABEL_TARGET_REF}"));
+        };
+        labels.insert(LABEL_REMOTE.to_owned(), "true".to_owned());
+        let result = self.insert(&target, Kind::Committed, parent, labels, true);
+        match result {
+            Ok(_) => {
+                info!(key, %target, "layer committed as remote");
+                Error::AlreadyExists(format!("target snapshot {target}"))
+            }
+            Err(e) => e,
+        }
+    }
+
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        let rec = self.insert(key, kind, parent, labels, false)?;
+        self.mounts_of(key, &rec)
+    }
+
+    /// Inserts a new snapshot record and its directory (see the module doc for the order).
+    fn insert(
+        &self,
+        key: &str,
+        kind: Kind,
+        parent: &str,
+        labels: Labels,
+        remote: bool,
+    ) -> Result<Record> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(
+                "snapshot key must not be empty".into(),
+            ));
+        }
+        let _g = lock(&self.lock);
+        let tx = self.store.begin()?;
+        if Store::tx_get(&tx, key)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {key}")));
+        }
+        let parent = (!parent.is_empty()).then(|| parent.to_owned());
+        let mut parent_id = None;
+        if let Some(p) = &parent {
+            let prec = Store::tx_get(&tx, p)?
+                .ok_or_else(|| Error::NotFound(format!("parent snapshot {p}")))?;
+            if prec.kind != Kind::Committed {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {p} is not a committed snapshot"
+                )));
+            }
+            parent_id = Some(prec.id);
+        }
+        let stack = if kind == Kind::Committed {
+            None
+        } else {
+            find_stack(&tx, parent.as_deref())?
+        };
+        let id = Store::tx_next_id(&tx)?;
+        let t = now();
+        let rec = Record {
+            id,
+            kind,
+            parent,
+            labels,
+            created: t,
+            updated: t,
+            usage: (kind == Kind::Committed).then_some((0, 0)),
+            remote,
+            stack: stack.clone(),
+        };
+        Store::tx_put(&tx, key, &rec)?;
+        // Attach before committing: a record must never promise a stack it could not get.
+        let stack_root = match &stack {
+            Some(s) => Some(self.acquire(s)?),
+            None => None,
+        };
+        let release = |this: &Self| {
+            if let Some(s) = &stack {
+                this.release(s);
+            }
+        };
+        let tmp = self.root.join("snapshots").join(format!("tmp-{id}"));
+        let template = match (&stack_root, parent_id) {
+            // The nearest lower decides the root directory's owner and mode, as in containerd.
+            (_, Some(pid)) if !rec_is_remote(&tx, rec.parent.as_deref()) => Some(self.fs_dir(pid)),
+            (Some(root), _) => Some(root.clone()),
+            _ => None,
+        };
+        if let Err(e) = make_dirs(&tmp, kind == Kind::Active, template.as_deref()) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            release(self);
+            return Err(e);
+        }
+        if let Err(e) = Store::commit(tx) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            release(self);
+            return Err(e.into());
+        }
+        let dir = self.dir(id);
+        std::fs::rename(&tmp, &dir).map_err(io_err("renaming into place", &dir))?;
+        debug!(key, id, ?kind, "snapshot created");
+        Ok(rec)
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let rec = self
+            .store
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        self.mounts_of(key, &rec)
+    }
+
+    /// Lower directories of a snapshot over `parent`, nearest first; the walk stops at the first
+    /// remote ancestor, whose attached stack already contains every layer below it.
+    fn lowers(&self, parent: Option<&str>) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut next = parent.map(str::to_owned);
+        while let Some(key) = next {
+            let rec = self
+                .store
+                .get(&key)?
+                .ok_or_else(|| Error::Internal(format!("ancestor {key} is missing")))?;
+            if rec.remote {
+                let mountpoint = self.attached(&key)?;
+                out.push(mountpoint.to_string_lossy().into_owned());
+                break;
+            }
+            out.push(self.fs_dir(rec.id).to_string_lossy().into_owned());
+            next = rec.parent;
+        }
+        Ok(out)
+    }
+
+    fn mounts_of(&self, key: &str, rec: &Record) -> Result<Vec<Mount>> {
+        let fs = self.fs_dir(rec.id).to_string_lossy().into_owned();
+        let lowers = self.lowers(rec.parent.as_deref())?;
+        let bind = |source: String, rw: &str| Mount {
+            kind: "bind".into(),
+            source,
+            options: vec![rw.into(), "rbind".into()],
+        };
+        Ok(vec![match rec.kind {
+            Kind::Committed => {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key} is committed; mounts exist only for active snapshots and views"
+                )));
+            }
+            Kind::Active if lowers.is_empty() => bind(fs, "rw"),
+            Kind::Active => {
+                let work = self.dir(rec.id).join("work");
+                Mount {
+                    kind: "overlay".into(),
+                    source: "overlay".into(),
+                    options: vec![
+                        format!("workdir={}", work.display()),
+                        format!("upperdir={fs}"),
+                        format!("lowerdir={}", lowers.join(":")),
+                    ],
+                }
+            }
+            Kind::View if lowers.is_empty() => bind(fs, "ro"),
+            Kind::View if lowers.len() == 1 => {
+                bind(lowers.into_iter().next().unwrap_or_default(), "ro")
+            }
+            Kind::View => Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![format!("lowerdir={}", lowers.join(":"))],
+            },
+        }])
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "commit name must not be empty".into(),
+            ));
+        }
+        let _g = lock(&self.lock);
+        let rec = self
+            .store
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        if rec.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} is not active"
+            )));
+        }
+        // Measured once here: a committed layer never changes, so its usage is cached for good.
+        let usage = disk_usage(&self.fs_dir(rec.id))?;
+        let tx = self.store.begin()?;
+        if Store::tx_get(&tx, name)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {name}")));
+        }
+        let t = now();
+        let committed = Record {
+            id: rec.id,
+            kind: Kind::Committed,
+            parent: rec.parent.clone(),
+            labels,
+            created: t,
+            updated: t,
+            usage: Some((usage.size, usage.inodes)),
+            remote: false,
+            stack: None,
+        };
+        Store::tx_delete(&tx, key)?;
+        Store::tx_put(&tx, name, &committed)?;
+        Store::commit(tx)?;
+        // A lower never needs a work dir.
+        let _ = std::fs::remove_dir_all(self.dir(rec.id).join("work"));
+        if let Some(s) = &rec.stack {
+            self.release(s);
+        }
+        debug!(key, name, "snapshot committed");
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let _g = lock(&self.lock);
+        let tx = self.store.begin()?;
+        let rec =
+            Store::tx_get(&tx, key)?.ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        if Store::tx_has_children(&tx, key)? {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot remove snapshot {key}: it has children"
+            )));
+        }
+        Store::tx_delete(&tx, key)?;
+        let dir = self.dir(rec.id);
+        let doomed = self.root.join("snapshots").join(format!("rm-{}", rec.id));
+        let moved = std::fs::rename(&dir, &doomed).is_ok();
+        if let Err(e) = Store::commit(tx) {
+            if moved {
+                let _ = std::fs::rename(&doomed, &dir);
+            }
+            return Err(e.into());
+        }
+        if moved && let Err(e) = std::fs::remove_dir_all(&doomed) {
+            warn!(key, "removing {}: {e} (Cleanup retries)", doomed.display());
+        }
+        if let Some(s) = &rec.stack {
+            self.release(s);
+        }
+        debug!(key, "snapshot removed");
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        let rec = self
+            .store
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        Ok(info(key, rec))
+    }
+
+    /// Updates labels: `fieldpaths` empty or `labels` replaces them all, `labels.<k>` sets or
+    /// (when absent from `new.labels`) deletes one; other fields are immutable.
+    pub fn update(&self, new: Info, fieldpaths: &[String]) -> Result<Info> {
+        let _g = lock(&self.lock);
+        let tx = self.store.begin()?;
+        let key = new.name.as_str();
+        let mut rec =
+            Store::tx_get(&tx, key)?.ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        if fieldpaths.is_empty() {
+            rec.labels = new.labels;
+        } else {
+            for path in fieldpaths {
+                if let Some(label) = path.strip_prefix("labels.") {
+                    match new.labels.get(label) {
+                        Some(v) => rec.labels.insert(label.to_owned(), v.clone()),
+                        None => rec.labels.remove(label),
+                    };
+                } else if path == "labels" {
+                    rec.labels = new.labels.clone();
+                } else {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot update {path:?} field on snapshot {key:?}"
+                    )));
+                }
+            }
+        }
+        rec.updated = now();
+        Store::tx_put(&tx, key, &rec)?;
+        Store::commit(tx)?;
+        Ok(info(key, rec))
+    }
+
+    pub fn list(&self) -> Result<Vec<Info>> {
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .map(|(k, r)| info(&k, r))
+            .collect())
+    }
+
+    pub fn counts(&self) -> Result<SnapshotCounts> {
+        let mut c = SnapshotCounts::default();
+        for (_, r) in self.store.all()? {
+            match r.kind {
+                Kind::Active => c.active += 1,
+                Kind::View => c.view += 1,
+                Kind::Committed => c.committed += 1,
+            }
+            c.remote += u64::from(r.remote);
+        }
+        Ok(c)
+    }
+
+    /// Active snapshots are measured now; committed ones were measured at Commit.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let rec = self
+            .store
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        match (rec.kind, rec.usage) {
+            (Kind::Active, _) => disk_usage(&self.fs_dir(rec.id)),
+            (_, Some((size, inodes))) => Ok(Usage { size, inodes }),
+            (_, None) => Ok(Usage::default()),
+        }
+    }
+
+    /// Deletes directories without a record and detaches unused remote stacks.
+    pub fn cleanup(&self) -> Result<()> {
+        let _g = lock(&self.lock);
+        self.recover_dirs()?;
+        let unused: Vec<(String, PathBuf)> = lock(&self.attachments)
+            .iter()
+            .filter(|(_, a)| a.refs == 0)
+            .map(|(k, a)| (k.clone(), a.mountpoint.clone()))
+            .collect();
+        for (key, mountpoint) in unused {
+            self.detach(&key, &mountpoint);
+        }
+        Ok(())
+    }
+
+    fn recover_dirs(&self) -> Result<()> {
+        let ids: HashSet<u64> = self.store.all()?.into_iter().map(|(_, r)| r.id).collect();
+        let snapshots = self.root.join("snapshots");
+        let entries = std::fs::read_dir(&snapshots).map_err(io_err("reading", &snapshots))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("reading", &snapshots))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let keep = match name.strip_prefix("tmp-").map(str::parse::<u64>) {
+                Some(Ok(id)) if ids.contains(&id) && !self.dir(id).exists() => {
+                    info!("finishing interrupted creation of snapshot dir {id}");
+                    std::fs::rename(&path, self.dir(id)).map_err(io_err("renaming", &path))?;
+                    true
+                }
+                Some(_) => false,
+                None => name.parse::<u64>().is_ok_and(|id| ids.contains(&id)),
+            };
+            if !keep {
+                info!("removing orphan snapshot dir {}", path.display());
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    warn!("removing {}: {e}", path.display());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a reference on a remote stack, attaching it first if needed.
+    fn acquire(&self, stack: &str) -> Result<PathBuf> {
+        let mut att = lock(&self.attachments);
+        if let Some(a) = att.get_mut(stack) {
+            a.refs += 1;
+            return Ok(a.mountpoint.clone());
+        }
+        let mountpoint = self.attach(stack)?;
+        att.insert(
+            stack.to_owned(),
+            Attachment {
+                mountpoint: mountpoint.clone(),
+                refs: 1,
+            },
+        );
+        Ok(mountpoint)
+    }
+
+    fn attach(&self, stack: &str) -> Result<PathBuf> {
+        let labels = self
+            .store
+            .get(stack)?
+            .ok_or_else(|| Error::Internal(format!("remote stack {stack} has no record")))?
+            .labels;
+        let mountpoint = self
+            .remote
+            .attach(stack, &labels)
+            .map_err(|e| Error::Unavailable(format!("attaching remote layers {stack}: {e}")))?;
+        self.metrics
+            .devices
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(%stack, mountpoint = %mountpoint.display(), "remote layer stack attached");
+        Ok(mountpoint)
+    }
+
+    /// The mount point of an attached stack (attaching it without a reference if a restart lost
+    /// it, so Mounts keeps working for running containers).
+    fn attached(&self, stack: &str) -> Result<PathBuf> {
+        if let Some(a) = lock(&self.attachments).get(stack) {
+            return Ok(a.mountpoint.clone());
+        }
+        let mountpoint = self.attach(stack)?;
+        lock(&self.attachments).insert(
+            stack.to_owned(),
+            Attachment {
+                mountpoint: mountpoint.clone(),
+                refs: 0,
+            },
+        );
+        Ok(mountpoint)
+    }
+
+    fn release(&self, stack: &str) {
+        let detach = {
+            let mut att = lock(&self.attachments);
+            match att.get_mut(stack) {
+                Some(a) => {
+                    a.refs = a.refs.saturating_sub(1);
+                    (a.refs == 0 && self.auto_remove_dev).then(|| a.mountpoint.clone())
+                }
+                None => None,
+            }
+        };
+        if let Some(mountpoint) = detach {
+            self.detach(stack, &mountpoint);
+        }
+    }
+
+    fn detach(&self, stack: &str, mountpoint: &Path) {
+        match self.remote.detach(stack, mountpoint) {
+            Ok(()) => {
+                lock(&self.attachments).remove(stack);
+                self.metrics
+                    .devices
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                info!(%stack, "remote layer stack detached");
+            }
+            Err(e) => warn!(%stack, "detaching remote layers: {e}"),
+        }
+    }
+
+    /// References held on each attached stack (for tests and diagnostics).
+    pub fn attachment_refs(&self) -> HashMap<String, usize> {
+        lock(&self.attachments)
+            .iter()
+            .map(|(k, a)| (k.clone(), a.refs))
+            .collect()
+    }
+}
+
+fn rec_is_remote(tx: &WriteTxn, key: Option<&str>) -> bool {
+    key.and_then(|k| Store::tx_get(tx, k).ok().flatten())
+        .is_some_and(|r| r.remote)
+}
+
+/// The key of the nearest remote ancestor, whose stack a new snapshot over `parent` mounts.
+fn find_stack(tx: &WriteTxn, parent: Option<&str>) -> Result<Option<String>> {
+    let mut next = parent.map(str::to_owned);
+    while let Some(key) = next {
+        let rec = Store::tx_get(tx, &key)?
+            .ok_or_else(|| Error::Internal(format!("ancestor {key} is missing")))?;
+        if rec.remote {
+            return Ok(Some(key));
+        }
+        next = rec.parent;
+    }
+    Ok(None)
+}
+
+fn make_dirs(dir: &Path, work: bool, template: Option<&Path>) -> Result<()> {
+    let fs = dir.join("fs");
+    std::fs::create_dir_all(&fs).map_err(io_err("creating", &fs))?;
+    std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o755))
+        .map_err(io_err("chmod", &fs))?;
+    if work {
+        let w = dir.join("work");
+        std::fs::create_dir(&w).map_err(io_err("creating", &w))?;
+        std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o711))
+            .map_err(io_err("chmod", &w))?;
+    }
+    if let Some(t) = template {
+        let md = std::fs::metadata(t).map_err(io_err("stat", t))?;
+        std::os::unix::fs::chown(&fs, Some(md.uid()), Some(md.gid()))
+            .map_err(io_err("chown", &fs))?;
+        std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(md.mode() & 0o7777))
+            .map_err(io_err("chmod", &fs))?;
+    }
+    Ok(())
+}
+
+fn info(key: &str, r: Record) -> Info {
+    Info {
+        name: key.to_owned(),
+        parent: r.parent,
+        kind: r.kind,
+        created: r.created,
+        updated: r.updated,
+        labels: r.labels,
+    }
+}
+
+/// Like containerd's `fs.DiskUsage`: allocated bytes and inode count, hard links counted once.
+pub fn disk_usage(root: &Path) -> Result<Usage> {
+    let mut seen = HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack = vec![root.to_owned()];
+    while let Some(path) = stack.pop() {
+        let md = std::fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+        if seen.insert((md.dev(), md.ino())) {
+            usage.size += (md.blocks() * 512) as i64;
+            usage.inodes += 1;
+        }
+        if md.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(io_err("reading", &path))? {
+                stack.push(entry.map_err(io_err("reading", &path))?.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::{LABEL_CORA_PREFIX, RemoteError};
+
+    /// Serves every stack from one directory and records attach/detach calls.
+    struct Recorder {
+        dir: PathBuf,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl RemoteLayers for Recorder {
+        fn available(&self) -> Result<(), RemoteError> {
+            Ok(())
+        }
+        fn is_remote(&self, _labels: &Labels) -> bool {
+            true
+        }
+        fn attach(&self, stack_key: &str, _labels: &Labels) -> Result<PathBuf, RemoteError> {
+            lock(&self.calls).push(format!("attach {stack_key}"));
+            Ok(self.dir.clone())
+        }
+        fn detach(&self, stack_key: &str, _mountpoint: &Path) -> Result<(), RemoteError> {
+            lock(&self.calls).push(format!("detach {stack_key}"));
+            Ok(())
+        }
+    }
+
+    fn remote_labels(target: &str) -> Labels {
+        [
+            (LABEL_TARGET_REF.to_owned(), target.to_owned()),
+            (format!("{LABEL_CORA_PREFIX}index"), "sha256:00".to_owned()),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn stacks_survive_restart_and_cleanup_detaches_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Recorder {
+            dir: dir.path().join("stack"),
+            calls: Mutex::new(Vec::new()),
+        });
+        std::fs::create_dir_all(&backend.dir).unwrap();
+        let root = dir.path().join("root");
+        let open = || {
+            Snapshotter::open(&root, backend.clone(), false, Arc::new(Metrics::default())).unwrap()
+        };
+        let sn = open();
+        let err = sn.prepare("x1", "", remote_labels("L1")).unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        // The same layer again (a second pull) is still AlreadyExists, and creates nothing.
+        let err = sn.prepare("x2", "", remote_labels("L1")).unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        sn.prepare("c1", "L1", Labels::new()).unwrap();
+        assert_eq!(sn.attachment_refs().get("L1"), Some(&1));
+        drop(sn);
+
+        // A restart re-attaches the stack a live snapshot uses.
+        let sn = open();
+        assert_eq!(*lock(&backend.calls), ["attach L1", "attach L1"]);
+        assert_eq!(sn.attachment_refs().get("L1"), Some(&1));
+        let m = sn.mounts("c1").unwrap();
+        assert!(
+            m[0].options
+                .contains(&format!("lowerdir={}", backend.dir.display()))
+        );
+
+        // Without autoRemoveDev the stack stays attached until Cleanup.
+        sn.remove("c1").unwrap();
+        assert_eq!(sn.attachment_refs().get("L1"), Some(&0));
+        assert_eq!(lock(&backend.calls).len(), 2);
+        sn.cleanup().unwrap();
+        assert_eq!(
+            lock(&backend.calls).last().map(String::as_str),
+            Some("detach L1")
+        );
+        assert!(sn.attachment_refs().is_empty());
+        let counts = sn.counts().unwrap();
+        assert_eq!((counts.committed, counts.remote, counts.active), (1, 1, 0));
+    }
+}
