@@ -98,6 +98,9 @@ struct SourceArgs {
     /// Mirror host tried before the upstream (append ",insecure" for plain HTTP).
     #[arg(long)]
     mirror: Vec<String>,
+    /// Serve the file from a read-only mapping (one copy less; the file must not shrink).
+    #[arg(long, requires = "file")]
+    mmap: bool,
     /// Testing aid: treat each CHUNK bytes of the file as remote until first read, each such
     /// read taking MS milliseconds (format MS:CHUNK).
     #[arg(long, value_name = "MS:CHUNK", value_parser = parse_sim)]
@@ -173,6 +176,7 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
         std::fs::canonicalize(file).with_context(|| format!("image file {}", file.display()))?;
     Ok(SourceRecipe::File {
         path,
+        mmap: args.mmap,
         simulate_misses: args.simulate_misses,
     })
 }

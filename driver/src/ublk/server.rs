@@ -350,9 +350,16 @@ async fn read(
     if len > ctx.max_io || offset.saturating_add(len as u64) > ctx.size.next_multiple_of(512) {
         return Err(io::Error::other("request outside the device"));
     }
-    let buf = &mut io_buf.as_mut_slice()[..len];
     // Bytes of the request that exist in the source; the rest is the zero tail.
     let avail = (ctx.size.saturating_sub(offset)).min(len as u64) as usize;
+    if let Some(fd) = ctx.user_copy_fd
+        && avail == len
+        && let Some(data) = ctx.source.local_slice(offset, len)
+    {
+        // Memory-resident: one copy, straight into the request.
+        return copy_to_request(fd, ctx.qid, tag, data);
+    }
+    let buf = &mut io_buf.as_mut_slice()[..len];
     buf[avail..].fill(0);
     if !ctx.source.read_local(offset, &mut buf[..avail])? {
         // Miss: hand an owned buffer to a worker so this queue keeps serving other tags.

@@ -13,13 +13,73 @@ pub trait BlockSource: Send + Sync + 'static {
     /// Slow path: may block on the network. Called from a worker thread pool, never from a queue
     /// thread.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Optional zero-copy fast path: the bytes of `[offset, offset + len)` if they are local
+    /// and memory-resident (e.g. a mapped cache file); the server copies them straight into
+    /// the request, saving the copy through `read_local`'s buffer. Default: `None`.
+    fn local_slice(&self, _offset: u64, _len: usize) -> Option<&[u8]> {
+        None
+    }
 }
 
-/// A plain image file read with pread: every byte is local.
+/// A plain image file: every byte is local. Read with pread, or served from a read-only
+/// mapping when opened with [`FileSource::open_mapped`].
 pub struct FileSource {
     file: File,
     size: u64,
     path: PathBuf,
+    map: Option<Mapping>,
+}
+
+/// A read-only shared mapping of a whole file.
+struct Mapping {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and lives until drop; shared reads from any thread are fine.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, len: u64) -> io::Result<Self> {
+        let len = usize::try_from(len).map_err(|_| io::Error::other("file too large to map"))?;
+        // SAFETY: maps `len` bytes of an open file read-only; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                // Populate now: faulting pages in later would cost every first read.
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+
+    fn slice(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let start = usize::try_from(offset).ok()?;
+        if start.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds of a mapping that lives as long as `self`.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.add(start), len) })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
 }
 
 impl FileSource {
@@ -38,7 +98,18 @@ impl FileSource {
             file,
             size: meta.len(),
             path,
+            map: None,
         })
+    }
+
+    /// Like [`FileSource::open`], but serves reads from a read-only mapping of the file (one
+    /// copy less per read). The file must not shrink while mapped: that would fault the server.
+    pub fn open_mapped(path: impl AsRef<Path>) -> io::Result<Self> {
+        let mut src = Self::open(path)?;
+        if src.size > 0 {
+            src.map = Some(Mapping::new(&src.file, src.size)?);
+        }
+        Ok(src)
     }
 
     pub fn path(&self) -> &Path {
@@ -57,8 +128,16 @@ impl BlockSource for FileSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if let Some(data) = self.local_slice(offset, buf.len()) {
+            buf.copy_from_slice(data);
+            return Ok(());
+        }
         // read_exact_at turns a short read (file truncated under us) into UnexpectedEof.
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn local_slice(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        self.map.as_ref()?.slice(offset, len)
     }
 }
 
@@ -80,5 +159,12 @@ mod tests {
         // Past the end is an error, not zeros.
         assert!(src.read_at(8192, &mut buf).is_err());
         assert!(FileSource::open(std::env::temp_dir()).is_err());
+
+        let mapped = FileSource::open_mapped(f.path()).unwrap();
+        assert_eq!(mapped.local_slice(100, 50).unwrap(), &data[100..150]);
+        assert!(mapped.local_slice(9_999, 2).is_none());
+        let mut buf = vec![0u8; 1000];
+        assert!(mapped.read_local(9_000, &mut buf).unwrap());
+        assert_eq!(&buf[..], &data[9_000..]);
     }
 }
