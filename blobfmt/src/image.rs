@@ -82,7 +82,8 @@ fn ext4_size(tree: &Path) -> Result<u64, Error> {
     }
     let mut acc = (0u64, 0u64);
     walk(tree, &mut acc)?;
-    Ok((acc.0 + acc.1 * 512) * 6 / 5 + (16 << 20))
+    let bytes = (acc.0 + acc.1 * 512) * 6 / 5 + (16 << 20);
+    Ok(bytes.div_ceil(4096) * 4096)
 }
 
 /// Where one block of some file's content comes from.

@@ -362,3 +362,41 @@ fn sha256_of_blob_matches_its_name() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn ext4_stacks_pass_e2fsck_and_hold_the_tree() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let src = source_layout(tmp.path())?;
+    let dst = tmp.path().join("ext4");
+    run(cora()
+        .args(["convert", "--fs", "ext4"])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(format!("oci:{}:cora", dst.display())))?;
+    let out = run(cora().args(["inspect", &format!("oci:{}:cora", dst.display())]))?;
+    assert!(out.contains("ext4"), "{out}");
+    let image = tmp.path().join("stack.img");
+    run(cora()
+        .args(["export", &format!("oci:{}:cora", dst.display())])
+        .arg(&image)
+        .arg("--cache")
+        .arg(tmp.path().join("cache")))?;
+    run(Command::new("e2fsck").arg("-fn").arg(&image))?;
+    // Extract with debugfs (no mount needed) and compare contents with umoci's unpack.
+    let ex = tmp.path().join("rdump");
+    std::fs::create_dir(&ex)?;
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", ex.display()))
+        .arg(&image))?;
+    let a = umoci_unpack(&src, "v1", &tmp.path().join("b-src"))?;
+    let files = |m: std::collections::BTreeMap<String, String>| -> Vec<(String, String)> {
+        m.into_iter()
+            .filter(|(k, v)| v.starts_with("f ") && !k.starts_with("lost+found"))
+            .map(|(k, v)| (k, v.split(' ').take(2).collect::<Vec<_>>().join(" ")))
+            .collect()
+    };
+    let (ta, te) = (files(tree_manifest(&a)?), files(tree_manifest(&ex)?));
+    assert!(ta.len() > 100);
+    assert_eq!(ta, te, "ext4 stack image holds different file contents");
+    Ok(())
+}

@@ -52,5 +52,7 @@ done
 H=127.0.0.1:$PORT
 for v in v1 v2; do
     skopeo copy -q --dest-tls-verify=false "oci:$W/oci:$v" "docker://$H/app:$v"
-    "$C" convert --insecure "$H" "$H/app:$v" "$H/app:$v-cora" | head -1
+    "$C" convert --insecure "$H" "$H/app:$v" "$H/app:$v-cora" >"$W/convert-$v.out" 2>"$W/convert-$v.err" \
+        || { cat "$W/convert-$v.err" >&2; exit 1; }
+    head -1 "$W/convert-$v.out"
 done
