@@ -1,0 +1,133 @@
+//! `cargo bench -p cora-tests --bench lazy`: the lazy read path against Debian's
+//! docker-registry on loopback, next to references measured in the same run:
+//! cold sequential read of a whole stack vs `curl` of the same blobs; warm random 4 KiB and
+//! 1 MiB reads through the API vs `pread` on a plain file holding the same image.
+//! Prints a table and one `RESULT {json}` line.
+
+use anyhow::{Result, bail};
+use cora_tests::fixtures::{self, cora_bin, run};
+use cora_tests::registry::Registry;
+use driver::blobs::BlobRead;
+use driver::cache::ChunkCache;
+use driver::registry::{Client, ClientConfig, Reference};
+use driver::remote::RegistryBlobs;
+use driver::source::{FetchOptions, LazySource};
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let tree = fixtures::debian_tree("base", fixtures::BASE)?;
+    let reg = Registry::start()?;
+    let host = reg.host.clone();
+    let src = tmp.path().join("src");
+    blobfmt::dirsrc::layout_from_dirs(&[&tree], &src, "v1", true)?;
+    let dst = format!("{host}/base:cora");
+    run(Command::new(cora_bin("cora"))
+        .args(["convert", "--insecure", &host])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(&dst))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = Client::new(ClientConfig {
+        insecure_hosts: vec![host.clone()],
+        ..Default::default()
+    })?;
+    let r: Reference = dst.parse()?;
+    let (manifest, _) = rt.block_on(driver::remote::fetch_manifest(&client, &r))?;
+    let blob_bytes: u64 = manifest.layers.iter().map(|l| l.size).sum();
+
+    // Reference: curl of the same blobs, whole, to /dev/null.
+    let t = Instant::now();
+    for l in &manifest.layers {
+        let st = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null"])
+            .arg(format!("http://{host}/v2/base/blobs/{}", l.digest))
+            .status()?;
+        if !st.success() {
+            bail!("curl failed");
+        }
+    }
+    let curl_secs = t.elapsed().as_secs_f64();
+
+    // Cold: whole stack, sequential 1 MiB reads, empty cache.
+    let remotes: Vec<Arc<dyn BlobRead>> = vec![Arc::new(RegistryBlobs::new(
+        client.clone(),
+        r.clone(),
+        rt.handle().clone(),
+    ))];
+    let cache = ChunkCache::open(&tmp.path().join("cache"), 10 << 30)?;
+    let t = Instant::now();
+    let src = LazySource::open(
+        &manifest,
+        manifest.layers.len() - 1,
+        remotes,
+        cache,
+        FetchOptions::default(),
+    )?;
+    let size = src.size();
+    let mut image = vec![0u8; size as usize];
+    for off in (0..size).step_by(1 << 20) {
+        let n = ((size - off) as usize).min(1 << 20);
+        src.read_at(off, &mut image[off as usize..off as usize + n])?;
+    }
+    let cold_secs = t.elapsed().as_secs_f64();
+    let fetched = src.stats.snapshot().fetched_bytes;
+    let flat = tmp.path().join("flat.img");
+    std::fs::write(&flat, &image)?;
+    let file = std::fs::File::open(&flat)?;
+
+    // Warm random reads: API vs pread on the plain file, same offsets.
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut rnd = move |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    let mut warm = Vec::new();
+    for (bs, n) in [(4096usize, 50_000usize), (1 << 20, 300)] {
+        let offs: Vec<u64> = (0..n).map(|_| rnd(size / bs as u64) * bs as u64).collect();
+        let mut buf = vec![0u8; bs];
+        let t = Instant::now();
+        for &o in &offs {
+            src.read_at(o, &mut buf)?;
+        }
+        let api = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for &o in &offs {
+            file.read_exact_at(&mut buf, o)?;
+        }
+        let pread = t.elapsed().as_secs_f64();
+        warm.push(serde_json::json!({"block": bs, "ops": n, "api_ops_s": n as f64 / api, "pread_ops_s": n as f64 / pread, "ratio": pread / api}));
+    }
+    let result = serde_json::json!({
+        "image_bytes": size,
+        "blob_bytes": blob_bytes,
+        "fetched_bytes": fetched,
+        "curl_secs": curl_secs,
+        "cold_api_secs": cold_secs,
+        "cold_ratio_vs_curl": curl_secs / cold_secs,
+        "warm": warm,
+    });
+    println!("stack image {size} bytes from {blob_bytes} blob bytes (fetched {fetched})");
+    println!(
+        "cold sequential: API {cold_secs:.2}s, curl of the blobs {curl_secs:.2}s -> {:.2}x of curl",
+        curl_secs / cold_secs
+    );
+    for w in &warm {
+        println!(
+            "warm random {:>7} B: API {:>9.0} ops/s, pread {:>9.0} ops/s -> {:.2}x of pread",
+            w["block"],
+            w["api_ops_s"].as_f64().unwrap_or(0.0),
+            w["pread_ops_s"].as_f64().unwrap_or(0.0),
+            w["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("RESULT {result}");
+    Ok(())
+}
