@@ -54,7 +54,8 @@ ID=$(dev_id "$DEV")
 "$D" list --json | jq -e ".[] | select(.id == $ID) | .target_data.cora.recipe.kind == \"file\"" \
     >/dev/null || fail "list --json lacks the recipe"
 rublk list >"$T/rublk.out" 2>&1; cat "$T/rublk.out"
-grep -q "$ID" "$T/rublk.out" || fail "rublk list does not show device $ID"
+grep -q "dev id $ID: nr_hw_queues 2 queue_depth 64" "$T/rublk.out" \
+    && grep -q '"name":"cora"' "$T/rublk.out" || fail "rublk list does not show device $ID"
 PID=$(field "$ID" 3)
 kill -0 "$PID" || fail "server pid $PID not alive"
 

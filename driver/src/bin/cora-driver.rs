@@ -69,9 +69,6 @@ struct SourceArgs {
     /// A plain image file (erofs, ext4, ...).
     #[arg(long, value_name = "IMAGE")]
     file: PathBuf,
-    /// Serve the file from a read-only mapping (one copy less; the file must not shrink).
-    #[arg(long)]
-    mmap: bool,
     /// Testing aid: treat each CHUNK bytes of the file as remote until first read, each such
     /// read taking MS milliseconds (format MS:CHUNK).
     #[arg(long, value_name = "MS:CHUNK", value_parser = parse_sim)]
@@ -103,7 +100,6 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
         .with_context(|| format!("image file {}", args.file.display()))?;
     Ok(SourceRecipe::File {
         path,
-        mmap: args.mmap,
         simulate_misses: args.simulate_misses,
     })
 }
