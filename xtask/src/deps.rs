@@ -15,6 +15,9 @@ pub const TEST_PACKAGES: &[&str] = &[
     "curl",
     "libclang-dev",
     "clang",
+    // ublk VM test and bench (tests/vm/20-ublk.sh, driver/fio/bench-vm.sh)
+    "fio",
+    "jq",
 ];
 
 fn installed(pkg: &str) -> bool {
