@@ -60,8 +60,7 @@ rublk del -n "${DEV#/dev/ublkb}"
 
 # cora-driver variants: NAME=ARGS, one per line
 printf '%s\n' "${CORA_VARIANTS:-cora=
-cora-mmap=--mmap
-cora-mmap-q2=--mmap --queues 2}" | while IFS= read -r v; do
+cora-q2=--queues 2}" | while IFS= read -r v; do
     [ -n "$v" ] || continue
     # shellcheck disable=SC2086
     DEV=$("$D" add --file "$IMG" --daemon ${v#*=})

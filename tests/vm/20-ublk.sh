@@ -54,7 +54,8 @@ ID=$(dev_id "$DEV")
 "$D" list --json | jq -e ".[] | select(.id == $ID) | .target_data.cora.recipe.kind == \"file\"" \
     >/dev/null || fail "list --json lacks the recipe"
 rublk list >"$T/rublk.out" 2>&1; cat "$T/rublk.out"
-grep -q "$ID" "$T/rublk.out" || fail "rublk list does not show device $ID"
+grep -q "dev id $ID: nr_hw_queues 2 queue_depth 64" "$T/rublk.out" \
+    && grep -q '"name":"cora"' "$T/rublk.out" || fail "rublk list does not show device $ID"
 PID=$(field "$ID" 3)
 kill -0 "$PID" || fail "server pid $PID not alive"
 
@@ -149,5 +150,26 @@ cmp "$T/cold.out" "$T/cold.ref" || fail "cold read returned wrong data"
 log "hot read took $hot ms while a 3000 ms miss was in flight"
 "$D" del "$ID"
 
-[ -z "$(ls /dev/ublkb* 2>/dev/null)" ] || fail "left behind: $(ls /dev/ublkb*)"
+log "foreground server, SIGTERM; del of a crashed device"
+# Foreground: one line on stdout once ready, SIGTERM stops and deletes the device.
+"$D" add --file "$T/cold.img" >"$T/fg.out" 2>"$T/fg.err" &
+FG=$!
+wait_for 30 sh -c "[ -s '$T/fg.out' ]" || fail "foreground add printed nothing: $(cat "$T/fg.err")"
+DEV=$(cat "$T/fg.out")
+[ -b "$DEV" ] || fail "foreground add printed '$DEV'"
+cmp -n 4096 "$DEV" "$T/cold.img" || fail "foreground device data"
+kill -TERM "$FG"
+wait "$FG" || fail "foreground server exited with $?: $(cat "$T/fg.err")"
+[ ! -e "$DEV" ] || fail "$DEV left after SIGTERM"
+# A device whose server was killed (QUIESCED, recoverable) can still be deleted.
+DEV=$("$D" add --file "$T/cold.img" --daemon --log "$T/srv5.log")
+ID=$(dev_id "$DEV")
+PID=$(field "$ID" 3)
+kill -9 "$PID"
+wait_for 20 sh -c "[ \"\$('$D' list | awk '\$1 == $ID { print \$2 }')\" = QUIESCED ]" \
+    || fail "device not QUIESCED after kill: $("$D" list)"
+"$D" del "$ID" || fail "del of a crashed device"
+[ ! -e "$DEV" ] && [ ! -e "/dev/ublkc$ID" ] || fail "crashed device left after del"
+
+[ -z "$(ls /dev/ublk[bc]* 2>/dev/null)" ] || fail "left behind: $(ls /dev/ublk[bc]*)"
 log "ok"

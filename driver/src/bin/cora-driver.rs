@@ -176,7 +176,6 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
         std::fs::canonicalize(file).with_context(|| format!("image file {}", file.display()))?;
     Ok(SourceRecipe::File {
         path,
-        mmap: args.mmap,
         simulate_misses: args.simulate_misses,
     })
 }

@@ -4,6 +4,14 @@
 //! Local hits are served inline on the queue thread; misses go to a worker pool
 //! ([`pool::MissPool`]) and complete asynchronously, so one slow fetch never holds up the
 //! other tags of its queue.
+//!
+//! Plugging in a new kind of source (e.g. the lazy CORA source):
+//! 1. implement [`BlockSource`] (and optionally [`BlockSource::local_slice`] for memory-resident
+//!    data, the one-copy path);
+//! 2. add a [`SourceRecipe`] variant holding what is needed to open it again (it is stored in
+//!    the device's json and read back by `recover`), and open it in [`SourceRecipe::open`];
+//! 3. in `cora-driver` (src/bin/cora-driver.rs), add its flags to `SourceArgs` and build the
+//!    variant in `recipe()`.
 mod admin;
 pub mod pool;
 pub mod recipe;

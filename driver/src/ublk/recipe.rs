@@ -17,9 +17,6 @@ pub enum SourceRecipe {
     /// A plain image file.
     File {
         path: PathBuf,
-        /// Serve from a read-only mapping (faster; the file must not shrink while served).
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        mmap: bool,
         /// Testing aid: serve the file as if each `chunk`-byte piece were remote until first
         /// fetched, a fetch taking `delay_ms`; exercises the miss path with real devices.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,14 +48,9 @@ impl SourceRecipe {
         match self {
             SourceRecipe::File {
                 path,
-                mmap,
                 simulate_misses,
             } => {
-                let file = if *mmap {
-                    FileSource::open_mapped(path)?
-                } else {
-                    FileSource::open(path)?
-                };
+                let file = FileSource::open(path)?;
                 match simulate_misses {
                     None => Ok(Arc::new(file)),
                     Some(sim) => Ok(Arc::new(ColdFile::new(file, *sim)?)),
@@ -218,7 +210,6 @@ mod tests {
         f.write_all(&vec![7u8; 8192]).unwrap();
         let r = SourceRecipe::File {
             path: f.path().to_path_buf(),
-            mmap: true,
             simulate_misses: Some(SimulatedMisses {
                 delay_ms: 1,
                 chunk: 4096,

@@ -15,15 +15,18 @@ pub trait BlockSource: Send + Sync + 'static {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
     /// Optional zero-copy fast path: the bytes of `[offset, offset + len)` if they are local
-    /// and memory-resident (e.g. a mapped cache file); the server copies them straight into
-    /// the request, saving the copy through `read_local`'s buffer. Default: `None`.
+    /// and memory-resident (e.g. a mapped cache file). The server only passes them to the
+    /// kernel (pwrite into the request with UBLK_F_USER_COPY), saving the copy through
+    /// `read_local`'s buffer; a mapping that went bad then fails the read with EIO instead of
+    /// faulting the process. Default: `None` (use `read_local`).
     fn local_slice(&self, _offset: u64, _len: usize) -> Option<&[u8]> {
         None
     }
 }
 
-/// A plain image file: every byte is local. Read with pread, or served from a read-only
-/// mapping when opened with [`FileSource::open_mapped`].
+/// A plain image file: every byte is local. `read_local`/`read_at` use pread; `local_slice`
+/// lends a read-only mapping of the file, which the server only hands to the kernel (a pwrite
+/// into the request), so a file shrinking under us gives EFAULT -> EIO, never SIGBUS.
 pub struct FileSource {
     file: File,
     size: u64,
@@ -83,7 +86,8 @@ impl Drop for Mapping {
 }
 
 impl FileSource {
-    /// Opens `path` read-only; its size is fixed now (a file that shrinks later gives EIO).
+    /// Opens (and maps) `path` read-only; its size is fixed now (a file that shrinks later
+    /// gives EIO).
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path)?;
@@ -94,22 +98,20 @@ impl FileSource {
                 format!("{} is not a regular file", path.display()),
             ));
         }
+        let size = meta.len();
+        let map = match size {
+            0 => None,
+            // Without a mapping reads still work, through pread.
+            _ => Mapping::new(&file, size)
+                .inspect_err(|e| tracing::debug!("not mapping {}: {e}", path.display()))
+                .ok(),
+        };
         Ok(FileSource {
             file,
-            size: meta.len(),
+            size,
             path,
-            map: None,
+            map,
         })
-    }
-
-    /// Like [`FileSource::open`], but serves reads from a read-only mapping of the file (one
-    /// copy less per read). The file must not shrink while mapped: that would fault the server.
-    pub fn open_mapped(path: impl AsRef<Path>) -> io::Result<Self> {
-        let mut src = Self::open(path)?;
-        if src.size > 0 {
-            src.map = Some(Mapping::new(&src.file, src.size)?);
-        }
-        Ok(src)
     }
 
     pub fn path(&self) -> &Path {
@@ -128,10 +130,7 @@ impl BlockSource for FileSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if let Some(data) = self.local_slice(offset, buf.len()) {
-            buf.copy_from_slice(data);
-            return Ok(());
-        }
+        // Not through the mapping: touching it from user space would SIGBUS if the file shrank.
         // read_exact_at turns a short read (file truncated under us) into UnexpectedEof.
         self.file.read_exact_at(buf, offset)
     }
@@ -159,12 +158,7 @@ mod tests {
         // Past the end is an error, not zeros.
         assert!(src.read_at(8192, &mut buf).is_err());
         assert!(FileSource::open(std::env::temp_dir()).is_err());
-
-        let mapped = FileSource::open_mapped(f.path()).unwrap();
-        assert_eq!(mapped.local_slice(100, 50).unwrap(), &data[100..150]);
-        assert!(mapped.local_slice(9_999, 2).is_none());
-        let mut buf = vec![0u8; 1000];
-        assert!(mapped.read_local(9_000, &mut buf).unwrap());
-        assert_eq!(&buf[..], &data[9_000..]);
+        assert_eq!(src.local_slice(100, 50).unwrap(), &data[100..150]);
+        assert!(src.local_slice(9_999, 2).is_none());
     }
 }
