@@ -74,25 +74,36 @@ pub fn convert_layers(
             .ctx(|| format!("creating a temporary blob in {}", out_dir.display()))?;
         let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.as_file()));
 
-        progress(i, "chunking");
-        let t0 = Instant::now();
-        let tar = File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?;
-        let data = write_chunked(&tar, &mut w, 0, &opts.params, false)?;
-        let chunk_secs = t0.elapsed().as_secs_f64();
-
-        progress(i, "building filesystem image");
-        let t1 = Instant::now();
-        contents.extend(staging.apply_layer(tar_path, layer)?);
-        staging.finalize_times()?;
+        // Chunking (compression on every core) and building the stack image (mostly
+        // extraction and mkfs, single-threaded) read the same tar independently: overlap them.
+        progress(i, "chunking and building the filesystem image");
         open_tars.push(File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?);
         let image_path = work.join(format!("stack-{i}.img"));
-        image::build(opts.fs, staging.root(), &image_path)?;
-        let image_size = std::fs::metadata(&image_path)
-            .ctx(|| "stat image".into())?
-            .len();
-        let described = image::describe(&image_path, &open_tars, &contents)?;
-        std::fs::remove_file(&image_path).ctx(|| "removing image".into())?;
-        let image_secs = t1.elapsed().as_secs_f64();
+        let (chunked, imaged) = std::thread::scope(|scope| {
+            let imaging = scope.spawn(|| -> Result<_, Error> {
+                let t1 = Instant::now();
+                contents.extend(staging.apply_layer(tar_path, layer)?);
+                staging.finalize_times()?;
+                image::build(opts.fs, staging.root(), &image_path)?;
+                let image_size = std::fs::metadata(&image_path)
+                    .ctx(|| "stat image".into())?
+                    .len();
+                let described = image::describe(&image_path, &open_tars, &contents)?;
+                std::fs::remove_file(&image_path).ctx(|| "removing image".into())?;
+                Ok((image_size, described, t1.elapsed().as_secs_f64()))
+            });
+            let t0 = Instant::now();
+            let chunked = File::open(tar_path)
+                .ctx(|| format!("opening {}", tar_path.display()))
+                .and_then(|tar| write_chunked(&tar, &mut w, 0, &opts.params, false))
+                .map(|d| (d, t0.elapsed().as_secs_f64()));
+            let imaged = imaging
+                .join()
+                .unwrap_or_else(|_| Err(Error::Convert("image builder thread panicked".into())));
+            (chunked, imaged)
+        });
+        let (data, chunk_secs) = chunked?;
+        let (image_size, described, image_secs) = imaged?;
 
         let meta = write_chunked(
             described.meta.as_slice(),
