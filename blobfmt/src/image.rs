@@ -3,6 +3,7 @@
 use crate::format::{Extent, FsType, SOURCE_META, sha256};
 use crate::staging::FileContent;
 use crate::{Error, IoContext};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
@@ -108,25 +109,36 @@ pub struct Described {
 /// then confirmed byte for byte); whatever matches nothing is metadata.
 pub fn describe(image: &Path, tars: &[File], contents: &[FileContent]) -> Result<Described, Error> {
     let bs = BLOCK_SIZE as usize;
-    let mut by_hash: HashMap<[u8; 16], BlockSource> = HashMap::new();
-    let mut buf = vec![0u8; bs];
-    for c in contents {
-        let tar = &tars[c.layer as usize];
-        let mut off = 0u64;
-        while off < c.size {
-            let valid = (c.size - off).min(bs as u64) as usize;
-            buf[valid..].fill(0);
-            tar.read_exact_at(&mut buf[..valid], c.offset + off)
-                .ctx(|| format!("reading layer {} tar", c.layer))?;
-            if buf.iter().any(|&b| b != 0) {
-                by_hash.entry(short_hash(&buf)).or_insert(BlockSource {
-                    layer: c.layer,
-                    offset: c.offset + off,
-                    valid: valid as u32,
-                });
+    // Hash file blocks on every core; insert in content order so the first (lowest-layer)
+    // copy of a block wins deterministically.
+    let hashed: Vec<Vec<([u8; 16], BlockSource)>> = contents
+        .par_iter()
+        .map(|c| -> Result<_, Error> {
+            let tar = &tars[c.layer as usize];
+            let mut buf = vec![0u8; bs];
+            let mut out = Vec::with_capacity(c.size.div_ceil(bs as u64) as usize);
+            let mut off = 0u64;
+            while off < c.size {
+                let valid = (c.size - off).min(bs as u64) as usize;
+                buf[valid..].fill(0);
+                tar.read_exact_at(&mut buf[..valid], c.offset + off)
+                    .ctx(|| format!("reading layer {} tar", c.layer))?;
+                if buf.iter().any(|&b| b != 0) {
+                    let src = BlockSource {
+                        layer: c.layer,
+                        offset: c.offset + off,
+                        valid: valid as u32,
+                    };
+                    out.push((short_hash(&buf), src));
+                }
+                off += bs as u64;
             }
-            off += bs as u64;
-        }
+            Ok(out)
+        })
+        .collect::<Result<_, Error>>()?;
+    let mut by_hash: HashMap<[u8; 16], BlockSource> = HashMap::new();
+    for (h, src) in hashed.into_iter().flatten() {
+        by_hash.entry(h).or_insert(src);
     }
 
     let mut f = File::open(image).ctx(|| format!("opening {}", image.display()))?;
@@ -149,14 +161,18 @@ pub fn describe(image: &Path, tars: &[File], contents: &[FileContent]) -> Result
     while pos < image_size {
         let n = ((image_size - pos) as usize).min(big.len());
         f.read_exact(&mut big[..n]).ctx(|| "reading image".into())?;
-        for block in big[..n].chunks(bs) {
+        let hashes: Vec<Option<[u8; 16]>> = big[..n]
+            .par_chunks(bs)
+            .map(|b| b.iter().any(|&x| x != 0).then(|| short_hash(b)))
+            .collect();
+        for (block, hash) in big[..n].chunks(bs).zip(hashes) {
             let at = pos;
             pos += bs as u64;
-            if block.iter().all(|&b| b == 0) {
+            let Some(hash) = hash else {
                 d.zero_blocks += 1;
                 continue;
-            }
-            let found = by_hash.get(&short_hash(block)).copied().filter(|s| {
+            };
+            let found = by_hash.get(&hash).copied().filter(|s| {
                 let v = s.valid as usize;
                 tars[s.layer as usize]
                     .read_exact_at(&mut check[..v], s.offset)
