@@ -152,31 +152,40 @@ fn find_deb(dir: &Path, spec: &str) -> Result<Option<PathBuf>> {
 }
 
 /// A tree holding the given packages extracted, built once and reused (name it by content).
+/// Tests run in parallel threads: one builds while the others wait, and the tree appears
+/// under its name only when complete (built in a temporary dir, then renamed).
 pub fn debian_tree(name: &str, packages: &[&str]) -> Result<PathBuf> {
-    let root = fixtures_dir().join("trees").join(name);
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let trees = fixtures_dir().join("trees");
+    let root = trees.join(name);
     let done = root.with_extension("done");
-    if done.exists() {
+    if done.exists() && root.exists() {
         return Ok(root);
     }
-    if root.exists() {
-        std::fs::remove_dir_all(&root)?;
-    }
-    std::fs::create_dir_all(&root)?;
+    std::fs::create_dir_all(&trees)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}-"))
+        .tempdir_in(&trees)?;
     for deb in download(packages)? {
         let st = Command::new("dpkg-deb")
             .arg("-x")
             .arg(&deb)
-            .arg(&root)
+            .arg(tmp.path())
             .status()
             .context("running dpkg-deb")?;
         if !st.success() {
             bail!("dpkg-deb -x {} failed", deb.display());
         }
     }
-    // Give the tree a usable /bin/sh etc. (dash is in BASE) and the dirs a runtime expects.
+    // The dirs a container runtime expects.
     for d in ["proc", "sys", "dev", "tmp", "etc", "root", "run"] {
-        std::fs::create_dir_all(root.join(d))?;
+        std::fs::create_dir_all(tmp.path().join(d))?;
     }
+    if root.exists() {
+        std::fs::remove_dir_all(&root)?;
+    }
+    std::fs::rename(tmp.keep(), &root)?;
     std::fs::write(&done, name)?;
     Ok(root)
 }
