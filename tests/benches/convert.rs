@@ -1,7 +1,8 @@
 //! `cargo bench -p cora-tests --bench convert`: conversion speed, memory and size on a real
 //! Debian tree, beside the single-core FastCDC + sha256 + zstd limit on the same bytes, and
 //! the chunk-size trade-off (stored size vs what an updated base adds).
-//! Prints a human table and one JSON line (prefixed `RESULT `) for `cargo xtask bench`.
+//! Prints a human table and one JSON line (prefixed `RESULT `), and writes `convert.json`
+//! into `$CORA_BENCH_OUT` for `cargo xtask bench report`.
 
 use anyhow::Result;
 use blobfmt::convert::{self, Options};
@@ -145,5 +146,6 @@ fn main() -> Result<()> {
         result["peak_child_rss_bytes"].as_u64().unwrap_or(0) >> 20
     );
     println!("RESULT {result}");
+    cora_tests::bench::write_json("convert", &result)?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! docker-registry on loopback, next to references measured in the same run:
 //! cold sequential read of a whole stack vs `curl` of the same blobs; warm random 4 KiB and
 //! 1 MiB reads through the API vs `pread` on a plain file holding the same image.
-//! Prints a table and one `RESULT {json}` line.
+//! Prints a table and one `RESULT {json}` line, and writes `lazy.json` into `$CORA_BENCH_OUT`.
 
 use anyhow::{Result, bail};
 use cora_tests::fixtures::{self, cora_bin, run};
@@ -129,5 +129,6 @@ fn main() -> Result<()> {
         );
     }
     println!("RESULT {result}");
+    cora_tests::bench::write_json("lazy", &result)?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 use anyhow::{Result, bail};
 use std::time::{Duration, Instant};
 
+pub mod bench;
 pub mod faults;
 pub mod fixtures;
 pub mod http_proxy;

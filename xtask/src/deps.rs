@@ -20,6 +20,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    // Chart text in `xtask bench report` (see report::FONT_FILE).
+    "fonts-dejavu-core",
 ];
 
 fn installed(pkg: &str) -> bool {

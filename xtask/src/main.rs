@@ -2,8 +2,10 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod benches;
 mod deps;
 mod initramfs;
+mod report;
 mod tools;
 mod vm;
 
@@ -39,6 +41,11 @@ enum Cmd {
     /// The main job: build two images from Debian packages, push them to a local registry as
     /// plain OCI, convert them to CORA, and cold-start both ways on a ublk kernel.
     Demo,
+    /// Benchmarks and the report: results into $CORA_BENCH_OUT (default bench/results/latest).
+    Bench {
+        #[command(subcommand)]
+        which: benches::BenchCmd,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +59,7 @@ fn main() -> Result<()> {
         Cmd::VmTest { filter, opts } => vm_test(&opts, filter.as_deref()),
         Cmd::Tools => tools::ensure_rublk().map(drop),
         Cmd::Demo => demo(),
+        Cmd::Bench { which } => benches::run(which),
     }
 }
 

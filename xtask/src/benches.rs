@@ -1,0 +1,160 @@
+//! `cargo xtask bench dedup|convert|lazy|report|all`: run the measurements, each writing
+//! `<bench>.json` into `$CORA_BENCH_OUT` (default `bench/results/latest`), and compose them.
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// The seed's dedup experiment on synthetic data, and real images v1/v2/v2b.
+    Dedup,
+    /// Conversion speed, memory and size on a real Debian tree.
+    Convert,
+    /// The lazy read path against docker-registry on loopback.
+    Lazy,
+    /// Cold start CORA vs OCI through containerd in the VM (tests/vm/40-containerd.sh writes
+    /// coldstart.csv and coldstart_usage.csv when CORA_BENCH_OUT is set).
+    Coldstart,
+    /// Compose REPORT.md and PNG charts from the results found in the output directory.
+    Report,
+    /// dedup, convert, lazy, then fio and coldstart where their entry points exist, then report.
+    All,
+}
+
+/// `$CORA_BENCH_OUT` made absolute (benches run with another working directory), or the
+/// default under the repository.
+pub fn out_dir() -> Result<PathBuf> {
+    let repo = crate::vm::repo_root();
+    let dir = match std::env::var_os("CORA_BENCH_OUT") {
+        Some(d) if !d.is_empty() => std::env::current_dir()?.join(d),
+        _ => repo.join("bench/results/latest"),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    let out = out_dir()?;
+    match cmd {
+        BenchCmd::Dedup => cargo_bench("dedup", &out),
+        BenchCmd::Convert => cargo_bench("convert", &out),
+        BenchCmd::Lazy => {
+            // The lazy bench runs the `cora` CLI next to it: build the binaries first.
+            crate::deps::ensure(crate::deps::TEST_PACKAGES)?;
+            crate::deps::run("cargo", &["build", "--release", "-p", "driver", "--bins"])?;
+            cargo_bench("lazy", &out)
+        }
+        BenchCmd::Coldstart => coldstart(&out),
+        BenchCmd::Report => report(&out),
+        BenchCmd::All => all(&out),
+    }
+}
+
+fn cargo_bench(name: &str, out: &std::path::Path) -> Result<()> {
+    eprintln!(
+        "xtask: cargo bench -p cora-tests --bench {name} (results into {})",
+        out.display()
+    );
+    let st = Command::new("cargo")
+        .args(["bench", "-p", "cora-tests", "--bench", name])
+        .env("CORA_BENCH_OUT", out)
+        .status()
+        .context("running cargo bench")?;
+    if !st.success() {
+        bail!("bench {name} failed: {st}");
+    }
+    Ok(())
+}
+
+fn report(out: &std::path::Path) -> Result<()> {
+    let host = crate::report::host_stamp(&crate::vm::repo_root());
+    let path = crate::report::compose(out, &host)?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}
+
+const COLDSTART_SCRIPT: &str = "tests/vm/40-containerd.sh";
+
+fn coldstart(out: &std::path::Path) -> Result<()> {
+    let repo = crate::vm::repo_root();
+    if !repo.join(COLDSTART_SCRIPT).exists() {
+        bail!("{COLDSTART_SCRIPT} is not in this checkout (branch s2-lazysnap adds it)");
+    }
+    if !out.starts_with(&repo) {
+        // The guest sees the repository through its share, not arbitrary host paths.
+        bail!(
+            "CORA_BENCH_OUT must lie inside {} for the VM to write it",
+            repo.display()
+        );
+    }
+    crate::deps::run("cargo", &["build", "--release", "--bins"])?;
+    let exe = std::env::current_exe().context("locating xtask")?;
+    // CORA_* variables pass into the guest, so the script sees where to write its CSVs.
+    let st = Command::new(exe)
+        .args(["vm-test", "40"])
+        .env("CORA_BENCH_OUT", out)
+        .status()
+        .context("running xtask vm-test 40")?;
+    if !st.success() {
+        bail!("cold-start VM test failed: {st}");
+    }
+    for f in ["coldstart.csv", "coldstart_usage.csv"] {
+        if !out.join(f).exists() {
+            bail!("the VM test passed but wrote no {}", out.join(f).display());
+        }
+    }
+    Ok(())
+}
+
+/// `xtask bench NAME` exists in this build (other branches add fio and coldstart).
+fn has_entry(name: &str) -> Result<bool> {
+    let exe = std::env::current_exe().context("locating xtask")?;
+    Ok(Command::new(exe)
+        .args(["bench", name, "--help"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("probing xtask subcommands")?
+        .success())
+}
+
+fn all(out: &std::path::Path) -> Result<()> {
+    let mut failed = Vec::new();
+    for (name, cmd) in [
+        ("dedup", BenchCmd::Dedup),
+        ("convert", BenchCmd::Convert),
+        ("lazy", BenchCmd::Lazy),
+    ] {
+        if let Err(e) = run(cmd) {
+            eprintln!("xtask: bench {name} failed: {e:#}");
+            failed.push(name);
+        }
+    }
+    let exe = std::env::current_exe().context("locating xtask")?;
+    for name in ["fio", "coldstart"] {
+        let present = match name {
+            "coldstart" => crate::vm::repo_root().join(COLDSTART_SCRIPT).exists(),
+            _ => has_entry(name)?,
+        };
+        if !present {
+            eprintln!("xtask: no `xtask bench {name}` in this build; skipped");
+            continue;
+        }
+        let st = Command::new(&exe)
+            .args(["bench", name])
+            .env("CORA_BENCH_OUT", out)
+            .status()
+            .with_context(|| format!("running xtask bench {name}"))?;
+        if !st.success() {
+            eprintln!("xtask: bench {name} failed: {st}");
+            failed.push(name);
+        }
+    }
+    // The report shows whatever was measured, and names what is missing.
+    report(out)?;
+    if !failed.is_empty() {
+        bail!("benches failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
