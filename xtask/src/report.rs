@@ -124,6 +124,19 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     )
 }
 
+/// Splits the samples into runs of consecutive samples with the same mode, so each phase of
+/// one timeline is drawn as its own line without joining across other phases.
+pub fn usage_segments(usage: &[Usage]) -> Vec<(String, Vec<&Usage>)> {
+    let mut out: Vec<(String, Vec<&Usage>)> = Vec::new();
+    for u in usage {
+        match out.last_mut() {
+            Some((m, seg)) if *m == u.mode => seg.push(u),
+            _ => out.push((u.mode.clone(), vec![u])),
+        }
+    }
+    out
+}
+
 /// Values in first-seen order without duplicates.
 fn distinct<'a>(it: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -151,6 +164,7 @@ fn color(mode: &str, i: usize) -> RGBColor {
     match mode {
         "cora" => PALETTE[0],
         "oci" => PALETTE[1],
+        "idle" => PALETTE[5],
         _ => PALETTE[i % PALETTE.len()],
     }
 }
@@ -267,12 +281,20 @@ pub fn line_panels(path: &Path, title: &str, panels: &[(String, Vec<Line>)]) -> 
             .y_desc(ylabel.as_str())
             .label_style(("sans-serif", 14))
             .draw()?;
-        for (i, l) in lines.iter().enumerate() {
+        let names = distinct(lines.iter().map(|l| l.name.as_str()));
+        let mut legend_done = Vec::new();
+        for l in lines {
+            let i = names.iter().position(|n| *n == l.name).unwrap_or(0);
             let c = color(&l.name, i);
-            chart
-                .draw_series(LineSeries::new(l.points.iter().copied(), c.stroke_width(2)))?
-                .label(l.name.clone())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(3)));
+            let drawn =
+                chart.draw_series(LineSeries::new(l.points.iter().copied(), c.stroke_width(2)))?;
+            // Several segments may share a name: one legend entry each name.
+            if !legend_done.contains(&l.name) {
+                legend_done.push(l.name.clone());
+                drawn.label(l.name.clone()).legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 18, y)], c.stroke_width(3))
+                });
+            }
         }
         chart
             .configure_series_labels()
@@ -396,13 +418,7 @@ pub fn compose(dir: &Path, host: &str) -> Result<PathBuf> {
     dedup_section(dir, &mut md, &mut skipped)?;
     convert_section(dir, &mut md, &mut skipped)?;
     lazy_section(dir, &mut md, &mut skipped)?;
-    generic_section(
-        dir,
-        "fio.json",
-        "fio on CORA devices",
-        &mut md,
-        &mut skipped,
-    )?;
+    fio_section(dir, &mut md, &mut skipped)?;
 
     if !skipped.is_empty() {
         writeln!(md, "## Not in this report\n")?;
@@ -505,39 +521,30 @@ fn coldstart_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> 
         None => skipped.push("resource usage: coldstart_usage.csv not found".into()),
         Some(text) => {
             let usage = parse_usage(&text).context("coldstart_usage.csv")?;
-            let modes = distinct(usage.iter().map(|u| u.mode.as_str()));
             let lines = |y: &dyn Fn(&Usage) -> f64| -> Vec<Line> {
-                modes
-                    .iter()
-                    .map(|m| {
-                        // Each mode's clock and byte counter start at its first sample.
-                        let sel: Vec<&Usage> = usage.iter().filter(|u| &u.mode == m).collect();
-                        let t0 = sel.first().map_or(0.0, |u| u.t);
-                        Line {
-                            name: m.clone(),
-                            points: sel.iter().map(|u| (u.t - t0, y(u))).collect(),
-                        }
+                usage_segments(&usage)
+                    .into_iter()
+                    .map(|(mode, seg)| Line {
+                        name: mode,
+                        points: seg.iter().map(|u| (u.t, y(u))).collect(),
                     })
                     .collect()
             };
-            let rx0 = |m: &str| usage.iter().find(|u| u.mode == m).map_or(0, |u| u.rx_bytes);
             line_panels(
                 &dir.join("coldstart_usage.png"),
-                "Resource usage during cold starts",
+                "Resource usage over the cold-start run (colour = phase)",
                 &[
                     ("CPU %".into(), lines(&|u| u.cpu_percent)),
                     ("RSS MB".into(), lines(&|u| u.rss_bytes as f64 / 1e6)),
-                    (
-                        "MB received".into(),
-                        lines(&|u| u.rx_bytes.saturating_sub(rx0(&u.mode)) as f64 / 1e6),
-                    ),
+                    ("MB received".into(), lines(&|u| u.rx_bytes as f64 / 1e6)),
                 ],
             )?;
             writeln!(md, "![resource usage](coldstart_usage.png)\n")?;
             writeln!(
                 md,
-                "RSS = containerd + snapshotter + cora-driver + registry; MB received counted \
-                 from each mode's first sample.\n"
+                "One timeline for the whole run; each phase (mode column) has its colour. RSS = \
+                 containerd + snapshotter + cora-driver + registry; MB received = cumulative \
+                 bytes the registry sent (loopback).\n"
             )?;
         }
     }
@@ -863,6 +870,20 @@ fn lazy_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> Resul
     Ok(())
 }
 
+/// fio writes its own markdown table (`xtask bench fio`: fio.md beside fio.json); use it when
+/// present, else render fio.json generically.
+fn fio_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> Result<()> {
+    let Some(table) = read_text(dir, "fio.md")? else {
+        return generic_section(dir, "fio.json", "fio on CORA devices", md, skipped);
+    };
+    writeln!(md, "## fio on CORA devices\n")?;
+    if let Some(v) = read_json(dir, "fio.json")? {
+        writeln!(md, "{}\n", stamp_line(&v))?;
+    }
+    writeln!(md, "{}\n", table.trim_end())?;
+    Ok(())
+}
+
 /// A result whose layout this composer does not know: tables for arrays of objects, a list
 /// for scalars, so new benches show up without a composer change.
 fn generic_section(
@@ -992,6 +1013,20 @@ mod tests {
         assert!(
             parse_usage("t_seconds,mode,cpu_percent,rss_bytes,rx_bytes\n1,cora,1,-5,0\n").is_err()
         );
+        Ok(())
+    }
+
+    #[test]
+    fn usage_splits_into_phases() -> Result<()> {
+        let t = "t_seconds,mode,cpu_percent,rss_bytes,rx_bytes\n\
+                 0.25,idle,1,1,0\n0.5,cora,9,1,5\n0.75,cora,8,1,9\n1.0,idle,1,1,9\n1.25,oci,50,1,99\n";
+        let u = parse_usage(t)?;
+        let segs: Vec<(String, usize)> = usage_segments(&u)
+            .into_iter()
+            .map(|(m, s)| (m, s.len()))
+            .collect();
+        let want = [("idle", 1), ("cora", 2), ("idle", 1), ("oci", 1)];
+        assert_eq!(segs, want.map(|(m, n)| (m.to_string(), n)));
         Ok(())
     }
 
