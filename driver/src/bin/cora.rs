@@ -158,6 +158,7 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
+    driver::restore_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CORA_LOG")
