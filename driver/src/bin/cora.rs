@@ -276,21 +276,33 @@ fn cmd_convert(
     };
     let scratch = work.path().join("convert");
     std::fs::create_dir_all(&scratch)?;
-    let tty = std::io::stderr().is_terminal();
     let n = src_image.manifest.layers.len();
-    let progress = |i: usize, msg: &str| {
-        if tty {
-            eprint!("\r\x1b[2Klayer {}/{n}: {msg}", i + 1);
-            if msg.starts_with("done") {
-                eprintln!();
-            }
-        } else {
-            eprintln!("layer {}/{n}: {msg}", i + 1);
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| indicatif::ProgressBar::new(0).with_style(progress_style()));
+    let progress = |i: usize, step: convert::Step<'_>| match (&bar, step) {
+        (Some(bar), convert::Step::Phase(msg)) => {
+            bar.set_prefix(format!("layer {}/{n}", i + 1));
+            bar.set_message(msg.to_string());
         }
+        (Some(bar), convert::Step::Chunked { done, total }) => {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        (Some(bar), convert::Step::Done(digest)) => {
+            bar.println(format!("layer {}/{n}: {digest}", i + 1));
+            bar.reset();
+        }
+        (None, convert::Step::Phase(msg)) => eprintln!("layer {}/{n}: {msg}", i + 1),
+        (None, convert::Step::Done(digest)) => eprintln!("layer {}/{n}: done {digest}", i + 1),
+        (None, convert::Step::Chunked { .. }) => {}
     };
     let report =
         convert::convert_layout(&src_image, &dst_root, &dst_tag, opts, &scratch, &progress)
             .with_context(|| format!("converting {src} to {dst}"))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     if let ImageRef::Registry(r) = dst {
         let reference = parse_reference(r)?;
         let client = net.client()?;
@@ -443,4 +455,12 @@ fn cmd_inspect(net: &Net, image: &ImageRef, json: bool, verify: bool) -> Result<
         println!("verified {n} chunks: all digests match");
     }
     Ok(())
+}
+
+fn progress_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ")
 }
