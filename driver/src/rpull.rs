@@ -222,7 +222,7 @@ pub async fn rpull(
 
     let lease = ctrd.create_lease().await?;
     ctrd.lease = Some(header_value(&lease, "lease id")?);
-    let result = plan.run(&mut ctrd, on_layer).await;
+    let result = plan.run(&ctrd, on_layer).await;
     ctrd.lease = None;
     if let Err(e) = ctrd.delete_lease(&lease).await {
         // Not fatal: the lease expires by itself (containerd.io/gc.expire).
@@ -259,7 +259,7 @@ struct Plan<'a> {
 impl Plan<'_> {
     async fn run(
         &self,
-        ctrd: &mut Containerd,
+        ctrd: &Containerd,
         on_layer: &mut dyn FnMut(usize, &LayerReport),
     ) -> Result<Vec<LayerReport>> {
         let m = self.manifest;
@@ -351,7 +351,7 @@ impl Plan<'_> {
         labels
     }
 
-    async fn layer(&self, ctrd: &mut Containerd, i: usize) -> Result<LayerReport> {
+    async fn layer(&self, ctrd: &Containerd, i: usize) -> Result<LayerReport> {
         let layer = &self.manifest.layers[i];
         let chain_id = &self.chain_ids[i];
         let sn = &self.opts.snapshotter;
@@ -398,7 +398,7 @@ impl Plan<'_> {
     /// fetched from the registry.
     async fn unpack(
         &self,
-        ctrd: &mut Containerd,
+        ctrd: &Containerd,
         i: usize,
         key: &str,
         mounts: Vec<types::Mount>,
@@ -436,7 +436,7 @@ impl Plan<'_> {
     }
 
     /// Downloads layer `i` (verified) to a temporary file and writes it to the content store.
-    async fn fetch_layer(&self, ctrd: &mut Containerd, i: usize) -> Result<u64> {
+    async fn fetch_layer(&self, ctrd: &Containerd, i: usize) -> Result<u64> {
         let layer = &self.manifest.layers[i];
         let tmp = tempfile::Builder::new()
             .prefix("cora-rpull-")

@@ -68,7 +68,9 @@ impl Env {
             String::from_utf8_lossy(&out.stderr),
             self.ctrd.log_text()
         );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprint!("{stdout}");
+        Ok(stdout)
     }
 
     fn images(&self) -> Result<Vec<String>> {
@@ -406,6 +408,7 @@ async fn remote_layers_are_not_downloaded_and_get_the_label_contract() -> Result
         tokio::task::spawn_blocking(move || cmd.output()).await??
     };
     let stdout = String::from_utf8_lossy(&rpull.stdout);
+    eprint!("{stdout}");
     assert!(
         rpull.status.success(),
         "{stdout}{}\n{}",
