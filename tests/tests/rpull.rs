@@ -295,6 +295,18 @@ fn bad_input_gives_clear_errors_and_no_image() -> Result<()> {
         stderr(&out)
     );
 
+    // A registry that is down: nothing listens on this port.
+    let down = format!("127.0.0.1:{}/test/app:v1", cora_tests::free_port()?);
+    let t0 = std::time::Instant::now();
+    let out = env.rpull_output(&down, &[])?;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("fetching the manifest of") && err.contains("connect"),
+        "{err}"
+    );
+    eprintln!("registry down reported after {:?}: {err}", t0.elapsed());
+
     assert_eq!(env.images()?, Vec::<String>::new());
 
     let gone = env.path("no-such-dir/containerd.sock");
