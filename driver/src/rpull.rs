@@ -102,7 +102,8 @@ impl RpullOptions {
 }
 
 /// What happened to one layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LayerState {
     /// The snapshotter claimed it (AlreadyExists on Prepare): served lazily, nothing fetched.
     Remote,
@@ -122,7 +123,7 @@ impl std::fmt::Display for LayerState {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct LayerReport {
     /// Digest of the layer blob.
     pub digest: String,
@@ -135,7 +136,7 @@ pub struct LayerReport {
     pub bytes_fetched: u64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct RpullReport {
     /// The image record's name (the reference as given).
     pub image: String,

@@ -204,8 +204,15 @@ fn plain_oci_image_is_unpacked_and_runs() -> Result<()> {
     for l in &layers {
         env.ctrd.ctr(&["content", "rm", l])?;
     }
-    let out = env.rpull(&reference, &["--snapshotter", "cora"])?;
-    assert_eq!(out.matches(": present, fetched 0 of ").count(), 2, "{out}");
+    let out = env.rpull(&reference, &["--snapshotter", "cora", "--json"])?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    let states: Vec<_> = report["layers"]
+        .as_array()
+        .context("no layers in the JSON report")?
+        .iter()
+        .map(|l| (l["state"].as_str(), l["bytes_fetched"].as_u64()))
+        .collect();
+    assert_eq!(states, [(Some("present"), Some(0)); 2], "{out}");
     let content = content_digests(&env)?;
     for l in &layers {
         assert!(

@@ -162,6 +162,9 @@ enum Cmd {
         /// Snapshotter that prepares the layers (as named in containerd's config).
         #[arg(long, default_value = "cora")]
         snapshotter: String,
+        /// Print the report as JSON (one object) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Pack root filesystem directories as a plain OCI image: one reproducible gzip layer per
     /// directory, bottom first (for building test and demo images without Docker).
@@ -243,6 +246,7 @@ fn run(cli: Cli) -> Result<()> {
             address,
             namespace,
             snapshotter,
+            json,
         } => {
             let opts = driver::rpull::RpullOptions {
                 address,
@@ -250,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
                 snapshotter,
                 registry: net.cfg.clone(),
             };
-            cmd_rpull(&net, &reference, &opts)
+            cmd_rpull(&net, &reference, &opts, json)
         }
         Cmd::Cache(args) => {
             print!("{}", driver::cache::cli::run_cli(&args)?);
@@ -443,11 +447,17 @@ fn cmd_export(
     Ok(())
 }
 
-fn cmd_rpull(net: &Net, reference: &str, opts: &driver::rpull::RpullOptions) -> Result<()> {
+fn cmd_rpull(
+    net: &Net,
+    reference: &str,
+    opts: &driver::rpull::RpullOptions,
+    json: bool,
+) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let mut n = 0;
     let mut on_layer = |i: usize, l: &driver::rpull::LayerReport| {
-        n = i + 1;
+        if json {
+            return;
+        }
         println!(
             "layer {}: {}: {}, fetched {} of {} bytes",
             i + 1,
@@ -461,18 +471,27 @@ fn cmd_rpull(net: &Net, reference: &str, opts: &driver::rpull::RpullOptions) -> 
         .rt
         .block_on(driver::rpull::rpull(reference, opts, &mut on_layer))
         .with_context(|| format!("rpull {reference}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["secs"] = secs.into();
+        v["snapshotter"] = opts.snapshotter.clone().into();
+        println!("{v}");
+        return Ok(());
+    }
     let count = |s| report.layers.iter().filter(|l| l.state == s).count();
     use driver::rpull::LayerState;
     println!(
-        "{}: {n} layers ({} remote, {} unpacked, {} present) with snapshotter {}; fetched {} of {} bytes in {:.2}s; manifest {}",
+        "{}: {} layers ({} remote, {} unpacked, {} present) with snapshotter {}; fetched {} of {} bytes in {:.2}s; manifest {}",
         report.image,
+        report.layers.len(),
         count(LayerState::Remote),
         count(LayerState::Unpacked),
         count(LayerState::Present),
         opts.snapshotter,
         report.bytes_fetched,
         report.image_bytes,
-        t0.elapsed().as_secs_f64(),
+        secs,
         report.manifest_digest
     );
     Ok(())
