@@ -6,6 +6,7 @@ pub mod imageref;
 pub mod inspect;
 pub mod registry;
 pub mod remote;
+pub mod rpull;
 pub mod source;
 pub mod ublk;
 
