@@ -47,8 +47,47 @@ pub struct LayerStats {
     pub image_secs: f64,
 }
 
-/// Progress callback: (layer index, message).
-pub type Progress<'a> = &'a dyn Fn(usize, &str);
+/// What a conversion reports about one layer.
+#[derive(Debug, Clone, Copy)]
+pub enum Step<'a> {
+    /// A new phase of the layer's conversion began.
+    Phase(&'a str),
+    /// Bytes of the layer's tar stream chunked so far, out of `total`.
+    Chunked { done: u64, total: u64 },
+    /// The layer's blob is complete.
+    Done(&'a str),
+}
+
+/// Progress callback: (layer index, step).
+pub type Progress<'a> = &'a dyn Fn(usize, Step<'_>);
+
+/// Counts what the chunker has read and reports it every few MiB.
+struct Counted<'a, R> {
+    inner: R,
+    layer: usize,
+    done: u64,
+    total: u64,
+    reported: u64,
+    progress: Progress<'a>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        if self.done - self.reported >= 4 << 20 || (n == 0 && self.done != self.reported) {
+            self.reported = self.done;
+            (self.progress)(
+                self.layer,
+                Step::Chunked {
+                    done: self.done,
+                    total: self.total,
+                },
+            );
+        }
+        Ok(n)
+    }
+}
 
 /// Convert layer tars (bottom first) into blobs written under `out_dir`, using `work` for
 /// the staging tree and images. Blobs appear under their final name only when complete.
@@ -76,7 +115,7 @@ pub fn convert_layers(
 
         // Chunking (compression on every core) and building the stack image (mostly
         // extraction and mkfs, single-threaded) read the same tar independently: overlap them.
-        progress(i, "chunking and building the filesystem image");
+        progress(i, Step::Phase("chunking and building the filesystem image"));
         open_tars.push(File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?);
         let image_path = work.join(format!("stack-{i}.img"));
         let (chunked, imaged) = std::thread::scope(|scope| {
@@ -94,8 +133,19 @@ pub fn convert_layers(
             });
             let t0 = Instant::now();
             let chunked = File::open(tar_path)
+                .and_then(|tar| Ok((tar.metadata()?.len(), tar)))
                 .ctx(|| format!("opening {}", tar_path.display()))
-                .and_then(|tar| write_chunked(&tar, &mut w, 0, &opts.params, false))
+                .and_then(|(total, tar)| {
+                    let counted = Counted {
+                        inner: tar,
+                        layer: i,
+                        done: 0,
+                        total,
+                        reported: 0,
+                        progress,
+                    };
+                    write_chunked(counted, &mut w, 0, &opts.params, false)
+                })
                 .map(|d| (d, t0.elapsed().as_secs_f64()));
             let imaged = imaging
                 .join()
@@ -144,7 +194,7 @@ pub fn convert_layers(
             context: format!("renaming blob to {}", path.display()),
             source: e.error,
         })?;
-        progress(i, &format!("done {}", oci_digest(&digest)));
+        progress(i, Step::Done(&oci_digest(&digest)));
         out.push(LayerBlob {
             path,
             digest,
@@ -200,7 +250,7 @@ pub fn convert_layout(
     for (i, l) in src.manifest.layers.iter().enumerate() {
         let compression = oci::layer_compression(&l.media_type)
             .map_err(|e| Error::Convert(format!("layer {i} ({}): {e}", l.digest)))?;
-        progress(i, "decompressing source layer");
+        progress(i, Step::Phase("decompressing source layer"));
         let tar = work.join(format!("layer-{i}.tar"));
         let diff_id = oci::decompress_layer(&src.blob_path(&l.digest)?, compression, &tar)?;
         if oci_digest(&diff_id) != src.config.rootfs.diff_ids[i] {

@@ -71,6 +71,13 @@ fn layer_from_dir(
             h.set_mtime(m.mtime().max(0) as u64);
             h.set_uid(u64::from(m.uid()));
             h.set_gid(u64::from(m.gid()));
+            // File capabilities (ping, …), ACLs and SELinux labels live in xattrs; tar carries
+            // them as PAX records, which the staging extraction and runtimes restore.
+            let xattrs = read_xattrs(&p)?;
+            if !xattrs.is_empty() {
+                b.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                    .ctx(|| format!("adding xattrs of {}", rel.display()))?;
+            }
             if m.file_type().is_symlink() {
                 let target = fs::read_link(&p).ctx(|| format!("readlink {}", p.display()))?;
                 b.append_link(&mut h, &rel, &target)
@@ -112,6 +119,27 @@ fn layer_from_dir(
             platform: None,
         },
     ))
+}
+
+/// `p`'s extended attributes (not following symlinks) as PAX keys, sorted so the tar is
+/// reproducible.
+fn read_xattrs(p: &Path) -> Result<Vec<(String, Vec<u8>)>, Error> {
+    let names = match xattr::list(p) {
+        Ok(names) => names,
+        // Filesystems without xattr support have none to carry.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e).ctx(|| format!("listing xattrs of {}", p.display())),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let Some(value) = xattr::get(p, &name).ctx(|| format!("xattr of {}", p.display()))? else {
+            continue;
+        };
+        let key = format!("SCHILY.xattr.{}", name.to_string_lossy());
+        out.push((key, value));
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn collect(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {

@@ -5,6 +5,7 @@ use crate::{Error, IoContext};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
+use std::io::BufReader;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use tar::EntryType;
@@ -40,11 +41,20 @@ impl Staging {
 
     /// Apply one layer tar on top of the tree; returns where its files' contents are.
     pub fn apply_layer(&mut self, tar_path: &Path, layer: u32) -> Result<Vec<FileContent>, Error> {
-        let open = || File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()));
+        // Buffered: the tar crate reads headers 512 bytes at a time.
+        let open = || {
+            File::open(tar_path)
+                .map(|f| BufReader::with_capacity(1 << 20, f))
+                .ctx(|| format!("opening {}", tar_path.display()))
+        };
         // Pass 1: whiteouts delete lower content only, so apply them before any entry of
         // this layer is written (a layer may list a file before its directory's opaque marker).
+        // It reads headers only: file data is seeked over.
         let mut archive = tar::Archive::new(open()?);
-        for entry in archive.entries().ctx(|| "reading layer tar".into())? {
+        for entry in archive
+            .entries_with_seek()
+            .ctx(|| "reading layer tar".into())?
+        {
             let entry = entry.ctx(|| format!("reading layer {layer} tar"))?;
             let rel = clean_path(&entry.path().ctx(|| "entry path".into())?)?;
             let Some(name) = rel.file_name() else {

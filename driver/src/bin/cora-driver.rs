@@ -181,6 +181,7 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
 }
 
 fn main() {
+    driver::restore_sigpipe();
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Add(args) => add(*args),

@@ -147,6 +147,25 @@ enum Cmd {
     },
     /// Inspect and maintain the local chunk cache.
     Cache(driver::cache::cli::CacheArgs),
+    /// Record an image in containerd and prepare its layers through a snapshotter: CORA layers
+    /// the snapshotter serves lazily are not downloaded, others are unpacked as by `ctr pull`
+    /// (the role of overlaybd's `ctr rpull`).
+    Rpull {
+        /// HOST[:PORT]/REPO[:TAG|@DIGEST]; also the name of the image record.
+        reference: String,
+        /// containerd's gRPC socket.
+        #[arg(long, default_value = driver::rpull::DEFAULT_ADDRESS)]
+        address: PathBuf,
+        /// containerd namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Snapshotter that prepares the layers (as named in containerd's config).
+        #[arg(long, default_value = "cora")]
+        snapshotter: String,
+        /// Print the report as JSON (one object) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pack root filesystem directories as a plain OCI image: one reproducible gzip layer per
     /// directory, bottom first (for building test and demo images without Docker).
     Pack {
@@ -158,6 +177,7 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
+    driver::restore_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CORA_LOG")
@@ -222,6 +242,21 @@ fn run(cli: Cli) -> Result<()> {
             .with_context(|| format!("packing into {dst}"))?;
             Ok(())
         }
+        Cmd::Rpull {
+            reference,
+            address,
+            namespace,
+            snapshotter,
+            json,
+        } => {
+            let opts = driver::rpull::RpullOptions {
+                address,
+                namespace,
+                snapshotter,
+                registry: net.cfg.clone(),
+            };
+            cmd_rpull(&net, &reference, &opts, json)
+        }
         Cmd::Cache(args) => {
             print!("{}", driver::cache::cli::run_cli(&args)?);
             Ok(())
@@ -275,21 +310,33 @@ fn cmd_convert(
     };
     let scratch = work.path().join("convert");
     std::fs::create_dir_all(&scratch)?;
-    let tty = std::io::stderr().is_terminal();
     let n = src_image.manifest.layers.len();
-    let progress = |i: usize, msg: &str| {
-        if tty {
-            eprint!("\r\x1b[2Klayer {}/{n}: {msg}", i + 1);
-            if msg.starts_with("done") {
-                eprintln!();
-            }
-        } else {
-            eprintln!("layer {}/{n}: {msg}", i + 1);
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| indicatif::ProgressBar::new(0).with_style(progress_style()));
+    let progress = |i: usize, step: convert::Step<'_>| match (&bar, step) {
+        (Some(bar), convert::Step::Phase(msg)) => {
+            bar.set_prefix(format!("layer {}/{n}", i + 1));
+            bar.set_message(msg.to_string());
         }
+        (Some(bar), convert::Step::Chunked { done, total }) => {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        (Some(bar), convert::Step::Done(digest)) => {
+            bar.println(format!("layer {}/{n}: {digest}", i + 1));
+            bar.reset();
+        }
+        (None, convert::Step::Phase(msg)) => eprintln!("layer {}/{n}: {msg}", i + 1),
+        (None, convert::Step::Done(digest)) => eprintln!("layer {}/{n}: done {digest}", i + 1),
+        (None, convert::Step::Chunked { .. }) => {}
     };
     let report =
         convert::convert_layout(&src_image, &dst_root, &dst_tag, opts, &scratch, &progress)
             .with_context(|| format!("converting {src} to {dst}"))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     if let ImageRef::Registry(r) = dst {
         let reference = parse_reference(r)?;
         let client = net.client()?;
@@ -413,6 +460,56 @@ fn cmd_export(
     Ok(())
 }
 
+fn cmd_rpull(
+    net: &Net,
+    reference: &str,
+    opts: &driver::rpull::RpullOptions,
+    json: bool,
+) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let mut on_layer = |i: usize, l: &driver::rpull::LayerReport| {
+        if json {
+            return;
+        }
+        println!(
+            "layer {}: {}: {}, fetched {} of {} bytes",
+            i + 1,
+            l.digest,
+            l.state,
+            l.bytes_fetched,
+            l.size
+        );
+    };
+    let report = net
+        .rt
+        .block_on(driver::rpull::rpull(reference, opts, &mut on_layer))
+        .with_context(|| format!("rpull {reference}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["secs"] = secs.into();
+        v["snapshotter"] = opts.snapshotter.clone().into();
+        println!("{v}");
+        return Ok(());
+    }
+    let count = |s| report.layers.iter().filter(|l| l.state == s).count();
+    use driver::rpull::LayerState;
+    println!(
+        "{}: {} layers ({} remote, {} unpacked, {} present) with snapshotter {}; fetched {} of {} bytes in {:.2}s; manifest {}",
+        report.image,
+        report.layers.len(),
+        count(LayerState::Remote),
+        count(LayerState::Unpacked),
+        count(LayerState::Present),
+        opts.snapshotter,
+        report.bytes_fetched,
+        report.image_bytes,
+        secs,
+        report.manifest_digest
+    );
+    Ok(())
+}
+
 fn cmd_inspect(net: &Net, image: &ImageRef, json: bool, verify: bool) -> Result<()> {
     let (manifest, remotes) = open_image(net, image)?;
     let blobs = remotes.last().context("no blob source")?.as_ref();
@@ -442,4 +539,12 @@ fn cmd_inspect(net: &Net, image: &ImageRef, json: bool, verify: bool) -> Result<
         println!("verified {n} chunks: all digests match");
     }
     Ok(())
+}
+
+fn progress_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ")
 }
