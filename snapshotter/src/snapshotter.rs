@@ -133,11 +133,32 @@ impl Snapshotter {
                 warn!(snapshot = %key, %stack, "re-attaching remote layers failed: {e}");
             }
         }
+        // Stacks a previous run left attached that no snapshot uses now: known with no
+        // reference, so Cleanup (or the next release) detaches them.
+        for (stack, mountpoint) in sn.remote.attached() {
+            let mut att = lock(&sn.attachments);
+            if !att.contains_key(&stack) {
+                info!(%stack, "found an unused attached stack from an earlier run");
+                att.insert(
+                    stack,
+                    Attachment {
+                        mountpoint,
+                        refs: 0,
+                    },
+                );
+                sn.metrics.devices.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(sn)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The lazy backend's counters (cache hits, bytes fetched, fetch latency).
+    pub fn lazy_stats(&self) -> crate::remote::DriverStats {
+        self.remote.stats()
     }
 
     fn dir(&self, id: u64) -> PathBuf {
