@@ -434,13 +434,13 @@ fn find_driver(configured: Option<&Path>) -> Result<PathBuf, String> {
     let beside = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(|d| d.join("cora-driver")));
-    let on_path = std::env::var_os("PATH")
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
                 .map(|d| d.join("cora-driver"))
                 .collect()
         })
-        .unwrap_or_else(Vec::new);
+        .unwrap_or_default();
     beside
         .into_iter()
         .chain(on_path)
