@@ -1,9 +1,14 @@
-//! Generates the containerd snapshots API from the vendored .proto files with protox (pure Rust,
-//! so no protoc is needed on the build machine).
+//! Generates the containerd API (snapshots service, plus the content, images, leases and diff
+//! clients `cora rpull` uses) from the vendored .proto files with protox (pure Rust, so no protoc
+//! is needed on the build machine).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/containerd/services/snapshots/v1/snapshots.proto"];
+    const API: &str = "github.com/containerd/containerd/api/services";
+    let protos: Vec<String> = ["snapshots", "content", "images", "leases", "diff"]
+        .iter()
+        .map(|s| format!("proto/{API}/{s}/v1/{s}.proto"))
+        .collect();
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(protos, ["proto"])?;
+    let fds = protox::compile(&protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

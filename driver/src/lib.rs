@@ -6,5 +6,6 @@ pub mod imageref;
 pub mod inspect;
 pub mod registry;
 pub mod remote;
+pub mod rpull;
 pub mod source;
 pub mod ublk;

@@ -147,6 +147,22 @@ enum Cmd {
     },
     /// Inspect and maintain the local chunk cache.
     Cache(driver::cache::cli::CacheArgs),
+    /// Record an image in containerd and prepare its layers through a snapshotter: CORA layers
+    /// the snapshotter serves lazily are not downloaded, others are unpacked as by `ctr pull`
+    /// (the role of overlaybd's `ctr rpull`).
+    Rpull {
+        /// HOST[:PORT]/REPO[:TAG|@DIGEST]; also the name of the image record.
+        reference: String,
+        /// containerd's gRPC socket.
+        #[arg(long, default_value = driver::rpull::DEFAULT_ADDRESS)]
+        address: PathBuf,
+        /// containerd namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Snapshotter that prepares the layers (as named in containerd's config).
+        #[arg(long, default_value = "cora")]
+        snapshotter: String,
+    },
     /// Pack root filesystem directories as a plain OCI image: one reproducible gzip layer per
     /// directory, bottom first (for building test and demo images without Docker).
     Pack {
@@ -221,6 +237,20 @@ fn run(cli: Cli) -> Result<()> {
             )
             .with_context(|| format!("packing into {dst}"))?;
             Ok(())
+        }
+        Cmd::Rpull {
+            reference,
+            address,
+            namespace,
+            snapshotter,
+        } => {
+            let opts = driver::rpull::RpullOptions {
+                address,
+                namespace,
+                snapshotter,
+                registry: net.cfg.clone(),
+            };
+            cmd_rpull(&net, &reference, &opts)
         }
         Cmd::Cache(args) => {
             print!("{}", driver::cache::cli::run_cli(&args)?);
@@ -410,6 +440,41 @@ fn cmd_export(
             st.corrupt
         );
     }
+    Ok(())
+}
+
+fn cmd_rpull(net: &Net, reference: &str, opts: &driver::rpull::RpullOptions) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let mut n = 0;
+    let mut on_layer = |i: usize, l: &driver::rpull::LayerReport| {
+        n = i + 1;
+        println!(
+            "layer {}: {}: {}, fetched {} of {} bytes",
+            i + 1,
+            l.digest,
+            l.state,
+            l.bytes_fetched,
+            l.size
+        );
+    };
+    let report = net
+        .rt
+        .block_on(driver::rpull::rpull(reference, opts, &mut on_layer))
+        .with_context(|| format!("rpull {reference}"))?;
+    let count = |s| report.layers.iter().filter(|l| l.state == s).count();
+    use driver::rpull::LayerState;
+    println!(
+        "{}: {n} layers ({} remote, {} unpacked, {} present) with snapshotter {}; fetched {} of {} bytes in {:.2}s; manifest {}",
+        report.image,
+        count(LayerState::Remote),
+        count(LayerState::Unpacked),
+        count(LayerState::Present),
+        opts.snapshotter,
+        report.bytes_fetched,
+        report.image_bytes,
+        t0.elapsed().as_secs_f64(),
+        report.manifest_digest
+    );
     Ok(())
 }
 
