@@ -27,7 +27,7 @@ S=$R/target/release/cora-snapshotter
 for b in "$D" "$C" "$S"; do [ -x "$b" ] || fail "build first: cargo build --release --bins ($b)"; done
 T=${CORA_VM_TEST_TMP:-$(mktemp -d /tmp/40-ctrd.XXXXXX)}
 TREES=$R/target/cora-fixtures/trees
-for t in small base python-layer base-ssl-updated; do
+for t in small base base-ssl-updated; do
     [ -d "$TREES/$t" ] || fail "$TREES/$t missing (made by the host tests: cargo test -p cora-tests)"
 done
 BENCH=${CORA_BENCH_OUT:-}
@@ -66,7 +66,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- registry on loopback, data on the guest tmpfs
+# --- registry on loopback, data on the guest tmpfs. The images (plain OCI small:oci,
+# python:oci; CORA small, python, base, basessl :cora) were built on the host by
+# 40-containerd.prep (minutes under TCG); their registry storage is copied here.
+IMAGES=$R/target/vm/40-images/registry
+[ -d "$IMAGES/docker" ] || fail "$IMAGES missing: run through cargo xtask vm-test (it runs 40-containerd.prep)"
 PORT=5124
 H=127.0.0.1:$PORT
 cat >"$T/reg.yml" <<YML
@@ -79,26 +83,11 @@ storage:
 http:
   addr: $H
 YML
+cp -a "$IMAGES" "$T/registry" || fail "copying the image storage"
 docker-registry serve "$T/reg.yml" >"$T/reg.log" 2>&1 &
 REG=$!
 wait_until 20 "the registry" curl -sf "http://$H/v2/"
 
-# --- images: plain OCI (cora pack + skopeo) and CORA (cora convert), from the fixture trees
-t0=$(now)
-"$C" pack "oci:$T/oci:small" "$TREES/small" >/dev/null || fail "pack small"
-"$C" pack "oci:$T/oci:python" "$TREES/base" "$TREES/python-layer" >/dev/null || fail "pack python"
-for img in small python; do
-    skopeo copy -q --dest-tls-verify=false "oci:$T/oci:$img" "docker://$H/$img:oci" || fail "push $img"
-done
-convert() { # SRC NAME
-    "$C" convert --insecure "$H" "$1" "$H/$2:cora" >"$T/convert-$2.out" 2>&1 \
-        || fail "convert $2: $(tail -3 "$T/convert-$2.out")"
-}
-convert "oci:$T/oci:small" small
-convert "oci:$T/oci:python" python
-convert "dir:$TREES/base" base
-convert "dir:$TREES/base-ssl-updated" basessl
-log "images packed, pushed and converted in $(awk "BEGIN { printf \"%.0f\", $(now) - $t0 }")s"
 image_bytes() { # NAME TAG: sum of the manifest's layer sizes
     curl -sf -H "Accept: application/vnd.oci.image.manifest.v1+json" \
         "http://$H/v2/$1/manifests/$2" | jq '[.layers[].size] | add'
