@@ -67,7 +67,7 @@ cleanup() {
 trap cleanup EXIT
 
 # --- registry on loopback, data on the guest tmpfs. The images (plain OCI small:oci,
-# python:oci; CORA small, python, base, basessl :cora) were built on the host by
+# base:oci; CORA small, base, python = base + python, basessl :cora) were built on the host by
 # 40-containerd.prep (minutes under TCG); their registry storage is copied here.
 IMAGES=$R/target/vm/40-images/registry
 [ -d "$IMAGES/docker" ] || fail "$IMAGES missing: run through cargo xtask vm-test (it runs 40-containerd.prep)"
@@ -87,6 +87,7 @@ cp -a "$IMAGES" "$T/registry" || fail "copying the image storage"
 docker-registry serve "$T/reg.yml" >"$T/reg.log" 2>&1 &
 REG=$!
 wait_until 20 "the registry" curl -sf "http://$H/v2/"
+log "registry up with the images"
 
 image_bytes() { # NAME TAG: sum of the manifest's layer sizes
     curl -sf -H "Accept: application/vnd.oci.image.manifest.v1+json" \
@@ -97,10 +98,10 @@ image_bytes() { # NAME TAG: sum of the manifest's layer sizes
 LIBC=lib/x86_64-linux-gnu/libc.so.6
 small_cmd="/bin/busybox sha256sum /$LIBC"
 small_out=$(cd "$TREES/small" && sha256sum "$LIBC" | cut -d" " -f1)
-base_cmd="/bin/cat /etc/debian_version"
-base_out=$(cat "$TREES/base/etc/debian_version")
+base_cmd="/usr/bin/sha256sum /usr/bin/openssl"
+base_out=$(sha256sum "$TREES/base/usr/bin/openssl" | cut -d" " -f1)
 basessl_cmd=$base_cmd
-basessl_out=$(cat "$TREES/base-ssl-updated/etc/debian_version")
+basessl_out=$(sha256sum "$TREES/base-ssl-updated/usr/bin/openssl" | cut -d" " -f1)
 python_cmd="/usr/bin/python3.11 -c print(6*7)"
 python_out=42
 
@@ -113,7 +114,7 @@ cat >"$SNAPDIR/config.json" <<JSON
 {
   "root": "$SNAPDIR/root",
   "address": "$SOCK",
-  "verbose": "debug",
+  "verbose": "info",
   "autoRemoveDev": true,
   "exporterConfig": { "enable": true, "uriPrefix": "/metrics", "port": $MPORT },
   "insecureRegistries": ["$H"],
@@ -151,6 +152,7 @@ CTRD=$!
 export CONTAINERD_ADDRESS=$CSOCK CONTAINERD_NAMESPACE=cora
 wait_until 60 "containerd" ctr version
 ctr plugins ls | grep -q "io.containerd.snapshotter.v1 *cora *.*ok" || fail "proxy plugin cora not ok: $(ctr plugins ls | grep cora)"
+log "containerd up with the cora proxy snapshotter"
 
 metric() { curl -sf "http://127.0.0.1:$MPORT/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 devices() { ls /sys/block | grep -c '^ublkb' || true; }
@@ -220,29 +222,32 @@ cold_cora() { # NAME; RUN_SECS and RUN_BYTES (loopback bytes, i.e. all registry 
     expect "$1" cora
 }
 echo cora >"$T/mode"
-cold_cora python
+cold_cora base
 cora_secs=$RUN_SECS cora_bytes=$RUN_BYTES
-py_cora_size=$(image_bytes python cora)
-log "CORA python: first output after ${cora_secs}s, registry sent $cora_bytes of $py_cora_size bytes"
-[ "$((cora_bytes * 10))" -lt "$py_cora_size" ] || fail "CORA cold start fetched $cora_bytes bytes, >= 10% of $py_cora_size"
+cora_size=$(image_bytes base cora)
+log "CORA base: first output after ${cora_secs}s, registry sent $cora_bytes of $cora_size bytes"
+[ "$((cora_bytes * 10))" -lt "$cora_size" ] || fail "CORA cold start fetched $cora_bytes bytes, >= 10% of $cora_size"
 driver_bytes=$(metric cora_bytes_fetched_total)
 [ "${driver_bytes%.*}" -gt 0 ] || fail "metrics report no bytes fetched"
-record cora python "$cora_secs" "$cora_bytes" "$py_cora_size"
+[ "$(metric cora_devices)" = 1 ] || [ "$(devices)" -eq 0 ] || fail "metrics: cora_devices $(metric cora_devices), $(devices) devices"
+record cora base "$cora_secs" "$cora_bytes" "$cora_size"
 wait_until 60 "the device to go (autoRemoveDev)" test "$(devices)" -eq 0
+[ "$(metric cora_devices)" = 0 ] || fail "metrics: cora_devices $(metric cora_devices) with no device"
 
 # --- cold start, OCI: ctr pull + ctr run with the overlayfs snapshotter
 echo oci >"$T/mode"
 lo0=$(lo_bytes); START=$(now)
-ctr image pull --plain-http "$H/python:oci" >"$T/pull-oci.out" 2>&1 || fail "ctr pull: $(tail -3 "$T/pull-oci.out")"
+ctr image pull --plain-http "$H/base:oci" >"$T/pull-oci.out" 2>&1 || fail "ctr pull: $(tail -3 "$T/pull-oci.out")"
 # shellcheck disable=SC2086
-run_first oci python "$H/python:oci" overlayfs $python_cmd
+run_first oci base "$H/base:oci" overlayfs $base_cmd
 oci_secs=$RUN_SECS
 oci_bytes=$(($(lo_bytes) - lo0))
-expect python oci
-py_oci_size=$(image_bytes python oci)
-record oci python "$oci_secs" "$oci_bytes" "$py_oci_size"
+expect base oci
+oci_size=$(image_bytes base oci)
+record oci base "$oci_secs" "$oci_bytes" "$oci_size"
 ratio=$(awk "BEGIN { printf \"%.2f\", $oci_secs / $cora_secs }")
-log "OCI python: first output after ${oci_secs}s, $oci_bytes bytes; CORA is ${ratio}x faster, fetched $(awk "BEGIN { printf \"%.1f\", 100 * $cora_bytes / $py_cora_size }")% of the image"
+pct=$(awk "BEGIN { printf \"%.1f\", 100 * $cora_bytes / $cora_size }")
+log "OCI base: first output after ${oci_secs}s, $oci_bytes bytes; CORA is ${ratio}x faster, fetched ${pct}% of the image"
 echo idle >"$T/mode"
 
 # --- a plain OCI image through the cora snapshotter (rpull falls back to a normal pull)
@@ -266,7 +271,6 @@ log "CORA image runs with the overlayfs snapshotter"
 # --- four different images cold-started at once (empty cache, no device). The bytes recorded
 # for each are those of the whole four-image run (loopback traffic cannot be split by image).
 wait_until 60 "devices to go" test "$(devices)" -eq 0
-ctr image rm "$H/python:cora" >/dev/null
 rm -rf "$T/cache"
 echo 4x >"$T/mode"
 lo0=$(lo_bytes); START4=$(now)
@@ -283,7 +287,8 @@ for img in small base python basessl; do
     read -r _ secs <"$T/4x-$img"
     record cora "4x:$img" "$secs" "$all4" "$(image_bytes "$img" cora)"
 done
-log "four images cold-started at once in $(awk "BEGIN { printf \"%.1f\", $(now) - $START4 }")s: $(cat "$T"/4x-small "$T"/4x-base "$T"/4x-python "$T"/4x-basessl | awk '{ printf "%s %ss; ", $1, $2 }')"
+four_secs=$(awk "BEGIN { printf \"%.1f\", $(now) - $START4 }")
+log "four images cold-started at once in ${four_secs}s: $(cat "$T"/4x-small "$T"/4x-base "$T"/4x-python "$T"/4x-basessl | awk '{ printf "%s %ss; ", $1, $2 }')"
 echo idle >"$T/mode"
 
 # --- snapshotter restart: snapshots stay, a running container keeps running
@@ -300,7 +305,8 @@ after=$(ctr snapshots --snapshotter cora ls | sort)
 [ "$(devices)" -eq "$devs_before" ] || fail "devices changed across the restart"
 ctr task ls | grep -q "keeper .*RUNNING" || fail "the container stopped across the restart"
 sync; echo 3 >/proc/sys/vm/drop_caches
-got=$(ctr task exec --exec-id e1 keeper /bin/cat /etc/debian_version) || fail "exec after restart"
+# shellcheck disable=SC2086
+got=$(ctr task exec --exec-id e1 keeper $base_cmd | cut -d" " -f1) || fail "exec after restart"
 [ "$got" = "$base_out" ] || fail "exec after restart read '$got'"
 ctr task kill -s KILL keeper >/dev/null
 wait_until 30 "keeper to stop" sh -c "! ctr task ls | grep -q 'keeper .*RUNNING'"
@@ -328,9 +334,10 @@ grep -q ublkb /proc/self/mountinfo && fail "a ublk device is still mounted: $(gr
 if [ -n "$BENCH" ]; then
     kill "$SAMPLER" 2>/dev/null; SAMPLER=
     cat >"$BENCH/coldstart.json" <<JSON
-{"bench":"coldstart","image":"python","cora_seconds":$cora_secs,"oci_seconds":$oci_secs,"ratio":$ratio,
- "cora_bytes_fetched":$cora_bytes,"cora_image_bytes":$py_cora_size,"oci_bytes_fetched":$oci_bytes,"oci_image_bytes":$py_oci_size}
+{"bench":"coldstart","image":"base","cora_seconds":$cora_secs,"oci_seconds":$oci_secs,"ratio":$ratio,
+ "cora_bytes_fetched":$cora_bytes,"cora_image_bytes":$cora_size,"oci_bytes_fetched":$oci_bytes,"oci_image_bytes":$oci_size,
+ "four_at_once_seconds":$four_secs,"four_at_once_bytes":$all4}
 JSON
     log "bench results in $BENCH"
 fi
-log "PASS (cold start CORA ${cora_secs}s vs OCI ${oci_secs}s = ${ratio}x; CORA fetched $cora_bytes of $py_cora_size bytes)"
+log "PASS (cold start CORA ${cora_secs}s vs OCI ${oci_secs}s = ${ratio}x; CORA fetched $cora_bytes of $cora_size bytes, ${pct}%)"
