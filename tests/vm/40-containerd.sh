@@ -49,6 +49,11 @@ wait_until() {
 SAMPLER= REG= SNAP= CTRD=
 cleanup() {
     set +e
+    # Logs for a post-mortem, on the rw share.
+    if [ -n "${CORA_VM_TEST_OUT:-}" ]; then
+        mkdir -p "$CORA_VM_TEST_OUT/$N"
+        cp "$T"/*.log "$T"/snap/root/remote/*.log "$CORA_VM_TEST_OUT/$N/" 2>/dev/null
+    fi
     [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null
     if [ -n "$CTRD" ]; then
         for t in $(ctr task ls -q 2>/dev/null); do ctr task kill -s KILL "$t" 2>/dev/null; done
@@ -304,10 +309,12 @@ after=$(ctr snapshots --snapshotter cora ls | sort)
 [ "$before" = "$after" ] || fail "snapshots changed across the restart: before $before after $after"
 [ "$(devices)" -eq "$devs_before" ] || fail "devices changed across the restart"
 ctr task ls | grep -q "keeper .*RUNNING" || fail "the container stopped across the restart"
+# The container's rootfs (overlay over the stack's mount) still reads through the device. (`ctr
+# task exec` is not used: runc exec fails in this guest with "open /proc/self/fd".)
 sync; echo 3 >/proc/sys/vm/drop_caches
-# shellcheck disable=SC2086
-got=$(ctr task exec --exec-id e1 keeper $base_cmd | cut -d" " -f1) || fail "exec after restart"
-[ "$got" = "$base_out" ] || fail "exec after restart read '$got'"
+got=$(sha256sum "$T/containerd/state/io.containerd.runtime.v2.task/cora/keeper/rootfs/usr/bin/openssl" | cut -d" " -f1) \
+    || fail "reading the running container's rootfs after the restart"
+[ "$got" = "$base_out" ] || fail "the container's rootfs read '$got' after the restart"
 ctr task kill -s KILL keeper >/dev/null
 wait_until 30 "keeper to stop" sh -c "! ctr task ls | grep -q 'keeper .*RUNNING'"
 ctr task rm keeper >/dev/null 2>&1 || true
