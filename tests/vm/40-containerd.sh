@@ -305,6 +305,8 @@ devs_before=$(devices)
 [ "$devs_before" -ge 1 ] || fail "no device attached for the running container"
 kill "$SNAP"; wait "$SNAP" 2>/dev/null || true
 start_snapshotter
+# containerd redials the proxy with a backoff: poll until it reaches the new process.
+wait_until 60 "containerd to reach the restarted snapshotter" ctr snapshots --snapshotter cora ls
 after=$(ctr snapshots --snapshotter cora ls | sort)
 [ "$before" = "$after" ] || fail "snapshots changed across the restart: before $before after $after"
 [ "$(devices)" -eq "$devs_before" ] || fail "devices changed across the restart"
