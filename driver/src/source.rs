@@ -48,15 +48,36 @@ pub struct SourceStats {
     pub requests: AtomicU64,
     /// Chunks that failed verification.
     pub corrupt: AtomicU64,
+    /// Range requests that failed (network or HTTP errors).
+    pub fetch_errors: AtomicU64,
+    /// Latency of successful range requests: counts per bucket of [`FETCH_LATENCY_BOUNDS`],
+    /// the last one for slower requests.
+    pub fetch_latency: [AtomicU64; FETCH_LATENCY_BOUNDS.len() + 1],
+    pub fetch_latency_sum_us: AtomicU64,
 }
 
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+/// Upper bounds (seconds) of the fetch latency histogram buckets (Prometheus-style `le`).
+pub const FETCH_LATENCY_BOUNDS: [f64; 10] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// A histogram of range request latencies (non-cumulative counts; `le` = upper bounds).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LatencyHistogram {
+    pub le: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct StatsSnapshot {
     pub hits: u64,
     pub misses: u64,
     pub fetched_bytes: u64,
     pub requests: u64,
     pub corrupt: u64,
+    pub fetch_errors: u64,
+    pub fetch_seconds: LatencyHistogram,
 }
 
 impl SourceStats {
@@ -67,7 +88,33 @@ impl SourceStats {
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
             corrupt: self.corrupt.load(Ordering::Relaxed),
+            fetch_errors: self.fetch_errors.load(Ordering::Relaxed),
+            fetch_seconds: {
+                let counts: Vec<u64> = self
+                    .fetch_latency
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .collect();
+                LatencyHistogram {
+                    le: FETCH_LATENCY_BOUNDS.to_vec(),
+                    count: counts.iter().sum(),
+                    counts,
+                    sum_seconds: self.fetch_latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+                }
+            },
         }
+    }
+
+    /// Records one successful range request.
+    pub fn observe_fetch(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let i = FETCH_LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(FETCH_LATENCY_BOUNDS.len());
+        self.fetch_latency[i].fetch_add(1, Ordering::Relaxed);
+        self.fetch_latency_sum_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -468,9 +515,14 @@ impl LazySource {
         let mut last_err = String::new();
         for (n, remote) in self.remotes.iter().enumerate() {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let began = std::time::Instant::now();
             let bytes = match remote.read(blob, start, end - start) {
-                Ok(b) => b,
+                Ok(b) => {
+                    self.stats.observe_fetch(began.elapsed());
+                    b
+                }
                 Err(e) => {
+                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
                     warn!(remote = %remote.name(), %blob, error = %e, "range read failed");
                     last_err = e.to_string();
                     continue;

@@ -65,6 +65,10 @@ pub struct Config {
     pub credential_file: Option<PathBuf>,
     pub cache_size: u64,
     pub cache_dir: PathBuf,
+    /// The `cora-driver` binary; `None`: next to the snapshotter's binary, then `PATH`.
+    pub driver_path: Option<PathBuf>,
+    /// Registries (`host[:port]`) reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 /// The file as written; enums and sizes stay strings here so their errors can name the field.
@@ -85,6 +89,9 @@ struct RawConfig {
     credential_file: Option<PathBuf>,
     cache_size: Option<String>,
     cache_dir: Option<PathBuf>,
+    driver_path: Option<PathBuf>,
+    #[serde(default)]
+    insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,13 +177,28 @@ impl Config {
                 "must be non-zero when the exporter is enabled".into(),
             ));
         }
+        let is_host =
+            |h: &str| !h.is_empty() && !h.contains('/') && !h.contains(char::is_whitespace);
         for (i, m) in raw.mirror_registry.iter().enumerate() {
-            if m.host.is_empty() || m.host.contains('/') {
+            if !is_host(&m.host) {
                 return Err(field_err(
                     &format!("mirrorRegistry[{i}].host"),
                     format!("{:?} is not a host[:port]", m.host),
                 ));
             }
+        }
+        for (i, h) in raw.insecure_registries.iter().enumerate() {
+            if !is_host(h) {
+                return Err(field_err(
+                    &format!("insecureRegistries[{i}]"),
+                    format!("{h:?} is not a host[:port]"),
+                ));
+            }
+        }
+        if let Some(d) = &raw.driver_path
+            && !d.is_absolute()
+        {
+            return Err(field_err("driverPath", "must be an absolute path".into()));
         }
         let cache_size = match raw.cache_size.as_deref() {
             None => 10 << 30,
@@ -202,6 +224,8 @@ impl Config {
             credential_file: raw.credential_file,
             cache_size,
             cache_dir,
+            driver_path: raw.driver_path,
+            insecure_registries: raw.insecure_registries,
         })
     }
 }
@@ -261,7 +285,8 @@ mod tests {
             "logReportCaller":true,"autoRemoveDev":true,
             "exporterConfig":{"enable":true,"uriPrefix":"/m","port":9000},
             "mirrorRegistry":[{"host":"127.0.0.1:5000","insecure":true}],
-            "credentialFile":"/etc/cora/creds.json","cacheSize":"512M","cacheDir":"/c"}"#,
+            "credentialFile":"/etc/cora/creds.json","cacheSize":"512M","cacheDir":"/c",
+            "driverPath":"/usr/bin/cora-driver","insecureRegistries":["127.0.0.1:5000"]}"#,
         )
         .unwrap();
         assert_eq!(c.verbose, Verbose::Debug);
@@ -272,6 +297,8 @@ mod tests {
         assert!(c.mirror_registry[0].insecure);
         assert_eq!(c.cache_size, 512 << 20);
         assert_eq!(c.cache_dir, PathBuf::from("/c"));
+        assert_eq!(c.driver_path, Some(PathBuf::from("/usr/bin/cora-driver")));
+        assert_eq!(c.insecure_registries, ["127.0.0.1:5000"]);
     }
 
     #[test]
@@ -296,6 +323,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("exporterConfig.port"), "{e}");
+        let e = parse(r#"{"driverPath":"cora-driver"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("driverPath"), "{e}");
+        let e = parse(r#"{"insecureRegistries":["a/b"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("insecureRegistries[0]"), "{e}");
         let e = parse(r#"{"root":"relative"}"#).unwrap_err().to_string();
         assert!(e.contains("root"), "{e}");
         assert!(parse("{").is_err());

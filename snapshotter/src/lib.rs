@@ -8,6 +8,7 @@ pub mod remote;
 pub mod service;
 pub mod snapshotter;
 pub mod store;
+pub mod ublk_layers;
 
 pub mod proto {
     //! Generated from the vendored containerd v1.6 API; module nesting mirrors the proto
@@ -107,7 +108,7 @@ pub async fn serve(
         let sn = sn.clone();
         let render = move || {
             let counts = sn.counts().unwrap_or_default();
-            sn.metrics().render(counts)
+            sn.metrics().render(counts, &sn.lazy_stats())
         };
         tracing::info!(
             "metrics on http://{addr}{}",

@@ -3,7 +3,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use cora_snapshotter::config::{Config, DEFAULT_CONFIG_PATH, Verbose};
 use cora_snapshotter::metrics::Metrics;
-use cora_snapshotter::remote::NoRemoteLayers;
+use cora_snapshotter::remote::{NoRemoteLayers, RemoteLayers};
+use cora_snapshotter::ublk_layers::{UblkLayers, UblkOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -47,6 +48,18 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    let ublk = UblkLayers::new(UblkOptions::from_config(&config));
+    let remote: Arc<dyn RemoteLayers> = match ublk.available() {
+        Ok(()) => {
+            tracing::info!("lazy CORA layers: served by cora-driver ublk devices");
+            Arc::new(ublk)
+        }
+        Err(e) => {
+            tracing::warn!("{e}; CORA images will be unpacked as plain OCI images");
+            Arc::new(NoRemoteLayers)
+        }
+    };
+
     let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -63,10 +76,9 @@ fn main() -> Result<()> {
         });
         let metrics = Arc::new(Metrics::default());
         let mut stopped = stop_rx.clone();
-        let server =
-            cora_snapshotter::serve(&config, Arc::new(NoRemoteLayers), metrics, async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            });
+        let server = cora_snapshotter::serve(&config, remote, metrics, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        });
         tokio::pin!(server);
         // Graceful shutdown waits for open connections; containerd keeps one open, so a grace
         // period bounds how long a stop can take.

@@ -1,5 +1,6 @@
 //! Prometheus text exposition on 127.0.0.1:`port` at `uriPrefix`, served by a tiny tokio TCP
 //! server (one GET per connection) so no HTTP framework is pulled in for a single page.
+use crate::remote::DriverStats;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -10,22 +11,14 @@ pub const RPCS: [&str; 10] = [
     "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage", "Cleanup",
 ];
 
-/// Upper bounds (seconds) of the fetch latency histogram buckets.
-pub const FETCH_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
-
-/// Counters and gauges; the lazy path updates the device/cache/fetch ones.
+/// Counters and gauges of the snapshotter itself; the lazy-serving ones come from the drivers
+/// (see [`crate::remote::RemoteLayers::stats`]) at scrape time.
 #[derive(Debug, Default)]
 pub struct Metrics {
     rpc_total: [AtomicU64; 10],
     rpc_errors: [AtomicU64; 10],
     /// ublk devices currently attached.
     pub devices: AtomicI64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub bytes_fetched: AtomicU64,
-    fetch_buckets: [AtomicU64; 10],
-    fetch_count: AtomicU64,
-    fetch_sum_micros: AtomicU64,
 }
 
 /// Snapshot counts by kind, taken from the store at scrape time.
@@ -59,19 +52,8 @@ impl Metrics {
             .unwrap_or((0, 0))
     }
 
-    /// Records one chunk fetch from the registry.
-    pub fn observe_fetch(&self, seconds: f64, bytes: u64) {
-        self.bytes_fetched.fetch_add(bytes, Relaxed);
-        self.fetch_count.fetch_add(1, Relaxed);
-        self.fetch_sum_micros
-            .fetch_add((seconds.max(0.0) * 1e6) as u64, Relaxed);
-        if let Some(i) = FETCH_BUCKETS.iter().position(|b| seconds <= *b) {
-            self.fetch_buckets[i].fetch_add(1, Relaxed);
-        }
-    }
-
     /// The Prometheus text format (version 0.0.4).
-    pub fn render(&self, counts: SnapshotCounts) -> String {
+    pub fn render(&self, counts: SnapshotCounts, lazy: &DriverStats) -> String {
         let mut s = String::new();
         s.push_str("# HELP cora_snapshots Snapshots in the metadata store by kind.\n");
         s.push_str("# TYPE cora_snapshots gauge\n");
@@ -114,19 +96,37 @@ impl Metrics {
                 "cora_cache_hits_total",
                 "counter",
                 "Chunk reads served from the local cache.",
-                self.cache_hits.load(Relaxed) as f64,
+                lazy.hits as f64,
             ),
             (
                 "cora_cache_misses_total",
                 "counter",
-                "Chunk reads that needed a registry fetch.",
-                self.cache_misses.load(Relaxed) as f64,
+                "Chunks fetched from the registry.",
+                lazy.misses as f64,
             ),
             (
                 "cora_bytes_fetched_total",
                 "counter",
-                "Bytes fetched from the registry.",
-                self.bytes_fetched.load(Relaxed) as f64,
+                "Compressed bytes fetched from the registry.",
+                lazy.fetched_bytes as f64,
+            ),
+            (
+                "cora_fetch_requests_total",
+                "counter",
+                "Range requests made to the registry.",
+                lazy.requests as f64,
+            ),
+            (
+                "cora_fetch_errors_total",
+                "counter",
+                "Range requests to the registry that failed.",
+                lazy.fetch_errors as f64,
+            ),
+            (
+                "cora_corrupt_chunks_total",
+                "counter",
+                "Fetched chunks that failed verification.",
+                lazy.corrupt as f64,
             ),
         ];
         for (name, ty, help, v) in simple {
@@ -134,18 +134,15 @@ impl Metrics {
         }
         s.push_str("# HELP cora_fetch_seconds Registry chunk fetch latency.\n");
         s.push_str("# TYPE cora_fetch_seconds histogram\n");
+        let h = &lazy.fetch_seconds;
         let mut cumulative = 0;
-        for (i, le) in FETCH_BUCKETS.iter().enumerate() {
-            cumulative += self.fetch_buckets[i].load(Relaxed);
+        for (i, le) in h.le.iter().enumerate() {
+            cumulative += h.counts.get(i).copied().unwrap_or(0);
             let _ = writeln!(s, "cora_fetch_seconds_bucket{{le=\"{le}\"}} {cumulative}");
         }
-        let count = self.fetch_count.load(Relaxed);
+        let count = h.counts.iter().sum::<u64>();
         let _ = writeln!(s, "cora_fetch_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            s,
-            "cora_fetch_seconds_sum {}",
-            self.fetch_sum_micros.load(Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(s, "cora_fetch_seconds_sum {}", h.sum_seconds);
         let _ = writeln!(s, "cora_fetch_seconds_count {count}");
         s
     }
@@ -197,19 +194,34 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::Histogram;
 
     #[test]
     fn render_counts_and_histogram() {
         let m = Metrics::default();
         m.rpc("Prepare", true);
         m.rpc("Prepare", false);
-        m.observe_fetch(0.003, 100);
-        m.observe_fetch(2.0, 50);
-        let text = m.render(SnapshotCounts {
-            active: 1,
-            committed: 3,
+        m.devices.store(2, Relaxed);
+        let lazy = DriverStats {
+            hits: 7,
+            fetched_bytes: 150,
+            fetch_errors: 1,
+            fetch_seconds: Histogram {
+                le: vec![0.0025, 0.005],
+                counts: vec![0, 1, 1],
+                sum_seconds: 2.003,
+                count: 2,
+            },
             ..Default::default()
-        });
+        };
+        let text = m.render(
+            SnapshotCounts {
+                active: 1,
+                committed: 3,
+                ..Default::default()
+            },
+            &lazy,
+        );
         assert!(
             text.contains("cora_snapshots{kind=\"committed\"} 3"),
             "{text}"
@@ -217,6 +229,9 @@ mod tests {
         assert!(text.contains("cora_snapshotter_rpc_total{method=\"Prepare\"} 2"));
         assert!(text.contains("cora_snapshotter_rpc_errors_total{method=\"Prepare\"} 1"));
         assert!(text.contains("cora_bytes_fetched_total 150"));
+        assert!(text.contains("cora_devices 2"));
+        assert!(text.contains("cora_cache_hits_total 7"));
+        assert!(text.contains("cora_fetch_errors_total 1"));
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"0.0025\"} 0"));
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"+Inf\"} 2"));

@@ -133,11 +133,29 @@ impl Snapshotter {
                 warn!(snapshot = %key, %stack, "re-attaching remote layers failed: {e}");
             }
         }
+        // Stacks a previous run left attached that no snapshot uses now: known with no
+        // reference, so Cleanup (or the next release) detaches them.
+        for (stack, mountpoint) in sn.remote.attached() {
+            let mut att = lock(&sn.attachments);
+            if let std::collections::hash_map::Entry::Vacant(e) = att.entry(stack) {
+                info!(stack = %e.key(), "found an unused attached stack from an earlier run");
+                e.insert(Attachment {
+                    mountpoint,
+                    refs: 0,
+                });
+                sn.metrics.devices.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(sn)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The lazy backend's counters (cache hits, bytes fetched, fetch latency).
+    pub fn lazy_stats(&self) -> crate::remote::DriverStats {
+        self.remote.stats()
     }
 
     fn dir(&self, id: u64) -> PathBuf {
@@ -417,6 +435,16 @@ impl Snapshotter {
         }
         if let Some(s) = &rec.stack {
             self.release(s);
+        }
+        // A removed remote layer can have no users left (children block removal), and its
+        // record, which attach needs, is gone: release its device now, not at some Cleanup.
+        if rec.remote {
+            let mountpoint = lock(&self.attachments)
+                .get(key)
+                .map(|a| a.mountpoint.clone());
+            if let Some(mp) = mountpoint {
+                self.detach(key, &mp);
+            }
         }
         debug!(key, "snapshot removed");
         Ok(())
@@ -781,5 +809,61 @@ mod tests {
         assert!(sn.attachment_refs().is_empty());
         let counts = sn.counts().unwrap();
         assert_eq!((counts.committed, counts.remote, counts.active), (1, 1, 0));
+    }
+
+    /// Also reports one stack as attached by an earlier run.
+    struct Leftover(Recorder);
+
+    impl RemoteLayers for Leftover {
+        fn available(&self) -> Result<(), RemoteError> {
+            Ok(())
+        }
+        fn is_remote(&self, _labels: &Labels) -> bool {
+            true
+        }
+        fn attach(&self, stack_key: &str, labels: &Labels) -> Result<PathBuf, RemoteError> {
+            self.0.attach(stack_key, labels)
+        }
+        fn detach(&self, stack_key: &str, mountpoint: &Path) -> Result<(), RemoteError> {
+            self.0.detach(stack_key, mountpoint)
+        }
+        fn attached(&self) -> Vec<(String, PathBuf)> {
+            vec![("old".into(), self.0.dir.clone())]
+        }
+    }
+
+    #[test]
+    fn leftover_stacks_are_released_and_removed_layers_detach_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Leftover(Recorder {
+            dir: dir.path().join("stack"),
+            calls: Mutex::new(Vec::new()),
+        }));
+        std::fs::create_dir_all(&backend.0.dir).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let sn = Snapshotter::open(
+            &dir.path().join("root"),
+            backend.clone(),
+            false,
+            metrics.clone(),
+        )
+        .unwrap();
+        assert_eq!(sn.attachment_refs().get("old"), Some(&0));
+        assert_eq!(metrics.devices.load(Ordering::Relaxed), 1);
+        sn.cleanup().unwrap();
+        assert_eq!(*lock(&backend.0.calls), ["detach old"]);
+        assert_eq!(metrics.devices.load(Ordering::Relaxed), 0);
+
+        // Even without autoRemoveDev, removing the remote layer itself releases its device.
+        let _ = sn.prepare("x", "", remote_labels("L1"));
+        sn.prepare("c", "L1", Labels::new()).unwrap();
+        sn.remove("c").unwrap();
+        assert_eq!(sn.attachment_refs().get("L1"), Some(&0));
+        sn.remove("L1").unwrap();
+        assert_eq!(
+            lock(&backend.0.calls).last().map(String::as_str),
+            Some("detach L1")
+        );
+        assert!(sn.attachment_refs().is_empty());
     }
 }

@@ -94,6 +94,7 @@ fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    run_host_preps(&repo.join("tests/vm"), filter.unwrap_or(""))?;
     let runner = repo.join("xtask/src/vm/run-tests.sh");
     let q = |p: &std::path::Path| vm::shell_quote(&p.display().to_string());
     let cmd = format!(
@@ -115,6 +116,25 @@ fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
         bail!("VM tests failed (runner exit status {})", suite.trim());
     }
     eprintln!("xtask: vm-test passed (exit status and rw share verified)");
+    Ok(())
+}
+
+/// Runs `tests/vm/*.prep` (those whose name contains `filter`) on the host, in name order:
+/// work a guest test needs that is much faster native than under TCG (e.g. building images).
+fn run_host_preps(dir: &std::path::Path, filter: &str) -> Result<()> {
+    let mut preps: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "prep"))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(filter))
+        })
+        .collect();
+    preps.sort();
+    for p in preps {
+        deps::run("sh", &[&p.to_string_lossy()])?;
+    }
     Ok(())
 }
 

@@ -78,8 +78,11 @@ struct SourceArgs {
     #[arg(long, value_name = "REF")]
     image: Option<String>,
     /// Top layer of the stack to serve (0-based; default: the image's top layer).
-    #[arg(long, requires = "image")]
+    #[arg(long, requires = "image", conflicts_with = "layer_digest")]
     layer: Option<usize>,
+    /// Top layer of the stack to serve, by its blob digest (sha256:…).
+    #[arg(long, requires = "image", value_name = "DIGEST")]
+    layer_digest: Option<String>,
     /// Chunk cache directory, shared by all images and devices on the host.
     #[arg(long, default_value = driver::cache::cli::DEFAULT_CACHE_DIR)]
     cache: PathBuf,
@@ -115,6 +118,10 @@ struct RunArgs {
     /// With --daemon: append the server's log here (default: discarded).
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Rewrite this JSON file with the source's counters (cache hits, bytes fetched, fetch
+    /// latency histogram) every second while serving.
+    #[arg(long, value_name = "PATH")]
+    stats_file: Option<PathBuf>,
 }
 
 fn parse_sim(s: &str) -> Result<SimulatedMisses, String> {
@@ -145,6 +152,7 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
         return Ok(SourceRecipe::Image {
             image,
             layer: args.layer,
+            layer_digest: args.layer_digest.clone(),
             cache: abs(&args.cache),
             cache_size: args.cache_size,
             registry: driver::remote::RegistryAccess {
@@ -410,6 +418,52 @@ impl StopOnSignal {
     }
 }
 
+/// Writes the source's counters to a file every second (atomically: temp file + rename), and a
+/// last time when dropped, so a reader (the snapshotter's metrics) never sees a torn file.
+struct StatsWriter {
+    path: Option<PathBuf>,
+    source: Arc<dyn ublk::BlockSource>,
+}
+
+impl StatsWriter {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn start(path: Option<PathBuf>, source: Arc<dyn ublk::BlockSource>) -> std::io::Result<Self> {
+        if let Some(p) = &path {
+            let (p, src) = (p.clone(), source.clone());
+            std::thread::Builder::new()
+                .name("stats".into())
+                .spawn(move || {
+                    loop {
+                        if let Err(e) = write_stats(&p, src.as_ref()) {
+                            tracing::warn!(path = %p.display(), "writing stats: {e}");
+                        }
+                        std::thread::sleep(Self::INTERVAL);
+                    }
+                })?;
+        }
+        Ok(StatsWriter { path, source })
+    }
+}
+
+impl Drop for StatsWriter {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = write_stats(p, self.source.as_ref());
+        }
+    }
+}
+
+fn write_stats(path: &std::path::Path, source: &dyn ublk::BlockSource) -> std::io::Result<()> {
+    let Some(v) = source.stats() else {
+        return Ok(());
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, v.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
 fn add(args: AddArgs) -> Result<()> {
     let notifier = start(&args.run)?;
     let res = (|| {
@@ -418,6 +472,7 @@ fn add(args: AddArgs) -> Result<()> {
             .open()
             .with_context(|| format!("opening the source {recipe:?}"))?;
         let stop = StopOnSignal::install()?;
+        let stats = StatsWriter::start(args.run.stats_file.clone(), source.clone())?;
         let opts = DeviceOptions {
             id: args.id,
             queues: args.queues,
@@ -432,6 +487,7 @@ fn add(args: AddArgs) -> Result<()> {
             n.ready(r)
         })
         .context("serving the device")?;
+        drop(stats);
         Ok(())
     })();
     if let Err(e) = &res {
@@ -446,12 +502,19 @@ fn recover(id: u32, run: RunArgs) -> Result<()> {
         let stop = StopOnSignal::install()?;
         stop.id.store(id, Ordering::SeqCst);
         let n = notifier.clone();
+        let stats_file = run.stats_file.clone();
+        let mut stats = None;
         ublk::recover(
             id,
-            |v| SourceRecipe::from_json(v)?.open(),
+            |v| {
+                let source = SourceRecipe::from_json(v)?.open()?;
+                stats = Some(StatsWriter::start(stats_file, source.clone())?);
+                Ok(source)
+            },
             move |r| n.ready(r),
         )
         .with_context(|| format!("recovering device {id}"))?;
+        drop(stats);
         // A recovering server does not own the device's deletion, except when told to stop.
         if stop.requested.load(Ordering::SeqCst) {
             let _ = ublk::delete(id);

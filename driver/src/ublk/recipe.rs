@@ -29,6 +29,10 @@ pub enum SourceRecipe {
         /// Top layer of the stack (default: the image's top layer).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         layer: Option<usize>,
+        /// Top layer of the stack by blob digest (`sha256:…`), as containerd names layers;
+        /// exclusive with `layer`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer_digest: Option<String>,
         cache: PathBuf,
         cache_size: u64,
         #[serde(default)]
@@ -59,12 +63,13 @@ impl SourceRecipe {
             SourceRecipe::Image {
                 image,
                 layer,
+                layer_digest,
                 cache,
                 cache_size,
                 registry,
             } => Ok(Arc::new(LazyImage::open(
                 image,
-                *layer,
+                TopLayer::pick(*layer, layer_digest.as_deref())?,
                 cache,
                 *cache_size,
                 registry,
@@ -140,6 +145,43 @@ impl BlockSource for ColdFile {
     }
 }
 
+/// Which layer tops the served stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopLayer<'a> {
+    /// The image's top layer.
+    Top,
+    Index(usize),
+    Digest(&'a str),
+}
+
+impl<'a> TopLayer<'a> {
+    fn pick(index: Option<usize>, digest: Option<&'a str>) -> io::Result<TopLayer<'a>> {
+        match (index, digest) {
+            (None, None) => Ok(TopLayer::Top),
+            (Some(i), None) => Ok(TopLayer::Index(i)),
+            (None, Some(d)) => Ok(TopLayer::Digest(d)),
+            (Some(_), Some(_)) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "give the top layer by index or by digest, not both",
+            )),
+        }
+    }
+
+    /// The 0-based index of this layer among `layers`.
+    pub fn resolve(self, layers: &[blobfmt::oci::Descriptor]) -> io::Result<usize> {
+        match self {
+            TopLayer::Top => Ok(layers.len().saturating_sub(1)),
+            TopLayer::Index(i) => Ok(i),
+            TopLayer::Digest(d) => layers.iter().position(|l| l.digest == d).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("the image has no layer {d}"),
+                )
+            }),
+        }
+    }
+}
+
 /// A CORA stack served through `LazySource`; owns the runtime its registry reads run on.
 pub struct LazyImage {
     source: crate::source::LazySource,
@@ -153,7 +195,7 @@ fn io_other(e: impl std::fmt::Display) -> io::Error {
 impl LazyImage {
     pub fn open(
         image: &str,
-        layer: Option<usize>,
+        layer: TopLayer<'_>,
         cache: &std::path::Path,
         cache_size: u64,
         registry: &crate::remote::RegistryAccess,
@@ -166,7 +208,7 @@ impl LazyImage {
             .build()?;
         let (manifest, remotes) =
             crate::remote::open_image(&image, &registry.config(), rt.handle()).map_err(io_other)?;
-        let top = layer.unwrap_or(manifest.layers.len().saturating_sub(1));
+        let top = layer.resolve(&manifest.layers)?;
         let cache = crate::cache::ChunkCache::open(cache, cache_size).map_err(io_other)?;
         let source = crate::source::LazySource::open(
             &manifest,
@@ -190,6 +232,9 @@ impl BlockSource for LazyImage {
     }
     fn read_local(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
         self.source.read_local(offset, buf).map_err(io_other)
+    }
+    fn stats(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.source.stats.snapshot()).ok()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.source.read_at(offset, buf).map_err(|e| {

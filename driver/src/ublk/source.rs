@@ -22,6 +22,12 @@ pub trait BlockSource: Send + Sync + 'static {
     fn local_slice(&self, _offset: u64, _len: usize) -> Option<&[u8]> {
         None
     }
+
+    /// Counters worth exporting (cache hits, bytes fetched, latency), as JSON; `None` for
+    /// sources without any (plain files).
+    fn stats(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// A plain image file: every byte is local. `read_local`/`read_at` use pread; `local_slice`

@@ -1,0 +1,800 @@
+//! The lazy backend: one `cora-driver` ublk device per CORA layer stack, its file system
+//! mounted read-only under `<root>/remote/<hash of the stack key>`.
+//!
+//! ```text
+//! <root>/remote/<h>/            mount point of the stack's file system
+//! <root>/remote/<h>.json        state: stack key, device id, mount point, image, layer digest
+//! <root>/remote/<h>.stats.json  the driver's counters (rewritten by it every second)
+//! <root>/remote/<h>.log         the driver's log
+//! ```
+//!
+//! The state file lets a restarted snapshotter find the live device and mount of a stack and
+//! hand out the same path, so running containers keep their lowerdir. The driver is started
+//! in a mount namespace of its own (private propagation): a ublk server that exits in a
+//! namespace holding a mount of its own device deadlocks (libublk-rs#50), and our mount is made
+//! in the snapshotter's namespace, which containerd shares.
+use crate::config::Config;
+use crate::remote::{
+    DriverStats, LABEL_CORA_PREFIX, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
+    LABEL_CRI_MANIFEST_DIGEST, Labels, RemoteError, RemoteLayers,
+};
+use sha2::Digest as _;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// The converter's annotation naming the stack image's file system (erofs or ext4).
+pub const LABEL_FS_TYPE: &str = "containerd.io/snapshot/cora/fs-type";
+/// How long a device may take to become ready (manifest, index and trailers are fetched first;
+/// generous because the VM tests run emulated).
+const ADD_TIMEOUT: Duration = Duration::from_secs(180);
+const DEL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the backend needs from the snapshotter config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UblkOptions {
+    /// State directory (`<root>/remote`).
+    pub dir: PathBuf,
+    /// Configured driver binary; `None` = next to our own binary, then `PATH`.
+    pub driver: Option<PathBuf>,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub creds_file: Option<PathBuf>,
+    pub insecure_hosts: Vec<String>,
+    /// `(host, insecure)`, tried before the image's own registry.
+    pub mirrors: Vec<(String, bool)>,
+}
+
+impl UblkOptions {
+    pub fn from_config(c: &Config) -> UblkOptions {
+        UblkOptions {
+            dir: c.root.join("remote"),
+            driver: c.driver_path.clone(),
+            cache_dir: c.cache_dir.clone(),
+            cache_size: c.cache_size,
+            creds_file: c.credential_file.clone(),
+            insecure_hosts: c.insecure_registries.clone(),
+            mirrors: c
+                .mirror_registry
+                .iter()
+                .map(|m| (m.host.clone(), m.insecure))
+                .collect(),
+        }
+    }
+}
+
+/// What is recorded per attached stack.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct StackState {
+    stack_key: String,
+    device_id: u32,
+    mountpoint: PathBuf,
+    image: String,
+    layer_digest: String,
+}
+
+pub struct UblkLayers {
+    opts: UblkOptions,
+    driver: Result<PathBuf, String>,
+    kernel: OnceLock<Result<(), String>>,
+    /// Serialises attach/detach: they spawn and delete devices and edit state files.
+    lock: Mutex<()>,
+    /// Counters of devices already detached, so exported totals never go backwards.
+    retired: Mutex<DriverStats>,
+}
+
+impl UblkLayers {
+    pub fn new(opts: UblkOptions) -> UblkLayers {
+        let driver = find_driver(opts.driver.as_deref());
+        UblkLayers {
+            opts,
+            driver,
+            kernel: OnceLock::new(),
+            lock: Mutex::new(()),
+            retired: Mutex::new(DriverStats::default()),
+        }
+    }
+
+    fn driver(&self) -> Result<&Path, RemoteError> {
+        self.driver
+            .as_deref()
+            .map_err(|e| RemoteError::Unavailable(e.clone()))
+    }
+
+    fn paths(&self, stack_key: &str) -> StackPaths {
+        let h = hex::encode(sha2::Sha256::digest(stack_key.as_bytes()));
+        let base = self.opts.dir.join(&h[..32]);
+        StackPaths {
+            state: base.with_extension("json"),
+            stats: base.with_extension("stats.json"),
+            log: base.with_extension("log"),
+            mountpoint: base,
+        }
+    }
+
+    fn read_state(&self, path: &Path) -> Option<StackState> {
+        let text = std::fs::read(path).ok()?;
+        match serde_json::from_slice(&text) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(path = %path.display(), "ignoring unreadable state file: {e}");
+                None
+            }
+        }
+    }
+
+    /// The live device and mount a state file describes, made whole again where possible
+    /// (remount if only the mount is gone, recover if only the server died). `None` when the
+    /// device is gone; stale leftovers are cleared then.
+    fn reuse(&self, p: &StackPaths, st: &StackState, fs_type: &str) -> Option<PathBuf> {
+        let driver = self.driver().ok()?;
+        let dev = device_status(driver, st.device_id);
+        let ours = dev.as_ref().is_some_and(|d| {
+            d.pointer("/target_data/cora/recipe/layer_digest")
+                .and_then(|v| v.as_str())
+                == Some(st.layer_digest.as_str())
+        });
+        let state = dev
+            .as_ref()
+            .and_then(|d| d.get("state"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_owned();
+        if !ours {
+            info!(stack = %st.stack_key, id = st.device_id, "device of the recorded stack is gone; attaching anew");
+            let _ = unmount(&st.mountpoint);
+            let _ = std::fs::remove_file(&p.state);
+            return None;
+        }
+        if state == "QUIESCED" {
+            info!(id = st.device_id, "the device's server died; recovering it");
+            let mut cmd = Command::new(driver);
+            cmd.arg("recover")
+                .arg(st.device_id.to_string())
+                .arg("--daemon")
+                .arg("--log")
+                .arg(&p.log)
+                .arg("--stats-file")
+                .arg(&p.stats);
+            if let Err(e) = run_driver(cmd, ADD_TIMEOUT) {
+                warn!(id = st.device_id, "recover failed: {e}");
+                return None;
+            }
+        }
+        if !is_mountpoint(&st.mountpoint) {
+            let dev = PathBuf::from(format!("/dev/ublkb{}", st.device_id));
+            if let Err(e) = mount_ro(&dev, &st.mountpoint, fs_type) {
+                warn!(id = st.device_id, "remounting: {e}");
+                return None;
+            }
+        }
+        Some(st.mountpoint.clone())
+    }
+
+    fn driver_args(&self, image: &str, layer_digest: &str, p: &StackPaths) -> Vec<String> {
+        let o = &self.opts;
+        let mut a: Vec<String> = vec![
+            "add".into(),
+            "--image".into(),
+            image.into(),
+            "--layer-digest".into(),
+            layer_digest.into(),
+            "--cache".into(),
+            o.cache_dir.display().to_string(),
+            "--cache-size".into(),
+            o.cache_size.to_string(),
+            "--queues".into(),
+            "2".into(),
+            "--daemon".into(),
+            "--log".into(),
+            p.log.display().to_string(),
+            "--stats-file".into(),
+            p.stats.display().to_string(),
+        ];
+        if let Some(c) = &o.creds_file {
+            a.extend(["--creds".into(), c.display().to_string()]);
+        }
+        for h in &o.insecure_hosts {
+            a.extend(["--insecure".into(), h.clone()]);
+        }
+        for (h, insecure) in &o.mirrors {
+            let m = if *insecure {
+                format!("{h},insecure")
+            } else {
+                h.clone()
+            };
+            a.extend(["--mirror".into(), m]);
+        }
+        a
+    }
+
+    /// Folds a device's last counters into the retired totals.
+    fn retire_stats(&self, p: &StackPaths) {
+        if let Some(s) = read_stats(&p.stats) {
+            lock(&self.retired).add(&s);
+        }
+        let _ = std::fs::remove_file(&p.stats);
+    }
+
+    fn states(&self) -> Vec<StackState> {
+        let Ok(entries) = std::fs::read_dir(&self.opts.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "json")
+                    && !p.to_string_lossy().ends_with(".stats.json")
+            })
+            .filter_map(|p| self.read_state(&p))
+            .collect()
+    }
+}
+
+struct StackPaths {
+    state: PathBuf,
+    stats: PathBuf,
+    log: PathBuf,
+    mountpoint: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RemoteLayers for UblkLayers {
+    fn available(&self) -> Result<(), RemoteError> {
+        self.driver()?;
+        self.kernel
+            .get_or_init(kernel_has_ublk)
+            .clone()
+            .map_err(RemoteError::Unavailable)
+    }
+
+    fn is_remote(&self, labels: &Labels) -> bool {
+        labels.keys().any(|k| k.starts_with(LABEL_CORA_PREFIX))
+            && labels.contains_key(LABEL_CRI_IMAGE_REF)
+            && labels.contains_key(LABEL_CRI_LAYER_DIGEST)
+    }
+
+    fn attach(&self, stack_key: &str, labels: &Labels) -> Result<PathBuf, RemoteError> {
+        let get = |k: &str| {
+            labels
+                .get(k)
+                .ok_or_else(|| RemoteError::Failed(format!("stack {stack_key}: no label {k}")))
+        };
+        let image_ref = get(LABEL_CRI_IMAGE_REF)?;
+        let layer_digest = get(LABEL_CRI_LAYER_DIGEST)?;
+        let image = pinned_ref(image_ref, labels.get(LABEL_CRI_MANIFEST_DIGEST))?;
+        let fs_type = labels
+            .get(LABEL_FS_TYPE)
+            .map(String::as_str)
+            .unwrap_or("erofs");
+        if !matches!(fs_type, "erofs" | "ext4") {
+            return Err(RemoteError::Failed(format!(
+                "stack {stack_key}: unsupported file system {fs_type:?}"
+            )));
+        }
+        let driver = self.driver()?.to_owned();
+        let _g = lock(&self.lock);
+        let p = self.paths(stack_key);
+        if let Some(st) = self.read_state(&p.state)
+            && st.stack_key == stack_key
+            && let Some(mp) = self.reuse(&p, &st, fs_type)
+        {
+            info!(stack = %stack_key, id = st.device_id, "reusing the live device");
+            return Ok(mp);
+        }
+        std::fs::create_dir_all(&p.mountpoint).map_err(|e| {
+            RemoteError::Failed(format!("creating {}: {e}", p.mountpoint.display()))
+        })?;
+        let mut cmd = Command::new(&driver);
+        cmd.args(self.driver_args(&image, layer_digest, &p));
+        let started = Instant::now();
+        let out = run_driver(cmd, ADD_TIMEOUT)?;
+        let dev = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("/dev/ublkb"))
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| {
+                RemoteError::Failed(format!("cora-driver add printed no device: {out:?}"))
+            })?;
+        let dev_path = PathBuf::from(format!("/dev/ublkb{dev}"));
+        let delete = || {
+            let mut cmd = Command::new(&driver);
+            cmd.arg("del").arg(dev.to_string());
+            if let Err(e) = run_driver(cmd, DEL_TIMEOUT) {
+                warn!(id = dev, "deleting the device after a failed attach: {e}");
+            }
+        };
+        if let Err(e) = wait_for_path(&dev_path, Duration::from_secs(10))
+            .and_then(|()| mount_ro(&dev_path, &p.mountpoint, fs_type))
+        {
+            delete();
+            return Err(e);
+        }
+        let st = StackState {
+            stack_key: stack_key.to_owned(),
+            device_id: dev,
+            mountpoint: p.mountpoint.clone(),
+            image,
+            layer_digest: layer_digest.clone(),
+        };
+        if let Err(e) = write_atomic(&p.state, &serde_json::to_vec(&st).unwrap_or_default()) {
+            let _ = unmount(&p.mountpoint);
+            delete();
+            return Err(e);
+        }
+        info!(stack = %stack_key, id = dev, took = ?started.elapsed(), mountpoint = %p.mountpoint.display(), "stack attached");
+        Ok(p.mountpoint)
+    }
+
+    fn detach(&self, stack_key: &str, mountpoint: &Path) -> Result<(), RemoteError> {
+        let driver = self.driver()?.to_owned();
+        let _g = lock(&self.lock);
+        let p = self.paths(stack_key);
+        unmount(mountpoint)?;
+        if let Some(st) = self.read_state(&p.state) {
+            let mut cmd = Command::new(&driver);
+            cmd.arg("del").arg(st.device_id.to_string());
+            match run_driver(cmd, DEL_TIMEOUT) {
+                Ok(_) => {}
+                // Already gone (e.g. after a reboot) is what we wanted.
+                Err(e) if !Path::new(&format!("/sys/block/ublkb{}", st.device_id)).exists() => {
+                    debug!(id = st.device_id, "del: {e} (device already gone)");
+                }
+                Err(e) => return Err(e),
+            }
+            self.retire_stats(&p);
+            let _ = std::fs::remove_file(&p.state);
+        }
+        let _ = std::fs::remove_dir(mountpoint);
+        Ok(())
+    }
+
+    fn attached(&self) -> Vec<(String, PathBuf)> {
+        self.states()
+            .into_iter()
+            .filter(|s| is_mountpoint(&s.mountpoint))
+            .map(|s| (s.stack_key, s.mountpoint))
+            .collect()
+    }
+
+    fn stats(&self) -> DriverStats {
+        let mut total = lock(&self.retired).clone();
+        for st in self.states() {
+            if let Some(s) = read_stats(&self.paths(&st.stack_key).stats) {
+                total.add(&s);
+            }
+        }
+        total
+    }
+}
+
+fn read_stats(path: &Path) -> Option<DriverStats> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| warn!(path = %path.display(), "unreadable driver stats: {e}"))
+        .ok()
+}
+
+/// `<name>@<manifest digest>` when the digest is known (the tag may have moved since the pull),
+/// else the reference as given.
+pub fn pinned_ref(
+    image_ref: &str,
+    manifest_digest: Option<&String>,
+) -> Result<String, RemoteError> {
+    let Some(digest) = manifest_digest else {
+        return Ok(image_ref.to_owned());
+    };
+    if !digest.starts_with("sha256:") || digest.len() != 71 {
+        return Err(RemoteError::Failed(format!(
+            "bad manifest digest label {digest:?}"
+        )));
+    }
+    let name = image_ref.split('@').next().unwrap_or(image_ref);
+    // A ':' after the last '/' starts a tag; one before it belongs to host:port.
+    let slash = name.rfind('/').map_or(0, |i| i + 1);
+    let name = match name[slash..].rfind(':') {
+        Some(i) => &name[..slash + i],
+        None => name,
+    };
+    if name.is_empty() {
+        return Err(RemoteError::Failed(format!(
+            "bad image reference {image_ref:?}"
+        )));
+    }
+    Ok(format!("{name}@{digest}"))
+}
+
+/// The configured driver, else `cora-driver` next to our binary, else on `PATH`.
+fn find_driver(configured: Option<&Path>) -> Result<PathBuf, String> {
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.is_file() && m.permissions().mode() & 0o111 != 0
+        })
+    };
+    if let Some(p) = configured {
+        return if executable(p) {
+            Ok(p.to_owned())
+        } else {
+            Err(format!(
+                "driverPath {} is not an executable file",
+                p.display()
+            ))
+        };
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("cora-driver")));
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("cora-driver"))
+                .collect()
+        })
+        .unwrap_or_default();
+    beside
+        .into_iter()
+        .chain(on_path)
+        .find(|p| executable(p))
+        .ok_or_else(|| "cora-driver not found next to cora-snapshotter nor on PATH".to_owned())
+}
+
+fn kernel_has_ublk() -> Result<(), String> {
+    let ctl = Path::new("/dev/ublk-control");
+    if ctl.exists() {
+        return Ok(());
+    }
+    let _ = Command::new("modprobe")
+        .arg("ublk_drv")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if ctl.exists() {
+        Ok(())
+    } else {
+        Err("the kernel has no ublk (/dev/ublk-control missing, `modprobe ublk_drv` failed)".into())
+    }
+}
+
+/// Runs a driver command in a mount namespace of its own and returns its stdout; fails on a
+/// nonzero exit or after `timeout` (the process is killed then).
+fn run_driver(mut cmd: Command, timeout: Duration) -> Result<String, RemoteError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| RemoteError::Failed(format!("starting {what}: {e}")))?;
+    // Readers on their own threads: a chatty child must not block on a full pipe.
+    let pipe = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = pipe(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = pipe(child.stderr.take().map(|r| Box::new(r) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(RemoteError::Failed(format!(
+                    "{what} did not finish within {timeout:?}"
+                )));
+            }
+            Err(e) => return Err(RemoteError::Failed(format!("waiting for {what}: {e}"))),
+        }
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    if !status.success() {
+        return Err(RemoteError::Failed(format!(
+            "{what} failed ({status}): {}",
+            err.trim()
+        )));
+    }
+    Ok(out)
+}
+
+/// `cora-driver list --json` entry of device `id`.
+fn device_status(driver: &Path, id: u32) -> Option<serde_json::Value> {
+    let mut cmd = Command::new(driver);
+    cmd.args(["list", "--json"]);
+    let out = run_driver(cmd, DEL_TIMEOUT).ok()?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
+    list.into_iter()
+        .find(|d| d.get("id").and_then(|v| v.as_u64()) == Some(u64::from(id)))
+}
+
+fn wait_for_path(p: &Path, timeout: Duration) -> Result<(), RemoteError> {
+    let deadline = Instant::now() + timeout;
+    while !p.exists() {
+        if Instant::now() >= deadline {
+            return Err(RemoteError::Failed(format!(
+                "{} did not appear within {timeout:?}",
+                p.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn cstr(p: &Path) -> Result<CString, RemoteError> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| RemoteError::Failed(format!("path {} contains NUL", p.display())))
+}
+
+fn mount_ro(dev: &Path, mountpoint: &Path, fs_type: &str) -> Result<(), RemoteError> {
+    let (src, dst) = (cstr(dev)?, cstr(mountpoint)?);
+    let fs = CString::new(fs_type).map_err(|_| RemoteError::Failed("bad fs type".into()))?;
+    // ext4 on a read-only device: never replay the journal.
+    let data = if fs_type == "ext4" { c"noload" } else { c"" };
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fs.as_ptr(),
+            libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(RemoteError::Failed(format!(
+            "mounting {} ({fs_type}) on {}: {}",
+            dev.display(),
+            mountpoint.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Unmounts; a path that is not mounted is fine, a busy mount is an error (the device then
+/// stays, since deleting it would fail every read of its users).
+fn unmount(mountpoint: &Path) -> Result<(), RemoteError> {
+    if !is_mountpoint(mountpoint) {
+        return Ok(());
+    }
+    let p = cstr(mountpoint)?;
+    // SAFETY: NUL-terminated path.
+    if unsafe { libc::umount2(p.as_ptr(), 0) } != 0 {
+        return Err(RemoteError::Failed(format!(
+            "unmounting {}: {}",
+            mountpoint.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `p` is a mount point in our namespace (field 5 of /proc/self/mountinfo).
+pub fn is_mountpoint(p: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = p.as_os_str().as_bytes();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| unescape_mountinfo(m) == want)
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RemoteError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| RemoteError::Failed(format!("writing {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+    #[test]
+    fn pinned_ref_drops_tag_keeps_port() {
+        let d = D.to_owned();
+        assert_eq!(
+            pinned_ref("127.0.0.1:5000/app:v1", Some(&d)).unwrap(),
+            format!("127.0.0.1:5000/app@{D}")
+        );
+        assert_eq!(
+            pinned_ref("127.0.0.1:5000/a/b", Some(&d)).unwrap(),
+            format!("127.0.0.1:5000/a/b@{D}")
+        );
+        assert_eq!(
+            pinned_ref("h/app:v1@sha256:22", Some(&d)).unwrap(),
+            format!("h/app@{D}")
+        );
+        assert_eq!(pinned_ref("h/app:v1", None).unwrap(), "h/app:v1");
+        assert!(pinned_ref("h/app:v1", Some(&"md5:x".to_owned())).is_err());
+    }
+
+    fn labels(keys: &[&str]) -> Labels {
+        keys.iter()
+            .map(|k| (k.to_string(), "x".to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn is_remote_needs_cora_annotation_and_cri_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = UblkLayers::new(UblkOptions {
+            dir: dir.path().join("remote"),
+            driver: None,
+            cache_dir: dir.path().join("cache"),
+            cache_size: 1 << 30,
+            creds_file: None,
+            insecure_hosts: vec![],
+            mirrors: vec![],
+        });
+        assert!(b.is_remote(&labels(&[
+            LABEL_FS_TYPE,
+            LABEL_CRI_IMAGE_REF,
+            LABEL_CRI_LAYER_DIGEST
+        ])));
+        assert!(!b.is_remote(&labels(&[LABEL_FS_TYPE, LABEL_CRI_IMAGE_REF])));
+        assert!(!b.is_remote(&labels(&[LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST])));
+    }
+
+    #[test]
+    fn driver_lookup_and_args() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        assert!(
+            find_driver(Some(&missing))
+                .unwrap_err()
+                .contains("driverPath")
+        );
+        let fake = dir.path().join("cora-driver");
+        std::fs::write(&fake, "#!/bin/sh\n").unwrap();
+        assert!(find_driver(Some(&fake)).is_err(), "not executable yet");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(find_driver(Some(&fake)).unwrap(), fake);
+
+        let b = UblkLayers::new(UblkOptions {
+            dir: dir.path().join("remote"),
+            driver: Some(fake),
+            cache_dir: PathBuf::from("/c"),
+            cache_size: 4096,
+            creds_file: Some(PathBuf::from("/creds.json")),
+            insecure_hosts: vec!["127.0.0.1:5000".into()],
+            mirrors: vec![("m:1".into(), true), ("m:2".into(), false)],
+        });
+        let p = b.paths("default/7/sha256:abc");
+        assert_eq!(
+            p.mountpoint.parent(),
+            Some(dir.path().join("remote").as_path())
+        );
+        assert_ne!(p.mountpoint, b.paths("default/8/sha256:abc").mountpoint);
+        let a = b.driver_args("h/app@sha256:1", D, &p).join(" ");
+        for want in [
+            "add --image h/app@sha256:1",
+            &format!("--layer-digest {D}"),
+            "--cache /c --cache-size 4096",
+            "--daemon",
+            "--creds /creds.json",
+            "--insecure 127.0.0.1:5000",
+            "--mirror m:1,insecure --mirror m:2",
+        ] {
+            assert!(a.contains(want), "{want:?} missing from {a}");
+        }
+    }
+
+    #[test]
+    fn mountinfo_paths() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(r"/a\\"), br"/a\\");
+        assert!(is_mountpoint(Path::new("/proc")));
+        assert!(!is_mountpoint(Path::new("/proc/self")));
+    }
+
+    #[test]
+    fn state_survives_a_new_backend_and_attach_reuses_it() {
+        // No kernel device is needed to check that a restarted backend lists what the last
+        // one recorded; `attached` only reports stacks whose mount is live, so record /proc.
+        let dir = tempfile::tempdir().unwrap();
+        let opts = UblkOptions {
+            dir: dir.path().join("remote"),
+            driver: None,
+            cache_dir: PathBuf::from("/c"),
+            cache_size: 4096,
+            creds_file: None,
+            insecure_hosts: vec![],
+            mirrors: vec![],
+        };
+        std::fs::create_dir_all(&opts.dir).unwrap();
+        let b = UblkLayers::new(opts.clone());
+        let p = b.paths("ns/1/L");
+        let st = StackState {
+            stack_key: "ns/1/L".into(),
+            device_id: 7,
+            mountpoint: PathBuf::from("/proc"),
+            image: "h/a@x".into(),
+            layer_digest: D.into(),
+        };
+        write_atomic(&p.state, &serde_json::to_vec(&st).unwrap()).unwrap();
+        std::fs::write(
+            &p.stats,
+            r#"{"hits":3,"misses":2,"fetched_bytes":100,"requests":1,"corrupt":0,"fetch_errors":1,
+               "fetch_seconds":{"le":[0.001,1.0],"counts":[0,1,0],"sum_seconds":0.5,"count":1}}"#,
+        )
+        .unwrap();
+        let b2 = UblkLayers::new(opts);
+        assert_eq!(
+            b2.attached(),
+            vec![("ns/1/L".to_owned(), PathBuf::from("/proc"))]
+        );
+        let s = b2.stats();
+        assert_eq!(
+            (s.hits, s.misses, s.fetched_bytes, s.fetch_errors),
+            (3, 2, 100, 1)
+        );
+        b2.retire_stats(&p);
+        assert!(!p.stats.exists());
+        assert_eq!(
+            b2.stats().fetched_bytes,
+            100,
+            "retired counters stay counted"
+        );
+    }
+}

@@ -1,0 +1,352 @@
+#!/bin/sh
+# containerd (Debian's 1.6 + runc) with cora-snapshotter as `[proxy_plugins.cora]`, lazy CORA
+# layers on ublk devices, images in a docker-registry on the guest's loopback. Checks: `cora
+# rpull` + `ctr run --snapshotter cora` of a CORA image prints the expected output having
+# fetched < 10 % of the image; a plain OCI image through the cora snapshotter; the CORA image
+# under containerd's own overlayfs snapshotter; four images cold-started at once; a snapshotter
+# restart keeps snapshots and a running container; `ctr snapshots ls/rm`; nothing left behind.
+# Measures cold start to first output, CORA vs OCI (overlayfs), and with CORA_BENCH_OUT set
+# writes coldstart.csv, coldstart_usage.csv and coldstart.json there.
+set -eu
+N=40-containerd
+fail() {
+    echo "$N: FAIL: $*" >&2
+    for f in "$T"/snap.log "$T"/containerd.log; do
+        [ -f "$f" ] && { echo "--- tail $f" >&2; tail -n 30 "$f" >&2; }
+    done
+    for f in "$T"/snap/root/remote/*.log; do
+        [ -f "$f" ] && { echo "--- tail $f" >&2; tail -n 10 "$f" >&2; }
+    done
+    exit 1
+}
+log() { echo "$N: [$(cut -d" " -f1 /proc/uptime)] $*"; }
+R=${CORA_REPO:-$PWD}
+D=$R/target/release/cora-driver
+C=$R/target/release/cora
+S=$R/target/release/cora-snapshotter
+for b in "$D" "$C" "$S"; do [ -x "$b" ] || fail "build first: cargo build --release --bins ($b)"; done
+T=${CORA_VM_TEST_TMP:-$(mktemp -d /tmp/40-ctrd.XXXXXX)}
+TREES=$R/target/cora-fixtures/trees
+for t in small base base-ssl-updated; do
+    [ -d "$TREES/$t" ] || fail "$TREES/$t missing (made by the host tests: cargo test -p cora-tests)"
+done
+BENCH=${CORA_BENCH_OUT:-}
+case $BENCH in "" | /*) ;; *) BENCH=$R/$BENCH ;; esac
+
+now() { cut -d" " -f1 /proc/uptime; }
+# Bytes the loopback interface carried: every registry byte crosses it exactly once.
+lo_bytes() { awk -F'[: ]+' '$2 == "lo" { print $3 }' /proc/net/dev; }
+# Polls CMD until it succeeds, at most SECS seconds.
+wait_until() {
+    secs=$1; what=$2; shift 2
+    end=$(awk "BEGIN { print $(now) + $secs }")
+    until "$@" >/dev/null 2>&1; do
+        awk "BEGIN { exit !($(now) > $end) }" && fail "timed out after ${secs}s waiting for $what"
+        sleep 0.05
+    done
+}
+
+SAMPLER= REG= SNAP= CTRD=
+cleanup() {
+    set +e
+    # Logs for a post-mortem, on the rw share.
+    if [ -n "${CORA_VM_TEST_OUT:-}" ]; then
+        mkdir -p "$CORA_VM_TEST_OUT/$N"
+        cp "$T"/*.log "$T"/snap/root/remote/*.log "$CORA_VM_TEST_OUT/$N/" 2>/dev/null
+    fi
+    [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null
+    if [ -n "$CTRD" ]; then
+        for t in $(ctr task ls -q 2>/dev/null); do ctr task kill -s KILL "$t" 2>/dev/null; done
+        kill "$CTRD" 2>/dev/null; wait "$CTRD" 2>/dev/null
+    fi
+    [ -n "$SNAP" ] && { kill "$SNAP" 2>/dev/null; wait "$SNAP" 2>/dev/null; }
+    # Shims outlive containerd by design.
+    for p in $(pgrep -f "containerd-shim.*$T" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+    grep -o " $T[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
+    for c in /sys/class/ublk-char/ublkc*; do
+        [ -e "$c" ] && "$D" del "${c##*ublkc}" 2>/dev/null
+    done
+    [ -n "$REG" ] && kill "$REG" 2>/dev/null
+    return 0
+}
+trap cleanup EXIT
+
+# --- registry on loopback, data on the guest tmpfs. The images (plain OCI small:oci,
+# base:oci; CORA small, base, python = base + python, basessl :cora) were built on the host by
+# 40-containerd.prep (minutes under TCG); their registry storage is copied here.
+IMAGES=$R/target/vm/40-images/registry
+[ -d "$IMAGES/docker" ] || fail "$IMAGES missing: run through cargo xtask vm-test (it runs 40-containerd.prep)"
+PORT=5124
+H=127.0.0.1:$PORT
+cat >"$T/reg.yml" <<YML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $T/registry
+http:
+  addr: $H
+YML
+cp -a "$IMAGES" "$T/registry" || fail "copying the image storage"
+docker-registry serve "$T/reg.yml" >"$T/reg.log" 2>&1 &
+REG=$!
+wait_until 20 "the registry" curl -sf "http://$H/v2/"
+log "registry up with the images"
+
+image_bytes() { # NAME TAG: sum of the manifest's layer sizes
+    curl -sf -H "Accept: application/vnd.oci.image.manifest.v1+json" \
+        "http://$H/v2/$1/manifests/$2" | jq '[.layers[].size] | add'
+}
+
+# Expected outputs, computed from the trees.
+LIBC=lib/x86_64-linux-gnu/libc.so.6
+small_cmd="/bin/busybox sha256sum /$LIBC"
+small_out=$(cd "$TREES/small" && sha256sum "$LIBC" | cut -d" " -f1)
+base_cmd="/usr/bin/sha256sum /usr/bin/openssl"
+base_out=$(sha256sum "$TREES/base/usr/bin/openssl" | cut -d" " -f1)
+basessl_cmd=$base_cmd
+basessl_out=$(sha256sum "$TREES/base-ssl-updated/usr/bin/openssl" | cut -d" " -f1)
+python_cmd="/usr/bin/python3.11 -c print(6*7)"
+python_out=42
+
+# --- cora-snapshotter and containerd
+SNAPDIR=$T/snap
+SOCK=$SNAPDIR/cora.sock
+MPORT=9124
+mkdir -p "$SNAPDIR"
+cat >"$SNAPDIR/config.json" <<JSON
+{
+  "root": "$SNAPDIR/root",
+  "address": "$SOCK",
+  "verbose": "info",
+  "autoRemoveDev": true,
+  "exporterConfig": { "enable": true, "uriPrefix": "/metrics", "port": $MPORT },
+  "insecureRegistries": ["$H"],
+  "cacheDir": "$T/cache",
+  "cacheSize": "2G",
+  "driverPath": "$D"
+}
+JSON
+start_snapshotter() {
+    "$S" --config "$SNAPDIR/config.json" >>"$T/snap.log" 2>&1 &
+    SNAP=$!
+    wait_until 30 "the snapshotter socket" test -S "$SOCK"
+}
+start_snapshotter
+grep -q "served by cora-driver ublk devices" "$T/snap.log" || fail "the snapshotter did not pick the ublk backend"
+CSOCK=$T/containerd/containerd.sock
+mkdir -p "$T/containerd"
+cat >"$T/containerd/config.toml" <<TOML
+version = 2
+root = "$T/containerd/root"
+state = "$T/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$CSOCK"
+[ttrpc]
+  address = "$CSOCK.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$T/containerd/opt"
+[proxy_plugins.cora]
+  type = "snapshot"
+  address = "$SOCK"
+TOML
+containerd --config "$T/containerd/config.toml" >"$T/containerd.log" 2>&1 &
+CTRD=$!
+export CONTAINERD_ADDRESS=$CSOCK CONTAINERD_NAMESPACE=cora
+wait_until 60 "containerd" ctr version
+ctr plugins ls | grep -q "io.containerd.snapshotter.v1 *cora *.*ok" || fail "proxy plugin cora not ok: $(ctr plugins ls | grep cora)"
+log "containerd up with the cora proxy snapshotter"
+
+metric() { curl -sf "http://127.0.0.1:$MPORT/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+devices() { ls /sys/block | grep -c '^ublkb' || true; }
+
+# --- usage sampler for the bench (whole run, every ~0.25 s)
+echo idle >"$T/mode"
+if [ -n "$BENCH" ]; then
+    mkdir -p "$BENCH"
+    echo "t_seconds,mode,cpu_percent,rss_bytes,rx_bytes" >"$BENCH/coldstart_usage.csv"
+    echo "mode,image,seconds_to_first_output,bytes_fetched,image_bytes" >"$BENCH/coldstart.csv"
+    (
+        start=$(now)
+        prev=$(awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8, $5 + $6 }' /proc/stat)
+        lo0=$(lo_bytes)
+        while :; do
+            sleep 0.25
+            cur=$(awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8, $5 + $6 }' /proc/stat)
+            cpu=$(echo "$prev $cur" | awk '{ d = $3 - $1; printf "%.1f", d > 0 ? 100 * (d - ($4 - $2)) / d : 0 }')
+            prev=$cur
+            rss=0
+            for p in $(pgrep -x containerd) $(pgrep -x cora-snapshotte) $(pgrep -x cora-driver) $(pgrep -x docker-registry); do
+                kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0)
+                rss=$((rss + ${kb:-0} * 1024))
+            done
+            echo "$(awk "BEGIN { printf \"%.2f\", $(now) - $start }"),$(cat "$T/mode"),$cpu,$rss,$(($(lo_bytes) - lo0))"
+        done >>"$BENCH/coldstart_usage.csv"
+    ) &
+    SAMPLER=$!
+fi
+
+# run_first MODE NAME REF SNAPSHOTTER CMD...: runs the container, waits for its first output
+# line; RUN_SECS = seconds from START (set by the caller) to that line.
+run_first() {
+    rmode=$1 rname=$2 rref=$3 rsnap=$4; shift 4
+    out=$T/out-$rmode-$rname
+    : >"$out"
+    ctr run --rm --snapshotter "$rsnap" "$rref" "c-$rmode-$rname-$$" "$@" >"$out" 2>"$out.err" &
+    rpid=$!
+    until [ -s "$out" ]; do
+        kill -0 "$rpid" 2>/dev/null || { sleep 0.1; [ -s "$out" ] && break
+            fail "ctr run $rref ($rmode) exited without output: $(cat "$out.err")"; }
+        sleep 0.02
+    done
+    first=$(now)
+    wait "$rpid" || fail "ctr run $rref ($rmode) failed: $(cat "$out.err")"
+    RUN_SECS=$(awk "BEGIN { printf \"%.2f\", $first - $START }")
+}
+expect() { # NAME MODE
+    eval "want=\$${1}_out"
+    got=$(head -n1 "$T/out-$2-$1" | cut -d" " -f1)
+    [ "$got" = "$want" ] || fail "$1 ($2) printed '$got', expected '$want'"
+}
+record() { # MODE IMAGE SECONDS BYTES IMAGE_BYTES
+    [ -n "$BENCH" ] && echo "$1,$2,$3,$4,$5" >>"$BENCH/coldstart.csv"
+    return 0
+}
+
+# --- cold start, CORA: cora rpull + ctr run --snapshotter cora
+cold_cora() { # NAME; RUN_SECS and RUN_BYTES (loopback bytes, i.e. all registry traffic)
+    eval "cmd=\$${1}_cmd"
+    clo0=$(lo_bytes); START=$(now)
+    "$C" rpull --address "$CSOCK" --namespace cora --snapshotter cora --insecure "$H" "$H/$1:cora" \
+        >"$T/rpull-$1.out" 2>&1 || fail "rpull $1: $(tail -5 "$T/rpull-$1.out")"
+    # shellcheck disable=SC2086
+    run_first cora "$1" "$H/$1:cora" cora $cmd
+    RUN_BYTES=$(($(lo_bytes) - clo0))
+    expect "$1" cora
+}
+echo cora >"$T/mode"
+cold_cora base
+cora_secs=$RUN_SECS cora_bytes=$RUN_BYTES
+cora_size=$(image_bytes base cora)
+log "CORA base: first output after ${cora_secs}s, registry sent $cora_bytes of $cora_size bytes"
+[ "$((cora_bytes * 10))" -lt "$cora_size" ] || fail "CORA cold start fetched $cora_bytes bytes, >= 10% of $cora_size"
+driver_bytes=$(metric cora_bytes_fetched_total)
+[ "${driver_bytes%.*}" -gt 0 ] || fail "metrics report no bytes fetched"
+[ "$(metric cora_devices)" = 1 ] || [ "$(devices)" -eq 0 ] || fail "metrics: cora_devices $(metric cora_devices), $(devices) devices"
+record cora base "$cora_secs" "$cora_bytes" "$cora_size"
+wait_until 60 "the device to go (autoRemoveDev)" test "$(devices)" -eq 0
+[ "$(metric cora_devices)" = 0 ] || fail "metrics: cora_devices $(metric cora_devices) with no device"
+
+# --- cold start, OCI: ctr pull + ctr run with the overlayfs snapshotter
+echo oci >"$T/mode"
+lo0=$(lo_bytes); START=$(now)
+ctr image pull --plain-http "$H/base:oci" >"$T/pull-oci.out" 2>&1 || fail "ctr pull: $(tail -3 "$T/pull-oci.out")"
+# shellcheck disable=SC2086
+run_first oci base "$H/base:oci" overlayfs $base_cmd
+oci_secs=$RUN_SECS
+oci_bytes=$(($(lo_bytes) - lo0))
+expect base oci
+oci_size=$(image_bytes base oci)
+record oci base "$oci_secs" "$oci_bytes" "$oci_size"
+ratio=$(awk "BEGIN { printf \"%.2f\", $oci_secs / $cora_secs }")
+pct=$(awk "BEGIN { printf \"%.1f\", 100 * $cora_bytes / $cora_size }")
+log "OCI base: first output after ${oci_secs}s, $oci_bytes bytes; CORA is ${ratio}x faster, fetched ${pct}% of the image"
+echo idle >"$T/mode"
+
+# --- a plain OCI image through the cora snapshotter (rpull falls back to a normal pull)
+"$C" rpull --address "$CSOCK" --namespace cora --snapshotter cora --insecure "$H" "$H/small:oci" \
+    >"$T/rpull-small-oci.out" 2>&1 || fail "rpull of a plain OCI image: $(tail -5 "$T/rpull-small-oci.out")"
+START=$(now)
+# shellcheck disable=SC2086
+run_first ocicora small "$H/small:oci" cora $small_cmd
+expect small ocicora
+log "plain OCI image runs with --snapshotter cora"
+
+# --- the CORA image with containerd's own overlayfs snapshotter (no CORA involved)
+ctr image pull --plain-http "$H/small:cora" >"$T/pull-small-cora.out" 2>&1 \
+    || fail "ctr pull of the CORA image: $(tail -3 "$T/pull-small-cora.out")"
+START=$(now)
+# shellcheck disable=SC2086
+run_first overlay small "$H/small:cora" overlayfs $small_cmd
+expect small overlay
+log "CORA image runs with the overlayfs snapshotter"
+
+# --- four different images cold-started at once (empty cache, no device). The bytes recorded
+# for each are those of the whole four-image run (loopback traffic cannot be split by image).
+wait_until 60 "devices to go" test "$(devices)" -eq 0
+rm -rf "$T/cache"
+echo 4x >"$T/mode"
+lo0=$(lo_bytes); START4=$(now)
+for img in small base python basessl; do
+    (cold_cora "$img"; echo "$img $RUN_SECS" >"$T/4x-$img") >"$T/4x-$img.log" 2>&1 &
+    eval "pid_$img=$!"
+done
+for img in small base python basessl; do
+    eval "p=\$pid_$img"
+    wait "$p" || fail "4x: $img failed: $(cat "$T/4x-$img.log")"
+done
+all4=$(($(lo_bytes) - lo0))
+for img in small base python basessl; do
+    read -r _ secs <"$T/4x-$img"
+    record cora "4x:$img" "$secs" "$all4" "$(image_bytes "$img" cora)"
+done
+four_secs=$(awk "BEGIN { printf \"%.1f\", $(now) - $START4 }")
+log "four images cold-started at once in ${four_secs}s: $(cat "$T"/4x-small "$T"/4x-base "$T"/4x-python "$T"/4x-basessl | awk '{ printf "%s %ss; ", $1, $2 }')"
+echo idle >"$T/mode"
+
+# --- snapshotter restart: snapshots stay, a running container keeps running
+wait_until 60 "devices to go" test "$(devices)" -eq 0
+ctr run -d --snapshotter cora "$H/base:cora" keeper /bin/sleep 600 >/dev/null || fail "ctr run -d"
+wait_until 30 "keeper to run" sh -c "ctr task ls | grep -q 'keeper .*RUNNING'"
+before=$(ctr snapshots --snapshotter cora ls | sort)
+devs_before=$(devices)
+[ "$devs_before" -ge 1 ] || fail "no device attached for the running container"
+kill "$SNAP"; wait "$SNAP" 2>/dev/null || true
+start_snapshotter
+# containerd redials the proxy with a backoff: poll until it reaches the new process.
+wait_until 60 "containerd to reach the restarted snapshotter" ctr snapshots --snapshotter cora ls
+after=$(ctr snapshots --snapshotter cora ls | sort)
+[ "$before" = "$after" ] || fail "snapshots changed across the restart: before $before after $after"
+[ "$(devices)" -eq "$devs_before" ] || fail "devices changed across the restart"
+ctr task ls | grep -q "keeper .*RUNNING" || fail "the container stopped across the restart"
+# The container's rootfs (overlay over the stack's mount) still reads through the device. (`ctr
+# task exec` is not used: runc exec fails in this guest with "open /proc/self/fd".)
+sync; echo 3 >/proc/sys/vm/drop_caches
+got=$(sha256sum "$T/containerd/state/io.containerd.runtime.v2.task/cora/keeper/rootfs/usr/bin/openssl" | cut -d" " -f1) \
+    || fail "reading the running container's rootfs after the restart"
+[ "$got" = "$base_out" ] || fail "the container's rootfs read '$got' after the restart"
+ctr task kill -s KILL keeper >/dev/null
+wait_until 30 "keeper to stop" sh -c "! ctr task ls | grep -q 'keeper .*RUNNING'"
+ctr task rm keeper >/dev/null 2>&1 || true
+ctr container rm keeper || fail "container rm"
+log "snapshotter restart kept $(echo "$after" | wc -l) snapshots and the running container"
+
+# --- ctr snapshots ls / prepare / mounts / rm
+top=$(ctr snapshots --snapshotter cora ls | awk '$NF == "Committed" { print $1 }' | head -n1)
+[ -n "$top" ] || fail "no committed snapshot listed"
+ctr snapshots --snapshotter cora prepare probe "$top" >/dev/null || fail "snapshots prepare"
+ctr snapshots --snapshotter cora ls | grep -q "^probe .*Active" || fail "probe not listed as Active"
+ctr snapshots --snapshotter cora mounts /mnt probe | grep -q "overlay\|bind" || fail "snapshots mounts"
+if ctr snapshots --snapshotter cora rm "$top" >/dev/null 2>&1; then fail "removed a snapshot with a child"; fi
+ctr snapshots --snapshotter cora rm probe || fail "snapshots rm probe"
+ctr snapshots --snapshotter cora ls | grep -q "^probe " && fail "probe still listed after rm"
+log "ctr snapshots ls/prepare/mounts/rm behave"
+
+# --- nothing left: no container, no device, no mount
+for i in $(ctr image ls -q); do ctr image rm "$i" >/dev/null; done
+wait_until 60 "every ublk device to go" test "$(devices)" -eq 0
+grep -q ublkb /proc/self/mountinfo && fail "a ublk device is still mounted: $(grep ublkb /proc/self/mountinfo)"
+[ -z "$(ls "$SNAPDIR/root/remote"/*.json 2>/dev/null)" ] || fail "stack state files left: $(ls "$SNAPDIR/root/remote")"
+
+if [ -n "$BENCH" ]; then
+    kill "$SAMPLER" 2>/dev/null; SAMPLER=
+    cat >"$BENCH/coldstart.json" <<JSON
+{"bench":"coldstart","image":"base","cora_seconds":$cora_secs,"oci_seconds":$oci_secs,"ratio":$ratio,
+ "cora_bytes_fetched":$cora_bytes,"cora_image_bytes":$cora_size,"oci_bytes_fetched":$oci_bytes,"oci_image_bytes":$oci_size,
+ "four_at_once_seconds":$four_secs,"four_at_once_bytes":$all4}
+JSON
+    log "bench results in $BENCH"
+fi
+log "PASS (cold start CORA ${cora_secs}s vs OCI ${oci_secs}s = ${ratio}x; CORA fetched $cora_bytes of $cora_size bytes, ${pct}%)"
