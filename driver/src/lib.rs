@@ -7,4 +7,5 @@ pub mod inspect;
 pub mod registry;
 pub mod remote;
 pub mod source;
+pub mod trace;
 pub mod ublk;
