@@ -823,8 +823,9 @@ impl Inner {
     }
 
     fn store(&self, c: &ChunkEntry, data: &[u8]) {
-        // A full or read-only cache must not fail the read: the bytes are verified already.
-        if let Err(e) = self.cache.insert(&c.digest, data) {
+        // A full or read-only cache must not fail the read: the bytes are verified already
+        // (decode_chunk checked the sha256).
+        if let Err(e) = self.cache.insert_verified(&c.digest, data) {
             warn!(chunk = %hex::encode(c.digest), error = %e, "could not cache chunk");
         }
     }
