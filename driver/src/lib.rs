@@ -8,6 +8,7 @@ pub mod registry;
 pub mod remote;
 pub mod rpull;
 pub mod source;
+pub mod trace;
 pub mod ublk;
 
 /// Restores the default SIGPIPE action, which Rust's runtime sets to "ignore": a CLI whose

@@ -7,14 +7,26 @@
 //! by one reader at a time however many wait for it (single flight). Every fetched chunk is
 //! decompressed and its sha256 checked before it is cached or returned; a mismatch is retried
 //! once from the next source, then reported as an error.
+//!
+//! Three kinds of fetch share a small pool of worker threads, in priority order:
+//! 1. demand: runs a reader needs now (the first run is fetched on the reader's own thread);
+//! 2. read-ahead: when a stream is read sequentially, a window ahead of the reader that
+//!    doubles up to `max_readahead` and is refilled when the reader enters the last window, so
+//!    the reader overlaps with the network;
+//! 3. trace prefetch: chunks of a recorded access trace, in trace order, with at most
+//!    `prefetch_requests` requests in flight so demand reads always find a free worker.
+//!
+//! Several runs in flight at once (over the client's reused connections) and decoding on
+//! several workers is what makes a cold sequential read keep up with the wire.
 
 use crate::blobs::BlobRead;
 use crate::cache::{ChunkCache, ChunkDigest};
 use blobfmt::oci::{Manifest, annotation};
 use blobfmt::{ChunkEntry, Footer, Piece, Stack, StreamId, Trailer, decode_chunk, oci_digest};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
 use tracing::{debug, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +52,7 @@ pub type Result<T, E = SourceError> = std::result::Result<T, E>;
 pub struct SourceStats {
     /// Chunk pieces served from the cache.
     pub hits: AtomicU64,
-    /// Chunks fetched from a remote.
+    /// Chunks fetched from a remote (by any kind of fetch).
     pub misses: AtomicU64,
     /// Compressed bytes received.
     pub fetched_bytes: AtomicU64,
@@ -54,6 +66,10 @@ pub struct SourceStats {
     /// the last one for slower requests.
     pub fetch_latency: [AtomicU64; FETCH_LATENCY_BOUNDS.len() + 1],
     pub fetch_latency_sum_us: AtomicU64,
+    /// Of `misses`: chunks fetched by sequential read-ahead.
+    pub readahead: AtomicU64,
+    /// Of `misses`: chunks fetched by trace prefetch.
+    pub prefetched: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the fetch latency histogram buckets (Prometheus-style `le`).
@@ -78,6 +94,8 @@ pub struct StatsSnapshot {
     pub corrupt: u64,
     pub fetch_errors: u64,
     pub fetch_seconds: LatencyHistogram,
+    pub readahead: u64,
+    pub prefetched: u64,
 }
 
 impl SourceStats {
@@ -102,6 +120,8 @@ impl SourceStats {
                     sum_seconds: self.fetch_latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
                 }
             },
+            readahead: self.readahead.load(Ordering::Relaxed),
+            prefetched: self.prefetched.load(Ordering::Relaxed),
         }
     }
 
@@ -129,11 +149,14 @@ struct Flight {
 
 impl Flight {
     fn finish(&self, r: Result<ChunkData, String>) {
-        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        *lock(&self.done) = Some(r);
         self.cv.notify_all();
     }
+    fn is_done(&self) -> bool {
+        lock(&self.done).is_some()
+    }
     fn wait(&self) -> Result<ChunkData, String> {
-        let mut g = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&self.done);
         loop {
             if let Some(r) = g.as_ref() {
                 return r.clone();
@@ -143,6 +166,11 @@ impl Flight {
     }
 }
 
+/// A poisoned lock only means another reader panicked; the data behind it stays consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Tuning of the fetch path.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
@@ -150,22 +178,54 @@ pub struct FetchOptions {
     pub max_gap: u64,
     /// Largest single range request.
     pub max_request: u64,
-    /// Compressed bytes fetched beyond a miss when reads look sequential.
+    /// First read-ahead window (compressed bytes) once reads look sequential; 0 disables.
     pub readahead: u64,
+    /// The window doubles on each refill up to this.
+    pub max_readahead: u64,
+    /// Worker threads for read-ahead, prefetch and the extra runs of a demand read.
+    pub fetch_threads: usize,
+    /// Trace-prefetch requests in flight at once (kept below `fetch_threads`).
+    pub prefetch_requests: usize,
 }
 
 impl Default for FetchOptions {
     fn default() -> Self {
         FetchOptions {
             max_gap: 16 << 10,
-            max_request: 8 << 20,
-            readahead: 1 << 20,
+            max_request: 2 << 20,
+            readahead: 2 << 20,
+            max_readahead: 16 << 20,
+            fetch_threads: 8,
+            prefetch_requests: 2,
         }
     }
 }
 
-/// A layer stack of an image, readable at any byte offset.
-pub struct LazySource {
+/// A chunk this reader or job owns the fetch of.
+type Claim = (StreamId, usize, Arc<Flight>);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Prio {
+    Demand = 0,
+    Readahead = 1,
+    Prefetch = 2,
+}
+
+/// Sequential-read state of one stream.
+#[derive(Debug, Default)]
+struct Readahead {
+    /// Highest chunk index the reader touched.
+    last: Option<usize>,
+    /// First chunk not yet issued for read-ahead.
+    next: usize,
+    /// Current window in compressed bytes (0: not sequential).
+    window: u64,
+    /// Start of the last issued window: when the reader gets there, issue the next one.
+    trigger: usize,
+}
+
+/// Everything the reader threads and the workers share.
+struct Inner {
     stack: Stack,
     /// Blob digest of each layer of the stack, bottom first.
     blobs: Vec<String>,
@@ -174,17 +234,24 @@ pub struct LazySource {
     cache: ChunkCache,
     flights: Mutex<HashMap<ChunkDigest, Arc<Flight>>>,
     opts: FetchOptions,
-    /// Last missed chunk per stream, to detect sequential reads.
-    last_miss: Mutex<HashMap<StreamId, usize>>,
-    trace: Option<Mutex<TraceRecorder>>,
-    pub stats: SourceStats,
+    readahead: Mutex<HashMap<StreamId, Readahead>>,
+    trace: OnceLock<Mutex<TraceRecorder>>,
+    stats: Arc<SourceStats>,
+}
+
+/// A layer stack of an image, readable at any byte offset.
+pub struct LazySource {
+    inner: Arc<Inner>,
+    pool: Arc<Pool>,
+    prefetcher: Mutex<Option<JoinHandle<()>>>,
+    pub stats: Arc<SourceStats>,
 }
 
 /// Records the order in which chunks are first touched (for trace-based prefetch).
 #[derive(Default)]
 struct TraceRecorder {
-    seen: std::collections::HashSet<(StreamId, usize)>,
-    order: Vec<(StreamId, usize)>,
+    seen: HashSet<ChunkDigest>,
+    order: Vec<ChunkDigest>,
 }
 
 impl LazySource {
@@ -217,59 +284,59 @@ impl LazySource {
             digests.push(l.digest.clone());
         }
         let stack = Stack::new(trailers, &raw)?;
+        let stats = Arc::new(SourceStats::default());
+        let pool = Arc::new(Pool::new(opts.fetch_threads.max(1), opts.prefetch_requests));
         Ok(LazySource {
-            stack,
-            blobs: digests,
-            remotes,
-            cache,
-            flights: Mutex::new(HashMap::new()),
-            opts,
-            last_miss: Mutex::new(HashMap::new()),
-            trace: None,
-            stats: SourceStats::default(),
+            inner: Arc::new(Inner {
+                stack,
+                blobs: digests,
+                remotes,
+                cache,
+                flights: Mutex::new(HashMap::new()),
+                opts,
+                readahead: Mutex::new(HashMap::new()),
+                trace: OnceLock::new(),
+                stats: stats.clone(),
+            }),
+            pool,
+            prefetcher: Mutex::new(None),
+            stats,
         })
     }
 
     pub fn size(&self) -> u64 {
-        self.stack.image_size()
+        self.inner.stack.image_size()
     }
 
     pub fn stack(&self) -> &Stack {
-        &self.stack
+        &self.inner.stack
     }
 
     pub fn cache(&self) -> &ChunkCache {
-        &self.cache
+        &self.inner.cache
     }
 
-    /// Start recording the order of first access to chunks.
-    pub fn record_trace(&mut self) {
-        self.trace = Some(Mutex::new(TraceRecorder::default()));
+    /// Start recording the order of first access to chunks (reads before this are not seen).
+    pub fn record_trace(&self) {
+        let _ = self.inner.trace.set(Mutex::new(TraceRecorder::default()));
     }
 
-    /// The recorded access order as (layer index or "meta", chunk index) pairs.
-    pub fn trace(&self) -> Vec<TraceEntry> {
-        let Some(t) = &self.trace else {
-            return Vec::new();
-        };
-        let t = t.lock().unwrap_or_else(|e| e.into_inner());
-        t.order
-            .iter()
-            .map(|&(s, i)| TraceEntry {
-                layer: match s {
-                    StreamId::Layer(n) => Some(n),
-                    StreamId::Meta => None,
-                },
-                chunk: i,
-            })
-            .collect()
+    /// Digests of the chunks read so far, in first-access order (empty unless recording).
+    pub fn trace(&self) -> Vec<ChunkDigest> {
+        self.inner
+            .trace
+            .get()
+            .map(|t| lock(t).order.clone())
+            .unwrap_or_default()
     }
 
     /// Fill `buf` from local data only; `Ok(false)` if some chunk is not cached (nothing
     /// waits on the network).
     pub fn read_local(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
-        let plan = self.stack.plan(offset, buf.len() as u64)?;
-        self.note_trace(&plan);
+        let inner = &self.inner;
+        let plan = inner.stack.plan(offset, buf.len() as u64)?;
+        inner.note_trace(&plan);
+        self.advise(&plan);
         let mut pos = 0usize;
         for p in &plan {
             let n = p.len() as usize;
@@ -282,11 +349,11 @@ impl LazySource {
                     offset,
                     ..
                 } => {
-                    let c = self.stack.chunk(stream, index);
-                    if !self.cache.read_at(&c.digest, offset as usize, dst)? {
+                    let c = inner.stack.chunk(stream, index);
+                    if !inner.cache.read_at(&c.digest, offset as usize, dst)? {
                         return Ok(false);
                     }
-                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    inner.stats.hits.fetch_add(1, Ordering::Relaxed);
                 }
             }
             pos += n;
@@ -296,8 +363,11 @@ impl LazySource {
 
     /// Fill `buf` with image bytes at `offset`, fetching what is missing. May block.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let plan = self.stack.plan(offset, buf.len() as u64)?;
-        self.note_trace(&plan);
+        let inner = &self.inner;
+        let plan = inner.stack.plan(offset, buf.len() as u64)?;
+        inner.note_trace(&plan);
+        // Before the demand fetch, so read-ahead runs while this reader waits.
+        self.advise(&plan);
         let mut missing = Vec::new();
         let mut pos = 0usize;
         for (k, p) in plan.iter().enumerate() {
@@ -311,9 +381,9 @@ impl LazySource {
                     offset,
                     ..
                 } => {
-                    let c = self.stack.chunk(stream, index);
-                    if self.cache.read_at(&c.digest, offset as usize, dst)? {
-                        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    let c = inner.stack.chunk(stream, index);
+                    if inner.cache.read_at(&c.digest, offset as usize, dst)? {
+                        inner.stats.hits.fetch_add(1, Ordering::Relaxed);
                     } else {
                         missing.push((k, pos));
                     }
@@ -340,7 +410,13 @@ impl LazySource {
                 len,
             } = plan[k]
             {
-                let data = &got[&(stream, index)];
+                let data = got
+                    .get(&(stream, index))
+                    .ok_or_else(|| SourceError::Fetch {
+                        digest: hex::encode(inner.stack.chunk(stream, index).digest),
+                        blob: inner.blobs[inner.blob_of(stream)].clone(),
+                        msg: "fetch returned nothing".into(),
+                    })?;
                 let (o, l) = (offset as usize, len as usize);
                 buf[pos..pos + l].copy_from_slice(&data[o..o + l]);
             }
@@ -348,38 +424,29 @@ impl LazySource {
         Ok(())
     }
 
-    /// Fetch (or wait for) the given chunks; plus read-ahead when the reads look sequential.
+    /// Fetch (or wait for) the given chunks.
     pub fn fetch(
         &self,
         wanted: &[(StreamId, usize)],
     ) -> Result<HashMap<(StreamId, usize), ChunkData>> {
+        let inner = &self.inner;
         let mut want: Vec<(StreamId, usize)> = wanted.to_vec();
         want.sort_by_key(|&(s, i)| (stream_key(s), i));
         want.dedup();
-        let extra = self.readahead_for(&want);
         // Claim each chunk: either we fetch it, or someone else already is.
-        let mut mine: Vec<(StreamId, usize, Arc<Flight>)> = Vec::new();
+        let mut mine: Vec<Claim> = Vec::new();
         let mut theirs: Vec<((StreamId, usize), Arc<Flight>)> = Vec::new();
         let mut cached: Vec<(StreamId, usize)> = Vec::new();
         {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            for &(s, i) in want.iter().chain(&extra) {
-                let d = self.stack.chunk(s, i).digest;
-                let is_wanted = want
-                    .binary_search_by_key(&(stream_key(s), i), |&(s, i)| (stream_key(s), i))
-                    .is_ok();
+            let mut flights = lock(&inner.flights);
+            for &(s, i) in &want {
+                let d = inner.stack.chunk(s, i).digest;
                 match flights.get(&d) {
-                    Some(f) => {
-                        if is_wanted {
-                            theirs.push(((s, i), f.clone()));
-                        }
-                    }
+                    Some(f) => theirs.push(((s, i), f.clone())),
                     None => {
                         // Another reader may have finished this chunk since our cache miss.
-                        if self.cache.contains(&d) {
-                            if is_wanted {
-                                cached.push((s, i));
-                            }
+                        if inner.cache.contains(&d) {
+                            cached.push((s, i));
                             continue;
                         }
                         let f = Arc::new(Flight::default());
@@ -389,28 +456,27 @@ impl LazySource {
                 }
             }
         }
-        let mut out = HashMap::new();
-        let result = self.fetch_runs(&mine, &mut out);
-        // Whatever happened, nobody may wait forever on a flight we own.
-        {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            for (s, i, f) in &mine {
-                let d = self.stack.chunk(*s, *i).digest;
-                if f.done.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-                    f.finish(Err(match &result {
-                        Err(e) => e.to_string(),
-                        Ok(()) => "fetch abandoned".into(),
-                    }));
-                }
-                flights.remove(&d);
+        let mut runs = inner.runs(mine, inner.opts.max_request).into_iter();
+        let first = runs.next();
+        // Further runs go to the workers and are waited for like anyone else's.
+        for run in runs {
+            for (s, i, f) in &run {
+                theirs.push(((*s, *i), f.clone()));
             }
+            self.pool.submit(Job::new(inner.clone(), run, Prio::Demand));
         }
-        result?;
+        let mut out = HashMap::new();
+        if let Some(run) = first {
+            let result = inner.fetch_run(&run, Prio::Demand, &mut out);
+            // Whatever happened, nobody may wait forever on a flight we own.
+            inner.release(&run, result.as_ref().err());
+            result?;
+        }
         for (s, i) in cached {
-            let d = match self.cache.get(&self.stack.chunk(s, i).digest)? {
+            let d = match inner.cache.get(&inner.stack.chunk(s, i).digest)? {
                 Some(d) => Arc::new(d),
                 // Evicted in between: fetch it after all.
-                None => self.fetch_one_verified(s, i)?,
+                None => inner.fetch_one_verified(s, i)?,
             };
             out.insert((s, i), d);
         }
@@ -420,79 +486,193 @@ impl LazySource {
                     out.insert(key, d);
                 }
                 Err(msg) => {
-                    // The other reader failed; try once ourselves rather than inherit its error.
+                    // The other fetch failed; try once ourselves rather than inherit its error.
                     let (s, i) = key;
                     debug!(%msg, "shared fetch failed, retrying");
-                    let d = self.fetch_one_verified(s, i)?;
+                    let d = inner.fetch_one_verified(s, i)?;
                     out.insert(key, d);
                 }
             }
         }
-        out.retain(|k, _| want.contains(k));
+        out.retain(|k, _| {
+            want.binary_search_by_key(&(stream_key(k.0), k.1), |&(s, i)| (stream_key(s), i))
+                .is_ok()
+        });
         Ok(out)
     }
 
-    /// Chunks after the last wanted one in its stream, when the access looks sequential.
-    fn readahead_for(&self, want: &[(StreamId, usize)]) -> Vec<(StreamId, usize)> {
-        if self.opts.readahead == 0 {
-            return Vec::new();
+    /// Sequential detection per stream; issues read-ahead windows to the workers.
+    fn advise(&self, plan: &[Piece]) {
+        let inner = &self.inner;
+        if inner.opts.readahead == 0 {
+            return;
         }
-        let mut extra = Vec::new();
-        let mut last = self.last_miss.lock().unwrap_or_else(|e| e.into_inner());
-        for &(s, i) in want {
-            let sequential = last.get(&s).is_some_and(|&prev| i >= prev && i <= prev + 2);
-            last.insert(s, i);
-            if !sequential {
-                continue;
-            }
-            let chunks = self.stack.chunks(s);
-            let mut budget = self.opts.readahead;
-            let mut j = i + 1;
-            while j < chunks.len() && budget > 0 {
-                if !want.contains(&(s, j)) {
-                    extra.push((s, j));
-                }
-                budget = budget.saturating_sub(u64::from(chunks[j].compressed_len));
-                j += 1;
-            }
-            last.insert(s, j - 1);
-        }
-        extra
-    }
-
-    /// Fetch our claimed chunks, adjacent frames of one blob in one request each.
-    fn fetch_runs(
-        &self,
-        mine: &[(StreamId, usize, Arc<Flight>)],
-        out: &mut HashMap<(StreamId, usize), ChunkData>,
-    ) -> Result<()> {
-        let mut sorted: Vec<&(StreamId, usize, Arc<Flight>)> = mine.iter().collect();
-        sorted.sort_by_key(|(s, i, _)| (self.blob_of(*s), self.stack.chunk(*s, *i).frame_offset));
-        let mut run: Vec<&(StreamId, usize, Arc<Flight>)> = Vec::new();
-        for item in sorted {
-            if let Some(&last) = run.last() {
-                let (a, b) = (
-                    self.stack.chunk(last.0, last.1),
-                    self.stack.chunk(item.0, item.1),
-                );
-                let first = self.stack.chunk(run[0].0, run[0].1);
-                let same_blob = self.blob_of(last.0) == self.blob_of(item.0);
-                if !same_blob
-                    || b.frame_offset > a.frame_end() + self.opts.max_gap
-                    || b.frame_end() - first.frame_offset > self.opts.max_request
-                {
-                    self.fetch_run(&run, out)?;
-                    run.clear();
+        // (stream, lowest, highest chunk index) touched by this read.
+        let mut spans: Vec<(StreamId, usize, usize)> = Vec::new();
+        for p in plan {
+            if let Piece::Chunk { stream, index, .. } = *p {
+                match spans.iter_mut().find(|(s, _, _)| *s == stream) {
+                    Some(span) => {
+                        span.1 = span.1.min(index);
+                        span.2 = span.2.max(index);
+                    }
+                    None => spans.push((stream, index, index)),
                 }
             }
-            run.push(item);
         }
-        if !run.is_empty() {
-            self.fetch_run(&run, out)?;
+        if spans.is_empty() {
+            return;
         }
-        Ok(())
+        let mut issue: Vec<(StreamId, usize, u64)> = Vec::new();
+        {
+            let mut ra = lock(&inner.readahead);
+            for (s, lo, hi) in spans {
+                let st = ra.entry(s).or_default();
+                // The same chunk again (small reads, or read_local then read_at of one
+                // request) says nothing; moving forward by at most a chunk or two is
+                // sequential; anything else starts over.
+                if st.last == Some(hi) {
+                    continue;
+                }
+                let sequential = st.last.is_some_and(|l| hi > l && lo <= l + 2);
+                st.last = Some(hi);
+                if !sequential {
+                    st.window = 0;
+                    st.next = hi + 1;
+                    continue;
+                }
+                st.next = st.next.max(hi + 1);
+                if st.window == 0 {
+                    st.window = inner.opts.readahead;
+                } else if hi >= st.trigger {
+                    st.window = (st.window * 2).min(inner.opts.max_readahead.max(st.window));
+                } else {
+                    continue;
+                }
+                st.trigger = st.next;
+                let end = inner.window_end(s, st.next, st.window);
+                issue.push((s, st.next, st.window));
+                st.next = end;
+            }
+        }
+        for (s, from, bytes) in issue {
+            let claims = inner.claim_range(s, from, bytes);
+            let size = (bytes / 4).clamp(256 << 10, inner.opts.max_request.max(256 << 10));
+            for run in inner.runs(claims, size) {
+                self.pool
+                    .submit(Job::new(inner.clone(), run, Prio::Readahead));
+            }
+        }
     }
 
+    /// Fetch the chunks of a trace that are not cached yet, in order, on this thread.
+    /// Digests not in this stack are skipped. Returns how many chunks were fetched.
+    pub fn prefetch(&self, trace: &[ChunkDigest]) -> Result<usize> {
+        let index = self.inner.chunk_index();
+        let mut wanted = Vec::new();
+        for d in trace {
+            if let Some(&(s, i)) = index.get(d)
+                && !self.inner.cache.contains(d)
+            {
+                wanted.push((s, i));
+            }
+        }
+        for batch in wanted.chunks(64) {
+            self.fetch(batch)?;
+        }
+        Ok(wanted.len())
+    }
+
+    /// Fetch the chunks `load` returns in the background, in order, below demand reads and
+    /// read-ahead. `load` runs on the background thread too (it may ask a registry for the
+    /// trace), so opening a source never waits for it. One prefetch per source.
+    pub fn start_prefetch<F>(&self, load: F)
+    where
+        F: FnOnce() -> Vec<ChunkDigest> + Send + 'static,
+    {
+        let mut slot = lock(&self.prefetcher);
+        if slot.is_some() {
+            warn!("a prefetch is already running; ignoring another");
+            return;
+        }
+        let (inner, pool) = (self.inner.clone(), self.pool.clone());
+        let spawned = std::thread::Builder::new()
+            .name("cora-prefetch".into())
+            .spawn(move || prefetch_feeder(&inner, &pool, load()));
+        match spawned {
+            Ok(h) => *slot = Some(h),
+            Err(e) => warn!(error = %e, "could not start the prefetch thread"),
+        }
+    }
+
+    /// Block until a background prefetch has fetched everything it set out to (or the source
+    /// is being dropped). Returns at once if none was started.
+    pub fn wait_prefetch(&self) {
+        let h = lock(&self.prefetcher).take();
+        if let Some(h) = h
+            && h.join().is_err()
+        {
+            warn!("the prefetch thread panicked");
+        }
+    }
+}
+
+impl Drop for LazySource {
+    fn drop(&mut self) {
+        self.pool.stop();
+        if let Some(h) = lock(&self.prefetcher).take() {
+            let _ = h.join();
+        }
+        self.pool.join();
+    }
+}
+
+/// Claim trace chunks a few runs at a time, so that a demand reader never waits behind a
+/// long queue of prefetch work for a chunk the prefetch has claimed.
+fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>) {
+    if trace.is_empty() {
+        return;
+    }
+    let index = inner.chunk_index();
+    let unknown = trace.iter().filter(|d| !index.contains_key(*d)).count();
+    if unknown > 0 {
+        debug!(unknown, "trace chunks not in this stack are skipped");
+    }
+    let mut pending = trace
+        .iter()
+        .filter_map(|d| index.get(d).copied())
+        .peekable();
+    let batch_bytes = inner.opts.max_request;
+    while pending.peek().is_some() {
+        if !pool.wait_prefetch_slot() {
+            return;
+        }
+        let mut claims = Vec::new();
+        let mut bytes = 0u64;
+        {
+            let mut flights = lock(&inner.flights);
+            for (s, i) in pending.by_ref() {
+                let c = inner.stack.chunk(s, i);
+                if flights.contains_key(&c.digest) || inner.cache.contains(&c.digest) {
+                    continue;
+                }
+                let f = Arc::new(Flight::default());
+                flights.insert(c.digest, f.clone());
+                claims.push((s, i, f));
+                bytes += u64::from(c.compressed_len);
+                if bytes >= batch_bytes || claims.len() >= 256 {
+                    break;
+                }
+            }
+        }
+        for run in inner.runs(claims, batch_bytes) {
+            pool.submit(Job::new(inner.clone(), run, Prio::Prefetch));
+        }
+    }
+    pool.wait_prefetch_idle();
+}
+
+impl Inner {
     fn blob_of(&self, s: StreamId) -> usize {
         match s {
             StreamId::Layer(n) => n as usize,
@@ -500,9 +680,97 @@ impl LazySource {
         }
     }
 
+    /// Where each chunk digest of the stack lives (any one place if it occurs twice).
+    fn chunk_index(&self) -> HashMap<ChunkDigest, (StreamId, usize)> {
+        let mut m = HashMap::new();
+        let streams = (0..self.stack.layers().len() as u32)
+            .map(StreamId::Layer)
+            .chain(std::iter::once(StreamId::Meta));
+        for s in streams {
+            for (i, c) in self.stack.chunks(s).iter().enumerate() {
+                m.entry(c.digest).or_insert((s, i));
+            }
+        }
+        m
+    }
+
+    /// Index after the last chunk of a window of `bytes` compressed bytes starting at `from`.
+    fn window_end(&self, s: StreamId, from: usize, bytes: u64) -> usize {
+        let chunks = self.stack.chunks(s);
+        let mut budget = bytes;
+        let mut j = from;
+        while j < chunks.len() && budget > 0 {
+            budget = budget.saturating_sub(u64::from(chunks[j].compressed_len));
+            j += 1;
+        }
+        j
+    }
+
+    /// Claim the chunks of a read-ahead window that are neither cached nor in flight.
+    fn claim_range(&self, s: StreamId, from: usize, bytes: u64) -> Vec<Claim> {
+        let end = self.window_end(s, from, bytes);
+        let mut claims = Vec::new();
+        let mut flights = lock(&self.flights);
+        for j in from..end {
+            let d = self.stack.chunk(s, j).digest;
+            if flights.contains_key(&d) || self.cache.contains(&d) {
+                continue;
+            }
+            let f = Arc::new(Flight::default());
+            flights.insert(d, f.clone());
+            claims.push((s, j, f));
+        }
+        claims
+    }
+
+    /// Group claims into runs of adjacent frames of one blob, each at most `max` bytes.
+    fn runs(&self, mut claims: Vec<Claim>, max: u64) -> Vec<Vec<Claim>> {
+        claims.sort_by_key(|(s, i, _)| (self.blob_of(*s), self.stack.chunk(*s, *i).frame_offset));
+        let mut out: Vec<Vec<Claim>> = Vec::new();
+        let mut run: Vec<Claim> = Vec::new();
+        for item in claims {
+            if let Some(last) = run.last() {
+                let a = self.stack.chunk(last.0, last.1);
+                let b = self.stack.chunk(item.0, item.1);
+                let first = self.stack.chunk(run[0].0, run[0].1);
+                let same_blob = self.blob_of(last.0) == self.blob_of(item.0);
+                if !same_blob
+                    || b.frame_offset > a.frame_end() + self.opts.max_gap
+                    || b.frame_end() - first.frame_offset > max
+                {
+                    out.push(std::mem::take(&mut run));
+                }
+            }
+            run.push(item);
+        }
+        if !run.is_empty() {
+            out.push(run);
+        }
+        out
+    }
+
+    /// Finish the flights of a run that are still open (with `err`) and forget them all.
+    fn release(&self, run: &[Claim], err: Option<&SourceError>) {
+        let mut flights = lock(&self.flights);
+        for (s, i, f) in run {
+            if !f.is_done() {
+                f.finish(Err(match err {
+                    Some(e) => e.to_string(),
+                    None => "fetch abandoned".into(),
+                }));
+            }
+            let d = self.stack.chunk(*s, *i).digest;
+            if flights.get(&d).is_some_and(|g| Arc::ptr_eq(g, f)) {
+                flights.remove(&d);
+            }
+        }
+    }
+
+    /// Fetch one run with one range request, trying the next source on failure or corruption.
     fn fetch_run(
         &self,
-        run: &[&(StreamId, usize, Arc<Flight>)],
+        run: &[Claim],
+        prio: Prio,
         out: &mut HashMap<(StreamId, usize), ChunkData>,
     ) -> Result<()> {
         let blob = &self.blobs[self.blob_of(run[0].0)];
@@ -517,9 +785,15 @@ impl LazySource {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let began = std::time::Instant::now();
             let bytes = match remote.read(blob, start, end - start) {
-                Ok(b) => {
+                Ok(b) if b.len() as u64 == end - start => {
                     self.stats.observe_fetch(began.elapsed());
                     b
+                }
+                Ok(b) => {
+                    self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(remote = %remote.name(), %blob, got = b.len(), want = end - start, "short range read");
+                    last_err = format!("short read: {} of {} bytes", b.len(), end - start);
+                    continue;
                 }
                 Err(e) => {
                     self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
@@ -533,12 +807,7 @@ impl LazySource {
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             let mut all_ok = true;
             for (s, i, flight) in run {
-                if flight
-                    .done
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_some()
-                {
+                if flight.is_done() {
                     continue;
                 }
                 let c = self.stack.chunk(*s, *i);
@@ -547,9 +816,20 @@ impl LazySource {
                 match decode_chunk(frame, c) {
                     Ok(data) => {
                         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                        match prio {
+                            Prio::Demand => {}
+                            Prio::Readahead => {
+                                self.stats.readahead.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Prio::Prefetch => {
+                                self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                         self.store(c, &data);
                         let data = Arc::new(data);
-                        out.insert((*s, *i), data.clone());
+                        if prio == Prio::Demand {
+                            out.insert((*s, *i), data.clone());
+                        }
                         flight.finish(Ok(data));
                     }
                     Err(e) => {
@@ -566,7 +846,7 @@ impl LazySource {
         }
         let bad = run
             .iter()
-            .find(|(_, _, f)| f.done.lock().unwrap_or_else(|e| e.into_inner()).is_none())
+            .find(|(_, _, f)| !f.is_done())
             .map(|(s, i, _)| hex::encode(self.stack.chunk(*s, *i).digest))
             .unwrap_or_default();
         Err(SourceError::Fetch {
@@ -587,7 +867,7 @@ impl LazySource {
         }
         let f = Arc::new(Flight::default());
         let mut out = HashMap::new();
-        self.fetch_run(&[&(s, i, f)], &mut out)?;
+        self.fetch_run(&[(s, i, f)], Prio::Demand, &mut out)?;
         out.remove(&(s, i)).ok_or_else(|| SourceError::Fetch {
             digest: hex::encode(c.digest),
             blob: self.blobs[self.blob_of(s)].clone(),
@@ -596,52 +876,198 @@ impl LazySource {
     }
 
     fn store(&self, c: &ChunkEntry, data: &[u8]) {
-        // A full or read-only cache must not fail the read: the bytes are verified already.
-        if let Err(e) = self.cache.insert(&c.digest, data) {
+        // A full or read-only cache must not fail the read: the bytes are verified already
+        // (decode_chunk checked the sha256).
+        if let Err(e) = self.cache.insert_verified(&c.digest, data) {
             warn!(chunk = %hex::encode(c.digest), error = %e, "could not cache chunk");
         }
     }
 
     fn note_trace(&self, plan: &[Piece]) {
-        let Some(t) = &self.trace else { return };
-        let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(t) = self.trace.get() else { return };
+        let mut t = lock(t);
         for p in plan {
-            if let Piece::Chunk { stream, index, .. } = *p
-                && t.seen.insert((stream, index))
-            {
-                t.order.push((stream, index));
+            if let Piece::Chunk { stream, index, .. } = *p {
+                let d = self.stack.chunk(stream, index).digest;
+                if t.seen.insert(d) {
+                    t.order.push(d);
+                }
             }
         }
-    }
-
-    /// Fetch the chunks of a recorded trace that are not cached yet, in order.
-    pub fn prefetch(&self, trace: &[TraceEntry]) -> Result<usize> {
-        let mut wanted = Vec::new();
-        for e in trace {
-            let s = match e.layer {
-                Some(n) if (n as usize) < self.blobs.len() => StreamId::Layer(n),
-                Some(_) => continue,
-                None => StreamId::Meta,
-            };
-            if e.chunk < self.stack.chunks(s).len()
-                && !self.cache.contains(&self.stack.chunk(s, e.chunk).digest)
-            {
-                wanted.push((s, e.chunk));
-            }
-        }
-        for batch in wanted.chunks(64) {
-            self.fetch(batch)?;
-        }
-        Ok(wanted.len())
     }
 }
 
-/// One entry of an access trace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TraceEntry {
-    /// Layer of the stack, or `None` for the metadata stream.
-    pub layer: Option<u32>,
-    pub chunk: usize,
+/// A run handed to a worker. Dropped unrun (the source is closing), it fails its flights so
+/// no reader waits forever.
+struct Job {
+    inner: Arc<Inner>,
+    run: Vec<Claim>,
+    prio: Prio,
+}
+
+impl Job {
+    fn new(inner: Arc<Inner>, run: Vec<Claim>, prio: Prio) -> Job {
+        Job { inner, run, prio }
+    }
+
+    fn execute(self) {
+        let mut sink = HashMap::new();
+        let result = self.inner.fetch_run(&self.run, self.prio, &mut sink);
+        if let Err(e) = &result {
+            debug!(error = %e, prio = ?self.prio, "background fetch failed");
+        }
+        self.inner.release(&self.run, result.as_ref().err());
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // After `execute` every flight is done and forgotten; this only acts on unrun jobs.
+        if self.run.iter().any(|(_, _, f)| !f.is_done()) {
+            self.inner.release(&self.run, None);
+        }
+    }
+}
+
+/// Worker threads taking jobs by priority; started on demand up to `threads`.
+struct Pool {
+    state: Mutex<PoolState>,
+    /// Workers wait here for jobs.
+    work: Condvar,
+    /// The prefetch feeder waits here for a free prefetch slot.
+    progress: Condvar,
+    threads: usize,
+    prefetch_slots: usize,
+}
+
+#[derive(Default)]
+struct PoolState {
+    queues: [VecDeque<Job>; 3],
+    running: [usize; 3],
+    idle: usize,
+    handles: Vec<JoinHandle<()>>,
+    stop: bool,
+}
+
+impl Pool {
+    fn new(threads: usize, prefetch_slots: usize) -> Pool {
+        Pool {
+            state: Mutex::new(PoolState::default()),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+            threads,
+            prefetch_slots: prefetch_slots.clamp(1, threads.saturating_sub(1).max(1)),
+        }
+    }
+
+    fn submit(self: &Arc<Self>, job: Job) {
+        let mut st = lock(&self.state);
+        if st.stop {
+            return; // dropping the job fails its flights
+        }
+        st.queues[job.prio as usize].push_back(job);
+        let queued: usize = st.queues.iter().map(VecDeque::len).sum();
+        if queued > st.idle && st.handles.len() < self.threads {
+            let pool = self.clone();
+            match std::thread::Builder::new()
+                .name("cora-fetch".into())
+                .spawn(move || pool.work_loop())
+            {
+                Ok(h) => st.handles.push(h),
+                Err(e) => warn!(error = %e, "could not start a fetch worker"),
+            }
+        }
+        // With no worker at all the job would never run: fail it rather than hang readers.
+        if st.handles.is_empty() {
+            let jobs: Vec<Job> = st.queues.iter_mut().flat_map(|q| q.drain(..)).collect();
+            drop(st);
+            drop(jobs);
+            return;
+        }
+        self.work.notify_one();
+    }
+
+    fn pop(&self, st: &mut PoolState) -> Option<Job> {
+        for p in [Prio::Demand, Prio::Readahead, Prio::Prefetch] {
+            if p == Prio::Prefetch && st.running[p as usize] >= self.prefetch_slots {
+                continue;
+            }
+            if let Some(j) = st.queues[p as usize].pop_front() {
+                st.running[p as usize] += 1;
+                return Some(j);
+            }
+        }
+        None
+    }
+
+    fn work_loop(&self) {
+        loop {
+            let job = {
+                let mut st = lock(&self.state);
+                loop {
+                    if st.stop {
+                        return;
+                    }
+                    if let Some(j) = self.pop(&mut st) {
+                        break j;
+                    }
+                    st.idle += 1;
+                    st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                    st.idle -= 1;
+                }
+            };
+            let prio = job.prio;
+            job.execute();
+            let mut st = lock(&self.state);
+            st.running[prio as usize] -= 1;
+            drop(st);
+            // A finished job may free a prefetch slot or unblock a queued prefetch job.
+            self.work.notify_one();
+            self.progress.notify_all();
+        }
+    }
+
+    /// Wait until fewer prefetch jobs than slots are queued or running; false when stopping.
+    fn wait_prefetch_slot(&self) -> bool {
+        let mut st = lock(&self.state);
+        loop {
+            if st.stop {
+                return false;
+            }
+            let p = Prio::Prefetch as usize;
+            if st.queues[p].len() + st.running[p] < self.prefetch_slots {
+                return true;
+            }
+            st = self.progress.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Wait until no prefetch job is queued or running (or the pool stops).
+    fn wait_prefetch_idle(&self) {
+        let mut st = lock(&self.state);
+        let p = Prio::Prefetch as usize;
+        while !st.stop && st.queues[p].len() + st.running[p] > 0 {
+            st = self.progress.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn stop(&self) {
+        let jobs: Vec<Job> = {
+            let mut st = lock(&self.state);
+            st.stop = true;
+            st.queues.iter_mut().flat_map(|q| q.drain(..)).collect()
+        };
+        drop(jobs);
+        self.work.notify_all();
+        self.progress.notify_all();
+    }
+
+    fn join(&self) {
+        let handles = std::mem::take(&mut lock(&self.state).handles);
+        for h in handles {
+            let _ = h.join();
+        }
+    }
 }
 
 fn stream_key(s: StreamId) -> u64 {

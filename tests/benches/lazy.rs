@@ -3,6 +3,8 @@
 //! cold sequential read of a whole stack vs `curl` of the same blobs; warm random 4 KiB and
 //! 1 MiB reads through the API vs `pread` on a plain file holding the same image.
 //! Prints a table and one `RESULT {json}` line, and writes `lazy.json` into `$CORA_BENCH_OUT`.
+//! `CORA_BENCH_DIAG=1` adds: curl and client range reads alone, and cold reads with the cache
+//! on tmpfs with and without read-ahead.
 
 use anyhow::{Result, bail};
 use cora_tests::fixtures::{self, cora_bin, run};
@@ -54,6 +56,92 @@ fn main() -> Result<()> {
     }
     let curl_secs = t.elapsed().as_secs_f64();
 
+    // Diagnostic: the registry client alone, 2 MiB range reads of the blobs, 1 and 8 threads.
+    if std::env::var_os("CORA_BENCH_DIAG").is_some() {
+        let blobs = RegistryBlobs::new(client.clone(), r.clone(), rt.handle().clone());
+        let mut ranges = Vec::new();
+        for l in &manifest.layers {
+            for off in (0..l.size).step_by(2 << 20) {
+                ranges.push((l.digest.clone(), off, (l.size - off).min(2 << 20)));
+            }
+        }
+        let t = Instant::now();
+        for (d, o, n) in &ranges {
+            let st = Command::new("curl")
+                .args([
+                    "-sf",
+                    "-o",
+                    "/dev/null",
+                    "-r",
+                    &format!("{o}-{}", o + n - 1),
+                ])
+                .arg(format!("http://{host}/v2/base/blobs/{d}"))
+                .status()?;
+            if !st.success() {
+                bail!("curl failed");
+            }
+        }
+        println!("curl range reads: {:.2}s", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for l in &manifest.layers {
+            rt.block_on(client.get_blob(&r, &l.digest))?;
+        }
+        println!("client whole blobs: {:.2}s", t.elapsed().as_secs_f64());
+        for threads in [1usize, 8] {
+            let t = Instant::now();
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|sc| {
+                for _ in 0..threads {
+                    sc.spawn(|| {
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some((d, o, n)) = ranges.get(k) else {
+                                break;
+                            };
+                            blobs.read(d, *o, *n).expect("range read");
+                        }
+                    });
+                }
+            });
+            println!(
+                "client range reads, {threads} threads: {:.2}s for {} requests",
+                t.elapsed().as_secs_f64(),
+                ranges.len()
+            );
+        }
+        for ra in [0u64, 2 << 20] {
+            let shm = tempfile::tempdir_in("/dev/shm")?;
+            let cache = ChunkCache::open(shm.path(), 10 << 30)?;
+            let remotes: Vec<Arc<dyn BlobRead>> = vec![Arc::new(RegistryBlobs::new(
+                client.clone(),
+                r.clone(),
+                rt.handle().clone(),
+            ))];
+            let t = Instant::now();
+            let src = LazySource::open(
+                &manifest,
+                manifest.layers.len() - 1,
+                remotes,
+                cache,
+                FetchOptions {
+                    readahead: ra,
+                    ..Default::default()
+                },
+            )?;
+            let size = src.size();
+            let mut buf = vec![0u8; 1 << 20];
+            for off in (0..size).step_by(1 << 20) {
+                let n = ((size - off) as usize).min(1 << 20);
+                src.read_at(off, &mut buf[..n])?;
+            }
+            println!(
+                "diag cold read, cache on tmpfs, readahead={ra}: {:.2}s {:?}",
+                t.elapsed().as_secs_f64(),
+                src.stats.snapshot()
+            );
+        }
+    }
+
     // Cold: whole stack, sequential 1 MiB reads, empty cache.
     let remotes: Vec<Arc<dyn BlobRead>> = vec![Arc::new(RegistryBlobs::new(
         client.clone(),
@@ -62,6 +150,7 @@ fn main() -> Result<()> {
     ))];
     let cache = ChunkCache::open(&tmp.path().join("cache"), 10 << 30)?;
     let t = Instant::now();
+    let cpu0 = cpu_secs();
     let src = LazySource::open(
         &manifest,
         manifest.layers.len() - 1,
@@ -76,7 +165,10 @@ fn main() -> Result<()> {
         src.read_at(off, &mut image[off as usize..off as usize + n])?;
     }
     let cold_secs = t.elapsed().as_secs_f64();
-    let fetched = src.stats.snapshot().fetched_bytes;
+    let cold_cpu = cpu_secs() - cpu0;
+    let cold_stats = src.stats.snapshot();
+    let fetched = cold_stats.fetched_bytes;
+    println!("cold read: {cold_cpu:.2}s CPU (user+sys) in {cold_secs:.2}s; {cold_stats:?}");
     let flat = tmp.path().join("flat.img");
     std::fs::write(&flat, &image)?;
     let file = std::fs::File::open(&flat)?;
@@ -112,6 +204,7 @@ fn main() -> Result<()> {
         "curl_secs": curl_secs,
         "cold_api_secs": cold_secs,
         "cold_ratio_vs_curl": curl_secs / cold_secs,
+        "cold_cpu_secs": cold_cpu,
         "warm": warm,
     });
     println!("stack image {size} bytes from {blob_bytes} blob bytes (fetched {fetched})");
@@ -131,4 +224,15 @@ fn main() -> Result<()> {
     println!("RESULT {result}");
     cora_tests::bench::write_json("lazy", &result)?;
     Ok(())
+}
+
+/// CPU time (user + system) this process has used so far.
+fn cpu_secs() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes into the struct we pass.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }

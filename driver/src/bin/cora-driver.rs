@@ -108,6 +108,12 @@ struct SourceArgs {
     /// read taking MS milliseconds (format MS:CHUNK).
     #[arg(long, value_name = "MS:CHUNK", value_parser = parse_sim)]
     simulate_misses: Option<SimulatedMisses>,
+    /// Record the chunk access order of this start to FILE (for `cora trace push`).
+    #[arg(long, value_name = "FILE", requires = "image")]
+    record_trace: Option<PathBuf>,
+    /// Do not prefetch the access trace stored with the image.
+    #[arg(long, requires = "image")]
+    no_prefetch: bool,
 }
 
 #[derive(Args)]
@@ -173,6 +179,10 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
                         },
                     })
                     .collect(),
+            },
+            trace: driver::ublk::TraceOptions {
+                record: args.record_trace.as_ref().map(abs),
+                no_prefetch: args.no_prefetch,
             },
         });
     }

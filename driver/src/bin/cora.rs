@@ -144,7 +144,16 @@ enum Cmd {
         /// Print statistics as JSON.
         #[arg(long)]
         json: bool,
+        /// Write the chunk access order of this read to FILE (for `cora trace push`).
+        #[arg(long, value_name = "FILE")]
+        record_trace: Option<PathBuf>,
+        /// Do not prefetch the chunks of the access trace stored with the image.
+        #[arg(long)]
+        no_prefetch: bool,
     },
+    /// Access traces for trace-based prefetch.
+    #[command(subcommand)]
+    Trace(TraceCmd),
     /// Inspect and maintain the local chunk cache.
     Cache(driver::cache::cli::CacheArgs),
     /// Record an image in containerd and prepare its layers through a snapshotter: CORA layers
@@ -173,6 +182,17 @@ enum Cmd {
         dst: ImageRef,
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TraceCmd {
+    /// Store a trace (from `--record-trace`) with the image in its registry, as an OCI
+    /// referrer of the image manifest (plus the `sha256-<hex>` fallback tag).
+    Push {
+        /// HOST[:PORT]/REPO[:TAG|@DIGEST]
+        image: String,
+        file: PathBuf,
     },
 }
 
@@ -227,7 +247,32 @@ fn run(cli: Cli) -> Result<()> {
             cache,
             cache_size,
             json,
-        } => cmd_export(&net, &image, layer, &out, &cache, cache_size, json),
+            record_trace,
+            no_prefetch,
+        } => cmd_export(
+            &net,
+            &image,
+            layer,
+            &out,
+            &ExportOpts {
+                cache_dir: cache,
+                cache_size,
+                json,
+                record_trace,
+                prefetch: !no_prefetch,
+            },
+        ),
+        Cmd::Trace(TraceCmd::Push { image, file }) => {
+            let trace = driver::trace::Trace::read_file(&file)?;
+            let reference = parse_reference(&image)?;
+            let client = net.client()?;
+            let digest = net
+                .rt
+                .block_on(driver::trace::push(&client, &reference, &trace.encode()))
+                .with_context(|| format!("pushing the trace to {image}"))?;
+            println!("{} chunks; trace manifest {digest}", trace.chunks.len());
+            Ok(())
+        }
         Cmd::Pack { dst, dirs } => {
             let ImageRef::Layout { path, tag } = &dst else {
                 bail!("{dst}: pack writes oci:PATH[:TAG] layouts");
@@ -402,22 +447,36 @@ fn open_image(
         .with_context(|| format!("opening {image}"))
 }
 
+struct ExportOpts {
+    cache_dir: PathBuf,
+    cache_size: u64,
+    json: bool,
+    record_trace: Option<PathBuf>,
+    prefetch: bool,
+}
+
 fn cmd_export(
     net: &Net,
     image: &ImageRef,
     layer: Option<usize>,
     out: &std::path::Path,
-    cache_dir: &std::path::Path,
-    cache_size: u64,
-    json: bool,
+    opts: &ExportOpts,
 ) -> Result<()> {
     use std::io::Write;
+    let json = opts.json;
     let (manifest, remotes) = open_image(net, image)?;
     let top = layer.unwrap_or(manifest.layers.len() - 1);
-    let cache = driver::cache::ChunkCache::open(cache_dir, cache_size)?;
+    let cache = driver::cache::ChunkCache::open(&opts.cache_dir, opts.cache_size)?;
     let t0 = std::time::Instant::now();
     let src = LazySource::open(&manifest, top, remotes, cache, FetchOptions::default())
         .with_context(|| format!("opening stack {top} of {image}"))?;
+    if opts.record_trace.is_some() {
+        src.record_trace();
+    }
+    if opts.prefetch {
+        let (image, cfg, rt) = (image.clone(), net.cfg.clone(), net.rt.handle().clone());
+        src.start_prefetch(move || driver::trace::lookup_for_prefetch(&image, &cfg, &rt));
+    }
     let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -439,6 +498,14 @@ fn cmd_export(
     tmp.as_file().sync_all()?;
     tmp.persist(out)
         .with_context(|| format!("renaming to {}", out.display()))?;
+    if let Some(path) = &opts.record_trace {
+        let trace = driver::trace::Trace {
+            chunks: src.trace(),
+        };
+        trace
+            .write_file(path)
+            .with_context(|| format!("writing the access trace to {}", path.display()))?;
+    }
     let st = src.stats.snapshot();
     let secs = t0.elapsed().as_secs_f64();
     if json {
@@ -448,12 +515,14 @@ fn cmd_export(
         );
     } else {
         println!(
-            "{}: {size} bytes in {secs:.2}s; fetched {} bytes in {} requests; {} chunk hits, {} chunks fetched, {} corrupt",
+            "{}: {size} bytes in {secs:.2}s; fetched {} bytes in {} requests; {} chunk hits, {} chunks fetched ({} by read-ahead, {} by trace prefetch), {} corrupt",
             out.display(),
             st.fetched_bytes,
             st.requests,
             st.hits,
             st.misses,
+            st.readahead,
+            st.prefetched,
             st.corrupt
         );
     }

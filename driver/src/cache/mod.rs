@@ -570,6 +570,13 @@ impl ChunkCache {
                 actual: digest_hex(&actual),
             });
         }
+        self.insert_verified(digest, data)
+    }
+
+    /// As [`insert`](Self::insert), for a caller that has just checked that `data` hashes to
+    /// `digest` (the lazy source verifies every chunk it decodes; hashing twice cost ~10 % of
+    /// a cold read).
+    pub fn insert_verified(&self, digest: &ChunkDigest, data: &[u8]) -> Result<()> {
         let inner = &*self.inner;
         let path = self.entry_path(digest);
         if inner.fds.contains(digest)

@@ -1066,6 +1066,54 @@ impl Client {
         })
     }
 
+    /// The referrers of manifest `digest` with `artifactType` (OCI distribution 1.1,
+    /// `GET /v2/<name>/referrers/<digest>`) as the raw image index. `Ok(None)` when the
+    /// registry has no referrers API (404), as docker-registry 2.8.
+    pub async fn get_referrers(
+        &self,
+        r: &Reference,
+        digest: &str,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>> {
+        validate_digest(digest)?;
+        let src = self.upstream(r);
+        let op = format!(
+            "GET referrers of {digest} from {}/{}",
+            src.host, r.repository
+        );
+        let mut tries = self.upstream_tries();
+        loop {
+            let attempt = async {
+                let cx = Ctx {
+                    op: &op,
+                    src: &src,
+                    repo: &r.repository,
+                    access: Access::Pull,
+                };
+                let url = format!(
+                    "{}/v2/{}/referrers/{digest}?artifactType={}",
+                    src.base(),
+                    r.repository,
+                    enc(artifact_type)
+                );
+                let accept = [(
+                    ACCEPT,
+                    "application/vnd.oci.image.index.v1+json".to_string(),
+                )];
+                let resp = self
+                    .send(&cx, Method::GET, url, &accept, &Payload::Empty, true)
+                    .await?;
+                let resp = self.expect(&op, resp, &[200]).await?;
+                self.read_all(&op, resp, MAX_MANIFEST).await
+            };
+            match self.permitted(attempt).await {
+                Ok(b) => return Ok(Some(b)),
+                Err(e) if e.is_not_found() => return Ok(None),
+                Err(e) => self.on_failure(&op, e, &mut tries).await?,
+            }
+        }
+    }
+
     /// Fetches a whole blob into memory and checks its sha256. Mirrors first.
     pub async fn get_blob(&self, r: &Reference, digest: &str) -> Result<Bytes> {
         match self.read_blob(r, digest, &BlobRead::Whole).await? {

@@ -19,7 +19,7 @@ mod server;
 pub mod source;
 
 pub use admin::{DeviceStatus, delete, flag_names, list, status, stop};
-pub use recipe::{SimulatedMisses, SourceRecipe};
+pub use recipe::{SimulatedMisses, SourceRecipe, TraceOptions};
 pub use server::{DeviceOptions, Ready, TargetData, add, kernel_features, recover};
 pub use source::{BlockSource, FileSource};
 

@@ -37,7 +37,21 @@ pub enum SourceRecipe {
         cache_size: u64,
         #[serde(default)]
         registry: crate::remote::RegistryAccess,
+        /// Trace-based prefetch and recording (see `crate::trace`).
+        #[serde(default)]
+        trace: TraceOptions,
     },
+}
+
+/// What a lazily served image does with access traces.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceOptions {
+    /// Write the chunk access order here (rewritten every second while it grows, and on exit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<PathBuf>,
+    /// Do not prefetch the trace stored with the image.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_prefetch: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,12 +81,14 @@ impl SourceRecipe {
                 cache,
                 cache_size,
                 registry,
-            } => Ok(Arc::new(LazyImage::open(
+                trace,
+            } => Ok(Arc::new(LazyImage::open_with(
                 image,
                 TopLayer::pick(*layer, layer_digest.as_deref())?,
                 cache,
                 *cache_size,
                 registry,
+                trace,
             )?)),
         }
     }
@@ -184,8 +200,55 @@ impl<'a> TopLayer<'a> {
 
 /// A CORA stack served through `LazySource`; owns the runtime its registry reads run on.
 pub struct LazyImage {
-    source: crate::source::LazySource,
+    source: Arc<crate::source::LazySource>,
+    trace_writer: Option<TraceWriter>,
     _rt: tokio::runtime::Runtime,
+}
+
+/// Rewrites the trace file every second while it grows; a last time when dropped.
+struct TraceWriter {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TraceWriter {
+    fn start(source: Arc<crate::source::LazySource>, path: PathBuf) -> io::Result<TraceWriter> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("cora-trace".into())
+            .spawn(move || {
+                let mut written = usize::MAX;
+                loop {
+                    let stopping = !matches!(
+                        rx.recv_timeout(Duration::from_secs(1)),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    );
+                    let chunks = source.trace();
+                    if chunks.len() != written {
+                        written = chunks.len();
+                        if let Err(e) = (crate::trace::Trace { chunks }).write_file(&path) {
+                            tracing::warn!(error = %e, "could not write the access trace");
+                        }
+                    }
+                    if stopping {
+                        return;
+                    }
+                }
+            })?;
+        Ok(TraceWriter {
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for TraceWriter {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn io_other(e: impl std::fmt::Display) -> io::Error {
@@ -199,6 +262,25 @@ impl LazyImage {
         cache: &std::path::Path,
         cache_size: u64,
         registry: &crate::remote::RegistryAccess,
+    ) -> io::Result<LazyImage> {
+        Self::open_with(
+            image,
+            layer,
+            cache,
+            cache_size,
+            registry,
+            &TraceOptions::default(),
+        )
+    }
+
+    /// As `open`, recording and/or prefetching access traces as `trace` says.
+    pub fn open_with(
+        image: &str,
+        layer: Option<usize>,
+        cache: &std::path::Path,
+        cache_size: u64,
+        registry: &crate::remote::RegistryAccess,
+        trace: &TraceOptions,
     ) -> io::Result<LazyImage> {
         let image: crate::imageref::ImageRef = image.parse().map_err(io_other)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -218,11 +300,34 @@ impl LazyImage {
             crate::source::FetchOptions::default(),
         )
         .map_err(io_other)?;
-        Ok(LazyImage { source, _rt: rt })
+        let source = Arc::new(source);
+        let trace_writer = match &trace.record {
+            Some(path) => {
+                source.record_trace();
+                Some(TraceWriter::start(source.clone(), path.clone())?)
+            }
+            None => None,
+        };
+        if !trace.no_prefetch {
+            let (cfg, handle) = (registry.config(), rt.handle().clone());
+            source.start_prefetch(move || crate::trace::lookup_for_prefetch(&image, &cfg, &handle));
+        }
+        Ok(LazyImage {
+            source,
+            trace_writer,
+            _rt: rt,
+        })
     }
 
     pub fn source(&self) -> &crate::source::LazySource {
         &self.source
+    }
+}
+
+impl Drop for LazyImage {
+    fn drop(&mut self) {
+        // The last trace write before the source (and its workers) go away.
+        drop(self.trace_writer.take());
     }
 }
 
