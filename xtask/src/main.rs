@@ -3,6 +3,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod deps;
+mod fio_bench;
 mod initramfs;
 mod tools;
 mod vm;
@@ -36,9 +37,21 @@ enum Cmd {
     },
     /// Install the pinned rublk into target/tools/bin (the guest's PATH).
     Tools,
+    /// Benchmarks that print numbers and write results into $CORA_BENCH_OUT.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
     /// The main job: build two images from Debian packages, push them to a local registry as
     /// plain OCI, convert them to CORA, and cold-start both ways on a ublk kernel.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// fio on a CORA image device (cold and cached) vs kernel loop, rublk loop and rublk null,
+    /// in one VM boot; writes fio.json and fio.md.
+    Fio(fio_bench::FioBenchOpts),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +65,9 @@ fn main() -> Result<()> {
         Cmd::VmTest { filter, opts } => vm_test(&opts, filter.as_deref()),
         Cmd::Tools => tools::ensure_rublk().map(drop),
         Cmd::Demo => demo(),
+        Cmd::Bench {
+            bench: Bench::Fio(opts),
+        } => fio_bench::run(&opts),
     }
 }
 

@@ -485,6 +485,25 @@ impl ChunkCache {
         Ok(Some(data))
     }
 
+    /// Lend the whole cached chunk as mapped memory, for handing it to the kernel without a
+    /// copy (e.g. `pwritev` into a ublk request). `Ok(None)` if the chunk is not cached or
+    /// cannot be mapped. Counts a hit like [`ChunkCache::read_at`].
+    ///
+    /// Only pass [`LentChunk::kernel_bytes`] to system calls: a page that cannot be read (an
+    /// entry truncated in place by someone else, a disk error) then fails the call with
+    /// `EFAULT`, whereas touching it from user space would raise SIGBUS.
+    pub fn lend(&self, digest: &ChunkDigest) -> Result<Option<LentChunk>> {
+        let Some(chunk) = self.lookup(digest)? else {
+            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        if chunk.lend().is_none() {
+            return Ok(None);
+        }
+        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(LentChunk(chunk)))
+    }
+
     /// Whether the chunk is cached (without verifying it or counting a hit). An entry this
     /// process holds open counts as cached even if another process has unlinked it since:
     /// its bytes are still readable through the open fd.
@@ -711,6 +730,25 @@ impl ChunkCache {
             verified_on_open: c.verified_on_open.load(Ordering::Relaxed),
             open_files: self.inner.fds.len() as u64,
         })
+    }
+}
+
+/// A cached chunk lent by [`ChunkCache::lend`]; keeps its mapping alive while held.
+pub struct LentChunk(Arc<OpenChunk>);
+
+impl LentChunk {
+    /// The chunk's bytes, mapped. Hand them to the kernel only (see [`ChunkCache::lend`]).
+    pub fn kernel_bytes(&self) -> &[u8] {
+        // `lend` returned this chunk only after its mapping was made; it never goes away.
+        self.0.lend().unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.kernel_bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

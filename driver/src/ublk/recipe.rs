@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::source::{BlockSource, FileSource};
+use super::source::{BlockSource, FileSource, MAX_SLICES, SendSlices};
 
 /// Everything needed to open a device's source again in a new process. Stored as the device's
 /// target data by `add`, read back by `recover`. Add a variant per kind of source.
@@ -190,6 +190,18 @@ impl BlockSource for LazyImage {
     }
     fn read_local(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
         self.source.read_local(offset, buf).map_err(io_other)
+    }
+    fn local_slices(
+        &self,
+        offset: u64,
+        len: usize,
+        send: &mut SendSlices<'_>,
+    ) -> Option<io::Result<()>> {
+        // A lending error (not local, a bad entry) falls back to read_local, which reports it.
+        self.source
+            .lend_local(offset, len, MAX_SLICES, |iov| send(iov))
+            .ok()
+            .flatten()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.source.read_at(offset, buf).map_err(|e| {
