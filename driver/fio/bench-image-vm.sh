@@ -6,7 +6,8 @@
 #   CORA_FIO_REGISTRY=target/bench/fio/registry cargo xtask vm --mem 6G -- driver/fio/bench-image-vm.sh
 # Env: CORA_FIO_REGISTRY (docker-registry storage holding repository fio:cora, copied to tmpfs),
 #      CORA_FIO_RESULTS (results file, default $CORA_FIO_REGISTRY/../results.txt),
-#      FIO_RUNTIME (s, default 10), CORA_VARIANTS (lines NAME=ARGS of warm `cora-driver add`).
+#      FIO_RUNTIME (s, default 10), CORA_VARIANTS (lines NAME=ARGS of warm `cora-driver add`),
+#      CORA_FIO_SKIP_COLD=1 (skip the cold tree reads and cold fio: slow under TCG).
 # Results, one line each (whitespace-separated):
 #   fio DEVICE STATE IOPS_4K MBPS_1M LAT_AVG_US LAT_P99_US BYTES_FETCHED
 #   tree STATE SECONDS BYTES_FETCHED
@@ -123,8 +124,10 @@ tree_read() { # tree_read STATE
     t1=$(now)
     result tree "$1" "$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")" $(($(lo_bytes) - b0))
 }
-tree_read cold
-tree_read warm
+if [ -z "${CORA_FIO_SKIP_COLD:-}" ]; then
+    tree_read cold
+    tree_read warm
+fi
 result info tree_bytes "$(unshare -m sh -c "mount -t erofs -o ro '$DEV' '$T/mnt' && du -sb --apparent-size '$T/mnt' | cut -f1")"
 del "$DEV"
 rm -rf "$T/cache-tree"
@@ -141,7 +144,7 @@ fresh_cold() { # runs in a subshell ($(...)): keeps no state, deletes what the l
     rm -rf "$T/cache-cold"
     add_image "$T/cache-cold" --queues 2
 }
-run cora cold "" fresh_cold
+[ -n "${CORA_FIO_SKIP_COLD:-}" ] || run cora cold "" fresh_cold
 del_all
 rm -rf "$T/cache-cold"
 

@@ -24,6 +24,12 @@ pub struct FioBenchOpts {
     /// Guest memory: the registry, a full cache and the flat image all live in guest tmpfs.
     #[arg(long, default_value = "4G")]
     pub mem: String,
+    /// Skip the cold runs (whole-tree read, fio with an empty cache): slow under TCG.
+    #[arg(long)]
+    pub skip_cold: bool,
+    /// Use the release binaries as they are (do not run cargo build first).
+    #[arg(long)]
+    pub no_build: bool,
     /// Kill the VM after this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
@@ -257,7 +263,9 @@ fn bench_out() -> PathBuf {
 pub fn run(opts: &FioBenchOpts) -> Result<()> {
     deps::ensure(deps::TEST_PACKAGES)?;
     tools::ensure_rublk()?;
-    deps::run("cargo", &["build", "--release", "-p", "driver", "--bins"])?;
+    if !opts.no_build {
+        deps::run("cargo", &["build", "--release", "-p", "driver", "--bins"])?;
+    }
     let repo = vm::repo_root();
     let work = repo.join("target/bench/fio");
     let s = |p: &Path| p.to_string_lossy().into_owned();
@@ -272,7 +280,8 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
     let results = work.join("results.txt");
     let _ = std::fs::remove_file(&results);
     let cmd = format!(
-        "CORA_FIO_REGISTRY={} CORA_FIO_RESULTS={} FIO_RUNTIME={} sh {}",
+        "CORA_FIO_SKIP_COLD={} CORA_FIO_REGISTRY={} CORA_FIO_RESULTS={} FIO_RUNTIME={} sh {}",
+        if opts.skip_cold { "1" } else { "" },
         vm::shell_quote(&s(&work.join("registry"))),
         vm::shell_quote(&s(&results)),
         opts.runtime,
