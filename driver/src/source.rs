@@ -361,6 +361,74 @@ impl LazySource {
         Ok(true)
     }
 
+    /// Zero-copy read of local data: if every chunk under `[offset, offset + len)` is cached
+    /// and can be mapped, calls `f` once with slices that are exactly those bytes in order
+    /// (holes as shared zeros) and returns `Ok(Some(f(..)))`; `Ok(None)` (nothing waits on the
+    /// network, `f` not called) when some chunk is not local or the read needs more than
+    /// `max_slices` slices. The slices may be mapped cache files: pass them to the kernel only
+    /// (see [`ChunkCache::lend`]).
+    pub fn lend_local<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        max_slices: usize,
+        f: impl FnOnce(&[std::io::IoSlice<'_>]) -> R,
+    ) -> Result<Option<R>> {
+        let inner = &self.inner;
+        let plan = inner.stack.plan(offset, len as u64)?;
+        inner.note_trace(&plan);
+        self.advise(&plan);
+        let mut lent = Vec::with_capacity(plan.len());
+        let mut slices = 0usize;
+        for p in &plan {
+            match *p {
+                Piece::Zero { len } => {
+                    slices += (len as usize).div_ceil(ZEROS.len());
+                    lent.push(None);
+                }
+                Piece::Chunk { stream, index, .. } => {
+                    slices += 1;
+                    let c = inner.stack.chunk(stream, index);
+                    match inner.cache.lend(&c.digest)? {
+                        Some(chunk) => lent.push(Some(chunk)),
+                        None => return Ok(None),
+                    }
+                }
+            }
+            if slices > max_slices {
+                return Ok(None);
+            }
+        }
+        let mut iov = Vec::with_capacity(slices);
+        for (p, chunk) in plan.iter().zip(&lent) {
+            match (*p, chunk) {
+                (Piece::Zero { len }, _) => {
+                    let mut left = len as usize;
+                    while left > 0 {
+                        let n = left.min(ZEROS.len());
+                        iov.push(std::io::IoSlice::new(&ZEROS[..n]));
+                        left -= n;
+                    }
+                }
+                (Piece::Chunk { offset, len, .. }, Some(chunk)) => {
+                    let (o, l) = (offset as usize, len as usize);
+                    let bytes = chunk.kernel_bytes().get(o..o + l).ok_or_else(|| {
+                        SourceError::Image(format!(
+                            "chunk piece {o}+{l} outside a cached chunk of {} bytes",
+                            chunk.len()
+                        ))
+                    })?;
+                    iov.push(std::io::IoSlice::new(bytes));
+                }
+                (Piece::Chunk { .. }, None) => return Ok(None),
+            }
+        }
+        self.stats
+            .hits
+            .fetch_add((lent.iter().flatten().count()) as u64, Ordering::Relaxed);
+        Ok(Some(f(&iov)))
+    }
+
     /// Fill `buf` with image bytes at `offset`, fetching what is missing. May block.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let inner = &self.inner;
@@ -1069,6 +1137,9 @@ impl Pool {
         }
     }
 }
+
+/// Shared zeros for holes lent by [`LazySource::lend_local`].
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 fn stream_key(s: StreamId) -> u64 {
     match s {

@@ -316,3 +316,43 @@ fn successors_fetch_only_what_they_add() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn lent_slices_are_the_cached_bytes_and_nothing_is_lent_before_caching() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("app", &[&small_tree()?])?;
+    let src = env.source(
+        &m,
+        vec![env.blobs(&env.reg.host, "app")?],
+        &env.tmp.path().join("cache"),
+    )?;
+    let size = src.size();
+    let gather = |iov: &[std::io::IoSlice<'_>]| -> Vec<u8> {
+        iov.iter().flat_map(|s| s.iter().copied()).collect()
+    };
+    assert!(
+        src.lend_local(0, 4096, 1024, gather)?.is_none(),
+        "lent before cached"
+    );
+    let all = read_all(&src, 1 << 20, 0)?;
+    let mut ranges: Vec<(u64, usize)> = vec![(0, 4096), (size - 4096, 4096), (size - 512, 512)];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for len in [4096usize, 65536, 1 << 20] {
+        for _ in 0..50 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % (size - len as u64)) & !511;
+            ranges.push((off, len));
+        }
+    }
+    for (off, len) in ranges {
+        let lent = src
+            .lend_local(off, len, 1024, gather)?
+            .unwrap_or_else(|| panic!("{off}+{len} not lent though cached"));
+        assert!(lent == all[off as usize..off as usize + len], "{off}+{len}");
+    }
+    // More slices than allowed: not lent (the caller copies instead).
+    assert!(src.lend_local(0, 1 << 20, 1, gather)?.is_none());
+    Ok(())
+}

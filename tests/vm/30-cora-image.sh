@@ -2,10 +2,20 @@
 # A CORA image served lazily: a real Debian tree converted with `cora convert`, pushed to a
 # docker-registry on the guest's loopback, attached with `cora-driver add --image`, mounted
 # read-only (own mount namespace), every file checked by sha256; then the registry is stopped
-# mid-test: cached files keep reading, uncached ones fail with EIO within a bound; del cleans up.
+# mid-test: cached files keep reading, uncached ones fail with EIO within a bound; then, with the
+# registry back, kill -9 of the server while the mounted fs is read in a loop, `recover`, and
+# the reads carry on (same mount) with identical sha256 results; writes fail cleanly; del.
 set -eu
 fail() { echo "30-cora-image: FAIL: $*" >&2; exit 1; }
 log() { echo "30-cora-image: [$(cut -d" " -f1 /proc/uptime)] $*"; }
+# wait_for SECONDS CMD...: poll CMD until it succeeds or the deadline passes.
+wait_for() {
+    end=$(($(date +%s) + $1)); shift
+    until "$@"; do
+        [ "$(date +%s)" -lt "$end" ] || return 1
+        sleep 0.1
+    done
+}
 R=${CORA_REPO:-$PWD}
 D=$R/target/release/cora-driver
 C=$R/target/release/cora
@@ -31,11 +41,13 @@ storage:
 http:
   addr: 127.0.0.1:$PORT
 YML
-docker-registry serve "$T/reg.yml" >"$T/reg.log" 2>&1 &
-REG=$!
-i=0; until curl -sf "http://127.0.0.1:$PORT/v2/" >/dev/null; do
-    i=$((i + 1)); [ $i -lt 200 ] || fail "registry did not start: $(cat "$T/reg.log")"; sleep 0.1
-done
+start_registry() {
+    docker-registry serve "$T/reg.yml" >>"$T/reg.log" 2>&1 &
+    REG=$!
+    wait_for 20 curl -sf "http://127.0.0.1:$PORT/v2/" >/dev/null \
+        || fail "registry did not start: $(cat "$T/reg.log")"
+}
+start_registry
 H=127.0.0.1:$PORT
 
 # --- convert the tree (one layer) straight into the registry
@@ -84,6 +96,43 @@ unshare -m sh -c "mount -t erofs -o ro '$DEV' '$T/mnt' && cd '$T/mnt' && sha256s
     || fail "cached files stopped reading with the registry down"
 PID=$("$D" list | awk -v id="$ID" '$1 == id { print $3 }')
 kill -0 "$PID" || fail "server died"
+
+# --- registry back; kill -9 the server while the mounted fs is read in a loop; recover
+start_registry
+state() { "$D" list | awk -v id="$ID" '$1 == id { print $2 }'; }
+sync; echo 3 >/proc/sys/vm/drop_caches
+# Two passes over every file, page cache dropped between them so each pass reads the device;
+# the first pass fetches the files not read yet (lazily, through the registry).
+unshare -m sh -c "mount -t erofs -o ro '$DEV' '$T/mnt' && cd '$T/mnt' && for i in 1 2; do
+    sha256sum -c '$T/manifest' || exit 1; echo 3 >/proc/sys/vm/drop_caches; done" >"$T/reader.out" 2>&1 &
+READER=$!
+wait_for 120 sh -c "[ \$(grep -c ': OK\$' '$T/reader.out') -ge $((nfiles / 4)) ]" \
+    || fail "reader made no progress: $(grep -v ': OK$' "$T/reader.out" | head -3)"
+kill -9 "$PID"
+wait_for 20 sh -c "! kill -0 $PID 2>/dev/null" || fail "server survived kill -9"
+kill -0 "$READER" 2>/dev/null || fail "reader finished before the kill"
+wait_for 20 sh -c "[ \"\$('$D' list | awk '\$1 == $ID { print \$2 }')\" = QUIESCED ]" \
+    || fail "device not QUIESCED after kill: $("$D" list)"
+before=$(grep -c ': OK$' "$T/reader.out")
+out=$("$D" recover "$ID" --daemon --log "$T/srv2.log") || fail "recover: $(cat "$T/srv2.log")"
+[ "$out" = "$DEV" ] || fail "recover printed '$out', want $DEV"
+PID=$("$D" list | awk -v id="$ID" '$1 == id { print $3 }')
+[ "$(state)" = LIVE ] || fail "not LIVE after recover: $("$D" list)"
+"$D" list --json | jq -e ".[] | select(.id == $ID) | .target_data.cora.recipe.kind == \"image\"" \
+    >/dev/null || fail "recovered device lost its image recipe"
+wait "$READER" || fail "reads failed across the crash: $(grep -v ': OK$' "$T/reader.out" | head -5)"
+[ "$(grep -c ': OK$' "$T/reader.out")" -eq $((2 * nfiles)) ] || fail "reader checked too few files"
+log "kill -9 after $before of $((2 * nfiles)) file reads; recovered by pid $PID; all read identically"
+
+# --- writes to the read-only device fail promptly, the server survives them
+if timeout 30 dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct 2>"$T/dd.err"; then
+    fail "write to $DEV succeeded"
+fi
+grep -qi "read-only\|not permitted\|input/output\|permission denied" "$T/dd.err" \
+    || fail "write failed oddly: $(cat "$T/dd.err")"
+if timeout 30 blkdiscard "$DEV" 2>/dev/null; then fail "discard succeeded"; fi
+kill -0 "$PID" || fail "server died after writes"
+log "writes refused: $(head -1 "$T/dd.err")"
 
 # --- del leaves nothing behind
 "$D" del "$ID"

@@ -13,12 +13,15 @@ pub enum BenchCmd {
     Convert,
     /// The lazy read path against docker-registry on loopback.
     Lazy,
+    /// fio on a CORA image device (cold and cached) vs kernel loop, rublk loop and rublk null,
+    /// in one VM boot; writes fio.json and fio.md.
+    Fio(crate::fio_bench::FioBenchOpts),
     /// Cold start CORA vs OCI through containerd in the VM (tests/vm/40-containerd.sh writes
     /// coldstart.csv and coldstart_usage.csv when CORA_BENCH_OUT is set).
     Coldstart,
     /// Compose REPORT.md and PNG charts from the results found in the output directory.
     Report,
-    /// dedup, convert, lazy, then fio and coldstart where their entry points exist, then report.
+    /// dedup, convert, lazy, fio, coldstart, then the report (a failed bench is reported, not fatal).
     All,
 }
 
@@ -45,6 +48,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             crate::deps::run("cargo", &["build", "--release", "-p", "driver", "--bins"])?;
             cargo_bench("lazy", &out)
         }
+        BenchCmd::Fio(opts) => crate::fio_bench::run(&opts),
         BenchCmd::Coldstart => coldstart(&out),
         BenchCmd::Report => report(&out),
         BenchCmd::All => all(&out),
@@ -107,18 +111,6 @@ fn coldstart(out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// `xtask bench NAME` exists in this build (other branches add fio and coldstart).
-fn has_entry(name: &str) -> Result<bool> {
-    let exe = std::env::current_exe().context("locating xtask")?;
-    Ok(Command::new(exe)
-        .args(["bench", name, "--help"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .context("probing xtask subcommands")?
-        .success())
-}
-
 fn all(out: &std::path::Path) -> Result<()> {
     let mut failed = Vec::new();
     for (name, cmd) in [
@@ -132,15 +124,8 @@ fn all(out: &std::path::Path) -> Result<()> {
         }
     }
     let exe = std::env::current_exe().context("locating xtask")?;
+    // Each boots its own VM; run as children so one failing does not stop the report.
     for name in ["fio", "coldstart"] {
-        let present = match name {
-            "coldstart" => crate::vm::repo_root().join(COLDSTART_SCRIPT).exists(),
-            _ => has_entry(name)?,
-        };
-        if !present {
-            eprintln!("xtask: no `xtask bench {name}` in this build; skipped");
-            continue;
-        }
         let st = Command::new(&exe)
             .args(["bench", name])
             .env("CORA_BENCH_OUT", out)

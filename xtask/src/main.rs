@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod benches;
 mod deps;
+mod fio_bench;
 mod initramfs;
 mod report;
 mod tools;

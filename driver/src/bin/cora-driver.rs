@@ -59,6 +59,10 @@ struct AddArgs {
     /// Do not use UBLK_F_USER_COPY even if the kernel offers it.
     #[arg(long)]
     no_user_copy: bool,
+    /// Copy cached data through a buffer instead of handing mapped chunks to the kernel
+    /// (for measuring the difference).
+    #[arg(long)]
+    no_lend: bool,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -490,6 +494,7 @@ fn add(args: AddArgs) -> Result<()> {
             max_io_bytes: args.max_io,
             miss_workers: args.workers,
             user_copy: !args.no_user_copy,
+            lend: !args.no_lend,
         };
         let (n, stop_id) = (notifier.clone(), stop.id.clone());
         ublk::add(&opts, recipe.to_json(), source, move |r| {

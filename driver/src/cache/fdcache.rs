@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 /// Shards keep lock hold times short when many ublk queue threads read at once.
@@ -17,6 +17,9 @@ pub(crate) struct OpenChunk {
     pub size: u64,
     /// Present in mmap mode: reads become a memcpy instead of a `pread` syscall.
     pub map: Option<Mapping>,
+    /// Mapping made on first [`OpenChunk::lend`] (whatever the mmap mode): its bytes are only
+    /// handed to the kernel, never read by us, so a bad page is EFAULT rather than SIGBUS.
+    lent: OnceLock<Option<Mapping>>,
 }
 
 impl OpenChunk {
@@ -33,7 +36,31 @@ impl OpenChunk {
         } else {
             None
         };
-        OpenChunk { file, size, map }
+        OpenChunk {
+            file,
+            size,
+            map,
+            lent: OnceLock::new(),
+        }
+    }
+
+    /// The whole entry as mapped memory, mapping it on first use; `None` if it cannot be
+    /// mapped (empty, or mmap failed: callers fall back to copying reads).
+    pub fn lend(&self) -> Option<&[u8]> {
+        if let Some(map) = &self.map {
+            return Some(map.bytes());
+        }
+        self.lent
+            .get_or_init(|| {
+                if self.size == 0 {
+                    return None;
+                }
+                Mapping::new_populated(&self.file, self.size)
+                    .inspect_err(|e| tracing::debug!(error = %e, "mmap of cache entry failed"))
+                    .ok()
+            })
+            .as_ref()
+            .map(Mapping::bytes)
     }
 
     /// Copy `buf.len()` bytes at `offset`; the caller has checked the range against `size`.
@@ -72,6 +99,15 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn new(file: &File, size: u64) -> std::io::Result<Self> {
+        Self::map(file, size, 0)
+    }
+
+    /// Pages faulted in now, so lending them later costs no page faults.
+    fn new_populated(file: &File, size: u64) -> std::io::Result<Self> {
+        Self::map(file, size, libc::MAP_POPULATE)
+    }
+
+    fn map(file: &File, size: u64, extra_flags: libc::c_int) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         let len = usize::try_from(size).map_err(std::io::Error::other)?;
         // SAFETY: a fresh read-only shared mapping of `len` bytes of an open regular file;
@@ -81,7 +117,7 @@ impl Mapping {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | extra_flags,
                 file.as_raw_fd(),
                 0,
             )

@@ -173,6 +173,12 @@ pub struct CacheOptions {
     pub touch_interval: Duration,
     /// Hash each entry when this process first opens it and drop it if it does not match.
     pub verify_on_open: bool,
+    /// With `verify_on_open`, skip hashing entries whose ctime is after this system's boot:
+    /// they were written, or verified and refreshed, by a process of this boot, so no power
+    /// loss can have damaged them. For long-lived readers (a device process) that would
+    /// otherwise hash every chunk it opens once. Off by default: an entry damaged in place
+    /// by someone else during this boot is then served as is.
+    pub trust_since_boot: bool,
     /// `fdatasync` each new entry before renaming it into place.
     pub sync_data: bool,
     /// Map open entries and serve reads by memcpy instead of `pread` (several times faster
@@ -192,6 +198,7 @@ impl CacheOptions {
             max_open_files: default_max_open_files(),
             touch_interval: Duration::from_secs(60),
             verify_on_open: true,
+            trust_since_boot: false,
             sync_data: false,
             mmap: false,
             tmp_max_age: Duration::from_secs(3600),
@@ -485,6 +492,25 @@ impl ChunkCache {
         Ok(Some(data))
     }
 
+    /// Lend the whole cached chunk as mapped memory, for handing it to the kernel without a
+    /// copy (e.g. `pwritev` into a ublk request). `Ok(None)` if the chunk is not cached or
+    /// cannot be mapped. Counts a hit like [`ChunkCache::read_at`].
+    ///
+    /// Only pass [`LentChunk::kernel_bytes`] to system calls: a page that cannot be read (an
+    /// entry truncated in place by someone else, a disk error) then fails the call with
+    /// `EFAULT`, whereas touching it from user space would raise SIGBUS.
+    pub fn lend(&self, digest: &ChunkDigest) -> Result<Option<LentChunk>> {
+        let Some(chunk) = self.lookup(digest)? else {
+            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        if chunk.lend().is_none() {
+            return Ok(None);
+        }
+        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(LentChunk(chunk)))
+    }
+
     /// Whether the chunk is cached (without verifying it or counting a hit). An entry this
     /// process holds open counts as cached even if another process has unlinked it since:
     /// its bytes are still readable through the open fd.
@@ -524,7 +550,10 @@ impl ChunkCache {
         }
         let id = FileId::of(&meta);
         let suspicious_empty = meta.len() == 0 && *digest != EMPTY_SHA256;
-        let must_verify = inner.opts.verify_on_open && !inner.verified.contains(digest, id);
+        // See `CacheOptions::trust_since_boot`.
+        let must_verify = inner.opts.verify_on_open
+            && !inner.verified.contains(digest, id)
+            && !(inner.opts.trust_since_boot && changed_since_boot(&meta));
         if suspicious_empty || (must_verify && !verify_file(&file, digest, &path)?) {
             warn!(path = %path.display(), size = meta.len(), "corrupt cache entry removed");
             inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -721,6 +750,40 @@ impl ChunkCache {
     }
 }
 
+/// A cached chunk lent by [`ChunkCache::lend`]; keeps its mapping alive while held.
+pub struct LentChunk(Arc<OpenChunk>);
+
+impl LentChunk {
+    /// The chunk's bytes, mapped. Hand them to the kernel only (see [`ChunkCache::lend`]).
+    pub fn kernel_bytes(&self) -> &[u8] {
+        // `lend` returned this chunk only after its mapping was made; it never goes away.
+        self.0.lend().unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.kernel_bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Whether the entry's ctime is after this system's boot (`btime` of /proc/stat). Only
+/// writes (rename into place) and mtime refreshes change an entry's ctime, and a refresh
+/// happens only after the entry was verified or written, so a lost power (a reboot) since then
+/// is ruled out. Unknown boot time: false (verify).
+fn changed_since_boot(meta: &fs::Metadata) -> bool {
+    static BOOT: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    let boot = BOOT.get_or_init(|| {
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse().ok())
+    });
+    boot.is_some_and(|b| meta.ctime() > b)
+}
+
 /// Hash the whole file and compare with its name.
 fn verify_file(file: &File, digest: &ChunkDigest, path: &Path) -> Result<bool> {
     let mut hasher = Sha256::new();
@@ -754,3 +817,29 @@ fn remove_if_same_inode(path: &Path, meta: &fs::Metadata) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod boot_tests {
+    use super::*;
+
+    #[test]
+    fn entries_written_this_boot_skip_verification_only_when_trusted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = vec![5u8; 10_000];
+        let d = sha256(&data);
+        ChunkCache::open(dir.path(), u64::MAX)
+            .expect("open")
+            .insert(&d, &data)
+            .expect("insert");
+        let mut opts = CacheOptions::new(u64::MAX);
+        let mut buf = vec![0u8; 100];
+        let strict = ChunkCache::open_with(dir.path(), opts.clone()).expect("open");
+        assert!(strict.read_at(&d, 0, &mut buf).expect("read"));
+        assert_eq!(strict.stats().expect("stats").verified_on_open, 1);
+        opts.trust_since_boot = true;
+        let trusting = ChunkCache::open_with(dir.path(), opts).expect("open");
+        assert!(trusting.read_at(&d, 0, &mut buf).expect("read"));
+        assert_eq!(trusting.stats().expect("stats").verified_on_open, 0);
+        assert_eq!(buf, vec![5u8; 100]);
+    }
+}

@@ -583,3 +583,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn lend_maps_cached_chunks_in_either_mode() {
+    for mmap in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open_with(dir.path(), opts(mmap)).unwrap();
+        let (d, data) = entry(41, 70_000);
+        assert!(cache.lend(&d).unwrap().is_none());
+        cache.insert(&d, &data).unwrap();
+        let lent = cache.lend(&d).unwrap().expect("cached chunk lent");
+        assert_eq!(lent.len(), data.len());
+        assert!(lent.kernel_bytes() == &data[..]);
+        // Reopened from disk (not the write fd): still lent, same bytes.
+        let again = ChunkCache::open_with(dir.path(), opts(mmap)).unwrap();
+        let lent = again.lend(&d).unwrap().expect("lent after reopen");
+        assert!(lent.kernel_bytes() == &data[..]);
+    }
+}

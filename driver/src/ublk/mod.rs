@@ -6,7 +6,7 @@
 //! other tags of its queue.
 //!
 //! Plugging in a new kind of source (e.g. the lazy CORA source):
-//! 1. implement [`BlockSource`] (and optionally [`BlockSource::local_slice`] for memory-resident
+//! 1. implement [`BlockSource`] (and optionally [`BlockSource::local_slices`] for memory-resident
 //!    data, the one-copy path);
 //! 2. add a [`SourceRecipe`] variant holding what is needed to open it again (it is stored in
 //!    the device's json and read back by `recover`), and open it in [`SourceRecipe::open`];

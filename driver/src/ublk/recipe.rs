@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::source::{BlockSource, FileSource};
+use super::source::{BlockSource, FileSource, MAX_SLICES, SendSlices};
 
 /// Everything needed to open a device's source again in a new process. Stored as the device's
 /// target data by `add`, read back by `recover`. Add a variant per kind of source.
@@ -276,7 +276,7 @@ impl LazyImage {
     /// As `open`, recording and/or prefetching access traces as `trace` says.
     pub fn open_with(
         image: &str,
-        layer: Option<usize>,
+        layer: TopLayer<'_>,
         cache: &std::path::Path,
         cache_size: u64,
         registry: &crate::remote::RegistryAccess,
@@ -291,7 +291,15 @@ impl LazyImage {
         let (manifest, remotes) =
             crate::remote::open_image(&image, &registry.config(), rt.handle()).map_err(io_other)?;
         let top = layer.resolve(&manifest.layers)?;
-        let cache = crate::cache::ChunkCache::open(cache, cache_size).map_err(io_other)?;
+        // A large fd cache keeps warm reads at one lookup; its default size follows the limit.
+        if let Err(e) = crate::cache::raise_nofile_limit() {
+            tracing::debug!("could not raise RLIMIT_NOFILE: {e}");
+        }
+        let mut opts = crate::cache::CacheOptions::new(cache_size);
+        // A device process lives long and opens every chunk it serves once: hashing each
+        // again would dominate warm reads (chunks written this boot are trusted, see there).
+        opts.trust_since_boot = true;
+        let cache = crate::cache::ChunkCache::open_with(cache, opts).map_err(io_other)?;
         let source = crate::source::LazySource::open(
             &manifest,
             top,
@@ -340,6 +348,19 @@ impl BlockSource for LazyImage {
     }
     fn stats(&self) -> Option<serde_json::Value> {
         serde_json::to_value(self.source.stats.snapshot()).ok()
+    }
+
+    fn local_slices(
+        &self,
+        offset: u64,
+        len: usize,
+        send: &mut SendSlices<'_>,
+    ) -> Option<io::Result<()>> {
+        // A lending error (not local, a bad entry) falls back to read_local, which reports it.
+        self.source
+            .lend_local(offset, len, MAX_SLICES, |iov| send(iov))
+            .ok()
+            .flatten()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.source.read_at(offset, buf).map_err(|e| {

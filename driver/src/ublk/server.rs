@@ -29,6 +29,9 @@ pub struct DeviceOptions {
     pub miss_workers: usize,
     /// Use UBLK_F_USER_COPY when the kernel offers it (else per-tag buffers shared with it).
     pub user_copy: bool,
+    /// With user copy, hand memory-resident data to the kernel straight from the source
+    /// ([`BlockSource::local_slices`]) instead of copying it through a buffer first.
+    pub lend: bool,
 }
 
 impl Default for DeviceOptions {
@@ -40,6 +43,7 @@ impl Default for DeviceOptions {
             max_io_bytes: 1 << 20,
             miss_workers: 16,
             user_copy: true,
+            lend: true,
         }
     }
 }
@@ -53,6 +57,13 @@ pub struct TargetData {
     pub size: u64,
     pub max_io_bytes: u32,
     pub miss_workers: usize,
+    /// See [`DeviceOptions::lend`]; absent in data of older devices: on.
+    #[serde(default = "lend_default")]
+    pub lend: bool,
+}
+
+fn lend_default() -> bool {
+    true
 }
 
 /// Handed to the `ready` callback once the block device exists and is served.
@@ -98,6 +109,7 @@ pub fn add(
         size: source.size(),
         max_io_bytes: opts.max_io_bytes,
         miss_workers: opts.miss_workers,
+        lend: opts.lend,
     };
     let ctrl = UblkCtrlBuilder::default()
         .name(TARGET_NAME)
@@ -196,8 +208,9 @@ fn serve(
         Ok(())
     };
     let q_pool = pool.clone();
+    let lend = target.lend;
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        if let Err(e) = run_queue(qid, dev, source.clone(), q_pool.clone()) {
+        if let Err(e) = run_queue(qid, dev, source.clone(), q_pool.clone(), lend) {
             tracing::error!(qid, "queue stopped: {e}");
         }
     };
@@ -225,6 +238,7 @@ struct QueueCtx {
     qid: u16,
     size: u64,
     max_io: usize,
+    lend: bool,
 }
 
 fn run_queue(
@@ -232,6 +246,7 @@ fn run_queue(
     dev: &UblkDev,
     source: Arc<dyn BlockSource>,
     pool: Arc<MissPool>,
+    lend: bool,
 ) -> Result<(), ServerError> {
     let user_copy = dev.dev_info.flags & sys::UBLK_F_USER_COPY as u64 != 0;
     let ctx = Rc::new(QueueCtx {
@@ -242,6 +257,7 @@ fn run_queue(
         user_copy_fd: user_copy.then_some(dev.tgt.fds[0]),
         qid,
         max_io: dev.dev_info.max_io_buf_bytes as usize,
+        lend,
     });
     let q = Rc::new(UblkQueue::new(qid, dev).map_err(ublk_err("creating queue"))?);
     let exe = Rc::new(smol::LocalExecutor::new());
@@ -354,10 +370,13 @@ async fn read(
     let avail = (ctx.size.saturating_sub(offset)).min(len as u64) as usize;
     if let Some(fd) = ctx.user_copy_fd
         && avail == len
-        && let Some(data) = ctx.source.local_slice(offset, len)
+        && ctx.lend
+        && let Some(res) = ctx.source.local_slices(offset, len, &mut |iov| {
+            copy_slices_to_request(fd, ctx.qid, tag, iov, len)
+        })
     {
         // Memory-resident: one copy, straight into the request.
-        return copy_to_request(fd, ctx.qid, tag, data);
+        return res;
     }
     let buf = &mut io_buf.as_mut_slice()[..len];
     buf[avail..].fill(0);
@@ -392,6 +411,28 @@ fn copy_to_request(fd: RawFd, qid: u16, tag: u16, data: &[u8]) -> io::Result<()>
             "short user copy: {n} of {}",
             data.len()
         )));
+    }
+    Ok(())
+}
+
+/// UBLK_F_USER_COPY of lent slices: one `pwritev` into the request's pages.
+fn copy_slices_to_request(
+    fd: RawFd,
+    qid: u16,
+    tag: u16,
+    iov: &[io::IoSlice<'_>],
+    len: usize,
+) -> io::Result<()> {
+    let pos = UblkIOCtx::ublk_user_copy_pos(qid, tag, 0);
+    let count = libc::c_int::try_from(iov.len()).map_err(io::Error::other)?;
+    // SAFETY: IoSlice is ABI-compatible with iovec on Unix; the slices outlive the call and
+    // pwritev only reads from them.
+    let n = unsafe { libc::pwritev(fd, iov.as_ptr().cast(), count, pos as libc::off_t) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != len {
+        return Err(io::Error::other(format!("short user copy: {n} of {len}")));
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! What a ublk device serves: a read-only block image.
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -14,12 +14,19 @@ pub trait BlockSource: Send + Sync + 'static {
     /// thread.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
-    /// Optional zero-copy fast path: the bytes of `[offset, offset + len)` if they are local
-    /// and memory-resident (e.g. a mapped cache file). The server only passes them to the
-    /// kernel (pwrite into the request with UBLK_F_USER_COPY), saving the copy through
-    /// `read_local`'s buffer; a mapping that went bad then fails the read with EIO instead of
-    /// faulting the process. Default: `None` (use `read_local`).
-    fn local_slice(&self, _offset: u64, _len: usize) -> Option<&[u8]> {
+    /// Optional one-copy fast path: if all of `[offset, offset + len)` is local and
+    /// memory-resident (a mapped file, mapped cache chunks), call `send` once with slices that
+    /// are exactly those bytes in order and return `Some(send's result)`; `None` (without
+    /// calling `send`) otherwise, and the caller uses `read_local`. The server only passes the
+    /// slices to the kernel (`pwritev` into the request with UBLK_F_USER_COPY), saving the copy
+    /// through `read_local`'s buffer; a mapping that went bad then fails the read with EIO
+    /// instead of faulting the process. Default: `None`.
+    fn local_slices(
+        &self,
+        _offset: u64,
+        _len: usize,
+        _send: &mut SendSlices<'_>,
+    ) -> Option<io::Result<()>> {
         None
     }
 
@@ -30,7 +37,13 @@ pub trait BlockSource: Send + Sync + 'static {
     }
 }
 
-/// A plain image file: every byte is local. `read_local`/`read_at` use pread; `local_slice`
+/// Receives the slices lent by [`BlockSource::local_slices`].
+pub type SendSlices<'a> = dyn FnMut(&[IoSlice<'_>]) -> io::Result<()> + 'a;
+
+/// Most slices one request is lent as (`IOV_MAX` of `pwritev`).
+pub const MAX_SLICES: usize = 1024;
+
+/// A plain image file: every byte is local. `read_local`/`read_at` use pread; `local_slices`
 /// lends a read-only mapping of the file, which the server only hands to the kernel (a pwrite
 /// into the request), so a file shrinking under us gives EFAULT -> EIO, never SIGBUS.
 pub struct FileSource {
@@ -141,8 +154,14 @@ impl BlockSource for FileSource {
         self.file.read_exact_at(buf, offset)
     }
 
-    fn local_slice(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        self.map.as_ref()?.slice(offset, len)
+    fn local_slices(
+        &self,
+        offset: u64,
+        len: usize,
+        send: &mut SendSlices<'_>,
+    ) -> Option<io::Result<()>> {
+        let bytes = self.map.as_ref()?.slice(offset, len)?;
+        Some(send(&[IoSlice::new(bytes)]))
     }
 }
 
@@ -164,7 +183,13 @@ mod tests {
         // Past the end is an error, not zeros.
         assert!(src.read_at(8192, &mut buf).is_err());
         assert!(FileSource::open(std::env::temp_dir()).is_err());
-        assert_eq!(src.local_slice(100, 50).unwrap(), &data[100..150]);
-        assert!(src.local_slice(9_999, 2).is_none());
+        let mut got = Vec::new();
+        let mut send = |iov: &[IoSlice<'_>]| {
+            got = iov.iter().flat_map(|s| s.to_vec()).collect();
+            Ok(())
+        };
+        assert!(src.local_slices(100, 50, &mut send).unwrap().is_ok());
+        assert!(src.local_slices(9_999, 2, &mut send).is_none());
+        assert_eq!(got, &data[100..150]);
     }
 }

@@ -1,0 +1,193 @@
+#!/bin/sh
+# fio on a CORA image device (cold and fully cached) next to the kernel loop device (direct
+# I/O), `rublk add loop -o` and `rublk add null`, all in one boot, plus a whole-tree read of the
+# mounted filesystem cold vs warm. Run by `cargo xtask bench fio` (which converts the image on
+# the host first); by hand, in the VM:
+#   CORA_FIO_REGISTRY=target/bench/fio/registry cargo xtask vm --mem 6G -- driver/fio/bench-image-vm.sh
+# Env: CORA_FIO_REGISTRY (docker-registry storage holding repository fio:cora, copied to tmpfs),
+#      CORA_FIO_RESULTS (results file, default $CORA_FIO_REGISTRY/../results.txt),
+#      FIO_RUNTIME (s, default 10), CORA_VARIANTS (lines NAME=ARGS of warm `cora-driver add`),
+#      CORA_FIO_SKIP_COLD=1 (skip the cold tree reads and cold fio: slow under TCG).
+# Results, one line each (whitespace-separated):
+#   fio DEVICE STATE IOPS_4K MBPS_1M LAT_AVG_US LAT_P99_US BYTES_FETCHED
+#   tree STATE SECONDS BYTES_FETCHED
+#   info KEY VALUE
+# BYTES_FETCHED: bytes sent over loopback (the registry's responses plus the requests), from
+# /proc/net/dev.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+R=$(cd "$here/../.." && pwd)
+D=${CORA_DRIVER:-$R/target/release/cora-driver}
+REG_SRC=${CORA_FIO_REGISTRY:-$R/target/bench/fio/registry}
+OUT=${CORA_FIO_RESULTS:-$REG_SRC/../results.txt}
+export FIO_RUNTIME=${FIO_RUNTIME:-10}
+fail() { echo "bench-fio: $*" >&2; exit 1; }
+log() { echo "bench-fio: [$(cut -d" " -f1 /proc/uptime)] $*" >&2; }
+[ -x "$D" ] || fail "$D missing: cargo build --release -p driver"
+[ -d "$REG_SRC/docker" ] || fail "$REG_SRC has no registry data (cargo xtask bench fio makes it)"
+command -v rublk >/dev/null || fail "rublk not on PATH (cargo xtask tools)"
+
+# Everything on one tmpfs big enough for the registry, a full cache and the flat image.
+T=$(mktemp -d /tmp/bench-fio.XXXXXX)
+mount -t tmpfs -o size=5g tmpfs "$T"
+REG=
+cleanup() {
+    for c in /sys/class/ublk-char/ublkc*; do
+        [ -e "$c" ] && { "$D" del "${c##*ublkc}" 2>/dev/null || rublk del -n "${c##*ublkc}" 2>/dev/null || true; }
+    done
+    [ -n "$REG" ] && kill "$REG" 2>/dev/null
+    losetup -D 2>/dev/null || true
+    umount "$T" 2>/dev/null || true
+}
+trap cleanup EXIT
+: >"$OUT"
+result() { echo "$*" >>"$OUT"; echo "bench-fio: $*" >&2; }
+
+wait_for() { # wait_for SECONDS CMD...
+    end=$(($(date +%s) + $1)); shift
+    until "$@"; do
+        [ "$(date +%s)" -lt "$end" ] || return 1
+        sleep 0.1
+    done
+}
+lo_bytes() { awk '$1 == "lo:" { print $10 }' /proc/net/dev; }
+now() { date +%s.%N; }
+
+log "copying the registry into tmpfs"
+cp -a "$REG_SRC" "$T/registry"
+PORT=5124
+H=127.0.0.1:$PORT
+REF=$H/fio:cora
+cat >"$T/reg.yml" <<YML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $T/registry
+http:
+  addr: $H
+YML
+docker-registry serve "$T/reg.yml" >"$T/reg.log" 2>&1 &
+REG=$!
+wait_for 30 curl -sf "http://$H/v2/" >/dev/null || fail "registry did not start: $(cat "$T/reg.log")"
+
+add_image() { # add_image CACHE ARGS...: attach the image; prints /dev/ublkbN
+    cache=$1; shift
+    "$D" add --image "$REF" --insecure "$H" --cache "$cache" --daemon --log "$T/srv.log" "$@" \
+        || fail "cora-driver add: $(tail -5 "$T/srv.log")"
+}
+del() { "$D" del "${1#/dev/ublkb}" || fail "del $1"; }
+
+# fio_job JOB DEV: runs one job file, prints its JSON path
+fio_job() {
+    DEV=$2 fio --readonly --output-format=json "$here/$1.fio" >"$T/$1.json" \
+        || fail "fio $1 on $2: $(tail -5 "$T/$1.json")"
+    echo "$T/$1.json"
+}
+# run NAME STATE DEV [FRESH]: the three jobs; FRESH (cold) is a command run before each job
+# to start from an empty cache again, printing the device to use.
+run() {
+    name=$1 state=$2 dev=$3 fresh=${4:-}
+    b0=$(lo_bytes)
+    [ -z "$fresh" ] || dev=$($fresh)
+    a=$(fio_job randread-4k-qd32 "$dev")
+    [ -z "$fresh" ] || dev=$($fresh)
+    b=$(fio_job randread-4k-psync-qd1 "$dev")
+    [ -z "$fresh" ] || dev=$($fresh)
+    c=$(fio_job seqread-1m-qd8 "$dev")
+    iops=$(jq '.jobs[0].read.iops | floor' "$a")
+    lat=$(jq '.jobs[0].read.clat_ns.mean / 1000 | floor' "$b")
+    p99=$(jq '.jobs[0].read.clat_ns.percentile["99.000000"] / 1000 | floor' "$b")
+    bw=$(jq '.jobs[0].read.bw_bytes / 1000000 | floor' "$c")
+    result fio "$name" "$state" "$iops" "$bw" "$lat" "$p99" $(($(lo_bytes) - b0))
+}
+
+# --- the image, cold: whole-tree read of the mounted fs, then the same warm
+mkdir -p "$T/mnt"
+DEV=$(add_image "$T/cache-tree" --queues 2)
+SIZE=$(blockdev --getsize64 "$DEV")
+result info image_bytes "$SIZE"
+result info kernel "$(uname -r)"
+result info cpus "$(nproc)"
+result info fio_runtime_s "$FIO_RUNTIME"
+result info user_copy "$("$D" list | grep -q USER_COPY && echo yes || echo no)"
+# The jobs read the whole device.
+export FIO_SIZE=$((SIZE / 1048576 * 1048576))
+tree_read() { # tree_read STATE
+    sync; echo 3 >/proc/sys/vm/drop_caches
+    b0=$(lo_bytes) t0=$(now)
+    unshare -m sh -c "mount -t erofs -o ro '$DEV' '$T/mnt' && cd '$T/mnt' && tar cf /dev/zero ." \
+        || fail "tree read ($1) failed"
+    t1=$(now)
+    result tree "$1" "$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")" $(($(lo_bytes) - b0))
+}
+if [ -z "${CORA_FIO_SKIP_COLD:-}" ]; then
+    tree_read cold
+    tree_read warm
+fi
+result info tree_bytes "$(unshare -m sh -c "mount -t erofs -o ro '$DEV' '$T/mnt' && du -sb --apparent-size '$T/mnt' | cut -f1")"
+del "$DEV"
+rm -rf "$T/cache-tree"
+
+# --- fio on the image, cold: each job starts from an empty cache and a new device
+del_all() {
+    for c in /sys/class/ublk-char/ublkc*; do
+        [ -e "$c" ] && del "/dev/ublkb${c##*ublkc}"
+    done
+    return 0
+}
+fresh_cold() { # runs in a subshell ($(...)): keeps no state, deletes what the last one made
+    del_all >&2
+    rm -rf "$T/cache-cold"
+    add_image "$T/cache-cold" --queues 2
+}
+[ -n "${CORA_FIO_SKIP_COLD:-}" ] || run cora cold "" fresh_cold
+del_all
+rm -rf "$T/cache-cold"
+
+# --- fully cached: read the whole device once (fills the cache; also the flat raw image)
+DEV=$(add_image "$T/cache" --queues 2)
+b0=$(lo_bytes) t0=$(now)
+dd if="$DEV" of="$T/raw.img" bs=1M iflag=direct status=none || fail "reading $DEV"
+t1=$(now)
+result tree fill "$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")" $(($(lo_bytes) - b0))
+del "$DEV"
+
+printf '%s\n' "${CORA_VARIANTS:-cora=--queues 2
+cora-q1=--queues 1
+cora-copy=--queues 2 --no-lend}" | while IFS= read -r v; do
+    [ -n "$v" ] || continue
+    # shellcheck disable=SC2086
+    DEV=$(add_image "$T/cache" ${v#*=})
+    run "${v%%=*}" warm "$DEV"
+    del "$DEV"
+done
+
+# --- references over the same flat image
+LOOP=$(losetup --direct-io=on --read-only -f --show "$T/raw.img")
+result info loop_dio "$(cat "/sys/block/${LOOP#/dev/}/loop/dio")"
+run loop warm "$LOOP"
+losetup -d "$LOOP"
+
+new_ublk() { # run a command that creates a ublk device; print the new /dev/ublkbN
+    before=$(ls /dev/ublkb* 2>/dev/null || true)
+    "$@" >"$T/add.out" 2>&1 || fail "$* failed: $(cat "$T/add.out")"
+    for _ in $(seq 100); do
+        for d in /dev/ublkb*; do
+            [ -b "$d" ] || continue
+            echo "$before" | grep -qx "$d" || { echo "$d"; return; }
+        done
+        sleep 0.1
+    done
+    fail "no new device after $*"
+}
+DEV=$(new_ublk rublk add loop -f "$T/raw.img" -o --quiet)
+run rublk-loop warm "$DEV"
+rublk del -n "${DEV#/dev/ublkb}"
+DEV=$(new_ublk rublk add null --quiet)
+run rublk-null warm "$DEV"
+rublk del -n "${DEV#/dev/ublkb}"
+log "done: $OUT"
