@@ -175,7 +175,7 @@ if [ -n "$BENCH" ]; then
         while :; do
             sleep 0.25
             cur=$(awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8, $5 + $6 }' /proc/stat)
-            cpu=$(echo "$prev $cur" | awk '{ d = $3 - $1; printf "%.1f", d > 0 ? 100 * (d - ($4 - $2)) / d : 0 }')
+            cpu=$(echo "$prev $cur" | awk '{ d = $3 - $1; printf "%.1f", (d > 0 ? 100 * (d - ($4 - $2)) / d : 0) }')
             prev=$cur
             rss=0
             for p in $(pgrep -x containerd) $(pgrep -x cora-snapshotte) $(pgrep -x cora-driver) $(pgrep -x docker-registry); do
