@@ -294,6 +294,9 @@ impl RemoteLayers for UblkLayers {
         std::fs::create_dir_all(&p.mountpoint).map_err(|e| {
             RemoteError::Failed(format!("creating {}: {e}", p.mountpoint.display()))
         })?;
+        // A stats file left by an earlier device of this stack (its driver may write once more
+        // after `del`) must not be counted again.
+        let _ = std::fs::remove_file(&p.stats);
         let mut cmd = Command::new(&driver);
         cmd.args(self.driver_args(&image, layer_digest, &p));
         let started = Instant::now();
@@ -353,6 +356,7 @@ impl RemoteLayers for UblkLayers {
             }
             self.retire_stats(&p);
             let _ = std::fs::remove_file(&p.state);
+            let _ = std::fs::remove_file(&p.log);
         }
         let _ = std::fs::remove_dir(mountpoint);
         Ok(())
