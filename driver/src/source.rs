@@ -874,8 +874,6 @@ impl Inner {
                 .fetched_bytes
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             let mut all_ok = true;
-            // Waiters get each chunk as soon as it is verified; the cache writes follow.
-            let mut to_store: Vec<(&ChunkEntry, ChunkData)> = Vec::new();
             for (s, i, flight) in run {
                 if flight.is_done() {
                     continue;
@@ -895,12 +893,12 @@ impl Inner {
                                 self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
                             }
                         }
+                        self.store(c, &data);
                         let data = Arc::new(data);
                         if prio == Prio::Demand {
                             out.insert((*s, *i), data.clone());
                         }
-                        flight.finish(Ok(data.clone()));
-                        to_store.push((c, data));
+                        flight.finish(Ok(data));
                     }
                     Err(e) => {
                         self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -909,11 +907,6 @@ impl Inner {
                         all_ok = false;
                     }
                 }
-            }
-            // The flights stay registered until `release`, after these writes, so nobody
-            // fetches a chunk again between its verification and its cache entry.
-            for (c, data) in to_store {
-                self.store(c, &data);
             }
             if all_ok {
                 return Ok(());
