@@ -55,8 +55,9 @@ fn main() -> Result<()> {
             Arc::new(ublk)
         }
         Err(e) => {
-            tracing::warn!("{e}; CORA images will be unpacked as plain OCI images");
-            Arc::new(NoRemoteLayers)
+            // The snapshotter warns once, with this reason, when a CORA layer first arrives.
+            tracing::info!("{e}; CORA images will be unpacked as plain OCI images");
+            Arc::new(NoRemoteLayers::because(e.to_string()))
         }
     };
 

@@ -146,14 +146,29 @@ impl Histogram {
 
 /// The backend used until the ublk-based one is plugged in: never serves layers lazily, so every
 /// CORA image is unpacked as a normal OCI image (with one warning from the snapshotter).
-#[derive(Debug, Default)]
-pub struct NoRemoteLayers;
+#[derive(Debug)]
+pub struct NoRemoteLayers {
+    /// Why lazy serving is off, for the snapshotter's one warning.
+    reason: String,
+}
+
+impl NoRemoteLayers {
+    pub fn because(reason: impl Into<String>) -> NoRemoteLayers {
+        NoRemoteLayers {
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Default for NoRemoteLayers {
+    fn default() -> NoRemoteLayers {
+        NoRemoteLayers::because("no lazy layer backend is active")
+    }
+}
 
 impl RemoteLayers for NoRemoteLayers {
     fn available(&self) -> Result<(), RemoteError> {
-        Err(RemoteError::Unavailable(
-            "no lazy layer backend is active".into(),
-        ))
+        Err(RemoteError::Unavailable(self.reason.clone()))
     }
 
     fn is_remote(&self, _labels: &Labels) -> bool {
