@@ -91,6 +91,17 @@ pub fn base_updated() -> Vec<&'static str> {
         .collect()
 }
 
+/// The named trees the tests, benches and VM preps share, by name.
+pub fn named_tree(name: &str) -> Result<PathBuf> {
+    match name {
+        "small" => debian_tree(name, SMALL),
+        "base" => debian_tree(name, BASE),
+        "python-layer" => debian_tree(name, PYTHON),
+        "base-ssl-updated" => debian_tree(name, &base_updated()),
+        _ => bail!("no fixture tree named {name:?} (small, base, python-layer, base-ssl-updated)"),
+    }
+}
+
 pub fn fixtures_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
