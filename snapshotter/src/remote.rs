@@ -50,6 +50,28 @@ pub enum RemoteError {
 /// active snapshot or view uses it (and again after a snapshotter restart, so it must accept an
 /// already-attached stack and return the same path); `detach` when the last user is removed and
 /// `autoRemoveDev` is set, or on `Cleanup` for unused stacks.
+/// One mutex per key (a layer stack): attaching one stack, which can take seconds, then never
+/// holds up work on another. Entries nobody holds are dropped as new keys arrive.
+#[derive(Default)]
+pub struct KeyedLocks {
+    map: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<std::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    /// The mutex for `key`; lock it with [`lock_ignoring_poison`].
+    pub fn get(&self, key: &str) -> std::sync::Arc<std::sync::Mutex<()>> {
+        let mut map = lock_ignoring_poison(&self.map);
+        map.retain(|k, m| k == key || std::sync::Arc::strong_count(m) > 1);
+        map.entry(key.to_owned()).or_default().clone()
+    }
+}
+
+/// Locks `m`; a panic while it was held cannot have left half-updated state here (what the locks
+/// guard is on disk, written atomically), so a poisoned lock is still usable.
+pub fn lock_ignoring_poison<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub trait RemoteLayers: Send + Sync + 'static {
     /// Whether lazy serving can work on this host at all. When it cannot, Prepare does not claim
     /// layers remote and containerd unpacks them as plain OCI layers.

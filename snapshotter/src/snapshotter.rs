@@ -13,13 +13,16 @@
 //! Cleanup) `tmp-<id>` whose record exists is renamed into place, and every other directory without
 //! a record is deleted, so a crash at any point leaves either a whole snapshot or none.
 use crate::metrics::{Metrics, SnapshotCounts};
-use crate::remote::{LABEL_REMOTE, LABEL_TARGET_REF, Labels, RemoteLayers, wants_remote};
+use crate::remote::{
+    KeyedLocks, LABEL_REMOTE, LABEL_TARGET_REF, Labels, RemoteLayers, lock_ignoring_poison as lock,
+    wants_remote,
+};
 use crate::store::{Kind, Nanos, Record, Store, StoreError, WriteTxn, now};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use tracing::{debug, info, warn};
 
 /// Errors map one-to-one onto the gRPC codes containerd's errdefs understands.
@@ -89,16 +92,14 @@ pub struct Snapshotter {
     auto_remove_dev: bool,
     metrics: Arc<Metrics>,
     /// Serialises mutations so a directory rename and its metadata commit are never interleaved
-    /// with another mutation or with Cleanup.
+    /// with another mutation or with Cleanup. Lock order: `lock`, then a stack lock, then
+    /// `attachments`.
     lock: Mutex<()>,
+    /// Serialise attach, reference counting and detach per remote stack, so a slow attach (a
+    /// device start and mount) holds up neither `lock` nor other stacks.
+    stack_locks: KeyedLocks,
     attachments: Mutex<HashMap<String, Attachment>>,
     warned_fallback: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the guarded data half-updated (the guarded
-    // state is on disk, in transactions), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Snapshotter {
@@ -122,6 +123,7 @@ impl Snapshotter {
             auto_remove_dev,
             metrics,
             lock: Mutex::new(()),
+            stack_locks: KeyedLocks::default(),
             attachments: Mutex::new(HashMap::new()),
             warned_fallback: AtomicBool::new(false),
         };
@@ -227,12 +229,53 @@ impl Snapshotter {
                 "snapshot key must not be empty".into(),
             ));
         }
+        if self.store.get(key)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {key}")));
+        }
+        let parent = (!parent.is_empty()).then(|| parent.to_owned());
+        if let Some(p) = &parent
+            && self.store.get(p)?.is_none()
+        {
+            return Err(Error::NotFound(format!("parent snapshot {p}")));
+        }
+        // Attach before taking the lock (it can take seconds: a device start and a mount), and
+        // before committing: a record must never promise a stack it could not get.
+        let stack = if kind == Kind::Committed {
+            None
+        } else {
+            find_stack(|k| Ok(self.store.get(k)?), parent.as_deref())?
+        };
+        let attached = match &stack {
+            Some(s) => Some((s.as_str(), self.acquire(s)?)),
+            None => None,
+        };
+        let result = self.insert_record(key, kind, parent, labels, remote, attached);
+        if result.is_err()
+            && let Some(s) = &stack
+        {
+            self.release(s);
+        }
+        result
+    }
+
+    fn insert_record(
+        &self,
+        key: &str,
+        kind: Kind,
+        parent: Option<String>,
+        labels: Labels,
+        remote: bool,
+        attached: Option<(&str, PathBuf)>,
+    ) -> Result<Record> {
+        let (stack, stack_root) = match attached {
+            Some((s, root)) => (Some(s.to_owned()), Some(root)),
+            None => (None, None),
+        };
         let _g = lock(&self.lock);
         let tx = self.store.begin()?;
         if Store::tx_get(&tx, key)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {key}")));
         }
-        let parent = (!parent.is_empty()).then(|| parent.to_owned());
         let mut parent_id = None;
         if let Some(p) = &parent {
             let prec = Store::tx_get(&tx, p)?
@@ -244,11 +287,13 @@ impl Snapshotter {
             }
             parent_id = Some(prec.id);
         }
-        let stack = if kind == Kind::Committed {
-            None
-        } else {
-            find_stack(&tx, parent.as_deref())?
-        };
+        if kind != Kind::Committed
+            && find_stack(|k| Ok(Store::tx_get(&tx, k)?), parent.as_deref())? != stack
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "the layers under {key} changed while they were being attached; retry"
+            )));
+        }
         let id = Store::tx_next_id(&tx)?;
         let t = now();
         let rec = Record {
@@ -263,16 +308,6 @@ impl Snapshotter {
             stack: stack.clone(),
         };
         Store::tx_put(&tx, key, &rec)?;
-        // Attach before committing: a record must never promise a stack it could not get.
-        let stack_root = match &stack {
-            Some(s) => Some(self.acquire(s)?),
-            None => None,
-        };
-        let release = |this: &Self| {
-            if let Some(s) = &stack {
-                this.release(s);
-            }
-        };
         let tmp = self.root.join("snapshots").join(format!("tmp-{id}"));
         let template = match (&stack_root, parent_id) {
             // The nearest lower decides the root directory's owner and mode, as in containerd.
@@ -282,12 +317,10 @@ impl Snapshotter {
         };
         if let Err(e) = make_dirs(&tmp, kind == Kind::Active, template.as_deref()) {
             let _ = std::fs::remove_dir_all(&tmp);
-            release(self);
             return Err(e);
         }
         if let Err(e) = Store::commit(tx) {
             let _ = std::fs::remove_dir_all(&tmp);
-            release(self);
             return Err(e.into());
         }
         let dir = self.dir(id);
@@ -439,6 +472,8 @@ impl Snapshotter {
         // A removed remote layer can have no users left (children block removal), and its
         // record, which attach needs, is gone: release its device now, not at some Cleanup.
         if rec.remote {
+            let stack_lock = self.stack_locks.get(key);
+            let _s = lock(&stack_lock);
             let mountpoint = lock(&self.attachments)
                 .get(key)
                 .map(|a| a.mountpoint.clone());
@@ -529,13 +564,22 @@ impl Snapshotter {
     pub fn cleanup(&self) -> Result<()> {
         let _g = lock(&self.lock);
         self.recover_dirs()?;
-        let unused: Vec<(String, PathBuf)> = lock(&self.attachments)
+        let unused: Vec<String> = lock(&self.attachments)
             .iter()
             .filter(|(_, a)| a.refs == 0)
-            .map(|(k, a)| (k.clone(), a.mountpoint.clone()))
+            .map(|(k, _)| k.clone())
             .collect();
-        for (key, mountpoint) in unused {
-            self.detach(&key, &mountpoint);
+        for key in unused {
+            let stack_lock = self.stack_locks.get(&key);
+            let _s = lock(&stack_lock);
+            // Re-checked under the stack's lock: a Prepare may have taken it meanwhile.
+            let mountpoint = lock(&self.attachments)
+                .get(&key)
+                .filter(|a| a.refs == 0)
+                .map(|a| a.mountpoint.clone());
+            if let Some(mp) = mountpoint {
+                self.detach(&key, &mp);
+            }
         }
         Ok(())
     }
@@ -569,13 +613,14 @@ impl Snapshotter {
 
     /// Takes a reference on a remote stack, attaching it first if needed.
     fn acquire(&self, stack: &str) -> Result<PathBuf> {
-        let mut att = lock(&self.attachments);
-        if let Some(a) = att.get_mut(stack) {
+        let stack_lock = self.stack_locks.get(stack);
+        let _s = lock(&stack_lock);
+        if let Some(a) = lock(&self.attachments).get_mut(stack) {
             a.refs += 1;
             return Ok(a.mountpoint.clone());
         }
         let mountpoint = self.attach(stack)?;
-        att.insert(
+        lock(&self.attachments).insert(
             stack.to_owned(),
             Attachment {
                 mountpoint: mountpoint.clone(),
@@ -605,6 +650,8 @@ impl Snapshotter {
     /// The mount point of an attached stack (attaching it without a reference if a restart lost
     /// it, so Mounts keeps working for running containers).
     fn attached(&self, stack: &str) -> Result<PathBuf> {
+        let stack_lock = self.stack_locks.get(stack);
+        let _s = lock(&stack_lock);
         if let Some(a) = lock(&self.attachments).get(stack) {
             return Ok(a.mountpoint.clone());
         }
@@ -620,6 +667,8 @@ impl Snapshotter {
     }
 
     fn release(&self, stack: &str) {
+        let stack_lock = self.stack_locks.get(stack);
+        let _s = lock(&stack_lock);
         let detach = {
             let mut att = lock(&self.attachments);
             match att.get_mut(stack) {
@@ -635,6 +684,7 @@ impl Snapshotter {
         }
     }
 
+    /// Detaches a stack; the caller holds its stack lock.
     fn detach(&self, stack: &str, mountpoint: &Path) {
         match self.remote.detach(stack, mountpoint) {
             Ok(()) => {
@@ -663,10 +713,13 @@ fn rec_is_remote(tx: &WriteTxn, key: Option<&str>) -> bool {
 }
 
 /// The key of the nearest remote ancestor, whose stack a new snapshot over `parent` mounts.
-fn find_stack(tx: &WriteTxn, parent: Option<&str>) -> Result<Option<String>> {
+fn find_stack(
+    get: impl Fn(&str) -> Result<Option<Record>>,
+    parent: Option<&str>,
+) -> Result<Option<String>> {
     let mut next = parent.map(str::to_owned);
     while let Some(key) = next {
-        let rec = Store::tx_get(tx, &key)?
+        let rec = get(&key)?
             .ok_or_else(|| Error::Internal(format!("ancestor {key} is missing")))?;
         if rec.remote {
             return Ok(Some(key));
@@ -763,6 +816,96 @@ mod tests {
         ]
         .into_iter()
         .collect()
+    }
+
+    /// Holds every attach until `want` attaches are in progress at once (or a timeout passes,
+    /// which fails the attach), counting the calls.
+    struct Rendezvous {
+        dir: PathBuf,
+        want: usize,
+        inside: Mutex<usize>,
+        arrived: std::sync::Condvar,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl RemoteLayers for Rendezvous {
+        fn available(&self) -> Result<(), RemoteError> {
+            Ok(())
+        }
+        fn is_remote(&self, _labels: &Labels) -> bool {
+            true
+        }
+        fn attach(&self, stack_key: &str, _labels: &Labels) -> Result<PathBuf, RemoteError> {
+            lock(&self.calls).push(format!("attach {stack_key}"));
+            let mut inside = lock(&self.inside);
+            *inside += 1;
+            self.arrived.notify_all();
+            let (inside, timeout) = self
+                .arrived
+                .wait_timeout_while(inside, std::time::Duration::from_secs(2), |n| {
+                    *n < self.want
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            drop(inside);
+            if timeout.timed_out() {
+                return Err(RemoteError::Failed(format!("{stack_key} attached alone")));
+            }
+            Ok(self.dir.clone())
+        }
+        fn detach(&self, _stack_key: &str, _mountpoint: &Path) -> Result<(), RemoteError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stacks_attach_in_parallel_and_each_stack_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Rendezvous {
+            dir: dir.path().join("stack"),
+            want: 2,
+            inside: Mutex::new(0),
+            arrived: std::sync::Condvar::new(),
+            calls: Mutex::new(Vec::new()),
+        });
+        std::fs::create_dir_all(&backend.dir).unwrap();
+        let sn = Snapshotter::open(
+            &dir.path().join("root"),
+            backend.clone(),
+            false,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        for l in ["L1", "L2"] {
+            let err = sn.prepare(&format!("x-{l}"), "", remote_labels(l)).unwrap_err();
+            assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        }
+        // Two containers of different images: both attaches must be in progress at once.
+        std::thread::scope(|s| {
+            let a = s.spawn(|| sn.prepare("c1", "L1", Labels::new()));
+            let b = s.spawn(|| sn.prepare("c2", "L2", Labels::new()));
+            a.join().unwrap().unwrap();
+            b.join().unwrap().unwrap();
+        });
+        // Two more containers on L1 at once: the stack is already attached, so no attach.
+        std::thread::scope(|s| {
+            let a = s.spawn(|| sn.prepare("c3", "L1", Labels::new()));
+            let b = s.spawn(|| sn.prepare("c4", "L1", Labels::new()));
+            a.join().unwrap().unwrap();
+            b.join().unwrap().unwrap();
+        });
+        let mut calls = lock(&backend.calls).clone();
+        calls.sort();
+        assert_eq!(calls, ["attach L1", "attach L2"]);
+        assert_eq!(sn.attachment_refs().get("L1"), Some(&3));
+        assert_eq!(sn.attachment_refs().get("L2"), Some(&1));
+        // A failed attach (alone, it times out) leaves no record and no reference.
+        *lock(&backend.inside) = 0;
+        let err = sn.prepare("x-L3", "", remote_labels("L3")).unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        let err = sn.prepare("c5", "L3", Labels::new()).unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{err}");
+        assert!(matches!(sn.stat("c5"), Err(Error::NotFound(_))));
+        assert_eq!(sn.attachment_refs().get("L3"), None);
     }
 
     #[test]

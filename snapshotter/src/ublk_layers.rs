@@ -15,8 +15,8 @@
 //! in the snapshotter's namespace, which containerd shares.
 use crate::config::Config;
 use crate::remote::{
-    DriverStats, LABEL_CORA_PREFIX, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
-    LABEL_CRI_MANIFEST_DIGEST, Labels, RemoteError, RemoteLayers,
+    DriverStats, KeyedLocks, LABEL_CORA_PREFIX, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
+    LABEL_CRI_MANIFEST_DIGEST, Labels, RemoteError, RemoteLayers, lock_ignoring_poison as lock,
 };
 use sha2::Digest as _;
 use std::ffi::CString;
@@ -82,8 +82,9 @@ pub struct UblkLayers {
     opts: UblkOptions,
     driver: Result<PathBuf, String>,
     kernel: OnceLock<Result<(), String>>,
-    /// Serialises attach/detach: they spawn and delete devices and edit state files.
-    lock: Mutex<()>,
+    /// Serialises attach/detach of one stack (they start and delete its device and edit its
+    /// state file); different stacks attach in parallel.
+    stack_locks: KeyedLocks,
     /// Counters of devices already detached, so exported totals never go backwards.
     retired: Mutex<DriverStats>,
 }
@@ -95,7 +96,7 @@ impl UblkLayers {
             opts,
             driver,
             kernel: OnceLock::new(),
-            lock: Mutex::new(()),
+            stack_locks: KeyedLocks::default(),
             retired: Mutex::new(DriverStats::default()),
         }
     }
@@ -244,10 +245,6 @@ struct StackPaths {
     mountpoint: PathBuf,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl RemoteLayers for UblkLayers {
     fn available(&self) -> Result<(), RemoteError> {
         self.driver()?;
@@ -282,7 +279,8 @@ impl RemoteLayers for UblkLayers {
             )));
         }
         let driver = self.driver()?.to_owned();
-        let _g = lock(&self.lock);
+        let stack_lock = self.stack_locks.get(stack_key);
+        let _g = lock(&stack_lock);
         let p = self.paths(stack_key);
         if let Some(st) = self.read_state(&p.state)
             && st.stack_key == stack_key
@@ -340,7 +338,8 @@ impl RemoteLayers for UblkLayers {
 
     fn detach(&self, stack_key: &str, mountpoint: &Path) -> Result<(), RemoteError> {
         let driver = self.driver()?.to_owned();
-        let _g = lock(&self.lock);
+        let stack_lock = self.stack_locks.get(stack_key);
+        let _g = lock(&stack_lock);
         let p = self.paths(stack_key);
         unmount(mountpoint)?;
         if let Some(st) = self.read_state(&p.state) {
