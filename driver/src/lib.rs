@@ -10,6 +10,7 @@ pub mod rpull;
 pub mod source;
 pub mod trace;
 pub mod ublk;
+pub mod unpack;
 
 /// Restores the default SIGPIPE action, which Rust's runtime sets to "ignore": a CLI whose
 /// output goes to a closed pipe (`cora inspect | head`) should end quietly, not panic in

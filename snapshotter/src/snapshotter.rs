@@ -719,8 +719,8 @@ fn find_stack(
 ) -> Result<Option<String>> {
     let mut next = parent.map(str::to_owned);
     while let Some(key) = next {
-        let rec = get(&key)?
-            .ok_or_else(|| Error::Internal(format!("ancestor {key} is missing")))?;
+        let rec =
+            get(&key)?.ok_or_else(|| Error::Internal(format!("ancestor {key} is missing")))?;
         if rec.remote {
             return Ok(Some(key));
         }
@@ -876,7 +876,9 @@ mod tests {
         )
         .unwrap();
         for l in ["L1", "L2"] {
-            let err = sn.prepare(&format!("x-{l}"), "", remote_labels(l)).unwrap_err();
+            let err = sn
+                .prepare(&format!("x-{l}"), "", remote_labels(l))
+                .unwrap_err();
             assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
         }
         // Two containers of different images: both attaches must be in progress at once.

@@ -34,6 +34,8 @@ pub const LABEL_FS_TYPE: &str = "containerd.io/snapshot/cora/fs-type";
 /// generous because the VM tests run emulated).
 const ADD_TIMEOUT: Duration = Duration::from_secs(180);
 const DEL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the fallback may take to download and unpack a whole stack.
+const UNPACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// What the backend needs from the snapshotter config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +74,12 @@ impl UblkOptions {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct StackState {
     stack_key: String,
+    /// Unused when `unpacked`.
     device_id: u32,
+    /// The stack could not be served lazily and was unpacked into `mountpoint`, a plain
+    /// directory.
+    #[serde(default)]
+    unpacked: bool,
     mountpoint: PathBuf,
     image: String,
     layer_digest: String,
@@ -114,6 +121,7 @@ impl UblkLayers {
             state: base.with_extension("json"),
             stats: base.with_extension("stats.json"),
             log: base.with_extension("log"),
+            tree: base.with_extension("tree"),
             mountpoint: base,
         }
     }
@@ -133,6 +141,13 @@ impl UblkLayers {
     /// (remount if only the mount is gone, recover if only the server died). `None` when the
     /// device is gone; stale leftovers are cleared then.
     fn reuse(&self, p: &StackPaths, st: &StackState, fs_type: &str) -> Option<PathBuf> {
+        if st.unpacked {
+            if st.mountpoint.is_dir() {
+                return Some(st.mountpoint.clone());
+            }
+            let _ = std::fs::remove_file(&p.state);
+            return None;
+        }
         let driver = self.driver().ok()?;
         let dev = device_status(driver, st.device_id);
         let ours = dev.as_ref().is_some_and(|d| {
@@ -197,6 +212,14 @@ impl UblkLayers {
             "--stats-file".into(),
             p.stats.display().to_string(),
         ];
+        a.extend(self.registry_args());
+        a
+    }
+
+    /// How the driver reaches registries, for `add` and `unpack` alike.
+    fn registry_args(&self) -> Vec<String> {
+        let o = &self.opts;
+        let mut a = Vec::new();
         if let Some(c) = &o.creds_file {
             a.extend(["--creds".into(), c.display().to_string()]);
         }
@@ -212,6 +235,109 @@ impl UblkLayers {
             a.extend(["--mirror".into(), m]);
         }
         a
+    }
+
+    /// A ublk device serving the stack, mounted read-only at `p.mountpoint`.
+    fn attach_device(
+        &self,
+        stack_key: &str,
+        image: &str,
+        layer_digest: &str,
+        fs_type: &str,
+        p: &StackPaths,
+        driver: &Path,
+    ) -> Result<PathBuf, RemoteError> {
+        std::fs::create_dir_all(&p.mountpoint).map_err(|e| {
+            RemoteError::Failed(format!("creating {}: {e}", p.mountpoint.display()))
+        })?;
+        // A stats file left by an earlier device of this stack (its driver may write once more
+        // after `del`) must not be counted again.
+        let _ = std::fs::remove_file(&p.stats);
+        let mut cmd = Command::new(driver);
+        cmd.args(self.driver_args(image, layer_digest, p));
+        let started = Instant::now();
+        let out = run_driver(cmd, ADD_TIMEOUT)?;
+        let dev = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("/dev/ublkb"))
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| {
+                RemoteError::Failed(format!("cora-driver add printed no device: {out:?}"))
+            })?;
+        let dev_path = PathBuf::from(format!("/dev/ublkb{dev}"));
+        let delete = || {
+            let mut cmd = Command::new(driver);
+            cmd.arg("del").arg(dev.to_string());
+            if let Err(e) = run_driver(cmd, DEL_TIMEOUT) {
+                warn!(id = dev, "deleting the device after a failed attach: {e}");
+            }
+        };
+        if let Err(e) = wait_for_path(&dev_path, Duration::from_secs(10))
+            .and_then(|()| mount_ro(&dev_path, &p.mountpoint, fs_type))
+        {
+            delete();
+            return Err(e);
+        }
+        let st = StackState {
+            stack_key: stack_key.to_owned(),
+            device_id: dev,
+            unpacked: false,
+            mountpoint: p.mountpoint.clone(),
+            image: image.to_owned(),
+            layer_digest: layer_digest.to_owned(),
+        };
+        if let Err(e) = write_atomic(&p.state, &serde_json::to_vec(&st).unwrap_or_default()) {
+            let _ = unmount(&p.mountpoint);
+            delete();
+            return Err(e);
+        }
+        info!(stack = %stack_key, id = dev, took = ?started.elapsed(), mountpoint = %p.mountpoint.display(), "stack attached");
+        Ok(p.mountpoint.clone())
+    }
+
+    /// The fallback: the stack's layers downloaded whole and unpacked into `p.tree`.
+    fn attach_unpacked(
+        &self,
+        stack_key: &str,
+        image: &str,
+        layer_digest: &str,
+        p: &StackPaths,
+        driver: &Path,
+    ) -> Result<PathBuf, RemoteError> {
+        let _ = std::fs::remove_dir(&p.mountpoint);
+        // A tree without a state file is what an interrupted unpack left.
+        if p.tree.exists() {
+            std::fs::remove_dir_all(&p.tree).map_err(|e| {
+                RemoteError::Failed(format!("removing stale {}: {e}", p.tree.display()))
+            })?;
+        }
+        let started = Instant::now();
+        let mut cmd = Command::new(driver);
+        cmd.args([
+            "unpack",
+            "--image",
+            image,
+            "--layer-digest",
+            layer_digest,
+            "--into",
+        ])
+        .arg(&p.tree)
+        .args(self.registry_args());
+        let out = run_driver(cmd, UNPACK_TIMEOUT)?;
+        let st = StackState {
+            stack_key: stack_key.to_owned(),
+            device_id: 0,
+            unpacked: true,
+            mountpoint: p.tree.clone(),
+            image: image.to_owned(),
+            layer_digest: layer_digest.to_owned(),
+        };
+        if let Err(e) = write_atomic(&p.state, &serde_json::to_vec(&st).unwrap_or_default()) {
+            let _ = std::fs::remove_dir_all(&p.tree);
+            return Err(e);
+        }
+        warn!(stack = %stack_key, took = ?started.elapsed(), report = %out.trim(), tree = %p.tree.display(), "stack unpacked (not lazy)");
+        Ok(p.tree.clone())
     }
 
     /// Folds a device's last counters into the retired totals.
@@ -242,6 +368,8 @@ struct StackPaths {
     state: PathBuf,
     stats: PathBuf,
     log: PathBuf,
+    /// Where the fallback unpacks the stack.
+    tree: PathBuf,
     mountpoint: PathBuf,
 }
 
@@ -286,61 +414,34 @@ impl RemoteLayers for UblkLayers {
             && st.stack_key == stack_key
             && let Some(mp) = self.reuse(&p, &st, fs_type)
         {
-            info!(stack = %stack_key, id = st.device_id, "reusing the live device");
+            info!(stack = %stack_key, unpacked = st.unpacked, "reusing the attached stack");
             return Ok(mp);
         }
-        std::fs::create_dir_all(&p.mountpoint).map_err(|e| {
-            RemoteError::Failed(format!("creating {}: {e}", p.mountpoint.display()))
-        })?;
-        // A stats file left by an earlier device of this stack (its driver may write once more
-        // after `del`) must not be counted again.
-        let _ = std::fs::remove_file(&p.stats);
-        let mut cmd = Command::new(&driver);
-        cmd.args(self.driver_args(&image, layer_digest, &p));
-        let started = Instant::now();
-        let out = run_driver(cmd, ADD_TIMEOUT)?;
-        let dev = out
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("/dev/ublkb"))
-            .and_then(|n| n.parse::<u32>().ok())
-            .ok_or_else(|| {
-                RemoteError::Failed(format!("cora-driver add printed no device: {out:?}"))
-            })?;
-        let dev_path = PathBuf::from(format!("/dev/ublkb{dev}"));
-        let delete = || {
-            let mut cmd = Command::new(&driver);
-            cmd.arg("del").arg(dev.to_string());
-            if let Err(e) = run_driver(cmd, DEL_TIMEOUT) {
-                warn!(id = dev, "deleting the device after a failed attach: {e}");
+        match self.attach_device(stack_key, &image, layer_digest, fs_type, &p, &driver) {
+            Ok(mp) => Ok(mp),
+            Err(e) => {
+                // Never a failed container start when the layers can still be had whole.
+                warn!(stack = %stack_key, "cannot serve the stack lazily ({e}); downloading and unpacking its layers instead");
+                self.attach_unpacked(stack_key, &image, layer_digest, &p, &driver)
+                    .map_err(|u| RemoteError::Failed(format!("{e}; unpacking instead: {u}")))
             }
-        };
-        if let Err(e) = wait_for_path(&dev_path, Duration::from_secs(10))
-            .and_then(|()| mount_ro(&dev_path, &p.mountpoint, fs_type))
-        {
-            delete();
-            return Err(e);
         }
-        let st = StackState {
-            stack_key: stack_key.to_owned(),
-            device_id: dev,
-            mountpoint: p.mountpoint.clone(),
-            image,
-            layer_digest: layer_digest.clone(),
-        };
-        if let Err(e) = write_atomic(&p.state, &serde_json::to_vec(&st).unwrap_or_default()) {
-            let _ = unmount(&p.mountpoint);
-            delete();
-            return Err(e);
-        }
-        info!(stack = %stack_key, id = dev, took = ?started.elapsed(), mountpoint = %p.mountpoint.display(), "stack attached");
-        Ok(p.mountpoint)
     }
 
     fn detach(&self, stack_key: &str, mountpoint: &Path) -> Result<(), RemoteError> {
-        let driver = self.driver()?.to_owned();
         let stack_lock = self.stack_locks.get(stack_key);
         let _g = lock(&stack_lock);
         let p = self.paths(stack_key);
+        if let Some(st) = self.read_state(&p.state)
+            && st.unpacked
+        {
+            std::fs::remove_dir_all(&st.mountpoint).map_err(|e| {
+                RemoteError::Failed(format!("removing {}: {e}", st.mountpoint.display()))
+            })?;
+            let _ = std::fs::remove_file(&p.state);
+            return Ok(());
+        }
+        let driver = self.driver()?.to_owned();
         unmount(mountpoint)?;
         if let Some(st) = self.read_state(&p.state) {
             let mut cmd = Command::new(&driver);
@@ -364,7 +465,13 @@ impl RemoteLayers for UblkLayers {
     fn attached(&self) -> Vec<(String, PathBuf)> {
         self.states()
             .into_iter()
-            .filter(|s| is_mountpoint(&s.mountpoint))
+            .filter(|s| {
+                if s.unpacked {
+                    s.mountpoint.is_dir()
+                } else {
+                    is_mountpoint(&s.mountpoint)
+                }
+            })
             .map(|s| (s.stack_key, s.mountpoint))
             .collect()
     }
@@ -771,6 +878,7 @@ mod tests {
         let st = StackState {
             stack_key: "ns/1/L".into(),
             device_id: 7,
+            unpacked: false,
             mountpoint: PathBuf::from("/proc"),
             image: "h/a@x".into(),
             layer_digest: D.into(),
@@ -799,5 +907,43 @@ mod tests {
             100,
             "retired counters stay counted"
         );
+    }
+
+    #[test]
+    fn unpacked_stacks_are_listed_reused_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = UblkOptions {
+            dir: dir.path().join("remote"),
+            driver: None,
+            cache_dir: PathBuf::from("/c"),
+            cache_size: 4096,
+            creds_file: None,
+            insecure_hosts: vec![],
+            mirrors: vec![],
+        };
+        std::fs::create_dir_all(&opts.dir).unwrap();
+        let b = UblkLayers::new(opts.clone());
+        let p = b.paths("ns/2/L");
+        std::fs::create_dir_all(p.tree.join("bin")).unwrap();
+        std::fs::write(p.tree.join("bin/sh"), b"#!").unwrap();
+        let st = StackState {
+            stack_key: "ns/2/L".into(),
+            device_id: 0,
+            unpacked: true,
+            mountpoint: p.tree.clone(),
+            image: "h/a@x".into(),
+            layer_digest: D.into(),
+        };
+        write_atomic(&p.state, &serde_json::to_vec(&st).unwrap()).unwrap();
+        let b2 = UblkLayers::new(opts);
+        assert_eq!(b2.attached(), vec![("ns/2/L".to_owned(), p.tree.clone())]);
+        assert_eq!(b2.reuse(&p, &st, "erofs"), Some(p.tree.clone()));
+        b2.detach("ns/2/L", &p.tree).unwrap();
+        assert!(!p.tree.exists() && !p.state.exists());
+        assert!(b2.attached().is_empty());
+        // A state whose tree is gone is dropped, not reused.
+        write_atomic(&p.state, &serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!(b2.reuse(&p, &st, "erofs"), None);
+        assert!(!p.state.exists());
     }
 }

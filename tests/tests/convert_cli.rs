@@ -400,3 +400,101 @@ fn ext4_stacks_pass_e2fsck_and_hold_the_tree() -> Result<()> {
     assert_eq!(ta, te, "ext4 stack image holds different file contents");
     Ok(())
 }
+
+/// The snapshotter's fallback when no device can start: `cora-driver unpack` of a CORA image
+/// from the registry gives the tree umoci unpacks from the source image; a lower stack stops at
+/// its layer; bad input is refused and leaves nothing behind.
+#[test]
+fn driver_unpack_gives_the_tree_of_the_stack() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let src = source_layout(tmp.path())?;
+    let reg = Registry::start()?;
+    let host = reg.host.clone();
+    let image = format!("{host}/app:cora");
+    run(cora()
+        .args(["convert", "--insecure", &host])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(&image))?;
+    let unpack = |extra: &[&str], into: &Path| {
+        let mut cmd = Command::new(cora_bin("cora-driver"));
+        cmd.args(["unpack", "--insecure", &host, "--image", &image])
+            .args(extra)
+            .arg("--into")
+            .arg(into);
+        cmd
+    };
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir(&out_dir)?;
+
+    let top = out_dir.join("top");
+    let out = run(&mut unpack(&[], &top))?;
+    let report: serde_json::Value = serde_json::from_str(out.trim())?;
+    assert_eq!(report["layers"], 2, "{out}");
+    assert!(
+        report["blob_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+        "{out}"
+    );
+    let reference = umoci_unpack(&src, "v1", &tmp.path().join("b-src"))?;
+    let want = tree_manifest(&reference)?;
+    assert!(want.len() > 100, "source tree suspiciously small");
+    assert_eq!(
+        tree_manifest(&top)?,
+        want,
+        "unpacked stack differs from umoci's"
+    );
+
+    // The stack under layer 1: the whiteout and the new file are not there.
+    let manifest = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}")))?;
+    let manifest: serde_json::Value = serde_json::from_str(&manifest)?;
+    let layer0 = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let lower = out_dir.join("lower");
+    run(&mut unpack(&["--layer-digest", &layer0], &lower))?;
+    assert!(lower.join("usr/share/doc/zlib1g").is_dir());
+    assert!(!lower.join("hello.txt").exists());
+    assert!(top.join("hello.txt").is_file() && !top.join("usr/share/doc/zlib1g").exists());
+
+    // Bad input: an unknown layer, an existing target, an unreachable registry.
+    let missing = out_dir.join("missing");
+    let err = unpack(
+        &["--layer-digest", &format!("sha256:{}", "0".repeat(64))],
+        &missing,
+    )
+    .output()?;
+    assert!(!err.status.success());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("no layer"),
+        "{err:?}"
+    );
+    let err = unpack(&[], &top).output()?;
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("already exists"),
+        "{err:?}"
+    );
+    let err = Command::new(cora_bin("cora-driver"))
+        .args([
+            "unpack",
+            "--insecure",
+            "127.0.0.1:1",
+            "--image",
+            "127.0.0.1:1/app:cora",
+            "--into",
+        ])
+        .arg(&missing)
+        .output()?;
+    assert!(!err.status.success(), "{err:?}");
+    let mut left: Vec<String> = std::fs::read_dir(&out_dir)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    left.sort();
+    assert_eq!(
+        left,
+        ["lower", "top"],
+        "scratch or partial trees left behind"
+    );
+    Ok(())
+}

@@ -4,7 +4,8 @@
 # rpull` + `ctr run --snapshotter cora` of a CORA image prints the expected output having
 # fetched < 10 % of the image; a plain OCI image through the cora snapshotter; the CORA image
 # under containerd's own overlayfs snapshotter; four images cold-started at once; a snapshotter
-# restart keeps snapshots and a running container; `ctr snapshots ls/rm`; nothing left behind.
+# restart keeps snapshots and a running container; `ctr snapshots ls/rm`; with ublk gone after
+# the pull, the stack is unpacked instead and the container still starts; nothing left behind.
 # Measures cold start to first output, CORA vs OCI (overlayfs), and with CORA_BENCH_OUT set
 # writes coldstart.csv, coldstart_usage.csv and coldstart.json there.
 set -eu
@@ -333,6 +334,19 @@ if ctr snapshots --snapshotter cora rm "$top" >/dev/null 2>&1; then fail "remove
 ctr snapshots --snapshotter cora rm probe || fail "snapshots rm probe"
 ctr snapshots --snapshotter cora ls | grep -q "^probe " && fail "probe still listed after rm"
 log "ctr snapshots ls/prepare/mounts/rm behave"
+
+# --- a device that cannot start (ublk gone from the kernel after the layers were committed as
+# remote): the snapshotter unpacks the stack instead, and the container still starts.
+wait_until 60 "devices to go" test "$(devices)" -eq 0
+rmmod ublk_drv || fail "rmmod ublk_drv"
+START=$(now)
+# shellcheck disable=SC2086
+run_first fallback small "$H/small:cora" cora $small_cmd
+modprobe ublk_drv || fail "modprobe ublk_drv"
+expect small fallback
+grep -q "unpacking its layers instead" "$T/snap.log" || fail "no fallback warning in the snapshotter log"
+grep -q "stack unpacked (not lazy)" "$T/snap.log" || fail "the snapshotter did not report the unpacked stack"
+log "with no ublk device possible the stack was unpacked and the container ran (${RUN_SECS}s)"
 
 # --- nothing left: no container, no device, no mount
 for i in $(ctr image ls -q); do ctr image rm "$i" >/dev/null; done

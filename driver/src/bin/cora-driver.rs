@@ -37,6 +37,18 @@ enum Cmd {
     },
     /// Print the ublk features of the running kernel.
     Features,
+    /// The fallback when a stack cannot be served lazily: download its layers whole (each
+    /// checked against the image config) and unpack them merged into a new directory.
+    Unpack(Box<UnpackArgs>),
+}
+
+#[derive(Args)]
+struct UnpackArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Directory to create with the stack's merged tree (must not exist).
+    #[arg(long)]
+    into: PathBuf,
 }
 
 #[derive(Args)]
@@ -213,6 +225,7 @@ fn main() {
             init_tracing();
             ublk::delete(id).with_context(|| format!("deleting device {id}"))
         }
+        Cmd::Unpack(args) => unpack(*args),
         Cmd::Features => {
             let f = ublk::kernel_features();
             println!("0x{f:x} {}", ublk::flag_names(f).join(" "));
@@ -223,6 +236,28 @@ fn main() {
         eprintln!("cora-driver: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn unpack(args: UnpackArgs) -> Result<()> {
+    init_tracing();
+    let SourceRecipe::Image {
+        image,
+        layer,
+        layer_digest,
+        registry,
+        ..
+    } = recipe(&args.source)?
+    else {
+        bail!("unpack needs --image");
+    };
+    if layer.is_some() {
+        bail!("unpack takes the top layer by --layer-digest");
+    }
+    let image: driver::imageref::ImageRef = image.parse().map_err(anyhow::Error::msg)?;
+    let done = driver::unpack::unpack_stack(&image, layer_digest.as_deref(), &registry, &args.into)
+        .with_context(|| format!("unpacking {image} into {}", args.into.display()))?;
+    println!("{}", serde_json::to_string(&done)?);
+    Ok(())
 }
 
 fn init_tracing() {
