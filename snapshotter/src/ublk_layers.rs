@@ -858,13 +858,10 @@ mod tests {
         assert!(!is_mountpoint(Path::new("/proc/self")));
     }
 
-    #[test]
-    fn state_survives_a_new_backend_and_attach_reuses_it() {
-        // No kernel device is needed to check that a restarted backend lists what the last
-        // one recorded; `attached` only reports stacks whose mount is live, so record /proc.
-        let dir = tempfile::tempdir().unwrap();
+    /// Options for tests that only touch state files (no driver, no device).
+    fn state_only_opts(dir: &Path) -> UblkOptions {
         let opts = UblkOptions {
-            dir: dir.path().join("remote"),
+            dir: dir.join("remote"),
             driver: None,
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
@@ -873,6 +870,15 @@ mod tests {
             mirrors: vec![],
         };
         std::fs::create_dir_all(&opts.dir).unwrap();
+        opts
+    }
+
+    #[test]
+    fn state_survives_a_new_backend_and_attach_reuses_it() {
+        // No kernel device is needed to check that a restarted backend lists what the last
+        // one recorded; `attached` only reports stacks whose mount is live, so record /proc.
+        let dir = tempfile::tempdir().unwrap();
+        let opts = state_only_opts(dir.path());
         let b = UblkLayers::new(opts.clone());
         let p = b.paths("ns/1/L");
         let st = StackState {
@@ -912,16 +918,7 @@ mod tests {
     #[test]
     fn unpacked_stacks_are_listed_reused_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = UblkOptions {
-            dir: dir.path().join("remote"),
-            driver: None,
-            cache_dir: PathBuf::from("/c"),
-            cache_size: 4096,
-            creds_file: None,
-            insecure_hosts: vec![],
-            mirrors: vec![],
-        };
-        std::fs::create_dir_all(&opts.dir).unwrap();
+        let opts = state_only_opts(dir.path());
         let b = UblkLayers::new(opts.clone());
         let p = b.paths("ns/2/L");
         std::fs::create_dir_all(p.tree.join("bin")).unwrap();
