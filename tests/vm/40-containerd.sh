@@ -222,6 +222,7 @@ cold_cora() { # NAME; RUN_SECS and RUN_BYTES (loopback bytes, i.e. all registry 
     clo0=$(lo_bytes); START=$(now)
     "$C" rpull --address "$CSOCK" --namespace cora --snapshotter cora --insecure "$H" "$H/$1:cora" \
         >"$T/rpull-$1.out" 2>&1 || fail "rpull $1: $(tail -5 "$T/rpull-$1.out")"
+    RPULL_SECS=$(awk "BEGIN { printf \"%.2f\", $(now) - $START }")
     # shellcheck disable=SC2086
     run_first cora "$1" "$H/$1:cora" cora $cmd
     RUN_BYTES=$(($(lo_bytes) - clo0))
@@ -231,7 +232,8 @@ echo cora >"$T/mode"
 cold_cora base
 cora_secs=$RUN_SECS cora_bytes=$RUN_BYTES
 cora_size=$(image_bytes base cora)
-log "CORA base: first output after ${cora_secs}s, registry sent $cora_bytes of $cora_size bytes"
+attach=$(grep -o 'stack attached.*took=[^ ]*' "$T/snap.log" | tail -n1 | sed 's/.*took=//')
+log "CORA base: first output after ${cora_secs}s (rpull ${RPULL_SECS}s, device attach $attach), registry sent $cora_bytes of $cora_size bytes"
 [ "$((cora_bytes * 10))" -lt "$cora_size" ] || fail "CORA cold start fetched $cora_bytes bytes, >= 10% of $cora_size"
 driver_bytes=$(metric cora_bytes_fetched_total)
 [ "${driver_bytes%.*}" -gt 0 ] || fail "metrics report no bytes fetched"

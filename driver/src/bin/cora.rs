@@ -199,6 +199,8 @@ enum TraceCmd {
 fn main() -> std::process::ExitCode {
     driver::restore_sigpipe();
     tracing_subscriber::fmt()
+        // Colour only on a terminal: logs usually go to files or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CORA_LOG")
                 .unwrap_or_else(|_| "warn".into()),
