@@ -1,4 +1,4 @@
-//! `cargo xtask bench dedup|convert|lazy|report|all`: run the measurements, each writing
+//! `cargo xtask bench dedup|convert|lazy|fio|coldstart|report|all`: run the measurements, each writing
 //! `<bench>.json` into `$CORA_BENCH_OUT` (default `bench/results/latest`), and compose them.
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -83,7 +83,7 @@ const COLDSTART_SCRIPT: &str = "tests/vm/40-containerd.sh";
 fn coldstart(out: &std::path::Path) -> Result<()> {
     let repo = crate::vm::repo_root();
     if !repo.join(COLDSTART_SCRIPT).exists() {
-        bail!("{COLDSTART_SCRIPT} is not in this checkout (branch s2-lazysnap adds it)");
+        bail!("{COLDSTART_SCRIPT} is missing from this checkout");
     }
     if !out.starts_with(&repo) {
         // The guest sees the repository through its share, not arbitrary host paths.
