@@ -355,6 +355,11 @@ async fn handle(
     }
 }
 
+/// Smaller reads are copied, not lent: lending maps the whole chunk (about 16 pages) on its first
+/// touch, which costs more than one small pread (fio 4 KiB random on a warm device under TCG:
+/// 889 IOPS copying, 234 lending; 1 MiB reads gain from lending).
+const LEND_MIN_BYTES: usize = 64 << 10;
+
 async fn read(
     ctx: &QueueCtx,
     tag: u16,
@@ -371,6 +376,7 @@ async fn read(
     if let Some(fd) = ctx.user_copy_fd
         && avail == len
         && ctx.lend
+        && len >= LEND_MIN_BYTES
         && let Some(res) = ctx.source.local_slices(offset, len, &mut |iov| {
             copy_slices_to_request(fd, ctx.qid, tag, iov, len)
         })
