@@ -338,8 +338,9 @@ impl Plan<'_> {
             (LABEL_CRI_LAYER_DIGEST.to_owned(), layer.digest.clone()),
             (
                 LABEL_CRI_IMAGE_LAYERS.to_owned(),
+                // This layer and those above it, as CRI sends them.
                 image_layers_label(
-                    self.manifest.layers.iter().map(|l| l.digest.as_str()),
+                    self.manifest.layers[i..].iter().map(|l| l.digest.as_str()),
                     MAX_LABEL - LABEL_CRI_IMAGE_LAYERS.len(),
                 ),
             ),
@@ -493,7 +494,7 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-/// Comma-separated digests, bottom first, cut to whole digests within `max` bytes (containerd
+/// Comma-separated digests, lowest first, cut to whole digests within `max` bytes (containerd
 /// limits label size; CRI cuts the list the same way).
 pub fn image_layers_label<'a>(digests: impl Iterator<Item = &'a str>, max: usize) -> String {
     let mut out = String::new();

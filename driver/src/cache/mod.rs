@@ -167,7 +167,7 @@ pub struct CacheOptions {
     /// Evict least recently used entries when the cache grows past this many bytes.
     pub limit_bytes: u64,
     /// Open chunk files kept per process. Default: a quarter of `RLIMIT_NOFILE` (soft),
-    /// clamped to 64..=16384; 0 disables the fd cache (open per read).
+    /// clamped to 64..=65536; 0 disables the fd cache (open per read).
     pub max_open_files: usize,
     /// A read refreshes an entry's mtime at most this often (per entry, per process).
     pub touch_interval: Duration,
@@ -219,22 +219,43 @@ fn nofile_limit() -> Option<(u64, u64)> {
 
 fn default_max_open_files() -> usize {
     let soft = nofile_limit().map_or(1024, |(soft, _)| soft);
-    usize::try_from(soft / 4).unwrap_or(16384).clamp(64, 16384)
+    usize::try_from(soft / 4)
+        .unwrap_or(MAX_OPEN_FILES)
+        .clamp(64, MAX_OPEN_FILES)
 }
 
-/// Raise this process's soft `RLIMIT_NOFILE` to its hard limit, so the fd cache can be large.
-/// Call before [`ChunkCache::open`]; returns the new soft limit.
+/// Most chunk files the fd cache keeps open: every chunk of a 4 GiB image at 64 KiB.
+const MAX_OPEN_FILES: usize = 65536;
+/// The `RLIMIT_NOFILE` a long-lived reader asks for: room for a full fd cache.
+const WANT_NOFILE: u64 = 4 * MAX_OPEN_FILES as u64;
+
+/// Raise this process's `RLIMIT_NOFILE` so the fd cache can hold a whole image's chunks: to
+/// [`WANT_NOFILE`] where privileged (a ublk server runs as root, and a bare init leaves the hard
+/// limit at 4096, an fd cache of 1024 for 16 Ki chunks per GiB), else the soft limit to the hard
+/// one. Call before [`ChunkCache::open`]; returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let (_, hard) = nofile_limit().ok_or_else(io::Error::last_os_error)?;
-    let lim = libc::rlimit {
-        rlim_cur: hard,
-        rlim_max: hard,
+    let (soft, hard) = nofile_limit().ok_or_else(io::Error::last_os_error)?;
+    let set = |cur: u64, max: u64| {
+        let lim = libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 }
     };
-    // SAFETY: setrlimit only reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(io::Error::last_os_error());
+    // The kernel refuses limits above fs.nr_open.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let want = WANT_NOFILE.min(nr_open).max(soft);
+    if want > hard && set(want, want) {
+        return Ok(want);
     }
-    Ok(hard)
+    if set(hard, hard) {
+        return Ok(hard);
+    }
+    Err(io::Error::last_os_error())
 }
 
 /// Cache occupancy (from disk) and this process's counters.
