@@ -438,6 +438,10 @@ fn coldstart_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> 
         return Ok(());
     };
     let rows = parse_coldstart(&text).context("coldstart.csv")?;
+    if rows.is_empty() {
+        skipped.push("cold start: coldstart.csv has no rows (the VM test failed before its first measurement)".into());
+        return Ok(());
+    }
     writeln!(md, "## Cold start: CORA lazy vs OCI pull + unpack\n")?;
     writeln!(
         md,
@@ -1178,6 +1182,15 @@ mod tests {
         assert!(md.contains("dedup.json not found"), "{md}");
         assert!(md.contains("coldstart_usage.csv not found"), "{md}");
         assert_png_drawn(&dir.path().join("coldstart.png"))?;
+
+        // A VM test that failed before measuring leaves a header only: reported, not fatal.
+        let empty = tempfile::tempdir()?;
+        std::fs::write(
+            empty.path().join("coldstart.csv"),
+            "mode,image,seconds_to_first_output,bytes_fetched,image_bytes\n",
+        )?;
+        let md = std::fs::read_to_string(compose(empty.path(), "host")?)?;
+        assert!(md.contains("coldstart.csv has no rows"), "{md}");
         Ok(())
     }
 }

@@ -130,6 +130,9 @@ struct SourceArgs {
     /// Do not prefetch the access trace stored with the image.
     #[arg(long, requires = "image")]
     no_prefetch: bool,
+    /// Sequential read-ahead window of the lazy source in bytes, e.g. 256K (0 = none).
+    #[arg(long, requires = "image", value_parser = driver::cache::cli::parse_size)]
+    readahead: Option<u64>,
 }
 
 #[derive(Args)]
@@ -200,6 +203,7 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
                 record: args.record_trace.as_ref().map(abs),
                 no_prefetch: args.no_prefetch,
             },
+            readahead: args.readahead,
         });
     }
     let file = args
