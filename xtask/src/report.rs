@@ -446,7 +446,9 @@ fn coldstart_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> 
     writeln!(
         md,
         "Time from the start of the pull to the container's first output line, same registry \
-         and image, measured in the VM (emulated). `4x:` rows: four images started at once.\n"
+         and image, measured in the VM (emulated). `4x:` rows: four images started at once. \
+         `warm`: the same container again with its image already unpacked, the floor of any \
+         cold start.\n"
     )?;
     writeln!(
         md,
