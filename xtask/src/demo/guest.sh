@@ -145,5 +145,7 @@ printf '%-44s %8ss %14s %12s\n' "v1 OCI: ctr pull + run (overlayfs)" "$f1_s" "$(
 printf '%-44s %8ss %14s %12s\n' "v1 CORA: cora rpull + run (lazy)" "$l1_s" "$(mb "$l1_b")" "$(mb "$v1c")"
 printf '%-44s %8ss %14s %12s\n' "v2 OCI, v1 pulled: ctr pull + run" "$f2_s" "$(mb "$f2_b")" "$(mb "$v2")"
 printf '%-44s %8ss %14s %12s\n' "v2 CORA, v1 cached: cora rpull + run" "$l2_s" "$(mb "$l2_b")" "$(mb "$v2c")"
-echo "v1: CORA starts $(awk "BEGIN { printf \"%.1fx\", $f1_s / $l1_s }") faster, fetching $(awk "BEGIN { printf \"%.1f%%\", 100 * $l1_b / $v1c }") of the image"
-echo "v2 after v1: CORA starts $(awk "BEGIN { printf \"%.1fx\", $f2_s / $l2_s }") faster, fetching $(awk "BEGIN { printf \"%.1f%%\", 100 * $l2_b / $v2c }") of the image (OCI fetched $(awk "BEGIN { printf \"%.1f%%\", 100 * $f2_b / $v2 }"))"
+# "N.Nx faster" or "N.Nx slower": OCI time over CORA time, said the way it reads.
+speed() { awk "BEGIN { r = $1 / $2; if (r >= 1) printf \"%.1fx faster\", r; else printf \"%.1fx slower\", 1 / r }"; }
+echo "v1: CORA starts $(speed "$f1_s" "$l1_s"), fetching $(awk "BEGIN { printf \"%.1f%%\", 100 * $l1_b / $v1c }") of the image"
+echo "v2 after v1: CORA starts $(speed "$f2_s" "$l2_s"), fetching $(awk "BEGIN { printf \"%.1f%%\", 100 * $l2_b / $v2c }") of the image (OCI fetched $(awk "BEGIN { printf \"%.1f%%\", 100 * $f2_b / $v2 }"))"
