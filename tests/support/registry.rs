@@ -190,6 +190,21 @@ impl Registry {
         res.with_context(|| format!("registry at {url} not ready; log:\n{}", self.log()))
     }
 
+    /// Whether `repo` links blob `digest` in this registry's own storage. distribution writes the
+    /// repository link last when it commits a blob (a pull-through cache does so once its
+    /// background copy from the remote is complete).
+    pub fn has_blob(&self, repo: &str, digest: &str) -> bool {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(hex)
+            .join("link")
+            .is_file()
+    }
+
     /// Kills the process now (e.g. to simulate a dead mirror).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
