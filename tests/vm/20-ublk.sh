@@ -104,7 +104,7 @@ wait_for 20 sh -c "! kill -0 $PID2 2>/dev/null" || fail "server $PID2 still runn
 
 log "fio"
 # --- fio read verification on the raw device (a file laid down by fio with crc32c headers)
-fio --name=lay --filename="$T/fio.img" --rw=write --bs=4k --size=128m --verify=crc32c \
+fio --name=lay --filename="$T/fio.img" --rw=write --bs=4k --size=128m --verify=crc32c --verify_state_save=0 \
     --do_verify=0 >/dev/null || fail "fio layout"
 DEV=$("$D" add --file "$T/fio.img" --daemon --log "$T/srv3.log")
 ID=$(dev_id "$DEV")
