@@ -1,7 +1,7 @@
 //! The registry client proper: auth, redirects, retries, mirrors and the OCI endpoints.
 use super::auth::{Challenge, CredStore, Token, parse_challenge};
 use super::config::{ClientConfig, Mirror};
-use super::connect::{ConnectError, Connector, tls_config};
+use super::connect::{ConnectError, Connector, LazyTls};
 use super::error::{ErrorKind, RegistryError, Result};
 use super::proxy::{Proxies, split_host_port};
 use super::reference::{Reference, validate_digest};
@@ -373,7 +373,7 @@ impl Client {
             return Err(config_err("request_timeout must be positive".into()));
         }
         let creds = CredStore::load(cfg.creds_file.as_deref())?;
-        let tls = Arc::new(tls_config(&cfg.ca_files).map_err(config_err)?);
+        let tls = Arc::new(LazyTls::new(&cfg.ca_files).map_err(config_err)?);
         let proxies = Arc::new(Proxies::new(&cfg.proxy)?);
         let stats = Arc::new(StatsInner::default());
         let connector = Connector::new(tls, proxies.clone(), cfg.request_timeout, stats.clone());

@@ -5,7 +5,8 @@ use super::stats::StatsInner;
 use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -143,7 +144,7 @@ impl AsyncWrite for Stream {
 
 #[derive(Clone)]
 pub(crate) struct Connector {
-    tls: TlsConnector,
+    tls: Arc<LazyTls>,
     proxies: Arc<Proxies>,
     timeout: Duration,
     stats: Arc<StatsInner>,
@@ -151,13 +152,13 @@ pub(crate) struct Connector {
 
 impl Connector {
     pub fn new(
-        tls: Arc<rustls::ClientConfig>,
+        tls: Arc<LazyTls>,
         proxies: Arc<Proxies>,
         timeout: Duration,
         stats: Arc<StatsInner>,
     ) -> Self {
         Connector {
-            tls: TlsConnector::from(tls),
+            tls,
             proxies,
             timeout,
             stats,
@@ -208,7 +209,8 @@ impl Connector {
         let name = ServerName::try_from(bare_host.clone()).map_err(|_| {
             ConnectError::Tls(format!("{bare_host:?} is not a valid TLS server name"))
         })?;
-        let tls = tokio::time::timeout(self.timeout, self.tls.connect(name, tcp))
+        let connector = self.tls.connector().map_err(ConnectError::Tls)?;
+        let tls = tokio::time::timeout(self.timeout, connector.connect(name, tcp))
             .await
             .map_err(|_| ConnectError::Tls(format!("{bare_host}:{port}: handshake timed out")))?
             .map_err(|e| {
@@ -302,27 +304,59 @@ fn system_roots() -> &'static rustls::RootCertStore {
     })
 }
 
-/// rustls config: system roots plus `ca_files`, ALPN h2 then http/1.1.
-pub(crate) fn tls_config(ca_files: &[std::path::PathBuf]) -> Result<rustls::ClientConfig, String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = system_roots().clone();
-    for f in ca_files {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(f)
-            .map_err(|e| format!("CA file {}: {e}", f.display()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("CA file {}: {e}", f.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "CA file {}: no PEM certificates in it",
-                f.display()
-            ));
-        }
-        for c in certs {
-            roots
-                .add(c)
+/// The TLS side of a client: CA files are read and checked when the client is built, the
+/// rustls config (with the system roots) on the first `https://` connection, so a client of
+/// plain-HTTP registries never pays for parsing the roots (about 0.5 s under emulation, on
+/// the path of every device start).
+pub(crate) struct LazyTls {
+    extra: Vec<CertificateDer<'static>>,
+    connector: std::sync::OnceLock<Result<TlsConnector, String>>,
+}
+
+impl LazyTls {
+    /// Reads `ca_files` (PEM); each must hold at least one valid certificate.
+    pub fn new(ca_files: &[std::path::PathBuf]) -> Result<LazyTls, String> {
+        let mut extra = Vec::new();
+        for f in ca_files {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(f)
+                .map_err(|e| format!("CA file {}: {e}", f.display()))?
+                .collect::<Result<_, _>>()
                 .map_err(|e| format!("CA file {}: {e}", f.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "CA file {}: no PEM certificates in it",
+                    f.display()
+                ));
+            }
+            // Parse them now so a bad CA file is a start-up error, not a connect error.
+            let mut check = rustls::RootCertStore::empty();
+            for c in &certs {
+                check
+                    .add(c.clone())
+                    .map_err(|e| format!("CA file {}: {e}", f.display()))?;
+            }
+            extra.extend(certs);
         }
+        Ok(LazyTls {
+            extra,
+            connector: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn connector(&self) -> Result<TlsConnector, String> {
+        self.connector
+            .get_or_init(|| tls_config(&self.extra).map(|c| TlsConnector::from(Arc::new(c))))
+            .clone()
+    }
+}
+
+/// rustls config: system roots plus `extra` roots, ALPN h2 then http/1.1.
+fn tls_config(extra: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, String> {
+    let mut roots = system_roots().clone();
+    for c in extra {
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("CA certificate: {e}"))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
