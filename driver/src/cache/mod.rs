@@ -7,14 +7,16 @@
 //! # Layout
 //! ```text
 //! DIR/chunks/ab/cdef…   one file per chunk, named by its sha256 hex (2 + 62 chars)
-//! DIR/tmp/              inserts in progress: written here, then renamed into chunks/
+//! DIR/tmp/              inserts in progress where O_TMPFILE is unusable: renamed into chunks/
 //! DIR/lock              flock(2) target: one evictor / gc at a time across processes
 //! ```
 //!
 //! # Consistency
-//! * An entry appears under its final name only by `rename(2)` of a fully written temp file,
-//!   so a crashed writer leaves at most a temp file, which is never served and which
-//!   [`ChunkCache::gc`] removes once older than [`CacheOptions::tmp_max_age`].
+//! * An entry appears under its final name only when fully written: an unnamed `O_TMPFILE`
+//!   file in the entry's directory is `linkat(2)`-ed in (a crashed writer leaves nothing), or,
+//!   where the filesystem lacks `O_TMPFILE`, a temp file under `tmp/` is `rename(2)`-d in (a
+//!   crashed writer leaves at most that temp file, which is never served and which
+//!   [`ChunkCache::gc`] removes once older than [`CacheOptions::tmp_max_age`]).
 //! * Files are never modified in place, only unlinked (eviction, gc). An fd opened on an
 //!   entry keeps reading correct bytes even after another process unlinked it; a lookup that
 //!   loses the race against an unlink sees `ENOENT` and reports a miss.
@@ -26,8 +28,8 @@
 //!   and an entry reopened after falling out of the fd cache is not hashed again if its
 //!   (dev, inode, ctime, size) matches the version this process verified or wrote.
 //!   Set [`CacheOptions::sync_data`] to `fdatasync` each entry before the rename instead.
-//! * Concurrent inserts of one digest, from threads or processes, each write their own temp
-//!   file and rename it over the same name: the last rename wins and all are identical.
+//! * Concurrent inserts of one digest, from threads or processes, each write their own file:
+//!   the first link wins (the others see `EEXIST`), or the last rename does; all are identical.
 //!
 //! # Recency and eviction
 //! The LRU clock is the entry's mtime (atime is unreliable under relatime). A read refreshes
@@ -65,10 +67,13 @@ pub use scan::{GcReport, PruneReport, Removed, RemovedReason};
 use fdcache::{FdCache, OpenChunk};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -383,6 +388,18 @@ struct Inner {
     estimate: Mutex<SizeEstimate>,
     evicting: AtomicBool,
     tmp_seq: AtomicU64,
+    /// Set once `O_TMPFILE` + `linkat` proved unusable here.
+    no_tmpfile: AtomicBool,
+}
+
+/// Outcome of [`ChunkCache::write_unnamed`].
+enum Unnamed {
+    /// Linked in under the final name; the fd is the entry's.
+    Placed(File),
+    /// The entry was already there.
+    Exists,
+    /// Use a named temp file instead.
+    Unsupported,
 }
 
 /// Handle on a cache directory; cheap to clone, shareable between threads.
@@ -447,6 +464,7 @@ impl ChunkCache {
                 estimate: Mutex::default(),
                 evicting: AtomicBool::new(false),
                 tmp_seq: AtomicU64::new(0),
+                no_tmpfile: AtomicBool::new(false),
             }),
         })
     }
@@ -634,23 +652,13 @@ impl ChunkCache {
         {
             return Ok(());
         }
-        let (tmp_path, mut file) = self.create_temp(digest)?;
-        let written = (|| -> Result<()> {
-            file.write_all(data).map_err(io_err("write", &tmp_path))?;
-            let now = inner.opts.clock.now();
-            file.set_modified(now)
-                .map_err(io_err("set mtime of", &tmp_path))?;
-            if inner.opts.sync_data {
-                file.sync_data().map_err(io_err("fdatasync", &tmp_path))?;
-            }
-            self.rename_into_place(&tmp_path, &path)
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp_path);
-            return Err(e);
-        }
+        let file = match self.write_unnamed(&path, data)? {
+            Unnamed::Placed(file) => file,
+            Unnamed::Exists => return Ok(()),
+            Unnamed::Unsupported => self.write_renamed(digest, &path, data)?,
+        };
         inner.counters.inserts.fetch_add(1, Ordering::Relaxed);
-        // After the rename, so the recorded ctime is the final one.
+        // After the link or rename, so the recorded ctime is the final one.
         if let Ok(meta) = file.metadata() {
             inner.verified.insert(digest, FileId::of(&meta));
         }
@@ -660,6 +668,105 @@ impl ChunkCache {
         inner.fds.put(digest, chunk, inner.opts.clock.now());
         self.note_inserted(data.len() as u64);
         Ok(())
+    }
+
+    /// Writes `data` to an unnamed file (`O_TMPFILE`) in the entry's own directory and links
+    /// it in under its final name. Cheaper than a temp file renamed across directories (one
+    /// directory operation, no filesystem-wide rename lock, no shared `tmp/` whose lock every
+    /// writer takes), and a crash leaves nothing behind. `Unsupported` where the filesystem
+    /// or a missing `/proc` does not allow it: the caller falls back to a named temp file.
+    fn write_unnamed(&self, path: &Path, data: &[u8]) -> Result<Unnamed> {
+        let inner = &*self.inner;
+        if inner.no_tmpfile.load(Ordering::Relaxed) {
+            return Ok(Unnamed::Unsupported);
+        }
+        let Some(dir) = path.parent() else {
+            return Ok(Unnamed::Unsupported);
+        };
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o644)
+                .open(dir)
+        };
+        let opened = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The fan-out directory does not exist yet (created lazily).
+                fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+                open()
+            }
+            r => r,
+        };
+        let mut file = match opened {
+            Ok(f) => f,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                inner.no_tmpfile.store(true, Ordering::Relaxed);
+                return Ok(Unnamed::Unsupported);
+            }
+            Err(e) => return Err(io_err("create unnamed file in", dir)(e)),
+        };
+        file.write_all(data).map_err(io_err("write", path))?;
+        file.set_modified(inner.opts.clock.now())
+            .map_err(io_err("set mtime of", path))?;
+        if inner.opts.sync_data {
+            file.sync_data().map_err(io_err("fdatasync", path))?;
+        }
+        let proc_path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|_| io_err("link", path)(io::ErrorKind::InvalidInput.into()))?;
+        let dest = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io_err("link", path)(io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: both arguments are valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                proc_path.as_ptr(),
+                libc::AT_FDCWD,
+                dest.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if rc == 0 {
+            return Ok(Unnamed::Placed(file));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Another writer (thread or process) placed the same, verified bytes first.
+            Some(libc::EEXIST) => Ok(Unnamed::Exists),
+            // No procfs here (or it hides our fds): stop trying.
+            Some(libc::ENOENT | libc::EACCES | libc::EPERM) => {
+                inner.no_tmpfile.store(true, Ordering::Relaxed);
+                Ok(Unnamed::Unsupported)
+            }
+            _ => Err(io_err("link into place", path)(e)),
+        }
+    }
+
+    /// The portable insert: a named temp file under `tmp/`, renamed into place.
+    fn write_renamed(&self, digest: &ChunkDigest, path: &Path, data: &[u8]) -> Result<File> {
+        let inner = &*self.inner;
+        let (tmp_path, mut file) = self.create_temp(digest)?;
+        let written = (|| -> Result<()> {
+            file.write_all(data).map_err(io_err("write", &tmp_path))?;
+            let now = inner.opts.clock.now();
+            file.set_modified(now)
+                .map_err(io_err("set mtime of", &tmp_path))?;
+            if inner.opts.sync_data {
+                file.sync_data().map_err(io_err("fdatasync", &tmp_path))?;
+            }
+            self.rename_into_place(&tmp_path, path)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(e);
+        }
+        Ok(file)
     }
 
     fn create_temp(&self, digest: &ChunkDigest) -> Result<(PathBuf, File)> {

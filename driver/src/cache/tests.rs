@@ -601,3 +601,29 @@ fn lend_maps_cached_chunks_in_either_mode() {
         assert!(lent.kernel_bytes() == &data[..]);
     }
 }
+
+#[test]
+fn both_insert_paths_place_whole_entries_and_leave_no_temp_files() {
+    for unnamed in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ChunkCache::open(dir.path(), u64::MAX).expect("open");
+        // The named-temp-file path is the fallback where O_TMPFILE or /proc is missing.
+        cache.inner.no_tmpfile.store(!unnamed, Ordering::Relaxed);
+        for k in 0..20u8 {
+            let (d, data) = entry(k as u64, 10_000 + k as usize);
+            cache.insert(&d, &data).expect("insert");
+            let other = ChunkCache::open(dir.path(), u64::MAX).expect("open");
+            assert_eq!(other.get(&d).expect("get").as_deref(), Some(&data[..]));
+            assert_eq!(
+                fs::metadata(cache.entry_path(&d)).expect("entry").len(),
+                data.len() as u64
+            );
+        }
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
+            0,
+            "unnamed={unnamed}"
+        );
+        assert_eq!(cache.stats().expect("stats").entries, 20);
+    }
+}
