@@ -712,12 +712,7 @@ impl ChunkCache {
             }
             Err(e) => return Err(io_err("create unnamed file in", dir)(e)),
         };
-        file.write_all(data).map_err(io_err("write", path))?;
-        file.set_modified(inner.opts.clock.now())
-            .map_err(io_err("set mtime of", path))?;
-        if inner.opts.sync_data {
-            file.sync_data().map_err(io_err("fdatasync", path))?;
-        }
+        self.fill(&mut file, data, path)?;
         let proc_path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .map_err(|_| io_err("link", path)(io::ErrorKind::InvalidInput.into()))?;
         let dest = CString::new(path.as_os_str().as_bytes())
@@ -750,23 +745,27 @@ impl ChunkCache {
 
     /// The portable insert: a named temp file under `tmp/`, renamed into place.
     fn write_renamed(&self, digest: &ChunkDigest, path: &Path, data: &[u8]) -> Result<File> {
-        let inner = &*self.inner;
         let (tmp_path, mut file) = self.create_temp(digest)?;
-        let written = (|| -> Result<()> {
-            file.write_all(data).map_err(io_err("write", &tmp_path))?;
-            let now = inner.opts.clock.now();
-            file.set_modified(now)
-                .map_err(io_err("set mtime of", &tmp_path))?;
-            if inner.opts.sync_data {
-                file.sync_data().map_err(io_err("fdatasync", &tmp_path))?;
-            }
-            self.rename_into_place(&tmp_path, path)
-        })();
+        let written = self
+            .fill(&mut file, data, &tmp_path)
+            .and_then(|()| self.rename_into_place(&tmp_path, path));
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp_path);
             return Err(e);
         }
         Ok(file)
+    }
+
+    /// Writes a new entry's bytes, stamps its LRU clock and, if configured, syncs it.
+    fn fill(&self, file: &mut File, data: &[u8], path: &Path) -> Result<()> {
+        let opts = &self.inner.opts;
+        file.write_all(data).map_err(io_err("write", path))?;
+        file.set_modified(opts.clock.now())
+            .map_err(io_err("set mtime of", path))?;
+        if opts.sync_data {
+            file.sync_data().map_err(io_err("fdatasync", path))?;
+        }
+        Ok(())
     }
 
     fn create_temp(&self, digest: &ChunkDigest) -> Result<(PathBuf, File)> {

@@ -309,14 +309,14 @@ fn system_roots() -> &'static rustls::RootCertStore {
 /// plain-HTTP registries never pays for parsing the roots (about 0.5 s under emulation, on
 /// the path of every device start).
 pub(crate) struct LazyTls {
-    extra: Vec<CertificateDer<'static>>,
+    extra: rustls::RootCertStore,
     connector: std::sync::OnceLock<Result<TlsConnector, String>>,
 }
 
 impl LazyTls {
     /// Reads `ca_files` (PEM); each must hold at least one valid certificate.
     pub fn new(ca_files: &[std::path::PathBuf]) -> Result<LazyTls, String> {
-        let mut extra = Vec::new();
+        let mut extra = rustls::RootCertStore::empty();
         for f in ca_files {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(f)
                 .map_err(|e| format!("CA file {}: {e}", f.display()))?
@@ -328,14 +328,12 @@ impl LazyTls {
                     f.display()
                 ));
             }
-            // Parse them now so a bad CA file is a start-up error, not a connect error.
-            let mut check = rustls::RootCertStore::empty();
-            for c in &certs {
-                check
-                    .add(c.clone())
+            // Parsed now, so a bad CA file is a start-up error, not a connect error.
+            for c in certs {
+                extra
+                    .add(c)
                     .map_err(|e| format!("CA file {}: {e}", f.display()))?;
             }
-            extra.extend(certs);
         }
         Ok(LazyTls {
             extra,
@@ -351,13 +349,9 @@ impl LazyTls {
 }
 
 /// rustls config: system roots plus `extra` roots, ALPN h2 then http/1.1.
-fn tls_config(extra: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, String> {
+fn tls_config(extra: &rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
     let mut roots = system_roots().clone();
-    for c in extra {
-        roots
-            .add(c.clone())
-            .map_err(|e| format!("CA certificate: {e}"))?;
-    }
+    roots.roots.extend(extra.roots.iter().cloned());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
