@@ -286,7 +286,7 @@ impl LazySource {
         let stack = Stack::new(trailers, &raw)?;
         let stats = Arc::new(SourceStats::default());
         let pool = Arc::new(Pool::new(opts.fetch_threads.max(1), opts.prefetch_requests));
-        Ok(LazySource {
+        let src = LazySource {
             inner: Arc::new(Inner {
                 stack,
                 blobs: digests,
@@ -301,7 +301,29 @@ impl LazySource {
             pool,
             prefetcher: Mutex::new(None),
             stats,
-        })
+        };
+        src.fetch_metadata();
+        Ok(src)
+    }
+
+    /// Block until the file system's metadata is local (fetched by `open` in the background).
+    pub fn wait_metadata(&self) -> Result<()> {
+        let n = self.inner.stack.chunks(StreamId::Meta).len();
+        let all: Vec<(StreamId, usize)> = (0..n).map(|i| (StreamId::Meta, i)).collect();
+        self.fetch(&all).map(drop)
+    }
+
+    /// Every mount and path lookup reads the file system's own metadata blocks (a few small
+    /// chunks: 3 of 1217 in a Debian base image), and a kernel's partition scan reads block 0
+    /// as soon as the device starts: fetch them in the background now, in one request, rather
+    /// than in the serial misses of those first reads.
+    fn fetch_metadata(&self) {
+        let inner = &self.inner;
+        let claims = inner.claim_range(StreamId::Meta, 0, inner.opts.max_readahead);
+        for run in inner.runs(claims, inner.opts.max_request) {
+            self.pool
+                .submit(Job::new(inner.clone(), run, Prio::Readahead));
+        }
     }
 
     pub fn size(&self) -> u64 {

@@ -394,7 +394,13 @@ pub fn lookup_for_prefetch(
         let reference: Reference = r.parse()?;
         let client = Client::new(cfg.clone())?;
         rt.block_on(async {
-            let (subject, _, _) = resolve_manifest(&client, &reference).await?;
+            // A reference by digest (as the snapshotter pins images) already names the manifest:
+            // one request less before the prefetch can start. A tag is resolved first (an index
+            // to this platform's manifest, which is what `cora trace push` stores the trace for).
+            let subject = match &reference.digest {
+                Some(d) => d.clone(),
+                None => resolve_manifest(&client, &reference).await?.0,
+            };
             find(&client, &reference, &subject).await
         })
     })();

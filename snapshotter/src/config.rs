@@ -60,6 +60,9 @@ pub struct Config {
     pub rw_mode: RwMode,
     pub log_report_caller: bool,
     pub auto_remove_dev: bool,
+    /// Start the device of an image's layer stack when its top layer is committed as remote
+    /// (at pull), so that the first container does not wait for it.
+    pub attach_on_pull: bool,
     pub exporter_config: ExporterConfig,
     pub mirror_registry: Vec<MirrorRegistry>,
     pub credential_file: Option<PathBuf>,
@@ -83,6 +86,7 @@ struct RawConfig {
     log_report_caller: bool,
     #[serde(default)]
     auto_remove_dev: bool,
+    attach_on_pull: Option<bool>,
     exporter_config: Option<RawExporter>,
     #[serde(default)]
     mirror_registry: Vec<MirrorRegistry>,
@@ -215,6 +219,7 @@ impl Config {
             rw_mode,
             log_report_caller: raw.log_report_caller,
             auto_remove_dev: raw.auto_remove_dev,
+            attach_on_pull: raw.attach_on_pull.unwrap_or(true),
             exporter_config: ExporterConfig {
                 enable: exp.enable,
                 uri_prefix,
@@ -276,13 +281,14 @@ mod tests {
         assert_eq!(c.cache_size, 10 << 30);
         assert_eq!(c.cache_dir, PathBuf::from(DEFAULT_ROOT).join("cache"));
         assert!(!c.exporter_config.enable);
+        assert!(c.attach_on_pull);
     }
 
     #[test]
     fn full_config() {
         let c = parse(
             r#"{"root":"/r","address":"/s.sock","verbose":"debug","rwMode":"overlayfs",
-            "logReportCaller":true,"autoRemoveDev":true,
+            "logReportCaller":true,"autoRemoveDev":true,"attachOnPull":false,
             "exporterConfig":{"enable":true,"uriPrefix":"/m","port":9000},
             "mirrorRegistry":[{"host":"127.0.0.1:5000","insecure":true}],
             "credentialFile":"/etc/cora/creds.json","cacheSize":"512M","cacheDir":"/c",
@@ -290,7 +296,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.verbose, Verbose::Debug);
-        assert!(c.auto_remove_dev && c.log_report_caller);
+        assert!(c.auto_remove_dev && c.log_report_caller && !c.attach_on_pull);
         assert_eq!(c.exporter_config.port, 9000);
         assert_eq!(c.exporter_config.uri_prefix, "/m");
         assert_eq!(c.mirror_registry[0].host, "127.0.0.1:5000");

@@ -99,6 +99,9 @@ pub async fn serve(
     .await
     .map_err(|e| snapshotter::Error::Internal(e.to_string()))??;
     let sn = Arc::new(sn);
+    if config.attach_on_pull {
+        sn.attach_on_pull();
+    }
 
     let exporter = if config.exporter_config.enable {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], config.exporter_config.port));

@@ -21,6 +21,8 @@ pub const LABEL_CORA_PREFIX: &str = "containerd.io/snapshot/cora/";
 pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Comma-separated digests of this layer and the layers above it.
+pub const LABEL_CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 /// Set by this snapshotter on snapshots it committed as remote (informational; the metadata
 /// store's `remote` flag is authoritative).
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/cora.remote";
@@ -82,6 +84,14 @@ pub trait RemoteLayers: Send + Sync + 'static {
 
     /// Makes the stack's file system available; returns the read-only mount point.
     fn attach(&self, stack_key: &str, labels: &Labels) -> Result<PathBuf, RemoteError>;
+
+    /// As `attach`, but only if the stack can be served lazily: no fallback that downloads the
+    /// layers (used to start a device ahead of any container, when an image is pulled).
+    fn attach_lazy(&self, stack_key: &str, _labels: &Labels) -> Result<PathBuf, RemoteError> {
+        Err(RemoteError::Failed(format!(
+            "stack {stack_key}: this backend attaches only for a container"
+        )))
+    }
 
     /// Releases what `attach` set up (unmount, remove the device).
     fn detach(&self, stack_key: &str, mountpoint: &Path) -> Result<(), RemoteError>;

@@ -14,15 +14,15 @@
 //! a record is deleted, so a crash at any point leaves either a whole snapshot or none.
 use crate::metrics::{Metrics, SnapshotCounts};
 use crate::remote::{
-    KeyedLocks, LABEL_REMOTE, LABEL_TARGET_REF, Labels, RemoteLayers, lock_ignoring_poison as lock,
-    wants_remote,
+    KeyedLocks, LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET_REF,
+    Labels, RemoteLayers, lock_ignoring_poison as lock, wants_remote,
 };
 use crate::store::{Kind, Nanos, Record, Store, StoreError, WriteTxn, now};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tracing::{debug, info, warn};
 
 /// Errors map one-to-one onto the gRPC codes containerd's errdefs understands.
@@ -100,6 +100,9 @@ pub struct Snapshotter {
     stack_locks: KeyedLocks,
     attachments: Mutex<HashMap<String, Attachment>>,
     warned_fallback: AtomicBool,
+    /// Set by [`Snapshotter::attach_on_pull`]: the handle a background attach at pull holds.
+    me: OnceLock<Weak<Snapshotter>>,
+    pull_attaches: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Snapshotter {
@@ -126,6 +129,8 @@ impl Snapshotter {
             stack_locks: KeyedLocks::default(),
             attachments: Mutex::new(HashMap::new()),
             warned_fallback: AtomicBool::new(false),
+            me: OnceLock::new(),
+            pull_attaches: Mutex::new(Vec::new()),
         };
         sn.recover_dirs()?;
         for (key, rec) in sn.store.all()? {
@@ -200,13 +205,87 @@ impl Snapshotter {
             return Error::InvalidArgument(format!("{key}: missing {LABEL_TARGET_REF}"));
         };
         labels.insert(LABEL_REMOTE.to_owned(), "true".to_owned());
+        let top = is_top_layer(&labels);
         let result = self.insert(&target, Kind::Committed, parent, labels, true);
         match result {
             Ok(_) => {
                 info!(key, %target, "layer committed as remote");
+                if top {
+                    self.start_attach_on_pull(&target);
+                }
                 Error::AlreadyExists(format!("target snapshot {target}"))
             }
             Err(e) => e,
+        }
+    }
+
+    /// From now on, committing the top remote layer of an image (at pull) starts its stack's
+    /// device in the background, so the first container finds it attached instead of waiting
+    /// for a device start and mount (overlaybd attaches at pull too).
+    pub fn attach_on_pull(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    fn start_attach_on_pull(&self, stack: &str) {
+        let Some(me) = self.me.get().cloned() else {
+            return;
+        };
+        let stack = stack.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("cora-attach".into())
+            .spawn(move || {
+                if let Some(sn) = me.upgrade() {
+                    sn.attach_unused(&stack);
+                }
+            });
+        match spawned {
+            Ok(h) => {
+                let mut hs = lock(&self.pull_attaches);
+                hs.retain(|h| !h.is_finished());
+                hs.push(h);
+            }
+            Err(e) => warn!("could not start the attach at pull: {e}"),
+        }
+    }
+
+    /// Waits for the attaches at pull started so far.
+    pub fn wait_attach_on_pull(&self) {
+        let hs = std::mem::take(&mut *lock(&self.pull_attaches));
+        for h in hs {
+            if h.join().is_err() {
+                warn!("an attach at pull panicked");
+            }
+        }
+    }
+
+    /// Attaches a stack with no reference (a container's Prepare takes the first), lazily
+    /// only: a stack that would need its layers downloaded is left to the first container.
+    fn attach_unused(&self, stack: &str) {
+        let stack_lock = self.stack_locks.get(stack);
+        let _s = lock(&stack_lock);
+        if lock(&self.attachments).contains_key(stack) {
+            return;
+        }
+        // Gone already (the image was removed while this thread started): nothing to do.
+        let Ok(Some(rec)) = self.store.get(stack) else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        match self.remote.attach_lazy(stack, &rec.labels) {
+            Ok(mountpoint) => {
+                self.metrics
+                    .devices
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                info!(%stack, took = ?started.elapsed(), "remote layer stack attached at pull");
+                lock(&self.attachments).insert(
+                    stack.to_owned(),
+                    Attachment {
+                        mountpoint,
+                        refs: 0,
+                    },
+                );
+            }
+            Err(e) => info!(%stack, "not attached at pull ({e}); the first container attaches it"),
         }
     }
 
@@ -707,6 +786,18 @@ impl Snapshotter {
     }
 }
 
+/// Whether Prepare labels describe an image's top layer: CRI's image-layers label lists the
+/// layer itself and those above it, so the top layer's list is just its own digest.
+fn is_top_layer(labels: &Labels) -> bool {
+    match (
+        labels.get(LABEL_CRI_IMAGE_LAYERS),
+        labels.get(LABEL_CRI_LAYER_DIGEST),
+    ) {
+        (Some(layers), Some(digest)) => layers == digest,
+        _ => false,
+    }
+}
+
 fn rec_is_remote(tx: &WriteTxn, key: Option<&str>) -> bool {
     key.and_then(|k| Store::tx_get(tx, k).ok().flatten())
         .is_some_and(|r| r.remote)
@@ -803,10 +894,73 @@ mod tests {
             lock(&self.calls).push(format!("attach {stack_key}"));
             Ok(self.dir.clone())
         }
+        fn attach_lazy(&self, stack_key: &str, _labels: &Labels) -> Result<PathBuf, RemoteError> {
+            lock(&self.calls).push(format!("attach_lazy {stack_key}"));
+            if stack_key.starts_with("fail") {
+                return Err(RemoteError::Failed("no device".into()));
+            }
+            Ok(self.dir.clone())
+        }
         fn detach(&self, stack_key: &str, _mountpoint: &Path) -> Result<(), RemoteError> {
             lock(&self.calls).push(format!("detach {stack_key}"));
             Ok(())
         }
+    }
+
+    /// Remote labels as `cora rpull` and CRI send them; `above`: digests of the layers above.
+    fn pull_labels(target: &str, digest: &str, above: &[&str]) -> Labels {
+        let mut l = remote_labels(target);
+        l.insert(LABEL_CRI_LAYER_DIGEST.to_owned(), digest.to_owned());
+        let layers: Vec<&str> = std::iter::once(digest)
+            .chain(above.iter().copied())
+            .collect();
+        l.insert(LABEL_CRI_IMAGE_LAYERS.to_owned(), layers.join(","));
+        l
+    }
+
+    #[test]
+    fn the_top_layer_of_a_pull_attaches_its_stack_for_the_first_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Recorder {
+            dir: dir.path().join("stack"),
+            calls: Mutex::new(Vec::new()),
+        });
+        std::fs::create_dir_all(&backend.dir).unwrap();
+        let sn = Arc::new(
+            Snapshotter::open(
+                &dir.path().join("root"),
+                backend.clone(),
+                true,
+                Arc::new(Metrics::default()),
+            )
+            .unwrap(),
+        );
+        sn.attach_on_pull();
+        let e = sn.prepare("x1", "", pull_labels("L1", "sha256:a", &["sha256:b"]));
+        assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+        let e = sn.prepare("x2", "L1", pull_labels("L2", "sha256:b", &[]));
+        assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+        sn.wait_attach_on_pull();
+        // Only the top layer's stack, with no reference yet.
+        assert_eq!(*lock(&backend.calls), ["attach_lazy L2"]);
+        assert_eq!(sn.attachment_refs().get("L2"), Some(&0));
+        // The container takes it as it is; its removal (autoRemoveDev) detaches it.
+        sn.prepare("c", "L2", Labels::new()).unwrap();
+        assert_eq!(sn.attachment_refs().get("L2"), Some(&1));
+        sn.remove("c").unwrap();
+        assert_eq!(*lock(&backend.calls), ["attach_lazy L2", "detach L2"]);
+
+        // A stack that cannot be attached lazily at pull is attached (with the fallback) by
+        // the first container instead.
+        let e = sn.prepare("x3", "", pull_labels("fail3", "sha256:c", &[]));
+        assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+        sn.wait_attach_on_pull();
+        assert!(!sn.attachment_refs().contains_key("fail3"));
+        sn.prepare("c3", "fail3", Labels::new()).unwrap();
+        assert_eq!(
+            lock(&backend.calls)[2..],
+            ["attach_lazy fail3", "attach fail3"]
+        );
     }
 
     fn remote_labels(target: &str) -> Labels {

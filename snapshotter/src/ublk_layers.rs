@@ -295,6 +295,53 @@ impl UblkLayers {
         Ok(p.mountpoint.clone())
     }
 
+    /// Attach a stack; `fallback`: when no device can serve it, download and unpack its layers.
+    fn attach_stack(
+        &self,
+        stack_key: &str,
+        labels: &Labels,
+        fallback: bool,
+    ) -> Result<PathBuf, RemoteError> {
+        let get = |k: &str| {
+            labels
+                .get(k)
+                .ok_or_else(|| RemoteError::Failed(format!("stack {stack_key}: no label {k}")))
+        };
+        let image_ref = get(LABEL_CRI_IMAGE_REF)?;
+        let layer_digest = get(LABEL_CRI_LAYER_DIGEST)?;
+        let image = pinned_ref(image_ref, labels.get(LABEL_CRI_MANIFEST_DIGEST))?;
+        let fs_type = labels
+            .get(LABEL_FS_TYPE)
+            .map(String::as_str)
+            .unwrap_or("erofs");
+        if !matches!(fs_type, "erofs" | "ext4") {
+            return Err(RemoteError::Failed(format!(
+                "stack {stack_key}: unsupported file system {fs_type:?}"
+            )));
+        }
+        let driver = self.driver()?.to_owned();
+        let stack_lock = self.stack_locks.get(stack_key);
+        let _g = lock(&stack_lock);
+        let p = self.paths(stack_key);
+        if let Some(st) = self.read_state(&p.state)
+            && st.stack_key == stack_key
+            && let Some(mp) = self.reuse(&p, &st, fs_type)
+        {
+            info!(stack = %stack_key, unpacked = st.unpacked, "reusing the attached stack");
+            return Ok(mp);
+        }
+        match self.attach_device(stack_key, &image, layer_digest, fs_type, &p, &driver) {
+            Ok(mp) => Ok(mp),
+            Err(e) if !fallback => Err(e),
+            Err(e) => {
+                // Never a failed container start when the layers can still be had whole.
+                warn!(stack = %stack_key, "cannot serve the stack lazily ({e}); downloading and unpacking its layers instead");
+                self.attach_unpacked(stack_key, &image, layer_digest, &p, &driver)
+                    .map_err(|u| RemoteError::Failed(format!("{e}; unpacking instead: {u}")))
+            }
+        }
+    }
+
     /// The fallback: the stack's layers downloaded whole and unpacked into `p.tree`.
     fn attach_unpacked(
         &self,
@@ -389,43 +436,11 @@ impl RemoteLayers for UblkLayers {
     }
 
     fn attach(&self, stack_key: &str, labels: &Labels) -> Result<PathBuf, RemoteError> {
-        let get = |k: &str| {
-            labels
-                .get(k)
-                .ok_or_else(|| RemoteError::Failed(format!("stack {stack_key}: no label {k}")))
-        };
-        let image_ref = get(LABEL_CRI_IMAGE_REF)?;
-        let layer_digest = get(LABEL_CRI_LAYER_DIGEST)?;
-        let image = pinned_ref(image_ref, labels.get(LABEL_CRI_MANIFEST_DIGEST))?;
-        let fs_type = labels
-            .get(LABEL_FS_TYPE)
-            .map(String::as_str)
-            .unwrap_or("erofs");
-        if !matches!(fs_type, "erofs" | "ext4") {
-            return Err(RemoteError::Failed(format!(
-                "stack {stack_key}: unsupported file system {fs_type:?}"
-            )));
-        }
-        let driver = self.driver()?.to_owned();
-        let stack_lock = self.stack_locks.get(stack_key);
-        let _g = lock(&stack_lock);
-        let p = self.paths(stack_key);
-        if let Some(st) = self.read_state(&p.state)
-            && st.stack_key == stack_key
-            && let Some(mp) = self.reuse(&p, &st, fs_type)
-        {
-            info!(stack = %stack_key, unpacked = st.unpacked, "reusing the attached stack");
-            return Ok(mp);
-        }
-        match self.attach_device(stack_key, &image, layer_digest, fs_type, &p, &driver) {
-            Ok(mp) => Ok(mp),
-            Err(e) => {
-                // Never a failed container start when the layers can still be had whole.
-                warn!(stack = %stack_key, "cannot serve the stack lazily ({e}); downloading and unpacking its layers instead");
-                self.attach_unpacked(stack_key, &image, layer_digest, &p, &driver)
-                    .map_err(|u| RemoteError::Failed(format!("{e}; unpacking instead: {u}")))
-            }
-        }
+        self.attach_stack(stack_key, labels, true)
+    }
+
+    fn attach_lazy(&self, stack_key: &str, labels: &Labels) -> Result<PathBuf, RemoteError> {
+        self.attach_stack(stack_key, labels, false)
     }
 
     fn detach(&self, stack_key: &str, mountpoint: &Path) -> Result<(), RemoteError> {
