@@ -192,6 +192,25 @@ async fn cri_pull_of_cora_image_is_served_lazily() -> Result<()> {
         .unwrap_or_default();
     assert_eq!(attached.len(), 1, "{attached:?}");
 
+    // Removing the image (CRI records it by tag, digest and id) lets containerd's garbage
+    // collection remove its remote layers from the snapshotter too.
+    let images = ctrd.ctr_in(CRI_NAMESPACE, &["images", "ls", "-q"])?;
+    for name in images.lines().filter(|l| !l.trim().is_empty()) {
+        ctrd.ctr_in(CRI_NAMESPACE, &["images", "rm", "--sync", name.trim()])?;
+    }
+    let mut stream = client
+        .list(cora_snapshotter::proto::snapshots::ListSnapshotsRequest::default())
+        .await?
+        .into_inner();
+    let mut left = Vec::new();
+    while let Some(b) = stream.message().await? {
+        left.extend(b.info.into_iter().map(|i| i.name));
+    }
+    assert!(
+        left.is_empty(),
+        "snapshots left after the image went: {left:?}"
+    );
+
     drop(ctrd);
     let _ = stop_tx.send(());
     server.await??;
