@@ -694,9 +694,12 @@ async fn concurrent_range_reads_share_the_pool() {
         res.unwrap();
     }
     let s = client.stats();
-    // At most max_concurrency requests in flight, so at most that many connections
-    // (+1 for the push's own).
-    assert!(s.connections <= 5, "{s:?}");
+    // At most max_concurrency requests in flight. hyper puts a connection back in its pool
+    // only once the response body is read, so a request starting in that gap may dial a new
+    // one (CI saw 6 once): allow twice the bound (+1 for the push's own), still far below
+    // one connection per request.
+    assert!(s.connections <= 2 * 4 + 1, "{s:?}");
+    assert!(s.requests >= 64, "{s:?}");
     assert_eq!(s.errors, 0, "{s:?}");
 }
 
