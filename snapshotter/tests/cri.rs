@@ -50,6 +50,23 @@ impl RemoteLayers for DirLayers {
     }
 }
 
+/// Every snapshot the snapshotter lists.
+async fn list_snapshots(
+    client: &mut cora_snapshotter::proto::snapshots::snapshots_client::SnapshotsClient<
+        tonic::transport::Channel,
+    >,
+) -> Result<Vec<cora_snapshotter::proto::snapshots::Info>> {
+    let mut stream = client
+        .list(cora_snapshotter::proto::snapshots::ListSnapshotsRequest::default())
+        .await?
+        .into_inner();
+    let mut infos = Vec::new();
+    while let Some(b) = stream.message().await? {
+        infos.extend(b.info);
+    }
+    Ok(infos)
+}
+
 /// A two-layer busybox image whose layers carry CORA index annotations `idx-1`, `idx-2`.
 fn cora_image(dir: &Path, registry: &Registry) -> Result<(String, Vec<String>)> {
     let lower = dir.join("img/lower");
@@ -147,14 +164,7 @@ async fn cri_pull_of_cora_image_is_served_lazily() -> Result<()> {
 
     // Both layers were committed remote, and containerd fetched neither blob.
     let mut client = cora_snapshotter::client::connect(&config.address).await?;
-    let mut stream = client
-        .list(cora_snapshotter::proto::snapshots::ListSnapshotsRequest::default())
-        .await?
-        .into_inner();
-    let mut infos = Vec::new();
-    while let Some(b) = stream.message().await? {
-        infos.extend(b.info);
-    }
+    let infos = list_snapshots(&mut client).await?;
     let remote = infos
         .iter()
         .filter(|i| i.labels.get(LABEL_REMOTE).is_some_and(|v| v == "true"))
@@ -198,14 +208,11 @@ async fn cri_pull_of_cora_image_is_served_lazily() -> Result<()> {
     for name in images.lines().filter(|l| !l.trim().is_empty()) {
         ctrd.ctr_in(CRI_NAMESPACE, &["images", "rm", "--sync", name.trim()])?;
     }
-    let mut stream = client
-        .list(cora_snapshotter::proto::snapshots::ListSnapshotsRequest::default())
+    let left: Vec<String> = list_snapshots(&mut client)
         .await?
-        .into_inner();
-    let mut left = Vec::new();
-    while let Some(b) = stream.message().await? {
-        left.extend(b.info.into_iter().map(|i| i.name));
-    }
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
     assert!(
         left.is_empty(),
         "snapshots left after the image went: {left:?}"
