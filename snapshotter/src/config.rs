@@ -235,33 +235,12 @@ impl Config {
     }
 }
 
-/// Parses sizes like `10G`, `512M`, `1.5Gi`, `4096` (binary units: K = 1024).
+/// A cache size: see [`cora_api::size::parse_size`]; zero is refused.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit
-        .trim()
-        .trim_end_matches(['B', 'b'])
-        .trim_end_matches('i');
-    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
-    };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with an optional unit, like \"10G\""))?;
-    let bytes = value * mult as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?}: out of range"));
+    match cora_api::size::parse_size(s)? {
+        0 => Err(format!("{s:?}: a cache of 0 bytes holds nothing")),
+        n => Ok(n),
     }
-    Ok(bytes as u64)
 }
 
 #[cfg(test)]

@@ -10,48 +10,7 @@ pub mod snapshotter;
 pub mod store;
 pub mod ublk_layers;
 
-pub mod proto {
-    //! Generated from the vendored containerd v1.6 API; module nesting mirrors the proto
-    //! packages because the generated code refers to sibling packages with `super::`.
-    pub mod containerd {
-        pub mod types {
-            tonic::include_proto!("containerd.types");
-        }
-        pub mod services {
-            pub mod snapshots {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.snapshots.v1");
-                }
-            }
-            pub mod content {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.content.v1");
-                }
-            }
-            pub mod images {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.images.v1");
-                }
-            }
-            pub mod leases {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.leases.v1");
-                }
-            }
-            pub mod diff {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.diff.v1");
-                }
-            }
-        }
-    }
-    pub use containerd::services::content::v1 as content;
-    pub use containerd::services::diff::v1 as diff;
-    pub use containerd::services::images::v1 as images;
-    pub use containerd::services::leases::v1 as leases;
-    pub use containerd::services::snapshots::v1 as snapshots;
-    pub use containerd::types;
-}
+pub use containerd_api::proto;
 
 use config::Config;
 use proto::snapshots::snapshots_server::SnapshotsServer;

@@ -38,17 +38,10 @@ fn main() -> Result<()> {
         Verbose::Info => "info",
         Verbose::Debug => "debug",
     };
-    tracing_subscriber::fmt()
-        // Colour only on a terminal: logs usually go to files or the journal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_file(config.log_report_caller)
-        .with_line_number(config.log_report_caller)
-        .with_writer(std::io::stderr)
-        .init();
+    cora_api::logging::init(cora_api::logging::Logging {
+        default_filter: level,
+        report_caller: config.log_report_caller,
+    });
 
     let ublk = UblkLayers::new(UblkOptions::from_config(&config));
     let remote: Arc<dyn RemoteLayers> = match ublk.available() {

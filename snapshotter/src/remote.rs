@@ -13,16 +13,13 @@ use std::path::{Path, PathBuf};
 /// Snapshot labels as containerd sends them.
 pub type Labels = BTreeMap<String, String>;
 
-/// Set by containerd's unpacker: the name the layer will be committed under (its chainID).
-pub const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
 /// Prefix of the annotations that CORA's converter puts on layer descriptors.
-pub const LABEL_CORA_PREFIX: &str = "containerd.io/snapshot/cora/";
-/// CRI labels (containerd's CRI plugin and `cora rpull` send them with each layer's Prepare).
-pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-/// Comma-separated digests of this layer and the layers above it.
-pub const LABEL_CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+pub use blobfmt::oci::annotation::PREFIX as LABEL_CORA_PREFIX;
+pub use containerd_api::labels::{
+    CRI_IMAGE_LAYERS as LABEL_CRI_IMAGE_LAYERS, CRI_IMAGE_REF as LABEL_CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST as LABEL_CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST as LABEL_CRI_MANIFEST_DIGEST,
+    TARGET_REF as LABEL_TARGET_REF,
+};
 /// Set by this snapshotter on snapshots it committed as remote (informational; the metadata
 /// store's `remote` flag is authoritative).
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/cora.remote";

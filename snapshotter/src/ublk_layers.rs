@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// The converter's annotation naming the stack image's file system (erofs or ext4).
-pub const LABEL_FS_TYPE: &str = "containerd.io/snapshot/cora/fs-type";
+pub use blobfmt::oci::annotation::FS_TYPE as LABEL_FS_TYPE;
 /// How long a device may take to become ready (manifest, index and trailers are fetched first;
 /// generous because the VM tests run emulated).
 const ADD_TIMEOUT: Duration = Duration::from_secs(180);

@@ -9,11 +9,11 @@
 use anyhow::{Result, bail};
 use cora_tests::fixtures::{self, cora_bin, run};
 use cora_tests::registry::Registry;
-use driver::blobs::BlobRead;
-use driver::cache::ChunkCache;
-use driver::registry::{Client, ClientConfig, Reference};
-use driver::remote::RegistryBlobs;
-use driver::source::{FetchOptions, LazySource};
+use lazy::blobs::BlobRead;
+use lazy::cache::ChunkCache;
+use lazy::registry::{Client, ClientConfig, Reference};
+use lazy::remote::RegistryBlobs;
+use lazy::source::{FetchOptions, LazySource};
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ fn main() -> Result<()> {
         ..Default::default()
     })?;
     let r: Reference = dst.parse()?;
-    let (manifest, _) = rt.block_on(driver::remote::fetch_manifest(&client, &r))?;
+    let (manifest, _) = rt.block_on(lazy::remote::fetch_manifest(&client, &r))?;
     let blob_bytes: u64 = manifest.layers.iter().map(|l| l.size).sum();
 
     // Reference: curl of the same blobs, whole, to /dev/null.

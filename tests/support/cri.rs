@@ -2,13 +2,8 @@
 //! unpacks with the layer annotations as snapshot labels and skips fetching layers that the
 //! snapshotter reports as already present.
 use anyhow::{Context, Result};
-use hyper_util::rt::TokioIo;
+use containerd_api::proto::cri as proto;
 use std::path::Path;
-use tonic::transport::Endpoint;
-
-pub mod proto {
-    tonic::include_proto!("runtime.v1");
-}
 
 /// The containerd namespace CRI uses.
 pub const CRI_NAMESPACE: &str = "k8s.io";
@@ -33,16 +28,7 @@ pub fn cri_config(snapshotter: &str, plain_http_registries: &[&str]) -> String {
 
 /// CRI `PullImage` on containerd's socket; returns the image ref containerd reports.
 pub async fn pull_image(containerd_socket: &Path, image: &str) -> Result<String> {
-    let socket = containerd_socket.to_owned();
-    let channel = Endpoint::from_static("http://[::1]:50051")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
+    let channel = containerd_api::connect(containerd_socket)
         .await
         .context("connecting to containerd")?;
     let mut client = proto::image_service_client::ImageServiceClient::new(channel);

@@ -5,10 +5,12 @@
 //! * [`faults`]: a fault-injecting reverse proxy (delay, reset, truncate, 5xx, bit flips).
 //! * [`http_proxy`]: a forward proxy (CONNECT + absolute-form) for proxy-env tests.
 //! * [`http_server`]: a scripted HTTP server for auth/redirect corner cases.
+//! * [`cold`]: a file source whose reads miss first (the transports' miss path).
 use anyhow::{Result, bail};
 use std::time::{Duration, Instant};
 
 pub mod bench;
+pub mod cold;
 pub mod faults;
 pub mod fixtures;
 pub mod http_proxy;

@@ -1,4 +1,4 @@
-//! driver::registry against real docker-registry processes, a fault-injecting proxy and
+//! lazy::registry against real docker-registry processes, a fault-injecting proxy and
 //! scripted servers for the auth/redirect corner cases.
 use bytes::Bytes;
 use cora_tests::faults::{Fault, FaultProxy};
@@ -6,7 +6,7 @@ use cora_tests::http_server::{HttpServer, respond};
 use cora_tests::registry::Registry;
 use cora_tests::tls::TestCa;
 use cora_tests::wait_until;
-use driver::registry::{Client, ClientConfig, ErrorKind, Mirror, ProxyConfig, Reference};
+use lazy::registry::{Client, ClientConfig, ErrorKind, Mirror, ProxyConfig, Reference};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use cora_tests::http_proxy::ForwardProxy;
 use cora_tests::registry::Registry;
 use cora_tests::tls::TestCa;
-use driver::registry::{Client, ClientConfig, Reference};
+use lazy::registry::{Client, ClientConfig, Reference};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 

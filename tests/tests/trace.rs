@@ -7,12 +7,12 @@
 use anyhow::{Context, Result};
 use cora_tests::fixtures::{self, cora_bin, run};
 use cora_tests::registry::Registry;
-use driver::blobs::BlobRead;
-use driver::cache::ChunkCache;
-use driver::registry::{Client, ClientConfig, Reference};
-use driver::remote::RegistryBlobs;
-use driver::source::{FetchOptions, LazySource};
-use driver::trace::Trace;
+use lazy::blobs::BlobRead;
+use lazy::cache::ChunkCache;
+use lazy::registry::{Client, ClientConfig, Reference};
+use lazy::remote::RegistryBlobs;
+use lazy::source::{FetchOptions, LazySource};
+use lazy::trace::Trace;
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
@@ -60,7 +60,7 @@ impl Env {
         let r: Reference = image.parse()?;
         let (m, _) = self
             .rt
-            .block_on(driver::remote::fetch_manifest(&self.client()?, &r))?;
+            .block_on(lazy::remote::fetch_manifest(&self.client()?, &r))?;
         let remotes: Vec<Arc<dyn BlobRead>> = vec![Arc::new(RegistryBlobs::new(
             self.client()?,
             r,
@@ -167,23 +167,23 @@ fn recorded_trace_is_pushed_found_and_prefetched() -> Result<()> {
     let r: Reference = image.parse()?;
     let (subject, _, _) = env
         .rt
-        .block_on(driver::trace::resolve_manifest(&client, &r))?;
+        .block_on(lazy::trace::resolve_manifest(&client, &r))?;
     assert_eq!(
         env.rt
-            .block_on(client.get_referrers(&r, &subject, driver::trace::ARTIFACT_TYPE))?,
+            .block_on(client.get_referrers(&r, &subject, lazy::trace::ARTIFACT_TYPE))?,
         None
     );
     let mut tagged = r.clone();
-    tagged.tag = Some(driver::trace::fallback_tag(&subject));
+    tagged.tag = Some(lazy::trace::fallback_tag(&subject));
     let index = env.rt.block_on(client.get_manifest(&tagged))?;
     let index: serde_json::Value = serde_json::from_slice(&index.bytes)?;
     assert_eq!(
         index["manifests"][0]["artifactType"],
-        driver::trace::ARTIFACT_TYPE
+        lazy::trace::ARTIFACT_TYPE
     );
     let found = env
         .rt
-        .block_on(driver::trace::find(&client, &r, &subject))?
+        .block_on(lazy::trace::find(&client, &r, &subject))?
         .context("pushed trace not found")?;
     assert_eq!(found, partial);
 
@@ -192,7 +192,7 @@ fn recorded_trace_is_pushed_found_and_prefetched() -> Result<()> {
     let cold = env.source(&image, &cold_cache)?;
     let (img, cfg, handle) = (
         image
-            .parse::<driver::imageref::ImageRef>()
+            .parse::<lazy::imageref::ImageRef>()
             .map_err(anyhow::Error::msg)?,
         ClientConfig {
             insecure_hosts: vec![env.reg.host.clone()],
@@ -200,7 +200,7 @@ fn recorded_trace_is_pushed_found_and_prefetched() -> Result<()> {
         },
         env.rt.handle().clone(),
     );
-    cold.start_prefetch(move || driver::trace::lookup_for_prefetch(&img, &cfg, &handle));
+    cold.start_prefetch(move || lazy::trace::lookup_for_prefetch(&img, &cfg, &handle));
     cold.wait_prefetch();
     cold.wait_metadata()?;
     let st = cold.stats.snapshot();
@@ -235,7 +235,7 @@ fn recorded_trace_is_pushed_found_and_prefetched() -> Result<()> {
     // The CLI finds the trace too (debug log), and --no-prefetch leaves it alone.
     let out = env
         .cora()
-        .env("CORA_LOG", "driver=debug")
+        .env("CORA_LOG", "lazy=debug")
         .args(["export", "--json", &image])
         .arg(tmp.join("again.img"))
         .arg("--cache")
@@ -267,8 +267,8 @@ fn garbage_trace_is_a_warning_not_a_failure() -> Result<()> {
     let r: Reference = image.parse()?;
     let (subject, size, media_type) = env
         .rt
-        .block_on(driver::trace::resolve_manifest(&client, &r))?;
-    env.rt.block_on(driver::trace::push_for(
+        .block_on(lazy::trace::resolve_manifest(&client, &r))?;
+    env.rt.block_on(lazy::trace::push_for(
         &client,
         &r,
         &subject,
@@ -304,7 +304,7 @@ fn garbage_trace_is_a_warning_not_a_failure() -> Result<()> {
     // The library path says the same as an error the caller can inspect.
     let err = env
         .rt
-        .block_on(driver::trace::find(&client, &r, &subject))
+        .block_on(lazy::trace::find(&client, &r, &subject))
         .expect_err("garbage parsed");
     assert!(err.to_string().contains("not UTF-8"), "{err}");
     Ok(())

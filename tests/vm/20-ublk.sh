@@ -8,7 +8,7 @@ fail() { echo "20-ublk: FAIL: $*" >&2; exit 1; }
 log() { echo "20-ublk: [$(cut -d" " -f1 /proc/uptime)] $*"; }
 
 D=${CORA_DRIVER:-${CORA_REPO:-$PWD}/target/release/cora-driver}
-[ -x "$D" ] || fail "$D missing: run cargo build --release -p driver first"
+[ -x "$D" ] || fail "$D missing: run cargo build --release --bins first"
 T=${CORA_VM_TEST_TMP:-$(mktemp -d /tmp/20-ublk.XXXXXX)}
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 # wait_for SECONDS CMD...: poll CMD until it succeeds or the deadline passes.
@@ -131,7 +131,11 @@ dd if="$DEV" of=/dev/null bs=4k count=16 iflag=direct 2>/dev/null || fail "reads
 log "misses"
 # --- misses run off the queue thread: a hot read completes while a slow miss is in flight
 dd if=/dev/urandom of="$T/cold.img" bs=1M count=64 status=none
-DEV=$("$D" add --file "$T/cold.img" --simulate-misses 3000:1048576 --daemon --log "$T/srv4.log")
+COLD_DEV=${CORA_REPO:-$PWD}/target/release/cora-cold-device
+"$COLD_DEV" "$T/cold.img" 3000 1048576 >"$T/cold.dev" 2>"$T/srv4.log" &
+COLD_SRV=$!
+wait_for 30 sh -c "[ -s '$T/cold.dev' ]" || fail "cold device never ready: $(cat "$T/srv4.log")"
+DEV=$(cat "$T/cold.dev")
 ID=$(dev_id "$DEV")
 dd if="$DEV" of=/dev/null bs=64k count=1 iflag=direct 2>/dev/null # warms chunk 0 (3 s)
 dd if="$DEV" of="$T/cold.out" bs=64k count=1 skip=512 iflag=direct 2>/dev/null &
@@ -149,6 +153,7 @@ dd if="$T/cold.img" of="$T/cold.ref" bs=64k count=1 skip=512 status=none
 cmp "$T/cold.out" "$T/cold.ref" || fail "cold read returned wrong data"
 log "hot read took $hot ms while a 3000 ms miss was in flight"
 "$D" del "$ID"
+wait "$COLD_SRV" || fail "cold device server exited with $?: $(cat "$T/srv4.log")"
 
 log "foreground server, SIGTERM; del of a crashed device"
 # Foreground: one line on stdout once ready, SIGTERM stops and deletes the device.

@@ -22,7 +22,7 @@ const PACKAGES: &[&str] = &[
 ];
 const GUEST_SH: &str = include_str!("vm/guest.sh");
 /// Host environment variables passed into the guest unchanged.
-const PASS_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE", "RUST_TEST_THREADS"];
+const PASS_ENV: &[&str] = &["CORA_LOG", "RUST_BACKTRACE", "RUST_TEST_THREADS"];
 const PASS_ENV_PREFIX: &str = "CORA_";
 
 #[derive(Debug, Clone, clap::Args)]

@@ -1,0 +1,415 @@
+//! FUSE transport: serves any [`BlockSource`] as one read-only regular file on a FUSE mount.
+//!
+//! [`mount`] mounts a FUSE file system whose root holds exactly one file (default name
+//! `image`, mode 0444, size [`BlockSource::size`]). Hand [`FuseMount::image_path`] to
+//! `mount -t erofs -o ro FILE DIR` (erofs file-backed mount, Linux 6.12+) or to
+//! `losetup -r`. Requests are served by [fuser](https://docs.rs/fuser) event-loop threads;
+//! the mount needs root (or `CAP_SYS_ADMIN`): it is a plain `mount(2)`, no libfuse, no
+//! `fusermount3`.
+//!
+//! Reads call [`BlockSource::read`] once. Local bytes are answered inline on the event-loop
+//! thread; a [`Outcome::Miss`] is finished and answered on the thread that wakes it, so a
+//! fetch never holds up other requests. A read is clamped to the file: one that starts at or
+//! past the end gets 0 bytes (end of file), one that spans it gets the bytes inside.
+//!
+//! The image never changes while mounted, so the kernel may keep its page cache across opens
+//! (`FOPEN_KEEP_CACHE`) and attributes never expire in practice.
+//!
+//! FUSE over io_uring (Linux 6.14+): not used; fuser 0.18 only defines the
+//! `FUSE_OVER_IO_URING` init flag and has no ring transport, so requests go over
+//! `read`/`writev` on `/dev/fuse`.
+
+mod fs;
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+pub use cora_read::BlockSource;
+
+/// How [`mount`] exposes a source.
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    /// Name of the one file in the mount's root.
+    pub file_name: OsString,
+    /// Event-loop threads (each with its own `/dev/fuse` clone). Misses never occupy them,
+    /// but local reads are `pread`s that may wait on the disk, so a few let those overlap.
+    pub threads: usize,
+    /// Let the source lend memory-resident bytes (reads of at least [`LEND_MIN_BYTES`]), which
+    /// go to the kernel without a copy in user space.
+    pub lend: bool,
+    /// `allow_other`: other users, and root processes in other mount namespaces (containerd),
+    /// may read the file. Without it only the mounting user may.
+    pub allow_other: bool,
+    /// Readahead of the FUSE file's page cache in KiB (`/sys/class/bdi/*/read_ahead_kb`);
+    /// `None` keeps the kernel's default (128 KiB).
+    pub read_ahead_kb: Option<u32>,
+    /// How many background requests (readahead, async direct I/O) the kernel keeps in flight.
+    /// Reads waiting on fetches count too, so it is well above the kernel default of 16.
+    pub max_background: u16,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions {
+            file_name: OsString::from("image"),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            lend: true,
+            allow_other: true,
+            read_ahead_kb: Some((MAX_REQUEST >> 10) as u32),
+            max_background: 256,
+        }
+    }
+}
+
+/// Largest read the kernel sends (`max_read`, `max_pages`), and the readahead asked for.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// Smaller reads are copied, not lent: the same trade-off as the ublk transport's (lending
+/// maps a whole cached chunk on first touch, which costs more than one small `pread`).
+pub const LEND_MIN_BYTES: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    #[error("invalid file name {0:?}: give one non-empty path component")]
+    InvalidName(OsString),
+    #[error("mounting FUSE at {path}: {source}")]
+    Mount { path: PathBuf, source: io::Error },
+    #[error("unmounting {path}: {source}")]
+    Unmount { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is busy (an erofs mount or loop device still uses its file): still mounted and served"
+    )]
+    Busy { path: PathBuf },
+    #[error("FUSE session at {path} ended with an error: {source}")]
+    Session { path: PathBuf, source: io::Error },
+    #[error("the FUSE session thread for {path} panicked")]
+    Panicked { path: PathBuf },
+}
+
+/// Mounts a read-only FUSE file system at `mountpoint` (an existing directory) holding one
+/// file, `opts.file_name`, whose bytes are `source`'s, and serves it on background threads
+/// until [`FuseMount::unmount`], drop, or an `umount` from outside.
+pub fn mount(
+    source: Arc<dyn BlockSource>,
+    mountpoint: &Path,
+    opts: &FuseOptions,
+) -> Result<FuseMount, FuseError> {
+    let name = &opts.file_name;
+    if name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&b'/') {
+        return Err(FuseError::InvalidName(name.clone()));
+    }
+    let mount_err = |source| FuseError::Mount {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    // The path we unmount later must be the one the kernel mounted on (fuser resolves it too).
+    let path = mountpoint.canonicalize().map_err(mount_err)?;
+    let config = fuser_config(opts);
+    let fs = fs::ImageFs::new(source, opts);
+    // Mounts and answers the kernel's INIT before returning.
+    let session = fuser::Session::new(fs, &path, &config).map_err(mount_err)?;
+
+    let shared = Arc::new(Shared {
+        mountpoint: path,
+        ended: AtomicBool::new(false),
+    });
+    let ended = EndedOnDrop(Arc::clone(&shared));
+    let thread = std::thread::Builder::new()
+        .name("cora-fuse".into())
+        .spawn(move || {
+            let _ended = ended;
+            session.run()
+        })
+        .map_err(mount_err)?;
+    let mut mount = FuseMount {
+        image_path: shared.mountpoint.join(name),
+        shared,
+        thread: Some(thread),
+        connection: 0,
+    };
+    // Only now: stat is a GETATTR, served by the session just started. It also proves the
+    // session answers before the caller gets the mount.
+    let dev = std::fs::metadata(&mount.shared.mountpoint)
+        .map_err(mount_err)?
+        .dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    // The kernel names connections by its own dev_t encoding (major << 20 | minor).
+    mount.connection = (u64::from(major) << 20) | u64::from(minor);
+    if let Some(kb) = opts.read_ahead_kb {
+        // The INIT reply can only lower readahead below the kernel's offer (128 KiB); the
+        // bdi knob raises it. Best effort: reads work either way.
+        let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&knob, kb.to_string()) {
+            tracing::debug!("not setting {knob}: {e}");
+        }
+    }
+    Ok(mount)
+}
+
+/// Mounts like [`mount`] and serves until the file system is unmounted from outside
+/// (`umount MOUNTPOINT`): the blocking form for a daemon.
+pub fn serve(
+    source: Arc<dyn BlockSource>,
+    mountpoint: &Path,
+    opts: &FuseOptions,
+) -> Result<(), FuseError> {
+    mount(source, mountpoint, opts)?.join()
+}
+
+fn fuser_config(opts: &FuseOptions) -> fuser::Config {
+    use fuser::MountOption as O;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        O::RO,
+        O::DefaultPermissions,
+        O::FSName("cora".into()),
+        // fuser's own mount(2) path only uses Subtype as the source name; the kernel takes
+        // `subtype=` as an option and then lists the mount as `fuse.cora`.
+        O::CUSTOM("subtype=cora".into()),
+        O::CUSTOM(format!("max_read={MAX_REQUEST}")),
+    ];
+    config.acl = if opts.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    let threads = opts.threads.max(1);
+    config.n_threads = Some(threads);
+    // Without clone_fd all threads read one fd; with it the kernel hands each its own queue.
+    config.clone_fd = threads > 1;
+    config
+}
+
+struct Shared {
+    mountpoint: PathBuf,
+    /// The session has ended (its event loops returned): nothing is mounted any more.
+    ended: AtomicBool,
+}
+
+struct EndedOnDrop(Arc<Shared>);
+
+impl Drop for EndedOnDrop {
+    // A drop, so a panicking session also counts as ended.
+    fn drop(&mut self) {
+        self.0.ended.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Shared {
+    fn umount(&self, flags: libc::c_int) -> Result<(), FuseError> {
+        if self.ended.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let path = &self.mountpoint;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| {
+            FuseError::Unmount {
+                path: path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, e),
+            }
+        })?;
+        // SAFETY: umount2 reads a NUL-terminated path that lives across the call.
+        if unsafe { libc::umount2(c_path.as_ptr(), flags) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EBUSY) => Err(FuseError::Busy { path: path.clone() }),
+            // Not a mount point any more: unmounted from outside; the session ends by itself.
+            Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+            _ => Err(FuseError::Unmount {
+                path: path.clone(),
+                source: err,
+            }),
+        }
+    }
+}
+
+/// A mounted source. Unmounts on drop (lazily, if something still uses the file).
+pub struct FuseMount {
+    shared: Arc<Shared>,
+    image_path: PathBuf,
+    thread: Option<JoinHandle<io::Result<()>>>,
+    connection: u64,
+}
+
+impl std::fmt::Debug for FuseMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FuseMount")
+            .field("image_path", &self.image_path)
+            .field("connection", &self.connection)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FuseMount {
+    /// The file to mount (`mount -t erofs -o ro FILE DIR`) or attach to a loop device.
+    pub fn image_path(&self) -> &Path {
+        &self.image_path
+    }
+
+    /// Where the FUSE file system is mounted (canonical).
+    pub fn mountpoint(&self) -> &Path {
+        &self.shared.mountpoint
+    }
+
+    /// The kernel's id of this FUSE connection: its directory in `/sys/fs/fuse/connections/`
+    /// (with `abort`, `waiting`, `max_background`).
+    pub fn connection(&self) -> u64 {
+        self.connection
+    }
+
+    /// A handle that unmounts from another thread (a signal handler thread, say); [`join`]
+    /// then returns.
+    ///
+    /// [`join`]: FuseMount::join
+    pub fn unmounter(&self) -> Unmounter {
+        Unmounter(Arc::clone(&self.shared))
+    }
+
+    /// Unmounts and waits for the session to end. [`FuseError::Busy`] while an erofs mount or
+    /// loop device still uses the file: then nothing changed (still mounted and served), and
+    /// this may be called again once that is gone.
+    ///
+    /// If another mount namespace holds a private copy of this mount (created by `unshare`
+    /// after it was mounted), the kernel keeps the session until that copy goes too, and this
+    /// waits for it.
+    pub fn unmount(&mut self) -> Result<(), FuseError> {
+        self.shared.umount(0)?;
+        self.wait()
+    }
+
+    /// Serves until the file system is unmounted (from outside or through an [`Unmounter`]).
+    pub fn join(mut self) -> Result<(), FuseError> {
+        self.wait()
+    }
+
+    fn wait(&mut self) -> Result<(), FuseError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let path = self.shared.mountpoint.clone();
+        match thread.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(FuseError::Session { path, source }),
+            Err(_) => Err(FuseError::Panicked { path }),
+        }
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        match self.shared.umount(0) {
+            Ok(()) => {
+                if let Err(e) = self.wait() {
+                    tracing::warn!("{e}");
+                }
+            }
+            Err(FuseError::Busy { path }) => {
+                // Can't wait here: detach, and the kernel ends the session when its last user
+                // (an erofs mount, a loop device) lets go; the detached thread serves till then.
+                tracing::warn!(
+                    "{} is busy; detaching it, served until its last user goes",
+                    path.display()
+                );
+                if let Err(e) = self.shared.umount(libc::MNT_DETACH) {
+                    tracing::warn!("{e}");
+                }
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+/// Unmounts a [`FuseMount`] from any thread; see [`FuseMount::unmount`]. Returns once the
+/// kernel has unmounted it; the session then ends and [`FuseMount::join`] returns.
+#[derive(Clone)]
+pub struct Unmounter(Arc<Shared>);
+
+impl std::fmt::Debug for Unmounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Unmounter")
+            .field(&self.0.mountpoint)
+            .finish()
+    }
+}
+
+impl Unmounter {
+    pub fn unmount(&self) -> Result<(), FuseError> {
+        self.0.umount(0)
+    }
+}
+
+/// Bytes of a read of `size` at `offset` that lie inside a file of `file_size` bytes.
+fn clamp_read(offset: u64, size: u32, file_size: u64) -> usize {
+    let left = file_size.saturating_sub(offset);
+    // Both fit: `size` is a u32, and the min is at most `size`.
+    left.min(u64::from(size)) as usize
+}
+
+/// The errno a reader sees for a failed source read.
+fn errno_of(e: &io::Error) -> fuser::Errno {
+    match e.kind() {
+        io::ErrorKind::InvalidInput => fuser::Errno::EINVAL,
+        _ => fuser::Errno::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_clamped_to_the_file() {
+        assert_eq!(clamp_read(0, 4096, 10_000), 4096);
+        assert_eq!(clamp_read(8192, 4096, 10_000), 1808);
+        assert_eq!(clamp_read(10_000, 4096, 10_000), 0);
+        assert_eq!(clamp_read(u64::MAX, u32::MAX, 10_000), 0);
+        assert_eq!(clamp_read(0, u32::MAX, u64::MAX), u32::MAX as usize);
+        assert_eq!(clamp_read(0, 4096, 0), 0);
+    }
+
+    #[test]
+    fn errors_map_to_einval_or_eio() {
+        let invalid = io::Error::new(io::ErrorKind::InvalidInput, "outside");
+        assert_eq!(errno_of(&invalid).code(), libc::EINVAL);
+        assert_eq!(errno_of(&io::Error::other("fetch")).code(), libc::EIO);
+    }
+
+    #[test]
+    fn bad_file_names_are_refused() {
+        let src: Arc<dyn BlockSource> = Arc::new(Empty);
+        for bad in ["", ".", "..", "a/b"] {
+            let opts = FuseOptions {
+                file_name: bad.into(),
+                ..FuseOptions::default()
+            };
+            let err = mount(src.clone(), Path::new("/nonexistent"), &opts).unwrap_err();
+            assert!(matches!(err, FuseError::InvalidName(_)), "{bad:?}: {err}");
+        }
+    }
+
+    struct Empty;
+    impl BlockSource for Empty {
+        fn size(&self) -> u64 {
+            0
+        }
+        fn read(
+            &self,
+            offset: u64,
+            buf: &mut [u8],
+            _: Option<&mut cora_read::Lend<'_>>,
+        ) -> io::Result<cora_read::Outcome> {
+            cora_read::check_range(offset, buf.len(), 0)?;
+            Ok(cora_read::Outcome::Copied)
+        }
+    }
+}
