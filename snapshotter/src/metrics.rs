@@ -128,6 +128,18 @@ impl Metrics {
                 "Fetched chunks that failed verification.",
                 lazy.corrupt as f64,
             ),
+            (
+                "cora_readahead_chunks_total",
+                "counter",
+                "Chunks fetched by sequential read-ahead (part of the misses).",
+                lazy.readahead as f64,
+            ),
+            (
+                "cora_prefetched_chunks_total",
+                "counter",
+                "Chunks fetched by access-trace prefetch (part of the misses).",
+                lazy.prefetched as f64,
+            ),
         ];
         for (name, ty, help, v) in simple {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {v}");
@@ -194,7 +206,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::Histogram;
+    use cora_api::driver::LatencyHistogram;
 
     #[test]
     fn render_counts_and_histogram() {
@@ -206,7 +218,9 @@ mod tests {
             hits: 7,
             fetched_bytes: 150,
             fetch_errors: 1,
-            fetch_seconds: Histogram {
+            readahead: 4,
+            prefetched: 5,
+            fetch_seconds: LatencyHistogram {
                 le: vec![0.0025, 0.005],
                 counts: vec![0, 1, 1],
                 sum_seconds: 2.003,
@@ -232,6 +246,8 @@ mod tests {
         assert!(text.contains("cora_devices 2"));
         assert!(text.contains("cora_cache_hits_total 7"));
         assert!(text.contains("cora_fetch_errors_total 1"));
+        assert!(text.contains("cora_readahead_chunks_total 4"));
+        assert!(text.contains("cora_prefetched_chunks_total 5"));
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"0.0025\"} 0"));
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"+Inf\"} 2"));

@@ -10,6 +10,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The counters a `cora-driver` writes to its stats file; [`RemoteLayers::stats`] sums them.
+pub use cora_api::driver::DriverStats;
+
 /// Snapshot labels as containerd sends them.
 pub type Labels = BTreeMap<String, String>;
 
@@ -105,74 +108,6 @@ pub trait RemoteLayers: Send + Sync + 'static {
     }
 }
 
-/// Counters a `cora-driver` writes to its stats file (`--stats-file`), summed by [`add`].
-///
-/// [`add`]: DriverStats::add
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
-#[serde(default)]
-pub struct DriverStats {
-    /// Chunk pieces served from the local cache.
-    pub hits: u64,
-    /// Chunks fetched from a registry.
-    pub misses: u64,
-    /// Compressed bytes received from registries.
-    pub fetched_bytes: u64,
-    pub requests: u64,
-    /// Chunks that failed verification.
-    pub corrupt: u64,
-    /// Range requests that failed.
-    pub fetch_errors: u64,
-    pub fetch_seconds: Histogram,
-}
-
-/// Latency histogram: `counts[i]` requests took at most `le[i]` seconds (and more than
-/// `le[i - 1]`); `counts[le.len()]` took longer.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
-#[serde(default)]
-pub struct Histogram {
-    pub le: Vec<f64>,
-    pub counts: Vec<u64>,
-    pub sum_seconds: f64,
-    pub count: u64,
-}
-
-impl DriverStats {
-    pub fn add(&mut self, o: &DriverStats) {
-        self.hits += o.hits;
-        self.misses += o.misses;
-        self.fetched_bytes += o.fetched_bytes;
-        self.requests += o.requests;
-        self.corrupt += o.corrupt;
-        self.fetch_errors += o.fetch_errors;
-        self.fetch_seconds.add(&o.fetch_seconds);
-    }
-}
-
-impl Histogram {
-    /// Adds `o`'s counts; a bucket of `o` goes to the first of our buckets whose bound is at
-    /// least its own, so differing bounds never under-state a latency.
-    pub fn add(&mut self, o: &Histogram) {
-        if self.le.is_empty() && self.counts.is_empty() {
-            self.le = o.le.clone();
-            self.counts = vec![0; o.le.len() + 1];
-        }
-        self.counts.resize(self.le.len() + 1, 0);
-        for (j, c) in o.counts.iter().enumerate() {
-            let i = match o.le.get(j) {
-                Some(b) => self
-                    .le
-                    .iter()
-                    .position(|ours| ours >= b)
-                    .unwrap_or(self.le.len()),
-                None => self.le.len(),
-            };
-            self.counts[i] += c;
-        }
-        self.sum_seconds += o.sum_seconds;
-        self.count += o.count;
-    }
-}
-
 /// The backend used until the ublk-based one is plugged in: never serves layers lazily, so every
 /// CORA image is unpacked as a normal OCI image (with one warning from the snapshotter).
 #[derive(Debug)]
@@ -218,37 +153,6 @@ impl RemoteLayers for NoRemoteLayers {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histograms_add_across_bounds() {
-        let a = Histogram {
-            le: vec![0.01, 0.1],
-            counts: vec![1, 2, 3],
-            sum_seconds: 1.0,
-            count: 6,
-        };
-        let mut t = Histogram::default();
-        t.add(&a);
-        t.add(&a);
-        assert_eq!(t.counts, [2, 4, 6]);
-        assert_eq!(t.count, 12);
-        // Finer bounds fold into the next bound up; unknown tails go to +Inf.
-        t.add(&Histogram {
-            le: vec![0.005, 0.05, 0.5],
-            counts: vec![1, 1, 1, 1],
-            sum_seconds: 0.0,
-            count: 4,
-        });
-        assert_eq!(t.counts, [3, 5, 8]);
-        let mut s = DriverStats::default();
-        s.add(&DriverStats {
-            fetched_bytes: 5,
-            fetch_seconds: a,
-            ..Default::default()
-        });
-        assert_eq!(s.fetched_bytes, 5);
-        assert_eq!(s.fetch_seconds.counts, [1, 2, 3]);
-    }
 
     #[test]
     fn wants_remote_needs_ref_and_cora_annotation() {

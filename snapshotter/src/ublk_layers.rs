@@ -18,13 +18,17 @@ use crate::remote::{
     DriverStats, KeyedLocks, LABEL_CORA_PREFIX, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
     LABEL_CRI_MANIFEST_DIGEST, Labels, RemoteError, RemoteLayers, lock_ignoring_poison as lock,
 };
+use cora_api::driver::{
+    self as contract, DeviceInfo, DeviceState, Mirror, Ready, RecoverArgs, RegistryArgs, RunArgs,
+    TRANSPORT_UBLK, UnpackArgs,
+};
 use sha2::Digest as _;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -36,6 +40,8 @@ const ADD_TIMEOUT: Duration = Duration::from_secs(180);
 const DEL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the fallback may take to download and unpack a whole stack.
 const UNPACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// ublk queues (server threads) per device.
+const QUEUES: u16 = 2;
 
 /// What the backend needs from the snapshotter config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,10 +52,8 @@ pub struct UblkOptions {
     pub driver: Option<PathBuf>,
     pub cache_dir: PathBuf,
     pub cache_size: u64,
-    pub creds_file: Option<PathBuf>,
-    pub insecure_hosts: Vec<String>,
-    /// `(host, insecure)`, tried before the image's own registry.
-    pub mirrors: Vec<(String, bool)>,
+    /// How the driver reaches registries, for `add` and `unpack` alike.
+    pub registry: RegistryArgs,
 }
 
 impl UblkOptions {
@@ -59,13 +63,19 @@ impl UblkOptions {
             driver: c.driver_path.clone(),
             cache_dir: c.cache_dir.clone(),
             cache_size: c.cache_size,
-            creds_file: c.credential_file.clone(),
-            insecure_hosts: c.insecure_registries.clone(),
-            mirrors: c
-                .mirror_registry
-                .iter()
-                .map(|m| (m.host.clone(), m.insecure))
-                .collect(),
+            registry: RegistryArgs {
+                creds_file: c.credential_file.clone(),
+                insecure_hosts: c.insecure_registries.clone(),
+                mirrors: c
+                    .mirror_registry
+                    .iter()
+                    .map(|m| Mirror {
+                        host: m.host.clone(),
+                        insecure: m.insecure,
+                    })
+                    .collect(),
+                ca_files: Vec::new(),
+            },
         }
     }
 }
@@ -149,92 +159,51 @@ impl UblkLayers {
             return None;
         }
         let driver = self.driver().ok()?;
-        let dev = device_status(driver, st.device_id);
-        let ours = dev.as_ref().is_some_and(|d| {
-            d.pointer("/target_data/cora/recipe/layer_digest")
-                .and_then(|v| v.as_str())
-                == Some(st.layer_digest.as_str())
-        });
-        let state = dev
-            .as_ref()
-            .and_then(|d| d.get("state"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_owned();
-        if !ours {
+        let dev = device_info(driver, st.device_id)
+            .filter(|d| d.layer_digest.as_deref() == Some(st.layer_digest.as_str()));
+        let Some(dev) = dev else {
             info!(stack = %st.stack_key, id = st.device_id, "device of the recorded stack is gone; attaching anew");
             let _ = unmount(&st.mountpoint);
             let _ = std::fs::remove_file(&p.state);
             return None;
-        }
-        if state == "QUIESCED" {
+        };
+        if dev.state == DeviceState::Quiesced {
             info!(id = st.device_id, "the device's server died; recovering it");
-            let mut cmd = Command::new(driver);
-            cmd.arg("recover")
-                .arg(st.device_id.to_string())
-                .arg("--daemon")
-                .arg("--log")
-                .arg(&p.log)
-                .arg("--stats-file")
-                .arg(&p.stats);
-            if let Err(e) = run_driver(cmd, ADD_TIMEOUT) {
+            let args = RecoverArgs {
+                id: st.device_id,
+                run: self.run_args(p),
+            };
+            if let Err(e) = run_driver(driver, &args.to_args(), ADD_TIMEOUT) {
                 warn!(id = st.device_id, "recover failed: {e}");
                 return None;
             }
         }
-        if !is_mountpoint(&st.mountpoint) {
-            let dev = PathBuf::from(format!("/dev/ublkb{}", st.device_id));
-            if let Err(e) = mount_ro(&dev, &st.mountpoint, fs_type) {
-                warn!(id = st.device_id, "remounting: {e}");
-                return None;
-            }
+        if !is_mountpoint(&st.mountpoint)
+            && let Err(e) = mount_ro(&dev.path, &st.mountpoint, fs_type)
+        {
+            warn!(id = st.device_id, "remounting: {e}");
+            return None;
         }
         Some(st.mountpoint.clone())
     }
 
-    fn driver_args(&self, image: &str, layer_digest: &str, p: &StackPaths) -> Vec<String> {
-        let o = &self.opts;
-        let mut a: Vec<String> = vec![
-            "add".into(),
-            "--image".into(),
-            image.into(),
-            "--layer-digest".into(),
-            layer_digest.into(),
-            "--cache".into(),
-            o.cache_dir.display().to_string(),
-            "--cache-size".into(),
-            o.cache_size.to_string(),
-            "--queues".into(),
-            "2".into(),
-            "--daemon".into(),
-            "--log".into(),
-            p.log.display().to_string(),
-            "--stats-file".into(),
-            p.stats.display().to_string(),
-        ];
-        a.extend(self.registry_args());
-        a
+    /// How a device of the stack at `p` runs: in the background, logging and writing its
+    /// counters beside the stack's state.
+    fn run_args(&self, p: &StackPaths) -> RunArgs {
+        RunArgs::background(Some(p.log.clone()), Some(p.stats.clone()))
     }
 
-    /// How the driver reaches registries, for `add` and `unpack` alike.
-    fn registry_args(&self) -> Vec<String> {
+    fn add_args(&self, image: &str, layer_digest: &str, p: &StackPaths) -> contract::AddArgs {
         let o = &self.opts;
-        let mut a = Vec::new();
-        if let Some(c) = &o.creds_file {
-            a.extend(["--creds".into(), c.display().to_string()]);
+        contract::AddArgs {
+            image: image.to_owned(),
+            layer_digest: Some(layer_digest.to_owned()),
+            cache_dir: o.cache_dir.clone(),
+            cache_size: o.cache_size,
+            queues: QUEUES,
+            registry: o.registry.clone(),
+            run: self.run_args(p),
         }
-        for h in &o.insecure_hosts {
-            a.extend(["--insecure".into(), h.clone()]);
-        }
-        for (h, insecure) in &o.mirrors {
-            let m = if *insecure {
-                format!("{h},insecure")
-            } else {
-                h.clone()
-            };
-            a.extend(["--mirror".into(), m]);
-        }
-        a
     }
 
     /// A ublk device serving the stack, mounted read-only at `p.mountpoint`.
@@ -253,28 +222,29 @@ impl UblkLayers {
         // A stats file left by an earlier device of this stack (its driver may write once more
         // after `del`) must not be counted again.
         let _ = std::fs::remove_file(&p.stats);
-        let mut cmd = Command::new(driver);
-        cmd.args(self.driver_args(image, layer_digest, p));
         let started = Instant::now();
-        let out = run_driver(cmd, ADD_TIMEOUT)?;
-        let dev = out
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("/dev/ublkb"))
-            .and_then(|n| n.parse::<u32>().ok())
-            .ok_or_else(|| {
-                RemoteError::Failed(format!("cora-driver add printed no device: {out:?}"))
-            })?;
-        let dev_path = PathBuf::from(format!("/dev/ublkb{dev}"));
+        let out = run_driver(
+            driver,
+            &self.add_args(image, layer_digest, p).to_args(),
+            ADD_TIMEOUT,
+        )?;
+        let ready = Ready::from_output(&out).map_err(|e| RemoteError::Failed(e.to_string()))?;
+        let dev = ready.id;
         let delete = || {
-            let mut cmd = Command::new(driver);
-            cmd.arg("del").arg(dev.to_string());
-            if let Err(e) = run_driver(cmd, DEL_TIMEOUT) {
+            if let Err(e) = run_driver(driver, &contract::del_args(dev), DEL_TIMEOUT) {
                 warn!(id = dev, "deleting the device after a failed attach: {e}");
             }
         };
-        if let Err(e) = wait_for_path(&dev_path, Duration::from_secs(10))
-            .and_then(|()| mount_ro(&dev_path, &p.mountpoint, fs_type))
-        {
+        // The driver reports ready only once the node exists, so it can be mounted now.
+        let mounted = if ready.transport == TRANSPORT_UBLK {
+            mount_ro(&ready.path, &p.mountpoint, fs_type)
+        } else {
+            Err(RemoteError::Failed(format!(
+                "cora-driver add served a {:?} device, not ublk",
+                ready.transport
+            )))
+        };
+        if let Err(e) = mounted {
             delete();
             return Err(e);
         }
@@ -359,18 +329,13 @@ impl UblkLayers {
             })?;
         }
         let started = Instant::now();
-        let mut cmd = Command::new(driver);
-        cmd.args([
-            "unpack",
-            "--image",
-            image,
-            "--layer-digest",
-            layer_digest,
-            "--into",
-        ])
-        .arg(&p.tree)
-        .args(self.registry_args());
-        let out = run_driver(cmd, UNPACK_TIMEOUT)?;
+        let args = UnpackArgs {
+            image: image.to_owned(),
+            layer_digest: Some(layer_digest.to_owned()),
+            into: p.tree.clone(),
+            registry: self.opts.registry.clone(),
+        };
+        let out = run_driver(driver, &args.to_args(), UNPACK_TIMEOUT)?;
         let st = StackState {
             stack_key: stack_key.to_owned(),
             device_id: 0,
@@ -459,9 +424,7 @@ impl RemoteLayers for UblkLayers {
         let driver = self.driver()?.to_owned();
         unmount(mountpoint)?;
         if let Some(st) = self.read_state(&p.state) {
-            let mut cmd = Command::new(&driver);
-            cmd.arg("del").arg(st.device_id.to_string());
-            match run_driver(cmd, DEL_TIMEOUT) {
+            match run_driver(&driver, &contract::del_args(st.device_id), DEL_TIMEOUT) {
                 Ok(_) => {}
                 // Already gone (e.g. after a reboot) is what we wanted.
                 Err(e) if !Path::new(&format!("/sys/block/ublkb{}", st.device_id)).exists() => {
@@ -590,28 +553,17 @@ fn kernel_has_ublk() -> Result<(), String> {
     }
 }
 
-/// Runs a driver command in a mount namespace of its own and returns its stdout; fails on a
-/// nonzero exit or after `timeout` (the process is killed then).
-fn run_driver(mut cmd: Command, timeout: Duration) -> Result<String, RemoteError> {
-    cmd.stdin(Stdio::null())
+/// Runs the driver with `args` in a mount namespace of its own and returns its stdout; fails on
+/// a nonzero exit or after `timeout` (the process is killed then).
+fn run_driver(driver: &Path, args: &[String], timeout: Duration) -> Result<String, RemoteError> {
+    let mut cmd = Command::new(driver);
+    cmd.args(args)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    // SAFETY: private_mount_namespace is async-signal-safe (two syscalls, no allocation).
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWNS) != 0
-                || libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(cora_api::private_mount_namespace);
     }
     let what = format!("{cmd:?}");
     let mut child = cmd
@@ -629,19 +581,28 @@ fn run_driver(mut cmd: Command, timeout: Duration) -> Result<String, RemoteError
     };
     let out = pipe(child.stdout.take().map(|r| Box::new(r) as _));
     let err = pipe(child.stderr.take().map(|r| Box::new(r) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(RemoteError::Failed(format!(
-                    "{what} did not finish within {timeout:?}"
-                )));
-            }
-            Err(e) => return Err(RemoteError::Failed(format!("waiting for {what}: {e}"))),
+    let (tx, rx) = mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(wait_exited(pid));
+    });
+    let status = match rx.recv_timeout(timeout) {
+        // Exited and not yet reaped: reaping now does not block.
+        Ok(Ok(())) => child
+            .wait()
+            .map_err(|e| RemoteError::Failed(format!("waiting for {what}: {e}")))?,
+        Ok(Err(e)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(RemoteError::Failed(format!("waiting for {what}: {e}")));
+        }
+        Err(_) => {
+            // Still ours to kill: the waiter does not reap, so the pid cannot have been reused.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(RemoteError::Failed(format!(
+                "{what} did not finish within {timeout:?}"
+            )));
         }
     };
     let out = out.join().unwrap_or_default();
@@ -655,28 +616,39 @@ fn run_driver(mut cmd: Command, timeout: Duration) -> Result<String, RemoteError
     Ok(out)
 }
 
-/// `cora-driver list --json` entry of device `id`.
-fn device_status(driver: &Path, id: u32) -> Option<serde_json::Value> {
-    let mut cmd = Command::new(driver);
-    cmd.args(["list", "--json"]);
-    let out = run_driver(cmd, DEL_TIMEOUT).ok()?;
-    let list: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
-    list.into_iter()
-        .find(|d| d.get("id").and_then(|v| v.as_u64()) == Some(u64::from(id)))
+/// Blocks until child `pid` has exited, leaving it unreaped (`WNOWAIT`): its `Child` stays the
+/// one to reap (or kill) it.
+fn wait_exited(pid: u32) -> std::io::Result<()> {
+    let pid = libc::id_t::from(pid);
+    loop {
+        // SAFETY: waitid writes only into the zeroed siginfo we pass.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
-fn wait_for_path(p: &Path, timeout: Duration) -> Result<(), RemoteError> {
-    let deadline = Instant::now() + timeout;
-    while !p.exists() {
-        if Instant::now() >= deadline {
-            return Err(RemoteError::Failed(format!(
-                "{} did not appear within {timeout:?}",
-                p.display()
-            )));
+/// Device `id` as `cora-driver list --json` describes it; `None` when it is not listed (or the
+/// list cannot be had: then it is treated as gone, and the stack attached anew).
+fn device_info(driver: &Path, id: u32) -> Option<DeviceInfo> {
+    let list = run_driver(driver, &contract::list_json_args(), DEL_TIMEOUT)
+        .map_err(|e| e.to_string())
+        .and_then(|out| DeviceInfo::parse_list(&out).map_err(|e| e.to_string()));
+    match list {
+        Ok(list) => list.into_iter().find(|d| d.id == id),
+        Err(e) => {
+            warn!(id, "listing devices: {e}");
+            None
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(())
 }
 
 fn cstr(p: &Path) -> Result<CString, RemoteError> {
@@ -807,9 +779,7 @@ mod tests {
             driver: None,
             cache_dir: dir.path().join("cache"),
             cache_size: 1 << 30,
-            creds_file: None,
-            insecure_hosts: vec![],
-            mirrors: vec![],
+            registry: RegistryArgs::default(),
         });
         assert!(b.is_remote(&labels(&[
             LABEL_FS_TYPE,
@@ -841,9 +811,21 @@ mod tests {
             driver: Some(fake),
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
-            creds_file: Some(PathBuf::from("/creds.json")),
-            insecure_hosts: vec!["127.0.0.1:5000".into()],
-            mirrors: vec![("m:1".into(), true), ("m:2".into(), false)],
+            registry: RegistryArgs {
+                creds_file: Some(PathBuf::from("/creds.json")),
+                insecure_hosts: vec!["127.0.0.1:5000".into()],
+                mirrors: vec![
+                    Mirror {
+                        host: "m:1".into(),
+                        insecure: true,
+                    },
+                    Mirror {
+                        host: "m:2".into(),
+                        insecure: false,
+                    },
+                ],
+                ca_files: vec![],
+            },
         });
         let p = b.paths("default/7/sha256:abc");
         assert_eq!(
@@ -851,18 +833,126 @@ mod tests {
             Some(dir.path().join("remote").as_path())
         );
         assert_ne!(p.mountpoint, b.paths("default/8/sha256:abc").mountpoint);
-        let a = b.driver_args("h/app@sha256:1", D, &p).join(" ");
-        for want in [
-            "add --image h/app@sha256:1",
-            &format!("--layer-digest {D}"),
-            "--cache /c --cache-size 4096",
-            "--daemon",
-            "--creds /creds.json",
-            "--insecure 127.0.0.1:5000",
-            "--mirror m:1,insecure --mirror m:2",
-        ] {
-            assert!(a.contains(want), "{want:?} missing from {a}");
-        }
+        let a = b.add_args("h/app@sha256:1", D, &p);
+        assert_eq!(a.layer_digest.as_deref(), Some(D));
+        assert_eq!((a.cache_size, a.queues), (4096, QUEUES));
+        assert_eq!(a.registry, b.opts.registry);
+        assert!(a.run.daemon && a.run.ready_json);
+        assert_eq!(a.run.stats_file.as_ref(), Some(&p.stats));
+        assert_eq!(a.run.log.as_ref(), Some(&p.log));
+    }
+
+    /// An executable shell script standing in for cora-driver.
+    fn fake_driver(dir: &Path, script: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("cora-driver");
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn run_driver_returns_stdout_and_reports_failure_and_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = fake_driver(
+            dir.path(),
+            r#"case $1 in
+                 ok) echo "out $2" ;;
+                 fail) echo "bad things" >&2; exit 3 ;;
+                 slow) exec sleep 30 ;;
+               esac"#,
+        );
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            run_driver(&d, &args(&["ok", "x"]), Duration::from_secs(20)).unwrap(),
+            "out x\n"
+        );
+        let e = run_driver(&d, &args(&["fail"]), Duration::from_secs(20))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("failed") && e.contains("bad things"), "{e}");
+        let t0 = Instant::now();
+        let e = run_driver(&d, &args(&["slow"]), Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did not finish within"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "killed on timeout");
+    }
+
+    #[test]
+    fn reuse_reads_the_typed_device_list_and_recovers_a_quiesced_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = dir.path().join("calls");
+        let list = dir.path().join("list.json");
+        let d = fake_driver(
+            dir.path(),
+            &format!(
+                r#"echo "$@" >>{calls}
+                   case $1 in list) cat {list} ;; esac"#,
+                calls = calls.display(),
+                list = list.display()
+            ),
+        );
+        let mut opts = state_only_opts(dir.path());
+        opts.driver = Some(d);
+        let b = UblkLayers::new(opts);
+        let p = b.paths("ns/3/L");
+        // /proc is a mount point, so a live device is reused without mounting anything.
+        let st = StackState {
+            stack_key: "ns/3/L".into(),
+            device_id: 5,
+            unpacked: false,
+            mountpoint: PathBuf::from("/proc"),
+            image: "h/a@x".into(),
+            layer_digest: D.into(),
+        };
+        let device = |state: &str, digest: &str| DeviceInfo {
+            id: 5,
+            state: state.to_owned().into(),
+            pid: 1,
+            transport: TRANSPORT_UBLK.into(),
+            path: "/dev/ublkb5".into(),
+            size: 0,
+            read_only: true,
+            queues: 2,
+            depth: 128,
+            max_io_bytes: 1 << 20,
+            flags: 0,
+            flag_names: vec![],
+            target: Some("cora".into()),
+            image: Some("h/a@x".into()),
+            layer_digest: Some(digest.into()),
+            recipe: None,
+        };
+        let write_list = |devs: &[DeviceInfo]| {
+            std::fs::write(&list, serde_json::to_vec(devs).unwrap()).unwrap();
+        };
+        write_list(&[device("LIVE", D)]);
+        assert_eq!(b.reuse(&p, &st, "erofs"), Some(PathBuf::from("/proc")));
+        write_list(&[device("QUIESCED", D)]);
+        assert_eq!(b.reuse(&p, &st, "erofs"), Some(PathBuf::from("/proc")));
+        let log = std::fs::read_to_string(&calls).unwrap();
+        assert_eq!(
+            log.lines().collect::<Vec<_>>(),
+            [
+                "list --json".to_owned(),
+                "list --json".to_owned(),
+                format!(
+                    "recover 5 --daemon --ready-json --log {} --stats-file {}",
+                    p.log.display(),
+                    p.stats.display()
+                ),
+            ]
+        );
+        // Another stack's device under the recorded id: not ours, the state is dropped.
+        let elsewhere = StackState {
+            mountpoint: dir.path().join("not-mounted"),
+            ..st
+        };
+        write_atomic(&p.state, &serde_json::to_vec(&elsewhere).unwrap()).unwrap();
+        write_list(&[device("LIVE", "sha256:other")]);
+        assert_eq!(b.reuse(&p, &elsewhere, "erofs"), None);
+        assert!(!p.state.exists());
     }
 
     #[test]
@@ -880,9 +970,7 @@ mod tests {
             driver: None,
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
-            creds_file: None,
-            insecure_hosts: vec![],
-            mirrors: vec![],
+            registry: RegistryArgs::default(),
         };
         std::fs::create_dir_all(&opts.dir).unwrap();
         opts

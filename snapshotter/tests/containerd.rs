@@ -1,15 +1,15 @@
 //! cora-snapshotter behind a private, real containerd: pull from a local docker-registry, run
 //! containers with runc, inspect and remove snapshots with `ctr`, restart the snapshotter.
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use cora_tests::containerd::Containerd;
 use cora_tests::daemon::wait_for;
 use cora_tests::images::{
-    Compression, LayerSpec, Registry, busybox_rootfs, free_port, whiteout, write_oci_layout,
+    Compression, LayerSpec, Registry, busybox_rootfs, whiteout, write_oci_layout,
 };
 use cora_tests::snapshotter::CoraSnapshotter;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_cora-snapshotter"))
@@ -129,7 +129,9 @@ fn task_status(ctrd: &Containerd, id: &str) -> String {
 
 #[test]
 fn plain_oci_images_pull_run_and_survive_restart() -> Result<()> {
-    let metrics_port = free_port()?;
+    // Held while the snapshotter binds it (tokio's listener sets SO_REUSEADDR).
+    let metrics = cora_tests::reserve_port()?;
+    let metrics_port = metrics.port;
     let mut env = Env::start(serde_json::json!({
         "exporterConfig": {"enable": true, "uriPrefix": "/metrics", "port": metrics_port}
     }))?;
@@ -300,95 +302,6 @@ fn plain_oci_images_pull_run_and_survive_restart() -> Result<()> {
     c.ctr(&["containers", "rm", "sleeper"])?;
     let rows = parse_ls(&env.snapshots(&["ls"])?);
     assert!(!rows.iter().any(|r| r.0 == "sleeper"), "{rows:?}");
-    Ok(())
-}
-
-/// One pull + run, timed.
-fn pull_and_run(
-    c: &Containerd,
-    snapshotter: &str,
-    reference: &str,
-    id: &str,
-) -> Result<(Duration, Duration)> {
-    let t = Instant::now();
-    c.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        snapshotter,
-        reference,
-    ])?;
-    let pull = t.elapsed();
-    let t = Instant::now();
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        snapshotter,
-        reference,
-        id,
-        "/bin/busybox",
-        "echo",
-        "hi",
-    ])?;
-    let run = t.elapsed();
-    if out.trim() != "hi" {
-        bail!("unexpected output {out:?}");
-    }
-    // Drop image, content and snapshots so the next pull starts cold.
-    c.ctr(&["images", "rm", "--sync", reference])?;
-    Ok((pull, run))
-}
-
-/// Prints pull+run time with cora-snapshotter against containerd's built-in overlayfs, same
-/// image, same containerd, alternating; the ratio should be about 1.
-#[test]
-fn pull_run_time_vs_builtin_overlayfs() -> Result<()> {
-    let env = Env::start(serde_json::json!({"verbose": "info"}))?;
-    // Busybox plus 16 MiB of incompressible files in a second layer makes unpacking measurable.
-    let rootfs = env.path("img/rootfs");
-    busybox_rootfs(&rootfs)?;
-    let data = env.path("img/data");
-    std::fs::create_dir_all(data.join("data"))?;
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in 0..64 {
-        let mut buf = vec![0u8; 256 << 10];
-        for b in buf.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        std::fs::write(data.join(format!("data/f{i}")), &buf)?;
-    }
-    let layout = env.path("img/layout");
-    write_oci_layout(
-        &layout,
-        "v1",
-        &[LayerSpec::new(&rootfs), LayerSpec::new(&data)],
-        Compression::Zstd,
-        &["/bin/sh"],
-    )?;
-    let reference = env.registry.push(&layout, "v1", "bench/img")?;
-    let mut totals = [(Duration::ZERO, Duration::ZERO); 2];
-    let rounds = 3;
-    for round in 0..rounds {
-        for (i, sn) in ["cora", "overlayfs"].iter().enumerate() {
-            let (p, r) = pull_and_run(&env.ctrd, sn, &reference, &format!("b-{sn}-{round}"))?;
-            totals[i].0 += p;
-            totals[i].1 += r;
-        }
-    }
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0 / rounds as f64;
-    let (cp, cr) = (ms(totals[0].0), ms(totals[0].1));
-    let (op, or) = (ms(totals[1].0), ms(totals[1].1));
-    println!(
-        "bench pull+run (mean of {rounds}, 16 MiB zstd image): cora pull {cp:.0} ms run {cr:.0} ms | overlayfs pull {op:.0} ms run {or:.0} ms | ratio pull {:.2} run {:.2} total {:.2}",
-        cp / op,
-        cr / or,
-        (cp + cr) / (op + or)
-    );
     Ok(())
 }
 

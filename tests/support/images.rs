@@ -5,7 +5,6 @@ use crate::daemon::{Daemon, wait_for};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -201,11 +200,6 @@ pub fn write_oci_layout(
     Ok(manifest_digest)
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Debian's `docker-registry` on 127.0.0.1, storage under a test directory.
 pub struct Registry {
     _daemon: Daemon,
@@ -216,8 +210,8 @@ pub struct Registry {
 impl Registry {
     pub fn start(dir: &Path) -> Result<Registry> {
         std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        let port = crate::reserve_port()?;
+        let addr = format!("127.0.0.1:{}", port.port);
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
@@ -233,6 +227,7 @@ impl Registry {
         let ready = wait_for("docker-registry to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(&probe).is_ok()
         });
+        drop(port);
         if let Err(e) = ready {
             let running = daemon.running();
             bail!("{e} (running: {running}): {}", daemon.log_text());

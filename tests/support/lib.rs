@@ -18,10 +18,30 @@ pub mod http_server;
 pub mod registry;
 pub mod tls;
 
-/// A loopback TCP port that was free a moment ago (bind :0, read, release).
-pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// A loopback TCP port held for a server we start: bound (with SO_REUSEADDR) but not
+/// listening, so the kernel gives it to no one else, while a server that also sets
+/// SO_REUSEADDR (Go's `net.Listen`, tokio's listeners) can still bind and listen on it. Keep
+/// it until that server listens; connecting to it meanwhile is refused, which also makes it a
+/// "dead" address for tests.
+pub struct PortReservation {
+    _socket: socket2::Socket,
+    pub port: u16,
+}
+
+pub fn reserve_port() -> Result<PortReservation> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let port = socket
+        .local_addr()?
+        .as_socket()
+        .map(|a| a.port())
+        .ok_or_else(|| anyhow::anyhow!("reserved socket has no inet address"))?;
+    Ok(PortReservation {
+        _socket: socket,
+        port,
+    })
 }
 
 /// Polls `cond` every 50 ms until it returns `Ok(true)`, an error, or `timeout` passes.

@@ -11,7 +11,7 @@
 //! ```
 //! Storage and config live in a temporary directory; the process is killed (by PID) on drop.
 use crate::tls::TestCa;
-use crate::{free_port, wait_until};
+use crate::{reserve_port, wait_until};
 use anyhow::{Context, Result, bail};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -69,8 +69,8 @@ impl RegistryBuilder {
             bail!("{REGISTRY_BIN} missing: apt-get install docker-registry (cargo xtask deps)");
         }
         let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let port = reserve_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", port.port).parse()?;
         let mut cfg = String::new();
         writeln!(cfg, "version: 0.1")?;
         writeln!(cfg, "log:\n  level: info\n  accesslog:\n    disabled: true")?;
@@ -126,7 +126,9 @@ impl RegistryBuilder {
             tls: self.tls.is_some(),
             dir,
         };
-        reg.wait_ready()?;
+        let ready = reg.wait_ready();
+        drop(port);
+        ready?;
         Ok(reg)
     }
 }

@@ -109,7 +109,8 @@ async fn proxy_environment_is_honoured() {
     }
 
     // A proxy that is down makes requests fail with an error naming the proxy.
-    let dead = format!("http://127.0.0.1:{}", cora_tests::free_port().unwrap());
+    let reserved = cora_tests::reserve_port().unwrap();
+    let dead = format!("http://127.0.0.1:{}", reserved.port);
     set_env(&[("HTTPS_PROXY", &dead)]);
     let mut cfg = config();
     cfg.max_retries = 0;

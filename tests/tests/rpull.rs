@@ -303,7 +303,8 @@ fn bad_input_gives_clear_errors_and_no_image() -> Result<()> {
     );
 
     // A registry that is down: nothing listens on this port.
-    let down = format!("127.0.0.1:{}/test/app:v1", cora_tests::free_port()?);
+    let dead = cora_tests::reserve_port()?;
+    let down = format!("127.0.0.1:{}/test/app:v1", dead.port);
     let t0 = std::time::Instant::now();
     let out = env.rpull_output(&down, &[])?;
     assert!(!out.status.success());

@@ -194,10 +194,10 @@ fn recorded_trace_is_pushed_found_and_prefetched() -> Result<()> {
         image
             .parse::<lazy::imageref::ImageRef>()
             .map_err(anyhow::Error::msg)?,
-        ClientConfig {
+        Client::new(ClientConfig {
             insecure_hosts: vec![env.reg.host.clone()],
             ..Default::default()
-        },
+        })?,
         env.rt.handle().clone(),
     );
     cold.start_prefetch(move || lazy::trace::lookup_for_prefetch(&img, &cfg, &handle));

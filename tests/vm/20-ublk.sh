@@ -51,7 +51,7 @@ ID=$(dev_id "$DEV")
 [ "$(blockdev --getsize64 "$DEV")" = "$(stat -c %s "$T/img.erofs")" ] || fail "size differs"
 [ "$(field "$ID" 2)" = LIVE ] || fail "state is not LIVE: $("$D" list)"
 "$D" list | grep -q "USER_COPY" || fail "USER_COPY not in use: $("$D" list)"
-"$D" list --json | jq -e ".[] | select(.id == $ID) | .target_data.cora.recipe.kind == \"file\"" \
+"$D" list --json | jq -e ".[] | select(.id == $ID) | .recipe.kind == \"file\"" \
     >/dev/null || fail "list --json lacks the recipe"
 rublk list >"$T/rublk.out" 2>&1; cat "$T/rublk.out"
 grep -q "dev id $ID: nr_hw_queues 2 queue_depth 64" "$T/rublk.out" \

@@ -63,7 +63,7 @@ DEV=$("$D" add --image "$H/small:cora" --insecure "$H" --cache "$T/cache" --queu
     || fail "add: $(cat "$T/srv.log")"
 ID=${DEV#/dev/ublkb}
 [ -b "$DEV" ] || fail "$DEV is not a block device"
-"$D" list --json | jq -e ".[] | select(.id == $ID) | .target_data.cora.recipe.kind == \"image\"" >/dev/null \
+"$D" list --json | jq -e ".[] | select(.id == $ID) | .recipe.kind == \"image\"" >/dev/null \
     || fail "list --json lacks the image recipe"
 rublk list 2>&1 | grep -q "$ID" || fail "rublk list does not show $ID"
 
@@ -118,7 +118,7 @@ out=$("$D" recover "$ID" --daemon --log "$T/srv2.log") || fail "recover: $(cat "
 [ "$out" = "$DEV" ] || fail "recover printed '$out', want $DEV"
 PID=$("$D" list | awk -v id="$ID" '$1 == id { print $3 }')
 [ "$(state)" = LIVE ] || fail "not LIVE after recover: $("$D" list)"
-"$D" list --json | jq -e ".[] | select(.id == $ID) | .target_data.cora.recipe.kind == \"image\"" \
+"$D" list --json | jq -e ".[] | select(.id == $ID) | .recipe.kind == \"image\"" \
     >/dev/null || fail "recovered device lost its image recipe"
 wait "$READER" || fail "reads failed across the crash: $(grep -v ': OK$' "$T/reader.out" | head -5)"
 [ "$(grep -c ': OK$' "$T/reader.out")" -eq $((2 * nfiles)) ] || fail "reader checked too few files"

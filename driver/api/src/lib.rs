@@ -1,4 +1,5 @@
 //! What CORA's crates and binaries share, each piece in one place.
+pub mod driver;
 pub mod logging;
 pub mod size;
 
@@ -52,6 +53,32 @@ pub fn restore_sigpipe() {
     // SAFETY: called first thing in main, before any thread exists; SIG_DFL is always valid.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Moves the calling thread into a new mount namespace whose mounts are all private, so mounts
+/// made in the old namespace no longer propagate into it (nor ours out). `cora-driver` serves
+/// from such a namespace: a ublk server that exits in a namespace holding a mount of its own
+/// device deadlocks tearing it down (libublk-rs#50), and its devices are mounted elsewhere.
+///
+/// Makes only two syscalls (`unshare`, `mount`) and allocates nothing, so it is
+/// async-signal-safe: usable in [`std::os::unix::process::CommandExt::pre_exec`].
+pub fn private_mount_namespace() -> std::io::Result<()> {
+    // SAFETY: plain syscalls with static, NUL-terminated arguments.
+    let ok = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -8,12 +8,10 @@ use blobfmt::FsType;
 use blobfmt::convert::{self, Options};
 use blobfmt::writer::ChunkParams;
 use clap::{Parser, Subcommand};
-use lazy::blobs::BlobRead;
 use lazy::imageref::ImageRef;
 use lazy::source::{FetchOptions, LazySource};
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "cora", version, about = "CORA lazily loaded container images")]
@@ -427,10 +425,7 @@ fn cmd_convert(
     Ok(())
 }
 
-fn open_image(
-    net: &Net,
-    image: &ImageRef,
-) -> Result<(blobfmt::oci::Manifest, Vec<Arc<dyn BlobRead>>)> {
+fn open_image(net: &Net, image: &ImageRef) -> Result<lazy::remote::OpenedImage> {
     lazy::remote::open_image(image, &net.cfg, net.rt.handle())
         .with_context(|| format!("opening {image}"))
 }
@@ -452,7 +447,11 @@ fn cmd_export(
 ) -> Result<()> {
     use std::io::Write;
     let json = opts.json;
-    let (manifest, remotes) = open_image(net, image)?;
+    let lazy::remote::OpenedImage {
+        manifest,
+        sources: remotes,
+        client,
+    } = open_image(net, image)?;
     let top = layer.unwrap_or(manifest.layers.len() - 1);
     let cache = lazy::cache::ChunkCache::open(&opts.cache_dir, opts.cache_size)?;
     let t0 = std::time::Instant::now();
@@ -461,9 +460,9 @@ fn cmd_export(
     if opts.record_trace.is_some() {
         src.record_trace();
     }
-    if opts.prefetch {
-        let (image, cfg, rt) = (image.clone(), net.cfg.clone(), net.rt.handle().clone());
-        src.start_prefetch(move || lazy::trace::lookup_for_prefetch(&image, &cfg, &rt));
+    if let Some(client) = client.filter(|_| opts.prefetch) {
+        let (image, rt) = (image.clone(), net.rt.handle().clone());
+        src.start_prefetch(move || lazy::trace::lookup_for_prefetch(&image, &client, &rt));
     }
     let dir = out
         .parent()
@@ -563,7 +562,8 @@ fn cmd_rpull(net: &Net, reference: &str, opts: &rpull::RpullOptions, json: bool)
 }
 
 fn cmd_inspect(net: &Net, image: &ImageRef, json: bool, verify: bool) -> Result<()> {
-    let (manifest, remotes) = open_image(net, image)?;
+    let opened = open_image(net, image)?;
+    let (manifest, remotes) = (opened.manifest, opened.sources);
     let blobs = remotes.last().context("no blob source")?.as_ref();
     let info = lazy::inspect::inspect(&manifest, blobs)?;
     if json {

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use cora_api::driver::{DeviceInfo, Ready, TRANSPORT_UBLK};
 use lazy::device::{SourceRecipe, TraceOptions};
-use ublk::{DeviceOptions, Ready};
+use ublk::DeviceOptions;
 
 #[derive(Parser)]
 #[command(name = "cora-driver", about = "CORA ublk block server", version)]
@@ -25,6 +26,7 @@ enum Cmd {
     Add(Box<AddArgs>),
     /// List ublk devices.
     List {
+        /// Print a JSON array of `cora_api::driver::DeviceInfo`.
         #[arg(long)]
         json: bool,
     },
@@ -131,6 +133,10 @@ struct RunArgs {
     /// Return once the device is ready, leaving the server running in the background.
     #[arg(long)]
     daemon: bool,
+    /// Report readiness as one JSON line (`cora_api::driver::Ready`: id, path, transport,
+    /// pid) instead of the bare device path.
+    #[arg(long)]
+    ready_json: bool,
     /// With --daemon: append the server's log here (default: discarded).
     #[arg(long)]
     log: Option<PathBuf>,
@@ -240,7 +246,7 @@ fn init_tracing() {
 }
 
 fn list(json: bool) -> Result<()> {
-    let devs = ublk::list()?;
+    let devs: Vec<DeviceInfo> = ublk::list()?.into_iter().map(device_info).collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&devs)?);
         return Ok(());
@@ -250,13 +256,6 @@ fn list(json: bool) -> Result<()> {
         "ID", "STATE", "PID", "SIZE", "Q", "DEPTH", "TARGET"
     );
     for d in devs {
-        let source = d
-            .target_data
-            .as_ref()
-            .and_then(|t| t.get(ublk::TARGET_NAME))
-            .and_then(|t| t.get("recipe"))
-            .map(|r| r.to_string())
-            .unwrap_or_default();
         println!(
             "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} {}{} {}",
             d.id,
@@ -268,31 +267,73 @@ fn list(json: bool) -> Result<()> {
             d.target.as_deref().unwrap_or("-"),
             if d.read_only { "RO " } else { "" },
             d.flag_names.join(","),
-            source
+            d.recipe.map(|r| r.to_string()).unwrap_or_default()
         );
     }
     Ok(())
 }
 
+/// A device as `list --json` describes it: the kernel's view plus what our recipe says it
+/// serves (absent for other servers' devices and recipes this build cannot read).
+fn device_info(d: ublk::DeviceStatus) -> DeviceInfo {
+    let recipe = d
+        .target_data
+        .as_ref()
+        .and_then(|t| t.get(ublk::TARGET_NAME))
+        .and_then(|t| t.get("recipe"))
+        .cloned();
+    let (image, layer_digest) = match recipe.as_ref().map(SourceRecipe::from_json) {
+        Some(Ok(SourceRecipe::Image {
+            image,
+            layer_digest,
+            ..
+        })) => (Some(image), layer_digest),
+        _ => (None, None),
+    };
+    DeviceInfo {
+        id: d.id,
+        state: d.state.into(),
+        pid: d.pid,
+        transport: TRANSPORT_UBLK.into(),
+        path: d.bdev.into(),
+        size: d.size,
+        read_only: d.read_only,
+        queues: d.queues,
+        depth: d.depth,
+        max_io_bytes: d.max_io_bytes,
+        flags: d.flags,
+        flag_names: d.flag_names.iter().map(|n| (*n).to_owned()).collect(),
+        target: d.target,
+        image,
+        layer_digest,
+        recipe,
+    }
+}
+
 /// Reports readiness (or failure) to whoever started us: stdout in the foreground, the
-/// parent's pipe with --daemon.
+/// parent's pipe with --daemon (`ok <Ready as JSON>` or `err <message>`, one line; the parent
+/// prints it as asked).
 #[derive(Clone)]
 struct Notifier {
     pipe: Arc<Mutex<Option<File>>>,
+    json: bool,
 }
 
 impl Notifier {
-    fn ready(&self, r: &Ready) {
-        match self.pipe.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(mut p) => {
-                let _ = writeln!(p, "ok {}", r.bdev);
-            }
-            None => {
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{}", r.bdev);
-                let _ = out.flush();
-            }
+    fn new(pipe: Option<File>, json: bool) -> Notifier {
+        Notifier {
+            pipe: Arc::new(Mutex::new(pipe)),
+            json,
         }
+    }
+
+    fn ready(&self, r: &Ready) -> Result<()> {
+        let line = r.to_line()?;
+        match self.pipe.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(mut p) => writeln!(p, "ok {line}").context("reporting readiness")?,
+            None => print_ready(r, &line, self.json)?,
+        }
+        Ok(())
     }
 
     fn failed(&self, e: &anyhow::Error) {
@@ -308,9 +349,7 @@ fn start(run: &RunArgs) -> Result<Notifier> {
     if !run.daemon {
         init_tracing();
         isolate_mounts();
-        return Ok(Notifier {
-            pipe: Arc::new(Mutex::new(None)),
-        });
+        return Ok(Notifier::new(None, run.ready_json));
     }
     let log = match &run.log {
         Some(p) => Some(
@@ -349,47 +388,90 @@ fn start(run: &RunArgs) -> Result<Notifier> {
             drop(log);
             init_tracing();
             isolate_mounts();
-            Ok(Notifier {
-                pipe: Arc::new(Mutex::new(Some(File::from(wr)))),
-            })
+            Ok(Notifier::new(Some(File::from(wr)), run.ready_json))
         }
         _child => {
             drop(wr);
             let mut msg = String::new();
             File::from(rd).read_to_string(&mut msg)?;
-            match msg.lines().next() {
-                Some(l) if l.starts_with("ok ") => {
-                    println!("{}", &l[3..]);
-                    std::process::exit(0);
-                }
-                Some(l) if l.starts_with("err ") => bail!("{}", &l[4..]),
-                _ => bail!("the device server exited before the device was ready"),
+            let line = msg.lines().next().unwrap_or("");
+            if let Some(json) = line.strip_prefix("ok ") {
+                let r = Ready::from_output(json)?;
+                print_ready(&r, json, run.ready_json)?;
+                std::process::exit(0);
+            }
+            match line.strip_prefix("err ") {
+                Some(e) => bail!("{e}"),
+                None => bail!("the device server exited before the device was ready"),
             }
         }
     }
+}
+
+/// Prints the ready message: the JSON `line` for programs, the bare path for people
+/// (`mount "$(cora-driver add ... --daemon)" DIR`).
+fn print_ready(r: &Ready, line: &str, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(out, "{}", r.path.display())?;
+    }
+    out.flush().context("printing the ready message")
 }
 
 /// The server must not share a mount namespace with mounts of its own device: when it exits,
 /// tearing such a mount down would wait for I/O only it could serve (libublk-rs#50). A private
 /// namespace keeps mounts made elsewhere from propagating into ours.
 fn isolate_mounts() {
-    // SAFETY: plain syscalls with static, NUL-terminated arguments.
-    let ok = unsafe {
-        libc::unshare(libc::CLONE_NEWNS) == 0
-            && libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) == 0
-    };
-    if !ok {
+    if let Err(e) = cora_api::private_mount_namespace() {
         tracing::warn!(
-            "could not enter a private mount namespace ({}); do not mount the device in this \
-             server's namespace",
-            std::io::Error::last_os_error()
+            "could not enter a private mount namespace ({e}); do not mount the device in this \
+             server's namespace"
         );
+    }
+}
+
+/// The ready message for a served ublk device, once its node exists: devtmpfs creates it
+/// during START_DEV, so a missing node means whoever started us could not mount the path.
+fn ready_message(r: &ublk::Ready) -> Result<Ready> {
+    use std::os::unix::fs::FileTypeExt;
+    let path = PathBuf::from(&r.bdev);
+    let meta = std::fs::metadata(&path).with_context(|| {
+        format!(
+            "device {} is served but its node {} is missing (is /dev a devtmpfs?)",
+            r.id,
+            path.display()
+        )
+    })?;
+    if !meta.file_type().is_block_device() {
+        bail!("{} is not a block device", path.display());
+    }
+    Ok(Ready {
+        id: r.id,
+        path,
+        transport: TRANSPORT_UBLK.into(),
+        pid: std::process::id() as i32,
+    })
+}
+
+/// What the transport's ready callback does: report the device, or, when it cannot be
+/// reported, stop it (so serving ends) and leave the error for the caller to return.
+fn on_ready(n: &Notifier, failed: &Mutex<Option<anyhow::Error>>, r: &ublk::Ready) {
+    if let Err(e) = ready_message(r).and_then(|m| n.ready(&m)) {
+        tracing::error!(id = r.id, "{e:#}; stopping the device");
+        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        if let Err(s) = ublk::stop(r.id) {
+            tracing::error!(id = r.id, "stopping the device: {s}");
+        }
+    }
+}
+
+/// The error `on_ready` left, if any.
+fn take_failed(failed: &Mutex<Option<anyhow::Error>>) -> Result<()> {
+    match failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -504,13 +586,15 @@ fn add(args: AddArgs) -> Result<()> {
             lend: !args.no_lend,
         };
         let (n, stop_id) = (notifier.clone(), stop.id.clone());
+        let failed = Arc::new(Mutex::new(None));
+        let f = failed.clone();
         ublk::add(&opts, recipe.to_json(), source, move |r| {
             stop_id.store(r.id, Ordering::SeqCst);
-            n.ready(r)
+            on_ready(&n, &f, r)
         })
         .context("serving the device")?;
         drop(stats);
-        Ok(())
+        take_failed(&failed)
     })();
     if let Err(e) = &res {
         notifier.failed(e);
@@ -526,6 +610,8 @@ fn recover(id: u32, run: RunArgs) -> Result<()> {
         let n = notifier.clone();
         let stats_file = run.stats_file.clone();
         let mut stats = None;
+        let failed = Arc::new(Mutex::new(None));
+        let f = failed.clone();
         ublk::recover(
             id,
             |v| {
@@ -533,10 +619,11 @@ fn recover(id: u32, run: RunArgs) -> Result<()> {
                 stats = Some(StatsWriter::start(stats_file, source.clone())?);
                 Ok(source)
             },
-            move |r| n.ready(r),
+            move |r| on_ready(&n, &f, r),
         )
         .with_context(|| format!("recovering device {id}"))?;
         drop(stats);
+        take_failed(&failed)?;
         // A recovering server does not own the device's deletion, except when told to stop.
         if stop.requested.load(Ordering::SeqCst) {
             let _ = ublk::delete(id);
@@ -547,4 +634,229 @@ fn recover(id: u32, run: RunArgs) -> Result<()> {
         notifier.failed(e);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cora_api::driver as api;
+    use std::path::Path;
+
+    fn parse(args: Vec<String>) -> Cmd {
+        let argv = std::iter::once("cora-driver".to_owned()).chain(args.iter().cloned());
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.cmd,
+            Err(e) => panic!("{args:?} does not parse: {e}"),
+        }
+    }
+
+    // Building the contract's structs back from what clap parsed names every field, so a
+    // field added there fails to compile here until the daemon takes it.
+    fn registry_of(s: &SourceArgs) -> api::RegistryArgs {
+        api::RegistryArgs {
+            creds_file: s.creds.clone(),
+            insecure_hosts: s.insecure.clone(),
+            mirrors: s
+                .mirror
+                .iter()
+                .map(|m| {
+                    let m = lazy::registry::Mirror::parse(m);
+                    api::Mirror {
+                        host: m.host,
+                        insecure: m.insecure,
+                    }
+                })
+                .collect(),
+            ca_files: s.ca.clone(),
+        }
+    }
+
+    fn run_of(r: &RunArgs) -> api::RunArgs {
+        api::RunArgs {
+            daemon: r.daemon,
+            ready_json: r.ready_json,
+            log: r.log.clone(),
+            stats_file: r.stats_file.clone(),
+        }
+    }
+
+    fn registry() -> api::RegistryArgs {
+        api::RegistryArgs {
+            creds_file: Some("/etc/cora/cred.json".into()),
+            insecure_hosts: vec!["127.0.0.1:5000".into(), "r:1".into()],
+            mirrors: vec![
+                api::Mirror {
+                    host: "m:1".into(),
+                    insecure: true,
+                },
+                api::Mirror {
+                    host: "m:2".into(),
+                    insecure: false,
+                },
+            ],
+            ca_files: vec!["/ca1.pem".into(), "/ca 2.pem".into()],
+        }
+    }
+
+    #[test]
+    fn the_contracts_add_arguments_parse_into_every_field() {
+        let want = api::AddArgs {
+            image: "127.0.0.1:5000/app@sha256:1".into(),
+            layer_digest: Some("sha256:2".into()),
+            cache_dir: "/var/lib/cora/cache".into(),
+            cache_size: 3 << 30,
+            queues: 2,
+            registry: registry(),
+            run: api::RunArgs::background(Some("/r/h.log".into()), Some("/r/h.stats.json".into())),
+        };
+        let Cmd::Add(a) = parse(want.to_args()) else {
+            panic!("not add")
+        };
+        let got = api::AddArgs {
+            image: a.source.image.clone().unwrap_or_default(),
+            layer_digest: a.source.layer_digest.clone(),
+            cache_dir: a.source.cache.clone(),
+            cache_size: a.source.cache_size,
+            queues: a.queues,
+            registry: registry_of(&a.source),
+            run: run_of(&a.run),
+        };
+        assert_eq!(got, want);
+        // And what the contract leaves out keeps the daemon's defaults.
+        assert_eq!(
+            (a.source.file.as_ref(), a.source.layer, a.id),
+            (None, None, None)
+        );
+
+        let bare = api::AddArgs {
+            layer_digest: None,
+            registry: api::RegistryArgs::default(),
+            run: api::RunArgs::default(),
+            ..want
+        };
+        let Cmd::Add(a) = parse(bare.to_args()) else {
+            panic!("not add")
+        };
+        assert_eq!(a.source.layer_digest, None);
+        assert_eq!(registry_of(&a.source), api::RegistryArgs::default());
+        assert_eq!(run_of(&a.run), api::RunArgs::default());
+    }
+
+    #[test]
+    fn the_contracts_other_commands_parse() {
+        let want = api::RecoverArgs {
+            id: 7,
+            run: api::RunArgs::background(Some("/l".into()), Some("/s".into())),
+        };
+        let Cmd::Recover { id, run } = parse(want.to_args()) else {
+            panic!("not recover")
+        };
+        assert_eq!(
+            api::RecoverArgs {
+                id,
+                run: run_of(&run)
+            },
+            want
+        );
+
+        let want = api::UnpackArgs {
+            image: "h/app@sha256:1".into(),
+            layer_digest: Some("sha256:2".into()),
+            into: "/r/h.tree".into(),
+            registry: registry(),
+        };
+        let Cmd::Unpack(u) = parse(want.to_args()) else {
+            panic!("not unpack")
+        };
+        let got = api::UnpackArgs {
+            image: u.source.image.clone().unwrap_or_default(),
+            layer_digest: u.source.layer_digest.clone(),
+            into: u.into.clone(),
+            registry: registry_of(&u.source),
+        };
+        assert_eq!(got, want);
+
+        assert!(matches!(parse(api::del_args(3)), Cmd::Del { id: 3 }));
+        assert!(matches!(
+            parse(api::list_json_args()),
+            Cmd::List { json: true }
+        ));
+    }
+
+    #[test]
+    fn ready_needs_the_block_device_node() {
+        let r = |bdev: &str| ublk::Ready {
+            id: 9,
+            bdev: bdev.into(),
+            flags: 0,
+        };
+        let e = ready_message(&r("/dev/ublkb-none")).unwrap_err();
+        assert!(format!("{e:#}").contains("is missing"), "{e:#}");
+        assert!(
+            ready_message(&r("/dev/null")).is_err(),
+            "not a block device"
+        );
+        if let Some(b) = std::fs::read_dir("/dev")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                use std::os::unix::fs::FileTypeExt;
+                std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+            })
+        {
+            let m = ready_message(&r(&b.display().to_string())).unwrap();
+            assert_eq!((m.id, m.path.as_path()), (9, b.as_path()));
+            assert_eq!(m.transport, TRANSPORT_UBLK);
+            assert_eq!(m.pid, std::process::id() as i32);
+        }
+    }
+
+    #[test]
+    fn device_info_reads_our_recipe() {
+        let recipe = SourceRecipe::Image {
+            image: "h/app@sha256:1".into(),
+            layer: None,
+            layer_digest: Some("sha256:2".into()),
+            cache: "/c".into(),
+            cache_size: 1,
+            registry: Default::default(),
+            trace: Default::default(),
+            readahead: None,
+        };
+        let status = |target_data| ublk::DeviceStatus {
+            id: 4,
+            state: "QUIESCED".into(),
+            pid: -1,
+            size: 8192,
+            queues: 2,
+            depth: 128,
+            max_io_bytes: 1 << 20,
+            flags: 0,
+            flag_names: vec!["USER_RECOVERY"],
+            read_only: true,
+            bdev: "/dev/ublkb4".into(),
+            target: Some("cora".into()),
+            target_data,
+        };
+        let d = device_info(status(Some(serde_json::json!({
+            ublk::TARGET_NAME: { "recipe": recipe.to_json(), "size": 8192 }
+        }))));
+        assert_eq!(d.state, api::DeviceState::Quiesced);
+        assert_eq!(d.path, Path::new("/dev/ublkb4"));
+        assert_eq!(d.image.as_deref(), Some("h/app@sha256:1"));
+        assert_eq!(d.layer_digest.as_deref(), Some("sha256:2"));
+        assert_eq!(
+            d.recipe.as_ref().and_then(|r| r.get("kind")),
+            Some(&"image".into())
+        );
+        assert_eq!(d.flag_names, ["USER_RECOVERY"]);
+        // Another server's device: listed, with nothing of ours.
+        let other = device_info(status(Some(serde_json::json!({ "loop": {} }))));
+        assert_eq!(
+            (other.image, other.layer_digest, other.recipe),
+            (None, None, None)
+        );
+    }
 }

@@ -211,6 +211,18 @@ impl Filesystem for ImageFs {
         reply.ok();
     }
 
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is ever written (a loop device syncs its backing file on detach).
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match ino {
             ROOT => reply.opened(

@@ -8,26 +8,24 @@
 //! `fusermount3`.
 //!
 //! Reads call [`BlockSource::read`] once. Local bytes are answered inline on the event-loop
-//! thread; a [`Outcome::Miss`] is finished and answered on the thread that wakes it, so a
-//! fetch never holds up other requests. A read is clamped to the file: one that starts at or
-//! past the end gets 0 bytes (end of file), one that spans it gets the bytes inside.
+//! thread; a [`cora_read::Outcome::Miss`] is finished and answered on the thread that wakes
+//! it, so a fetch never holds up other requests. A read is clamped to the file: one that
+//! starts at or past the end gets 0 bytes (end of file), one that spans it gets the bytes
+//! inside.
 //!
 //! The image never changes while mounted, so the kernel may keep its page cache across opens
 //! (`FOPEN_KEEP_CACHE`) and attributes never expire in practice.
 //!
-//! FUSE over io_uring (Linux 6.14+): not used; fuser 0.18 only defines the
-//! `FUSE_OVER_IO_URING` init flag and has no ring transport, so requests go over
-//! `read`/`writev` on `/dev/fuse`.
+//! FUSE over io_uring (Linux 6.14+) is not used: fuser 0.18 has no io_uring transport (only
+//! the `FUSE_OVER_IO_URING` flag constant), so requests go over `read`/`writev` on `/dev/fuse`.
 
 mod fs;
 
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 pub use cora_read::BlockSource;
@@ -37,8 +35,9 @@ pub use cora_read::BlockSource;
 pub struct FuseOptions {
     /// Name of the one file in the mount's root.
     pub file_name: OsString,
-    /// Event-loop threads (each with its own `/dev/fuse` clone). Misses never occupy them,
-    /// but local reads are `pread`s that may wait on the disk, so a few let those overlap.
+    /// Event-loop threads (each with its own `/dev/fuse` clone); default: one per CPU, at most
+    /// 4. Misses never occupy them, but local reads are `pread`s of cache files that may wait
+    /// on the disk, and copying 1 MiB replies takes CPU: a few threads let those overlap.
     pub threads: usize,
     /// Let the source lend memory-resident bytes (reads of at least [`LEND_MIN_BYTES`]), which
     /// go to the kernel without a copy in user space.
@@ -74,6 +73,7 @@ pub const MAX_REQUEST: usize = 1 << 20;
 /// maps a whole cached chunk on first touch, which costs more than one small `pread`).
 pub const LEND_MIN_BYTES: usize = 64 << 10;
 
+/// Why mounting, serving or unmounting failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
     #[error("invalid file name {0:?}: give one non-empty path component")]
@@ -83,7 +83,7 @@ pub enum FuseError {
     #[error("unmounting {path}: {source}")]
     Unmount { path: PathBuf, source: io::Error },
     #[error(
-        "{path} is busy (an erofs mount or loop device still uses its file): still mounted and served"
+        "{path} is busy (an erofs mount, loop device or open file uses it); still mounted, served"
     )]
     Busy { path: PathBuf },
     #[error("FUSE session at {path} ended with an error: {source}")]
@@ -108,39 +108,40 @@ pub fn mount(
         path: mountpoint.to_path_buf(),
         source,
     };
-    // The path we unmount later must be the one the kernel mounted on (fuser resolves it too).
+    // The path we unmount later must be the one the kernel mounted on.
     let path = mountpoint.canonicalize().map_err(mount_err)?;
-    let config = fuser_config(opts);
+    let fd = mount_fuse(&path, opts).map_err(mount_err)?;
     let fs = fs::ImageFs::new(source, opts);
-    // Mounts and answers the kernel's INIT before returning.
-    let session = fuser::Session::new(fs, &path, &config).map_err(mount_err)?;
-
+    // Until the session runs, nothing serves the mount: on failure take it away (lazily: with
+    // the device closed nothing can wait on it, but someone may have it open already).
+    let detach = |e| {
+        let _ = umount2(&path, libc::MNT_DETACH);
+        mount_err(e)
+    };
+    // Answers the kernel's INIT before returning.
+    let session = fuser::Session::from_fd(fs, fd, acl(opts), fuser_config(opts)).map_err(detach)?;
+    // Our mount's device, to tell it from whatever is mounted at the same path later.
+    let dev = mounted_devs(&path)
+        .map_err(detach)?
+        .pop()
+        .ok_or_else(|| detach(io::Error::other("the new mount is not in mountinfo")))?;
     let shared = Arc::new(Shared {
-        mountpoint: path,
-        ended: AtomicBool::new(false),
+        mountpoint: path.clone(),
+        dev,
     });
-    let ended = EndedOnDrop(Arc::clone(&shared));
     let thread = std::thread::Builder::new()
         .name("cora-fuse".into())
-        .spawn(move || {
-            let _ended = ended;
-            session.run()
-        })
-        .map_err(mount_err)?;
-    let mut mount = FuseMount {
+        .spawn(move || session.run())
+        .map_err(detach)?;
+    let (major, minor) = shared.dev;
+    let mount = FuseMount {
         image_path: shared.mountpoint.join(name),
         shared,
         thread: Some(thread),
-        connection: 0,
     };
-    // Only now: stat is a GETATTR, served by the session just started. It also proves the
-    // session answers before the caller gets the mount.
-    let dev = std::fs::metadata(&mount.shared.mountpoint)
-        .map_err(mount_err)?
-        .dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    // The kernel names connections by its own dev_t encoding (major << 20 | minor).
-    mount.connection = (u64::from(major) << 20) | u64::from(minor);
+    // A first request (GETATTR of the root), so the caller gets a mount that answers. On
+    // error the drop unmounts.
+    std::fs::metadata(mount.mountpoint()).map_err(mount_err)?;
     if let Some(kb) = opts.read_ahead_kb {
         // The INIT reply can only lower readahead below the kernel's offer (128 KiB); the
         // bdi knob raises it. Best effort: reads work either way.
@@ -162,72 +163,129 @@ pub fn serve(
     mount(source, mountpoint, opts)?.join()
 }
 
-fn fuser_config(opts: &FuseOptions) -> fuser::Config {
-    use fuser::MountOption as O;
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        O::RO,
-        O::DefaultPermissions,
-        O::FSName("cora".into()),
-        // fuser's own mount(2) path only uses Subtype as the source name; the kernel takes
-        // `subtype=` as an option and then lists the mount as `fuse.cora`.
-        O::CUSTOM("subtype=cora".into()),
-        O::CUSTOM(format!("max_read={MAX_REQUEST}")),
-    ];
-    config.acl = if opts.allow_other {
+/// Mounts a FUSE file system at `path` with mount(2) and returns its `/dev/fuse` connection.
+///
+/// Not through fuser's mount: at the end of a session fuser unmounts the mount point by path
+/// again (its "still mounted?" poll of the device reads POLLERR, meaning disconnected, as
+/// mounted), which would take away whatever is mounted there by then, such as a new mount
+/// of the same image. Owning the mount, this crate unmounts exactly once.
+fn mount_fuse(path: &Path, opts: &FuseOptions) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let rootmode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(path)?) & libc::S_IFMT;
+    // SAFETY: geteuid/getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let fd = dev.as_raw_fd();
+    let mut data = format!(
+        "fd={fd},rootmode={rootmode:o},user_id={uid},group_id={gid},\
+         default_permissions,max_read={MAX_REQUEST}"
+    );
+    if opts.allow_other {
+        data.push_str(",allow_other");
+    }
+    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(io::Error::other);
+    let (target, data) = (c(path.as_os_str().as_bytes())?, c(data.as_bytes())?);
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    // "fuse.cora": the kernel takes what follows the dot as the subtype (as libfuse mounts).
+    // SAFETY: every pointer is a NUL-terminated string that lives across the call.
+    let rc = unsafe {
+        libc::mount(
+            c"cora".as_ptr(),
+            target.as_ptr(),
+            c"fuse.cora".as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(dev.into())
+}
+
+fn acl(opts: &FuseOptions) -> fuser::SessionACL {
+    if opts.allow_other {
         fuser::SessionACL::All
     } else {
         fuser::SessionACL::Owner
-    };
+    }
+}
+
+fn fuser_config(opts: &FuseOptions) -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.acl = acl(opts);
     let threads = opts.threads.max(1);
     config.n_threads = Some(threads);
-    // Without clone_fd all threads read one fd; with it the kernel hands each its own queue.
+    // Without clone_fd all threads read one fd; with it each has its own (FUSE_DEV_IOC_CLONE)
+    // and the kernel answers on the fd a request was read from.
     config.clone_fd = threads > 1;
     config
 }
 
 struct Shared {
     mountpoint: PathBuf,
-    /// The session has ended (its event loops returned): nothing is mounted any more.
-    ended: AtomicBool,
-}
-
-struct EndedOnDrop(Arc<Shared>);
-
-impl Drop for EndedOnDrop {
-    // A drop, so a panicking session also counts as ended.
-    fn drop(&mut self) {
-        self.0.ended.store(true, Ordering::SeqCst);
-    }
+    /// The mount's device (major, minor).
+    dev: (u32, u32),
 }
 
 impl Shared {
+    /// Unmounts our mount, if it is still there: not whatever is mounted at the path by now.
     fn umount(&self, flags: libc::c_int) -> Result<(), FuseError> {
-        if self.ended.load(Ordering::SeqCst) {
-            return Ok(());
-        }
         let path = &self.mountpoint;
-        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| {
-            FuseError::Unmount {
-                path: path.clone(),
-                source: io::Error::new(io::ErrorKind::InvalidInput, e),
+        let err = |source| FuseError::Unmount {
+            path: path.clone(),
+            source,
+        };
+        let devs = mounted_devs(path).map_err(err)?;
+        match devs.iter().position(|d| *d == self.dev) {
+            // Gone already (unmounted from outside); the session ends by itself.
+            None => return Ok(()),
+            Some(i) if i + 1 < devs.len() => {
+                return Err(err(io::Error::other("another mount covers it")));
             }
-        })?;
-        // SAFETY: umount2 reads a NUL-terminated path that lives across the call.
-        if unsafe { libc::umount2(c_path.as_ptr(), flags) } == 0 {
-            return Ok(());
+            Some(_) => {}
         }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EBUSY) => Err(FuseError::Busy { path: path.clone() }),
-            // Not a mount point any more: unmounted from outside; the session ends by itself.
-            Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
-            _ => Err(FuseError::Unmount {
-                path: path.clone(),
-                source: err,
-            }),
+        match umount2(path, flags) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                Err(FuseError::Busy { path: path.clone() })
+            }
+            // Gone between the look and the unmount.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            Err(e) => Err(err(e)),
         }
     }
+}
+
+/// The devices (major, minor) of the mounts at `path`, bottom to top, from
+/// `/proc/self/mountinfo`.
+fn mounted_devs(path: &Path) -> io::Result<Vec<(u32, u32)>> {
+    // mountinfo escapes these as octal.
+    let mut want = String::new();
+    for c in path.to_string_lossy().chars() {
+        match c {
+            ' ' => want.push_str("\\040"),
+            '\t' => want.push_str("\\011"),
+            '\n' => want.push_str("\\012"),
+            '\\' => want.push_str("\\134"),
+            c => want.push(c),
+        }
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            // ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ...
+            let mut fields = line.split(' ');
+            let dev = fields.nth(2)?;
+            (fields.nth(1)? == want).then_some(())?;
+            let (major, minor) = dev.split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .collect())
 }
 
 /// A mounted source. Unmounts on drop (lazily, if something still uses the file).
@@ -235,14 +293,13 @@ pub struct FuseMount {
     shared: Arc<Shared>,
     image_path: PathBuf,
     thread: Option<JoinHandle<io::Result<()>>>,
-    connection: u64,
 }
 
 impl std::fmt::Debug for FuseMount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FuseMount")
             .field("image_path", &self.image_path)
-            .field("connection", &self.connection)
+            .field("dev", &self.shared.dev)
             .finish_non_exhaustive()
     }
 }
@@ -261,7 +318,8 @@ impl FuseMount {
     /// The kernel's id of this FUSE connection: its directory in `/sys/fs/fuse/connections/`
     /// (with `abort`, `waiting`, `max_background`).
     pub fn connection(&self) -> u64 {
-        self.connection
+        // The kernel's own dev_t encoding.
+        (u64::from(self.shared.dev.0) << 20) | u64::from(self.shared.dev.1)
     }
 
     /// A handle that unmounts from another thread (a signal handler thread, say); [`join`]
@@ -345,6 +403,17 @@ impl std::fmt::Debug for Unmounter {
 impl Unmounter {
     pub fn unmount(&self) -> Result<(), FuseError> {
         self.0.umount(0)
+    }
+}
+
+fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: umount2 reads a NUL-terminated path that lives across the call.
+    if unsafe { libc::umount2(c_path.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -9,11 +9,13 @@ use cora_read::FileSource;
 
 #[test]
 fn reads_at_and_past_the_end_are_short_or_empty() {
+    let _serial = common::serial();
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("img");
     let data = pattern(10_000, 5);
     std::fs::write(&path, &data).unwrap();
-    let dir = tmp.path().join("mnt");
+    // A space: mountinfo escapes it, and unmounting must still find the mount.
+    let dir = tmp.path().join("mnt dir");
     std::fs::create_dir(&dir).unwrap();
     let mut fuse = mount(
         Arc::new(FileSource::open(&path).unwrap()),
@@ -41,6 +43,7 @@ fn reads_at_and_past_the_end_are_short_or_empty() {
 
 #[test]
 fn an_empty_image_reads_as_an_empty_file() {
+    let _serial = common::serial();
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("img");
     std::fs::write(&path, b"").unwrap();

@@ -178,6 +178,7 @@ fn one_thread() -> FuseOptions {
 
 #[test]
 fn a_local_read_is_answered_while_misses_wait() {
+    let _serial = common::serial();
     let size = (16 * PIECE + 1234) as usize;
     // Pieces 0..4 are local, the rest are fetched on demand.
     let src = Arc::new(Lazy::new(size, 0..4, false));
@@ -220,7 +221,9 @@ fn a_local_read_is_answered_while_misses_wait() {
 
     // Fetched now: served inline.
     let hits = src.0.hits.load(Ordering::SeqCst);
-    assert!(pread(&file, 5 * PIECE, PIECE as usize).unwrap() == src.bytes(5 * PIECE, PIECE as usize));
+    assert!(
+        pread(&file, 5 * PIECE, PIECE as usize).unwrap() == src.bytes(5 * PIECE, PIECE as usize)
+    );
     assert_eq!(src.0.hits.load(Ordering::SeqCst), hits + 1);
 
     drop(file);
@@ -230,6 +233,7 @@ fn a_local_read_is_answered_while_misses_wait() {
 
 #[test]
 fn concurrent_reads_from_many_threads_return_the_right_bytes() {
+    let _serial = common::serial();
     let size = (40 * PIECE + 777) as usize;
     let src = Arc::new(Lazy::new(size, 0..0, true));
     let dir = tempfile::tempdir().unwrap();
@@ -261,12 +265,15 @@ fn concurrent_reads_from_many_threads_return_the_right_bytes() {
     for t in threads {
         t.join().unwrap();
     }
+    // Drop unmounts as well.
+    let connection = fuse.connection();
     drop(fuse);
-    assert_eq!(common::mountinfo_line(dir.path()), None);
+    assert_gone(dir.path(), connection);
 }
 
 #[test]
 fn a_failed_fetch_gives_eio_and_a_later_read_succeeds() {
+    let _serial = common::serial();
     let size = (8 * PIECE) as usize;
     let src = Arc::new(Lazy::new(size, 0..1, true));
     let dir = tempfile::tempdir().unwrap();
@@ -307,8 +314,9 @@ impl BlockSource for Slicing {
             Some(lend) => {
                 // Uneven slices, one per started 20000 bytes.
                 let iov: Vec<_> = bytes.chunks(20_000).map(IoSlice::new).collect();
-                lend(&iov)?;
+                // Counted first: lending answers the reader, who may look right away.
                 self.lent.fetch_add(1, Ordering::SeqCst);
+                lend(&iov)?;
                 Ok(Outcome::Lent)
             }
             None => {
@@ -321,6 +329,7 @@ impl BlockSource for Slicing {
 
 #[test]
 fn lent_slices_reach_the_reader() {
+    let _serial = common::serial();
     let src = Arc::new(Slicing {
         data: pattern(3 << 20, 11),
         lent: AtomicUsize::new(0),
@@ -337,4 +346,72 @@ fn lent_slices_reach_the_reader() {
     assert_eq!(src.lent.load(Ordering::SeqCst), lent);
     // The whole file through the page cache.
     assert!(std::fs::read(fuse.image_path()).unwrap() == src.data);
+}
+
+/// Misses whose wake-up runs inside `when_ready` (the fetch was done by then), or never runs
+/// because the source drops it.
+struct Quirky {
+    data: Vec<u8>,
+    drop_wake: bool,
+}
+
+struct QuirkyPending {
+    bytes: Vec<u8>,
+    drop_wake: bool,
+}
+
+impl PendingRead for QuirkyPending {
+    fn when_ready(&mut self, wake: Box<dyn FnOnce() + Send>) {
+        if self.drop_wake {
+            drop(wake);
+        } else {
+            wake();
+        }
+    }
+    fn finish(self: Box<Self>, buf: &mut [u8]) -> io::Result<()> {
+        buf.copy_from_slice(&self.bytes);
+        Ok(())
+    }
+}
+
+impl BlockSource for Quirky {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read(&self, offset: u64, buf: &mut [u8], _: Option<&mut Lend<'_>>) -> io::Result<Outcome> {
+        check_range(offset, buf.len(), self.size())?;
+        let bytes = self.data[offset as usize..offset as usize + buf.len()].to_vec();
+        Ok(Outcome::Miss(Miss::new(QuirkyPending {
+            bytes,
+            drop_wake: self.drop_wake,
+        })))
+    }
+}
+
+#[test]
+fn misses_woken_inline_are_answered_and_dropped_wake_ups_fail() {
+    let _serial = common::serial();
+    for drop_wake in [false, true] {
+        let src = Arc::new(Quirky {
+            data: pattern(200_000, 13),
+            drop_wake,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let fuse = mount(src.clone(), dir.path(), &one_thread()).unwrap();
+        let file = open_image(&fuse, true);
+        for (offset, len) in [(0, 4096), (8192, 100_000), (196_608, 8192)] {
+            match pread(&file, offset, len) {
+                Ok(got) if !drop_wake => {
+                    let end = (offset as usize + len).min(src.data.len());
+                    assert!(got == src.data[offset as usize..end], "read at {offset}");
+                }
+                Err(e) if drop_wake => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+                other => panic!("drop_wake {drop_wake}, read at {offset}: {other:?}"),
+            }
+        }
+        let connection = fuse.connection();
+        drop(file);
+        drop(fuse);
+        assert_gone(dir.path(), connection);
+    }
 }

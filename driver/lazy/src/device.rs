@@ -214,8 +214,11 @@ impl LazyImage {
             .thread_name("cora-fetch")
             .enable_all()
             .build()?;
-        let (manifest, remotes) =
-            crate::remote::open_image(&image, &registry.config(), rt.handle()).map_err(io_other)?;
+        let crate::remote::OpenedImage {
+            manifest,
+            sources: remotes,
+            client,
+        } = crate::remote::open_image(&image, &registry.config(), rt.handle()).map_err(io_other)?;
         let top = layer.resolve(&manifest.layers)?;
         // A large fd cache keeps warm reads at one lookup; its default size follows the limit.
         if let Err(e) = crate::cache::raise_nofile_limit() {
@@ -248,9 +251,11 @@ impl LazyImage {
             }
             None => None,
         };
-        if !trace.no_prefetch {
-            let (cfg, handle) = (registry.config(), rt.handle().clone());
-            source.start_prefetch(move || crate::trace::lookup_for_prefetch(&image, &cfg, &handle));
+        if let Some(client) = client.filter(|_| !trace.no_prefetch) {
+            let handle = rt.handle().clone();
+            source.start_prefetch(move || {
+                crate::trace::lookup_for_prefetch(&image, &client, &handle)
+            });
         }
         Ok(LazyImage {
             source,

@@ -70,29 +70,19 @@ impl BlobRead for RegistryBlobs {
     }
 }
 
-/// The sources a lazy read tries, in order: each mirror, then the upstream. Integrity
-/// failures move to the next one, so the client itself is built without mirrors.
-pub fn sources_for(
-    cfg: &ClientConfig,
-    reference: &Reference,
-    rt: Handle,
-) -> Result<Vec<Arc<dyn BlobRead>>, RemoteError> {
-    let mut cfg = cfg.clone();
-    let mirrors: Vec<Mirror> = std::mem::take(&mut cfg.mirrors);
-    for m in &mirrors {
-        if m.insecure && !cfg.insecure_hosts.contains(&m.host) {
-            cfg.insecure_hosts.push(m.host.clone());
-        }
-    }
-    let client = Client::new(cfg)?;
+/// The blob sources a lazy read of `reference` tries, in order: each mirror of `client`, then
+/// the upstream. One source per mirror (not the client's own mirror fallback) so a source that
+/// serves corrupt bytes is skipped for the next; all share `client`'s connections and tokens.
+pub fn sources_for(client: &Client, reference: &Reference, rt: Handle) -> Vec<Arc<dyn BlobRead>> {
+    let direct = client.without_mirrors();
     let mut out: Vec<Arc<dyn BlobRead>> = Vec::new();
-    for m in mirrors {
+    for m in client.mirrors() {
         let mut r = reference.clone();
-        r.registry = m.host;
-        out.push(Arc::new(RegistryBlobs::new(client.clone(), r, rt.clone())));
+        r.registry = m.host.clone();
+        out.push(Arc::new(RegistryBlobs::new(direct.clone(), r, rt.clone())));
     }
-    out.push(Arc::new(RegistryBlobs::new(client, reference.clone(), rt)));
-    Ok(out)
+    out.push(Arc::new(RegistryBlobs::new(direct, reference.clone(), rt)));
+    out
 }
 
 /// Fetch the manifest of `reference` (following a multi-platform index to linux/amd64).
@@ -189,19 +179,31 @@ impl RegistryAccess {
     }
 }
 
-/// The manifest of `image` and the blob sources a lazy read tries, in order.
+/// An image opened for lazy reads: its manifest, the blob sources tried in order, and (for a
+/// registry image) the one client every request of this image goes through.
+pub struct OpenedImage {
+    pub manifest: Manifest,
+    pub sources: Vec<Arc<dyn BlobRead>>,
+    pub client: Option<Client>,
+}
+
+/// Opens `image` for lazy reads (one registry client for the manifest, blobs and traces).
 pub fn open_image(
     image: &crate::imageref::ImageRef,
     cfg: &ClientConfig,
     rt: &Handle,
-) -> Result<(Manifest, Vec<Arc<dyn BlobRead>>), RemoteError> {
+) -> Result<OpenedImage, RemoteError> {
     use crate::imageref::ImageRef;
     match image {
         ImageRef::Layout { path, tag } => {
             let img = oci::open_layout(path, tag.as_deref())?;
             let blobs: Arc<dyn BlobRead> =
                 Arc::new(crate::blobs::LayoutBlobs { root: path.clone() });
-            Ok((img.manifest, vec![blobs]))
+            Ok(OpenedImage {
+                manifest: img.manifest,
+                sources: vec![blobs],
+                client: None,
+            })
         }
         ImageRef::Dir(_) => Err(RemoteError::Image(format!(
             "{image}: dir: is a conversion source only"
@@ -210,8 +212,12 @@ pub fn open_image(
             let reference: Reference = r.parse()?;
             let client = Client::new(cfg.clone())?;
             let (manifest, _) = rt.block_on(fetch_manifest(&client, &reference))?;
-            let sources = sources_for(cfg, &reference, rt.clone())?;
-            Ok((manifest, sources))
+            let sources = sources_for(&client, &reference, rt.clone());
+            Ok(OpenedImage {
+                manifest,
+                sources,
+                client: Some(client),
+            })
         }
     }
 }

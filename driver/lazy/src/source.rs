@@ -23,6 +23,7 @@ use crate::blobs::BlobRead;
 use crate::cache::{ChunkCache, ChunkDigest};
 use blobfmt::oci::{Manifest, annotation};
 use blobfmt::{ChunkEntry, Footer, Piece, Stack, StreamId, Trailer, decode_chunk, oci_digest};
+use cora_api::driver::{DriverStats, LatencyHistogram};
 use cora_read::{BlockSource, Lend, Miss, Outcome, PendingRead};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,31 +81,10 @@ pub struct SourceStats {
 pub const FETCH_LATENCY_BOUNDS: [f64; 10] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
-/// A histogram of range request latencies (non-cumulative counts; `le` = upper bounds).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct LatencyHistogram {
-    pub le: Vec<f64>,
-    pub counts: Vec<u64>,
-    pub sum_seconds: f64,
-    pub count: u64,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct StatsSnapshot {
-    pub hits: u64,
-    pub misses: u64,
-    pub fetched_bytes: u64,
-    pub requests: u64,
-    pub corrupt: u64,
-    pub fetch_errors: u64,
-    pub fetch_seconds: LatencyHistogram,
-    pub readahead: u64,
-    pub prefetched: u64,
-}
-
 impl SourceStats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        StatsSnapshot {
+    /// The counters as the driver's stats file carries them.
+    pub fn snapshot(&self) -> DriverStats {
+        DriverStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),

@@ -380,7 +380,7 @@ pub async fn find(
 /// is a warning and an empty list, never a failure of the caller.
 pub fn lookup_for_prefetch(
     image: &crate::imageref::ImageRef,
-    cfg: &crate::registry::ClientConfig,
+    client: &Client,
     rt: &tokio::runtime::Handle,
 ) -> Vec<ChunkDigest> {
     let crate::imageref::ImageRef::Registry(r) = image else {
@@ -388,16 +388,15 @@ pub fn lookup_for_prefetch(
     };
     let found = (|| -> Result<Option<Trace>, TraceError> {
         let reference: Reference = r.parse()?;
-        let client = Client::new(cfg.clone())?;
         rt.block_on(async {
             // A reference by digest (as the snapshotter pins images) already names the manifest:
             // one request less before the prefetch can start. A tag is resolved first (an index
             // to this platform's manifest, which is what `cora trace push` stores the trace for).
             let subject = match &reference.digest {
                 Some(d) => d.clone(),
-                None => resolve_manifest(&client, &reference).await?.0,
+                None => resolve_manifest(client, &reference).await?.0,
             };
-            find(&client, &reference, &subject).await
+            find(client, &reference, &subject).await
         })
     })();
     match found {

@@ -53,17 +53,19 @@ pub struct Manifest {
     pub digest: String,
 }
 
-/// OCI distribution client. Cheap to clone; all clones share one connection pool,
-/// token cache, concurrency limit and counters.
+/// OCI distribution client. Cheap to clone; all clones (and [`Client::without_mirrors`]
+/// views) share one connection pool, token cache, concurrency limit and counters.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Tried in order before the upstream for blob reads.
+    mirrors: Arc<[Mirror]>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("mirrors", &self.inner.mirrors)
+            .field("mirrors", &self.mirrors)
             .field("insecure_hosts", &self.inner.insecure)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
@@ -89,7 +91,6 @@ struct Inner {
     http: HyperClient<Connector, ReqBody>,
     creds: CredStore,
     insecure: Vec<(String, Option<u16>)>,
-    mirrors: Vec<Mirror>,
     timeout: Duration,
     max_retries: u32,
     backoff: Duration,
@@ -375,12 +376,19 @@ impl Client {
                 .ok_or_else(|| config_err(format!("insecure_hosts: cannot parse {h:?}")))?;
             insecure.push((name.to_ascii_lowercase(), port));
         }
+        // A mirror marked insecure is reached over plain HTTP also when addressed directly
+        // (a lazy source reads each mirror as a source of its own, see without_mirrors).
+        for m in cfg.mirrors.iter().filter(|m| m.insecure) {
+            if let Some((name, port)) = split_host_port(m.host.trim()) {
+                insecure.push((name.to_ascii_lowercase(), port));
+            }
+        }
         Ok(Client {
+            mirrors: cfg.mirrors.into(),
             inner: Arc::new(Inner {
                 http,
                 creds,
                 insecure,
-                mirrors: cfg.mirrors,
                 timeout: cfg.request_timeout,
                 max_retries: cfg.max_retries,
                 backoff: cfg.retry_backoff,
@@ -391,6 +399,20 @@ impl Client {
                 proxies,
             }),
         })
+    }
+
+    /// This client without its mirrors: requests go only where their reference points. Shares
+    /// connections, tokens and counters with `self`.
+    pub fn without_mirrors(&self) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            mirrors: Arc::from(Vec::new()),
+        }
+    }
+
+    /// The mirrors this client tries before the upstream.
+    pub fn mirrors(&self) -> &[Mirror] {
+        &self.mirrors
     }
 
     /// Counters since creation.
@@ -424,7 +446,6 @@ impl Client {
 
     fn blob_sources(&self, r: &Reference) -> Vec<Source> {
         let mut v: Vec<Source> = self
-            .inner
             .mirrors
             .iter()
             .map(|m| Source {

@@ -8,6 +8,16 @@ use std::process::Command;
 
 use cora_fuse::FuseMount;
 
+/// Held by every test that mounts, for its whole run. The kernel reuses a gone connection's
+/// number for the next FUSE mount, so a test running beside another could find "its"
+/// connection alive; and a mount(8) child forked by one test holds copies of the other's open
+/// files until it execs, which can make an unmount busy.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Runs `cmd`, panicking with its output unless it succeeds.
 pub fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -25,8 +35,7 @@ pub fn mountinfo_line(path: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let want = path.to_str().unwrap();
     info.lines()
-        .filter(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(want))
-        .last()
+        .rfind(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(want))
         .map(str::to_owned)
 }
 
@@ -80,6 +89,29 @@ impl MountGuard {
         }
     }
 
+    /// A file-backed erofs mount of `image` with mount(2). Not mount(8): util-linux 2.38
+    /// turns a regular-file source into a loop device on its own.
+    pub fn erofs_file(image: &Path, dir: &Path) -> MountGuard {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        let (source, target) = (c(image), c(dir));
+        // SAFETY: NUL-terminated strings that live across the call; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                c"erofs".as_ptr(),
+                libc::MS_RDONLY,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "mount erofs: {}", std::io::Error::last_os_error());
+        MountGuard {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
     pub fn unmount(&mut self) {
         if std::mem::take(&mut self.mounted) {
             run(Command::new("umount").arg(&self.dir));
@@ -90,7 +122,14 @@ impl MountGuard {
 impl Drop for MountGuard {
     fn drop(&mut self) {
         if std::mem::take(&mut self.mounted) {
-            let _ = Command::new("umount").arg(&self.dir).status();
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                // Still busy while a test fails: at least take it out of the tree.
+                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            }
         }
     }
 }
