@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 /// The transport of ublk devices (`/dev/ublkbN`), as named in [`Ready`] and [`DeviceInfo`].
 pub const TRANSPORT_UBLK: &str = "ublk";
+/// The FUSE transport: one read-only image file on a FUSE mount.
+pub const TRANSPORT_FUSE: &str = "fuse";
 
 /// A registry mirror tried before the image's own registry (`--mirror HOST[,insecure]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -382,9 +384,9 @@ pub struct DeviceInfo {
     pub state: DeviceState,
     /// The serving process (meaningless unless `state` is LIVE).
     pub pid: i32,
-    /// [`TRANSPORT_UBLK`].
+    /// [`TRANSPORT_UBLK`] or [`TRANSPORT_FUSE`].
     pub transport: String,
-    /// The block device node (`/dev/ublkbN`).
+    /// What to mount: the block device node (`/dev/ublkbN`) or the FUSE image file.
     pub path: PathBuf,
     /// Size in bytes (0 until the device was started once).
     #[serde(default)]

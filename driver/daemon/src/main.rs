@@ -1,5 +1,8 @@
 //! `cora-driver`: the device process. Serves one layer stack of a CORA image (or a plain image
-//! file) read-only through a kernel transport; one process per device.
+//! file) read-only through a kernel transport (ublk, or FUSE where the kernel has no ublk);
+//! one process per device.
+mod fuse_device;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -10,11 +13,16 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use cora_api::driver::{DeviceInfo, Ready, TRANSPORT_UBLK};
+use fuse_device::FUSE_ID_BASE;
 use lazy::device::{SourceRecipe, TraceOptions};
 use ublk::DeviceOptions;
 
 #[derive(Parser)]
-#[command(name = "cora-driver", about = "CORA ublk block server", version)]
+#[command(
+    name = "cora-driver",
+    about = "CORA device server: one layer stack through ublk or FUSE",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -22,16 +30,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a read-only device and serve it; prints /dev/ublkbN once it is ready.
+    /// Create a read-only device and serve it; prints what to mount once it is ready
+    /// (/dev/ublkbN, or the FUSE image file).
     Add(Box<AddArgs>),
-    /// List ublk devices.
+    /// List devices of both transports.
     List {
         /// Print a JSON array of `cora_api::driver::DeviceInfo`.
         #[arg(long)]
         json: bool,
+        #[arg(long, default_value = fuse_device::DEFAULT_DIR)]
+        fuse_dir: PathBuf,
     },
     /// Stop and delete a device.
-    Del { id: u32 },
+    Del {
+        id: u32,
+        #[arg(long, default_value = fuse_device::DEFAULT_DIR)]
+        fuse_dir: PathBuf,
+    },
     /// Serve again a device whose server died (UBLK_F_USER_RECOVERY), from what `add` recorded.
     Recover {
         id: u32,
@@ -54,10 +69,46 @@ struct UnpackArgs {
     into: PathBuf,
 }
 
+/// Which kernel interface serves a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    /// ublk where `/dev/ublk-control` can be opened, else FUSE.
+    Auto,
+    Ublk,
+    Fuse,
+}
+
+impl Transport {
+    fn resolve(self) -> Transport {
+        match self {
+            Transport::Auto => match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/ublk-control")
+            {
+                Ok(_) => Transport::Ublk,
+                Err(e) => {
+                    tracing::info!(
+                        "ublk unavailable (/dev/ublk-control: {e}); serving through FUSE"
+                    );
+                    Transport::Fuse
+                }
+            },
+            t => t,
+        }
+    }
+}
+
 #[derive(Args)]
 struct AddArgs {
     #[command(flatten)]
     source: SourceArgs,
+    /// Kernel interface serving the device.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    transport: Transport,
+    /// Where FUSE devices are mounted and recorded.
+    #[arg(long, default_value = fuse_device::DEFAULT_DIR)]
+    fuse_dir: PathBuf,
     /// Device id (default: the kernel picks one).
     #[arg(long)]
     id: Option<u32>,
@@ -201,8 +252,12 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Add(args) => add(*args),
         Cmd::Recover { id, run } => recover(id, run),
-        Cmd::List { json } => list(json),
-        Cmd::Del { id } => {
+        Cmd::List { json, fuse_dir } => list(json, &fuse_dir),
+        Cmd::Del { id, fuse_dir } if id >= FUSE_ID_BASE => {
+            init_tracing();
+            fuse_device::delete(&fuse_dir, id, std::time::Duration::from_secs(30))
+        }
+        Cmd::Del { id, .. } => {
             init_tracing();
             ublk::delete(id).with_context(|| format!("deleting device {id}"))
         }
@@ -245,19 +300,25 @@ fn init_tracing() {
     cora_api::logging::init_default("warn");
 }
 
-fn list(json: bool) -> Result<()> {
-    let devs: Vec<DeviceInfo> = ublk::list()?.into_iter().map(device_info).collect();
+fn list(json: bool, fuse_dir: &std::path::Path) -> Result<()> {
+    // A kernel without ublk has no ublk devices, which is no reason to fail the listing.
+    let ublk_devs = match std::path::Path::new("/sys/class/ublk-char").exists() {
+        true => ublk::list()?,
+        false => Vec::new(),
+    };
+    let mut devs: Vec<DeviceInfo> = ublk_devs.into_iter().map(device_info).collect();
+    devs.extend(fuse_device::list(fuse_dir));
     if json {
         println!("{}", serde_json::to_string_pretty(&devs)?);
         return Ok(());
     }
     println!(
-        "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} FLAGS / SOURCE",
-        "ID", "STATE", "PID", "SIZE", "Q", "DEPTH", "TARGET"
+        "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} {:<4} FLAGS / SOURCE",
+        "ID", "STATE", "PID", "SIZE", "Q", "DEPTH", "TARGET", "VIA"
     );
     for d in devs {
         println!(
-            "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} {}{} {}",
+            "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} {:<4} {}{} {}",
             d.id,
             d.state,
             d.pid,
@@ -265,6 +326,7 @@ fn list(json: bool) -> Result<()> {
             d.queues,
             d.depth,
             d.target.as_deref().unwrap_or("-"),
+            d.transport,
             if d.read_only { "RO " } else { "" },
             d.flag_names.join(","),
             d.recipe.map(|r| r.to_string()).unwrap_or_default()
@@ -345,10 +407,12 @@ impl Notifier {
 
 /// With --daemon, forks: the parent waits for the child's ready line, prints it and exits;
 /// the child continues detached. Must run before any thread is started.
-fn start(run: &RunArgs) -> Result<Notifier> {
+fn start(run: &RunArgs, isolate: bool) -> Result<Notifier> {
     if !run.daemon {
         init_tracing();
-        isolate_mounts();
+        if isolate {
+            isolate_mounts();
+        }
         return Ok(Notifier::new(None, run.ready_json));
     }
     let log = match &run.log {
@@ -387,7 +451,9 @@ fn start(run: &RunArgs) -> Result<Notifier> {
             }
             drop(log);
             init_tracing();
-            isolate_mounts();
+            if isolate {
+                isolate_mounts();
+            }
             Ok(Notifier::new(Some(File::from(wr)), run.ready_json))
         }
         _child => {
@@ -569,12 +635,37 @@ fn write_stats(path: &std::path::Path, source: &dyn cora_read::BlockSource) -> s
 }
 
 fn add(args: AddArgs) -> Result<()> {
-    let notifier = start(&args.run)?;
+    let transport = args.transport.resolve();
+    // A FUSE mount must be made where its users are: only ublk servers get a namespace of
+    // their own (see isolate_mounts).
+    let notifier = start(&args.run, transport == Transport::Ublk)?;
     let res = (|| {
         let recipe = recipe(&args.source)?;
         let source = recipe
             .open()
             .with_context(|| format!("opening the source {recipe:?}"))?;
+        if transport == Transport::Fuse {
+            let stats = StatsWriter::start(args.run.stats_file.clone(), source.clone())?;
+            let (image, layer_digest) = match &recipe {
+                SourceRecipe::Image {
+                    image,
+                    layer_digest,
+                    ..
+                } => (Some(image.clone()), layer_digest.clone()),
+                SourceRecipe::File { .. } => (None, None),
+            };
+            let n = notifier.clone();
+            fuse_device::serve(
+                &args.fuse_dir,
+                recipe.to_json(),
+                image,
+                layer_digest,
+                source,
+                move |r| n.ready(r),
+            )?;
+            drop(stats);
+            return Ok(());
+        }
         let stop = StopOnSignal::install()?;
         let stats = StatsWriter::start(args.run.stats_file.clone(), source.clone())?;
         let opts = DeviceOptions {
@@ -603,7 +694,10 @@ fn add(args: AddArgs) -> Result<()> {
 }
 
 fn recover(id: u32, run: RunArgs) -> Result<()> {
-    let notifier = start(&run)?;
+    if id >= FUSE_ID_BASE {
+        bail!("FUSE device {id} cannot be recovered: start a new device for its stack");
+    }
+    let notifier = start(&run, true)?;
     let res = (|| {
         let stop = StopOnSignal::install()?;
         stop.id.store(id, Ordering::SeqCst);
@@ -776,10 +870,10 @@ mod tests {
         };
         assert_eq!(got, want);
 
-        assert!(matches!(parse(api::del_args(3)), Cmd::Del { id: 3 }));
+        assert!(matches!(parse(api::del_args(3)), Cmd::Del { id: 3, .. }));
         assert!(matches!(
             parse(api::list_json_args()),
-            Cmd::List { json: true }
+            Cmd::List { json: true, .. }
         ));
     }
 

@@ -1,0 +1,197 @@
+//! CORA natively on a host without ublk: `cora-driver add --transport fuse` serves a CORA
+//! image from docker-registry as one file on a FUSE mount, erofs mounts that file, and the
+//! tree reads back equal to the one converted; a second read after dropping the page cache is
+//! served from the chunk cache; `del` leaves no mount, no FUSE connection and no process.
+
+use anyhow::{Context, Result, bail};
+use cora_api::driver::{DeviceInfo, DriverStats, Ready};
+use cora_tests::fixtures::{self, cora_bin, run};
+use cora_tests::registry::Registry;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// erofs mounted with mount(2) on the FUSE file (file-backed; `mount(8)` would set up a loop
+/// device instead), unmounted on drop.
+struct ErofsMount(PathBuf);
+
+impl ErofsMount {
+    fn new(file: &Path, dir: &Path) -> Result<ErofsMount> {
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::create_dir_all(dir)?;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        let (src, dst) = (c(file)?, c(dir)?);
+        // SAFETY: valid C strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                c"erofs".as_ptr(),
+                libc::MS_RDONLY,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "mount -t erofs {} {}: {}",
+                file.display(),
+                dir.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(ErofsMount(dir.to_owned()))
+    }
+}
+
+impl Drop for ErofsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn mounted(path: &Path) -> Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let p = path.to_string_lossy();
+    Ok(info.lines().any(|l| l.split(' ').nth(4) == Some(&*p)))
+}
+
+fn stats(path: &Path) -> Result<DriverStats> {
+    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
+
+fn drop_caches() -> Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
+}
+
+#[test]
+fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse missing: this test needs FUSE");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("cora-fuse-")
+        .tempdir_in("/var/tmp")?;
+    let reg = Registry::start()?;
+    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
+    let src = tmp.path().join("src");
+    blobfmt::dirsrc::layout_from_dirs(&[&tree], &src, "v1", true)?;
+    let image = format!("{}/app:cora", reg.host);
+    run(Command::new(cora_bin("cora"))
+        .args(["convert", "--insecure", &reg.host])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(&image))?;
+    let blob_bytes: u64 = {
+        let out = run(Command::new(cora_bin("cora")).args([
+            "--insecure",
+            &reg.host,
+            "inspect",
+            "--json",
+            &image,
+        ]))?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v["layers"]
+            .as_array()
+            .context("inspect --json has no layers")?
+            .iter()
+            .filter_map(|l| l["size"].as_u64())
+            .sum()
+    };
+
+    let fuse_dir = tmp.path().join("fuse");
+    let stats_file = tmp.path().join("stats.json");
+    let driver = cora_bin("cora-driver");
+    let out = run(Command::new(&driver)
+        .args(["add", "--transport", "fuse", "--ready-json", "--daemon"])
+        .args(["--image", &image, "--insecure", &reg.host])
+        .arg("--cache")
+        .arg(tmp.path().join("cache"))
+        .arg("--fuse-dir")
+        .arg(&fuse_dir)
+        .arg("--stats-file")
+        .arg(&stats_file)
+        .arg("--log")
+        .arg(tmp.path().join("driver.log")))?;
+    let ready = Ready::from_output(&out)?;
+    assert_eq!(ready.transport, "fuse");
+    assert!(
+        ready.path.is_file(),
+        "{} is not a file",
+        ready.path.display()
+    );
+    let list = run(Command::new(&driver)
+        .args(["list", "--json", "--fuse-dir"])
+        .arg(&fuse_dir))?;
+    let devs = DeviceInfo::parse_list(&list)?;
+    let dev = devs
+        .iter()
+        .find(|d| d.id == ready.id)
+        .with_context(|| format!("device {} not listed: {list}", ready.id))?;
+    assert_eq!(dev.transport, "fuse");
+    assert_eq!(dev.image.as_deref(), Some(image.as_str()));
+
+    let mnt = tmp.path().join("mnt");
+    {
+        let _m = ErofsMount::new(&ready.path, &mnt)?;
+        assert!(
+            fixtures::tree_manifest(&mnt)? == fixtures::tree_manifest(&tree)?,
+            "the tree served through FUSE differs from the converted one"
+        );
+    }
+    // The stats file is rewritten every second; the final one comes with `del` below.
+    let driver_log = || std::fs::read_to_string(tmp.path().join("driver.log")).unwrap_or_default();
+    cora_tests::wait_until(Duration::from_secs(10), || {
+        Ok(stats(&stats_file).is_ok_and(|s| s.misses > 0))
+    })
+    .with_context(driver_log)?;
+    let cold = stats(&stats_file)?;
+    assert!(
+        cold.fetched_bytes <= blob_bytes,
+        "fetched {} of {blob_bytes} stored bytes for one read of the tree",
+        cold.fetched_bytes
+    );
+
+    // Warm: the page cache dropped, every byte again, none of it from the network.
+    drop_caches()?;
+    {
+        let _m = ErofsMount::new(&ready.path, &mnt)?;
+        assert!(fixtures::tree_manifest(&mnt)? == fixtures::tree_manifest(&tree)?);
+    }
+    cora_tests::wait_until(Duration::from_secs(10), || {
+        Ok(stats(&stats_file).is_ok_and(|s| s.hits > cold.hits))
+    })
+    .with_context(driver_log)?;
+    let warm = stats(&stats_file)?;
+    assert_eq!(
+        warm.fetched_bytes, cold.fetched_bytes,
+        "a warm read went to the network"
+    );
+    println!(
+        "fuse: cold read of the tree fetched {} of {blob_bytes} bytes ({} chunks); warm: {} more hits, 0 bytes fetched",
+        cold.fetched_bytes,
+        cold.misses,
+        warm.hits - cold.hits
+    );
+
+    run(Command::new(&driver)
+        .args(["del", &ready.id.to_string(), "--fuse-dir"])
+        .arg(&fuse_dir))?;
+    // SAFETY: signal 0 only checks existence.
+    assert!(
+        unsafe { libc::kill(ready.pid, 0) } != 0,
+        "the server (pid {}) outlived del",
+        ready.pid
+    );
+    let fuse_mnt = ready.path.parent().context("image file has no parent")?;
+    assert!(!mounted(fuse_mnt)?, "{} still mounted", fuse_mnt.display());
+    assert!(!fuse_mnt.exists(), "{} left behind", fuse_mnt.display());
+    let list = run(Command::new(&driver)
+        .args(["list", "--json", "--fuse-dir"])
+        .arg(&fuse_dir))?;
+    assert!(
+        DeviceInfo::parse_list(&list)?
+            .iter()
+            .all(|d| d.id != ready.id),
+        "device still listed after del: {list}"
+    );
+    Ok(())
+}
