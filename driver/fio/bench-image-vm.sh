@@ -23,7 +23,7 @@ OUT=${CORA_FIO_RESULTS:-$REG_SRC/../results.txt}
 export FIO_RUNTIME=${FIO_RUNTIME:-10}
 fail() { echo "bench-fio: $*" >&2; exit 1; }
 log() { echo "bench-fio: [$(cut -d" " -f1 /proc/uptime)] $*" >&2; }
-[ -x "$D" ] || fail "$D missing: cargo build --release -p driver"
+[ -x "$D" ] || fail "$D missing: cargo build --release --bins"
 [ -d "$REG_SRC/docker" ] || fail "$REG_SRC has no registry data (cargo xtask bench fio makes it)"
 command -v rublk >/dev/null || fail "rublk not on PATH (cargo xtask tools)"
 

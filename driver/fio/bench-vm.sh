@@ -12,7 +12,7 @@ export FIO_RUNTIME=${FIO_RUNTIME:-10}
 T=$(mktemp -d /tmp/bench.XXXXXX)
 IMG=$T/img
 fail() { echo "bench: $*" >&2; exit 1; }
-[ -x "$D" ] || fail "$D missing: cargo build --release -p driver"
+[ -x "$D" ] || fail "$D missing: cargo build --release --bins"
 command -v rublk >/dev/null || fail "rublk not on PATH (cargo xtask tools)"
 
 fio --name=fill --filename="$IMG" --rw=write --bs=1m --size="$FIO_SIZE" --refill_buffers \

@@ -10,7 +10,7 @@ MB=$2
 here=$(cd "$(dirname "$0")" && pwd)
 C=${CORA:-$here/../../target/release/cora}
 fail() { echo "prepare-image: $*" >&2; exit 1; }
-[ -x "$C" ] || fail "$C missing: cargo build --release -p driver"
+[ -x "$C" ] || fail "$C missing: cargo build --release --bins"
 stamp="$OUT/registry/.cora-fio-$MB"
 if [ -e "$stamp" ]; then
     echo "prepare-image: reusing $OUT/registry ($MB MB tree)" >&2

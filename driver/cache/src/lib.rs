@@ -39,7 +39,7 @@
 //! 90 % of the limit. Other processes' inserts are seen at the next scan, which each process
 //! forces after inserting 1/8 of the limit, bounding the overshoot.
 //!
-//! # Measured (`cargo bench -p driver --bench cache`: 256 MiB as 4096 chunks of 64 KiB, warm)
+//! # Measured (`cargo bench -p cora-cache --bench cache`: 256 MiB as 4096 chunks of 64 KiB, warm)
 //! Best of 7 interleaved rounds on the shared 2-core dev VM (load ~13, so ±30 % noise),
 //! against `pread` on one plain file holding the same bytes in the same run:
 //!

@@ -6,7 +6,7 @@
 //! mount -t erofs -o ro MOUNTPOINT/image /mnt/x     # in another shell
 //! ```
 //!
-//! `RUST_LOG=debug` shows fuser's negotiation with the kernel.
+//! `CORA_LOG=debug` shows fuser's negotiation with the kernel.
 use std::error::Error;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,9 +15,7 @@ use cora_fuse::{FuseOptions, Unmounter};
 use cora_read::FileSource;
 
 fn main() -> Result<(), Box<dyn Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .init();
+    cora_api::logging::init_default("warn");
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
     let [image, mountpoint] = &args[..] else {
         return Err("usage: file_image IMAGE MOUNTPOINT".into());

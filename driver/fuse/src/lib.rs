@@ -69,9 +69,7 @@ impl Default for FuseOptions {
 /// Largest read the kernel sends (`max_read`, `max_pages`), and the readahead asked for.
 pub const MAX_REQUEST: usize = 1 << 20;
 
-/// Smaller reads are copied, not lent: the same trade-off as the ublk transport's (lending
-/// maps a whole cached chunk on first touch, which costs more than one small `pread`).
-pub const LEND_MIN_BYTES: usize = 64 << 10;
+pub use cora_read::LEND_MIN_BYTES;
 
 /// Why mounting, serving or unmounting failed.
 #[derive(Debug, thiserror::Error)]

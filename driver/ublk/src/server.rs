@@ -337,10 +337,7 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, io_buf: &mut IoBuf<
     }
 }
 
-/// Smaller reads are copied, not lent: lending maps the whole chunk (about 16 pages) on its first
-/// touch, which costs more than one small pread (fio 4 KiB random on a warm device under TCG:
-/// 889 IOPS copying, 234 lending; 1 MiB reads gain from lending).
-const LEND_MIN_BYTES: usize = 64 << 10;
+use cora_read::LEND_MIN_BYTES;
 
 async fn read(
     ctx: &QueueCtx,
