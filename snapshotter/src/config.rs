@@ -5,6 +5,9 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// How CORA layer stacks are served: `auto` (ublk, else FUSE), `ublk` or `fuse`.
+pub use cora_api::driver::Transport;
+
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/cora/snapshotter.json";
 pub const DEFAULT_ROOT: &str = "/var/lib/cora-snapshotter";
 pub const DEFAULT_ADDRESS: &str = "/run/cora-snapshotter/cora.sock";
@@ -72,6 +75,8 @@ pub struct Config {
     pub driver_path: Option<PathBuf>,
     /// Registries (`host[:port]`) reached over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// The kernel interface for lazily served stacks; without one, CORA layers are unpacked.
+    pub transport: Transport,
 }
 
 /// The file as written; enums and sizes stay strings here so their errors can name the field.
@@ -96,6 +101,7 @@ struct RawConfig {
     driver_path: Option<PathBuf>,
     #[serde(default)]
     insecure_registries: Vec<String>,
+    transport: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,6 +214,12 @@ impl Config {
             None => 10 << 30,
             Some(s) => parse_size(s).map_err(|m| field_err("cacheSize", m))?,
         };
+        let transport = match raw.transport.as_deref() {
+            None => Transport::Auto,
+            Some(t) => t
+                .parse()
+                .map_err(|e| field_err("transport", format!("{e}")))?,
+        };
         let cache_dir = raw.cache_dir.unwrap_or_else(|| root.join("cache"));
         if !cache_dir.is_absolute() {
             return Err(field_err("cacheDir", "must be an absolute path".into()));
@@ -231,6 +243,7 @@ impl Config {
             cache_dir,
             driver_path: raw.driver_path,
             insecure_registries: raw.insecure_registries,
+            transport,
         })
     }
 }
@@ -261,6 +274,7 @@ mod tests {
         assert_eq!(c.cache_dir, PathBuf::from(DEFAULT_ROOT).join("cache"));
         assert!(!c.exporter_config.enable);
         assert!(c.attach_on_pull);
+        assert_eq!(c.transport, Transport::Auto);
     }
 
     #[test]
@@ -271,7 +285,8 @@ mod tests {
             "exporterConfig":{"enable":true,"uriPrefix":"/m","port":9000},
             "mirrorRegistry":[{"host":"127.0.0.1:5000","insecure":true}],
             "credentialFile":"/etc/cora/creds.json","cacheSize":"512M","cacheDir":"/c",
-            "driverPath":"/usr/bin/cora-driver","insecureRegistries":["127.0.0.1:5000"]}"#,
+            "driverPath":"/usr/bin/cora-driver","insecureRegistries":["127.0.0.1:5000"],
+            "transport":"fuse"}"#,
         )
         .unwrap();
         assert_eq!(c.verbose, Verbose::Debug);
@@ -284,6 +299,11 @@ mod tests {
         assert_eq!(c.cache_dir, PathBuf::from("/c"));
         assert_eq!(c.driver_path, Some(PathBuf::from("/usr/bin/cora-driver")));
         assert_eq!(c.insecure_registries, ["127.0.0.1:5000"]);
+        assert_eq!(c.transport, Transport::Fuse);
+        assert_eq!(
+            parse(r#"{"transport":"ublk"}"#).unwrap().transport,
+            Transport::Ublk
+        );
     }
 
     #[test]
@@ -316,6 +336,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("insecureRegistries[0]"), "{e}");
+        let e = parse(r#"{"transport":"nbd"}"#).unwrap_err().to_string();
+        assert!(e.contains("transport") && e.contains("nbd"), "{e}");
         let e = parse(r#"{"root":"relative"}"#).unwrap_err().to_string();
         assert!(e.contains("root"), "{e}");
         assert!(parse("{").is_err());

@@ -43,11 +43,13 @@ fn main() -> Result<()> {
         report_caller: config.log_report_caller,
     });
 
-    let ublk = UblkLayers::new(UblkOptions::from_config(&config));
-    let remote: Arc<dyn RemoteLayers> = match ublk.available() {
-        Ok(()) => {
-            tracing::info!("lazy CORA layers: served by cora-driver ublk devices");
-            Arc::new(ublk)
+    let layers = UblkLayers::new(UblkOptions::from_config(&config));
+    // Probed once here, so the log says at start which transport serves CORA layers and why.
+    let selected = layers.selection().map(|s| s.to_string());
+    let remote: Arc<dyn RemoteLayers> = match selected {
+        Ok(why) => {
+            tracing::info!("lazy CORA layers: {why}");
+            Arc::new(layers)
         }
         Err(e) => {
             // The snapshotter warns once, with this reason, when a CORA layer first arrives.

@@ -17,7 +17,7 @@ pub const RPCS: [&str; 10] = [
 pub struct Metrics {
     rpc_total: [AtomicU64; 10],
     rpc_errors: [AtomicU64; 10],
-    /// ublk devices currently attached.
+    /// Layer stacks currently attached (ublk or FUSE devices, or unpacked fallbacks).
     pub devices: AtomicI64,
 }
 
@@ -89,7 +89,7 @@ impl Metrics {
             (
                 "cora_devices",
                 "gauge",
-                "Attached ublk devices.",
+                "Attached layer stacks (ublk or FUSE devices, or unpacked fallbacks).",
                 self.devices.load(Relaxed) as f64,
             ),
             (

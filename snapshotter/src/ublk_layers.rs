@@ -1,18 +1,24 @@
-//! The lazy backend: one `cora-driver` ublk device per CORA layer stack, its file system
-//! mounted read-only under `<root>/remote/<hash of the stack key>`.
+//! The lazy backend: one `cora-driver` device per CORA layer stack, served through ublk
+//! (`/dev/ublkbN`) or, where the kernel has no ublk, FUSE (the stack image as one read-only
+//! file), its file system mounted read-only under `<root>/remote/<hash of the stack key>`.
 //!
 //! ```text
 //! <root>/remote/<h>/            mount point of the stack's file system
-//! <root>/remote/<h>.json        state: stack key, device id, mount point, image, layer digest
+//! <root>/remote/<h>.json        state: stack key, transport, device id, mount point, image,
+//!                               layer digest, loop device (FUSE on kernels without file-backed
+//!                               erofs)
 //! <root>/remote/<h>.stats.json  the driver's counters (rewritten by it every second)
 //! <root>/remote/<h>.log         the driver's log
+//! <root>/fuse/                  the drivers' FUSE mounts and their records (`--fuse-dir`)
 //! ```
 //!
 //! The state file lets a restarted snapshotter find the live device and mount of a stack and
-//! hand out the same path, so running containers keep their lowerdir. The driver is started
+//! hand out the same path, so running containers keep their lowerdir. A ublk driver is started
 //! in a mount namespace of its own (private propagation): a ublk server that exits in a
 //! namespace holding a mount of its own device deadlocks (libublk-rs#50), and our mount is made
-//! in the snapshotter's namespace, which containerd shares.
+//! in the snapshotter's namespace, which containerd shares. A FUSE driver runs in ours: its
+//! FUSE mount must be visible where we mount the image file, and a private copy of a FUSE mount
+//! in any other namespace would keep its server alive after `del`.
 use crate::config::Config;
 use crate::remote::{
     DriverStats, KeyedLocks, LABEL_CORA_PREFIX, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST,
@@ -20,7 +26,7 @@ use crate::remote::{
 };
 use cora_api::driver::{
     self as contract, DeviceInfo, DeviceState, Mirror, Ready, RecoverArgs, RegistryArgs, RunArgs,
-    TRANSPORT_UBLK, UnpackArgs,
+    Transport, UnpackArgs,
 };
 use sha2::Digest as _;
 use std::ffi::CString;
@@ -48,6 +54,10 @@ const QUEUES: u16 = 2;
 pub struct UblkOptions {
     /// State directory (`<root>/remote`).
     pub dir: PathBuf,
+    /// Which transport to serve stacks through (`auto`: ublk, else FUSE).
+    pub transport: Transport,
+    /// Where FUSE devices are mounted and recorded (`<root>/fuse`).
+    pub fuse_dir: PathBuf,
     /// Configured driver binary; `None` = next to our own binary, then `PATH`.
     pub driver: Option<PathBuf>,
     pub cache_dir: PathBuf,
@@ -60,6 +70,8 @@ impl UblkOptions {
     pub fn from_config(c: &Config) -> UblkOptions {
         UblkOptions {
             dir: c.root.join("remote"),
+            transport: c.transport,
+            fuse_dir: c.root.join("fuse"),
             driver: c.driver_path.clone(),
             cache_dir: c.cache_dir.clone(),
             cache_size: c.cache_size,
@@ -80,12 +92,49 @@ impl UblkOptions {
     }
 }
 
+/// The transport picked at start, and why (for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// [`Transport::Ublk`] or [`Transport::Fuse`], never `Auto`.
+    pub transport: Transport,
+    /// What was found on this host and what serves CORA layers, as one log line.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// A read-only loop device a FUSE image file is attached to, for kernels whose erofs cannot
+/// mount a regular file (and for ext4, which never can).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct LoopDevice {
+    /// `/dev/loopN`.
+    device: PathBuf,
+    /// The FUSE image file behind it, checked before detaching (the number may have been
+    /// reused since, e.g. after a reboot).
+    backing_file: PathBuf,
+}
+
+fn ublk() -> Transport {
+    Transport::Ublk
+}
+
 /// What is recorded per attached stack.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct StackState {
     stack_key: String,
+    /// How the device is served (unused when `unpacked`); state files from before FUSE
+    /// existed are ublk ones.
+    #[serde(default = "ublk")]
+    transport: Transport,
     /// Unused when `unpacked`.
     device_id: u32,
+    /// Set when the FUSE image file is mounted through a loop device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loop_device: Option<LoopDevice>,
     /// The stack could not be served lazily and was unpacked into `mountpoint`, a plain
     /// directory.
     #[serde(default)]
@@ -98,7 +147,10 @@ struct StackState {
 pub struct UblkLayers {
     opts: UblkOptions,
     driver: Result<PathBuf, String>,
-    kernel: OnceLock<Result<(), String>>,
+    /// The transport, probed once (on first use: at start, `available`).
+    selection: OnceLock<Result<Selection, String>>,
+    /// Set once the FUSE dir holds no records of an earlier boot.
+    fuse_dir_checked: OnceLock<()>,
     /// Serialises attach/detach of one stack (they start and delete its device and edit its
     /// state file); different stacks attach in parallel.
     stack_locks: KeyedLocks,
@@ -112,7 +164,8 @@ impl UblkLayers {
         UblkLayers {
             opts,
             driver,
-            kernel: OnceLock::new(),
+            selection: OnceLock::new(),
+            fuse_dir_checked: OnceLock::new(),
             stack_locks: KeyedLocks::default(),
             retired: Mutex::new(DriverStats::default()),
         }
@@ -122,6 +175,29 @@ impl UblkLayers {
         self.driver
             .as_deref()
             .map_err(|e| RemoteError::Unavailable(e.clone()))
+    }
+
+    /// The transport stacks are served through (probed on first call), and why; an error when
+    /// neither the driver nor a transport is there (CORA layers are unpacked then).
+    pub fn selection(&self) -> Result<&Selection, RemoteError> {
+        self.driver()?;
+        self.selection
+            .get_or_init(|| select_transport(self.opts.transport, probe_ublk, probe_fuse))
+            .as_ref()
+            .map_err(|e| RemoteError::Unavailable(e.clone()))
+    }
+
+    /// `--fuse-dir` of every driver command (all go through here); records a reboot made
+    /// stale are dropped before the first, which also writes the boot marker before any
+    /// driver records a device there.
+    fn fuse_dir(&self) -> Option<&Path> {
+        let dir = &self.opts.fuse_dir;
+        self.fuse_dir_checked.get_or_init(|| {
+            if let Err(e) = forget_earlier_boots(dir) {
+                warn!(dir = %dir.display(), "clearing FUSE records of an earlier boot: {e}");
+            }
+        });
+        Some(dir)
     }
 
     fn paths(&self, stack_key: &str) -> StackPaths {
@@ -148,8 +224,9 @@ impl UblkLayers {
     }
 
     /// The live device and mount a state file describes, made whole again where possible
-    /// (remount if only the mount is gone, recover if only the server died). `None` when the
-    /// device is gone; stale leftovers are cleared then.
+    /// (remount if only the mount is gone, recover if only a ublk server died). `None` when
+    /// the device is gone (a FUSE device whose server died is: it cannot be recovered); stale
+    /// leftovers are cleared then.
     fn reuse(&self, p: &StackPaths, st: &StackState, fs_type: &str) -> Option<PathBuf> {
         if st.unpacked {
             if st.mountpoint.is_dir() {
@@ -159,32 +236,92 @@ impl UblkLayers {
             return None;
         }
         let driver = self.driver().ok()?;
-        let dev = device_info(driver, st.device_id)
+        let fuse = st.transport == Transport::Fuse;
+        let ns = Namespace::of(st.transport);
+        let dev = device_info(driver, st.device_id, self.fuse_dir(), ns)
             .filter(|d| d.layer_digest.as_deref() == Some(st.layer_digest.as_str()));
         let Some(dev) = dev else {
             info!(stack = %st.stack_key, id = st.device_id, "device of the recorded stack is gone; attaching anew");
-            let _ = unmount(&st.mountpoint);
+            if fuse {
+                self.drop_fuse_mount(st);
+            } else {
+                let _ = unmount(&st.mountpoint);
+            }
             let _ = std::fs::remove_file(&p.state);
             return None;
         };
+        if fuse && dev.state != DeviceState::Live {
+            info!(stack = %st.stack_key, id = st.device_id, state = %dev.state, "the FUSE server of the recorded stack died; attaching anew");
+            self.drop_fuse_mount(st);
+            // `del` of a dead FUSE device clears what its server left (the broken mount, its
+            // record).
+            if let Err(e) = run_driver(
+                driver,
+                &contract::del_args(st.device_id, self.fuse_dir()),
+                DEL_TIMEOUT,
+                ns,
+            ) {
+                warn!(id = st.device_id, "clearing the dead FUSE device: {e}");
+            }
+            let _ = std::fs::remove_file(&p.state);
+            return None;
+        }
         if dev.state == DeviceState::Quiesced {
             info!(id = st.device_id, "the device's server died; recovering it");
             let args = RecoverArgs {
                 id: st.device_id,
                 run: self.run_args(p),
             };
-            if let Err(e) = run_driver(driver, &args.to_args(), ADD_TIMEOUT) {
+            if let Err(e) = run_driver(driver, &args.to_args(), ADD_TIMEOUT, Namespace::Private) {
                 warn!(id = st.device_id, "recover failed: {e}");
                 return None;
             }
         }
-        if !is_mountpoint(&st.mountpoint)
-            && let Err(e) = mount_ro(&dev.path, &st.mountpoint, fs_type)
-        {
-            warn!(id = st.device_id, "remounting: {e}");
-            return None;
+        if is_mountpoint(&st.mountpoint) {
+            return Some(st.mountpoint.clone());
         }
-        Some(st.mountpoint.clone())
+        if fuse {
+            // A loop device of the lost mount is of no use any more.
+            self.free_loop(st);
+        }
+        match mount_image(&dev.path, &st.mountpoint, fs_type, st.transport) {
+            Ok(loop_device) => {
+                if loop_device != st.loop_device {
+                    let st = StackState {
+                        loop_device,
+                        ..st.clone()
+                    };
+                    if let Err(e) = write_state(&p.state, &st) {
+                        warn!(id = st.device_id, "recording the remount: {e}");
+                    }
+                }
+                Some(st.mountpoint.clone())
+            }
+            Err(e) => {
+                warn!(id = st.device_id, "remounting: {e}");
+                None
+            }
+        }
+    }
+
+    /// Takes away the erofs mount of a FUSE stack whose device is gone or dead, and its loop
+    /// device. Detached, not unmounted: reads through it fail anyway, containers still using it
+    /// must not keep it in the way of the new mount.
+    fn drop_fuse_mount(&self, st: &StackState) {
+        if is_mountpoint(&st.mountpoint)
+            && let Err(e) = unmount_flags(&st.mountpoint, libc::MNT_DETACH)
+        {
+            warn!(mountpoint = %st.mountpoint.display(), "detaching the stale mount: {e}");
+        }
+        self.free_loop(st);
+    }
+
+    fn free_loop(&self, st: &StackState) {
+        if let Some(l) = &st.loop_device
+            && let Err(e) = loop_detach(l)
+        {
+            warn!(device = %l.device.display(), "freeing the loop device: {e}");
+        }
     }
 
     /// How a device of the stack at `p` runs: in the background, logging and writing its
@@ -193,7 +330,13 @@ impl UblkLayers {
         RunArgs::background(Some(p.log.clone()), Some(p.stats.clone()))
     }
 
-    fn add_args(&self, image: &str, layer_digest: &str, p: &StackPaths) -> contract::AddArgs {
+    fn add_args(
+        &self,
+        image: &str,
+        layer_digest: &str,
+        p: &StackPaths,
+        transport: Transport,
+    ) -> contract::AddArgs {
         let o = &self.opts;
         contract::AddArgs {
             image: image.to_owned(),
@@ -201,12 +344,14 @@ impl UblkLayers {
             cache_dir: o.cache_dir.clone(),
             cache_size: o.cache_size,
             queues: QUEUES,
+            transport,
+            fuse_dir: self.fuse_dir().map(Path::to_owned),
             registry: o.registry.clone(),
             run: self.run_args(p),
         }
     }
 
-    /// A ublk device serving the stack, mounted read-only at `p.mountpoint`.
+    /// A device serving the stack, mounted read-only at `p.mountpoint`.
     fn attach_device(
         &self,
         stack_key: &str,
@@ -219,49 +364,60 @@ impl UblkLayers {
         std::fs::create_dir_all(&p.mountpoint).map_err(|e| {
             RemoteError::Failed(format!("creating {}: {e}", p.mountpoint.display()))
         })?;
+        let transport = self.selection()?.transport;
+        let ns = Namespace::of(transport);
         // A stats file left by an earlier device of this stack (its driver may write once more
         // after `del`) must not be counted again.
         let _ = std::fs::remove_file(&p.stats);
         let started = Instant::now();
         let out = run_driver(
             driver,
-            &self.add_args(image, layer_digest, p).to_args(),
+            &self.add_args(image, layer_digest, p, transport).to_args(),
             ADD_TIMEOUT,
+            ns,
         )?;
         let ready = Ready::from_output(&out).map_err(|e| RemoteError::Failed(e.to_string()))?;
         let dev = ready.id;
         let delete = || {
-            if let Err(e) = run_driver(driver, &contract::del_args(dev), DEL_TIMEOUT) {
+            let args = contract::del_args(dev, self.fuse_dir());
+            if let Err(e) = run_driver(driver, &args, DEL_TIMEOUT, ns) {
                 warn!(id = dev, "deleting the device after a failed attach: {e}");
             }
         };
-        // The driver reports ready only once the node exists, so it can be mounted now.
-        let mounted = if ready.transport == TRANSPORT_UBLK {
-            mount_ro(&ready.path, &p.mountpoint, fs_type)
+        // The driver reports ready only once the node (ublk) or the file on its FUSE mount
+        // exists, so it can be mounted now.
+        let mounted = if ready.transport == transport.as_str() {
+            mount_image(&ready.path, &p.mountpoint, fs_type, transport)
         } else {
             Err(RemoteError::Failed(format!(
-                "cora-driver add served a {:?} device, not ublk",
+                "cora-driver add served a {:?} device, not {transport}",
                 ready.transport
             )))
         };
-        if let Err(e) = mounted {
-            delete();
-            return Err(e);
-        }
+        let loop_device = match mounted {
+            Ok(l) => l,
+            Err(e) => {
+                delete();
+                return Err(e);
+            }
+        };
         let st = StackState {
             stack_key: stack_key.to_owned(),
+            transport,
             device_id: dev,
+            loop_device,
             unpacked: false,
             mountpoint: p.mountpoint.clone(),
             image: image.to_owned(),
             layer_digest: layer_digest.to_owned(),
         };
-        if let Err(e) = write_atomic(&p.state, &serde_json::to_vec(&st).unwrap_or_default()) {
+        if let Err(e) = write_state(&p.state, &st) {
             let _ = unmount(&p.mountpoint);
+            self.free_loop(&st);
             delete();
             return Err(e);
         }
-        info!(stack = %stack_key, id = dev, took = ?started.elapsed(), mountpoint = %p.mountpoint.display(), "stack attached");
+        info!(stack = %stack_key, %transport, id = dev, took = ?started.elapsed(), mountpoint = %p.mountpoint.display(), "stack attached");
         Ok(p.mountpoint.clone())
     }
 
@@ -335,16 +491,24 @@ impl UblkLayers {
             into: p.tree.clone(),
             registry: self.opts.registry.clone(),
         };
-        let out = run_driver(driver, &args.to_args(), UNPACK_TIMEOUT)?;
+        // In FUSE mode even an unpack must not hold private copies of FUSE mounts (for the
+        // minutes it may take, a `del` would wait on them).
+        let ns = match self.selection() {
+            Ok(s) => Namespace::of(s.transport),
+            Err(_) => Namespace::Private,
+        };
+        let out = run_driver(driver, &args.to_args(), UNPACK_TIMEOUT, ns)?;
         let st = StackState {
             stack_key: stack_key.to_owned(),
+            transport: Transport::Ublk,
             device_id: 0,
+            loop_device: None,
             unpacked: true,
             mountpoint: p.tree.clone(),
             image: image.to_owned(),
             layer_digest: layer_digest.to_owned(),
         };
-        if let Err(e) = write_atomic(&p.state, &serde_json::to_vec(&st).unwrap_or_default()) {
+        if let Err(e) = write_state(&p.state, &st) {
             let _ = std::fs::remove_dir_all(&p.tree);
             return Err(e);
         }
@@ -387,11 +551,7 @@ struct StackPaths {
 
 impl RemoteLayers for UblkLayers {
     fn available(&self) -> Result<(), RemoteError> {
-        self.driver()?;
-        self.kernel
-            .get_or_init(kernel_has_ublk)
-            .clone()
-            .map_err(RemoteError::Unavailable)
+        self.selection().map(|_| ())
     }
 
     fn is_remote(&self, labels: &Labels) -> bool {
@@ -422,14 +582,23 @@ impl RemoteLayers for UblkLayers {
             return Ok(());
         }
         let driver = self.driver()?.to_owned();
+        // The file system first: a FUSE server then unmounts cleanly and exits at once.
         unmount(mountpoint)?;
         if let Some(st) = self.read_state(&p.state) {
-            match run_driver(&driver, &contract::del_args(st.device_id), DEL_TIMEOUT) {
+            if let Some(l) = &st.loop_device {
+                loop_detach(l)?;
+            }
+            let ns = Namespace::of(st.transport);
+            let id = st.device_id;
+            let gone = || match st.transport {
+                Transport::Fuse => device_info(&driver, id, self.fuse_dir(), ns).is_none(),
+                _ => !Path::new(&format!("/sys/block/ublkb{id}")).exists(),
+            };
+            let args = contract::del_args(id, self.fuse_dir());
+            match run_driver(&driver, &args, DEL_TIMEOUT, ns) {
                 Ok(_) => {}
                 // Already gone (e.g. after a reboot) is what we wanted.
-                Err(e) if !Path::new(&format!("/sys/block/ublkb{}", st.device_id)).exists() => {
-                    debug!(id = st.device_id, "del: {e} (device already gone)");
-                }
+                Err(e) if gone() => debug!(id, "del: {e} (device already gone)"),
                 Err(e) => return Err(e),
             }
             self.retire_stats(&p);
@@ -536,34 +705,139 @@ fn find_driver(configured: Option<&Path>) -> Result<PathBuf, String> {
         .ok_or_else(|| "cora-driver not found next to cora-snapshotter nor on PATH".to_owned())
 }
 
-fn kernel_has_ublk() -> Result<(), String> {
-    let ctl = Path::new("/dev/ublk-control");
-    if ctl.exists() {
-        return Ok(());
-    }
-    let _ = Command::new("modprobe")
-        .arg("ublk_drv")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if ctl.exists() {
-        Ok(())
-    } else {
-        Err("the kernel has no ublk (/dev/ublk-control missing, `modprobe ublk_drv` failed)".into())
+/// Picks the transport: `wanted`, or for `Auto` ublk when it works, else FUSE. The probes
+/// say what they found (`Ok`) or what is missing (`Err`), in words for the log.
+fn select_transport(
+    wanted: Transport,
+    ublk: impl FnOnce() -> Result<String, String>,
+    fuse: impl FnOnce() -> Result<String, String>,
+) -> Result<Selection, String> {
+    let via_ublk = |found: String, how: &str| Selection {
+        transport: Transport::Ublk,
+        reason: format!("{how}ublk: {found}; CORA layers served by cora-driver ublk devices"),
+    };
+    let via_fuse = |found: String, how: &str| Selection {
+        transport: Transport::Fuse,
+        reason: format!(
+            "{how}; serving CORA layers through FUSE ({found}; served by cora-driver FUSE devices)"
+        ),
+    };
+    match wanted {
+        Transport::Ublk => ublk()
+            .map(|found| via_ublk(found, "transport \"ublk\" configured; "))
+            .map_err(|e| format!("transport \"ublk\" configured, but ublk: {e}")),
+        Transport::Fuse => fuse()
+            .map(|found| via_fuse(found, "transport \"fuse\" configured"))
+            .map_err(|e| format!("transport \"fuse\" configured, but FUSE: {e}")),
+        Transport::Auto => match ublk() {
+            Ok(found) => Ok(via_ublk(found, "")),
+            Err(no_ublk) => fuse()
+                .map(|found| via_fuse(found, &format!("ublk: {no_ublk}")))
+                .map_err(|no_fuse| format!("ublk: {no_ublk}; FUSE: {no_fuse}")),
+        },
     }
 }
 
-/// Runs the driver with `args` in a mount namespace of its own and returns its stdout; fails on
-/// a nonzero exit or after `timeout` (the process is killed then).
-fn run_driver(driver: &Path, args: &[String], timeout: Duration) -> Result<String, RemoteError> {
+/// Whether ublk works: `/dev/ublk-control` (after `modprobe ublk_drv` if needed) opens.
+fn probe_ublk() -> Result<String, String> {
+    let ctl = Path::new("/dev/ublk-control");
+    let mut loaded = "";
+    if !ctl.exists() {
+        let _ = Command::new("modprobe")
+            .arg("ublk_drv")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !ctl.exists() {
+            return Err("/dev/ublk-control missing (modprobe ublk_drv failed)".into());
+        }
+        loaded = " after modprobe ublk_drv";
+    }
+    open_rw(ctl).map(|()| format!("/dev/ublk-control opens{loaded}"))
+}
+
+/// Whether FUSE works: `/dev/fuse` opens (the driver mounts with it; erofs then mounts the
+/// image file, or a loop device over it).
+fn probe_fuse() -> Result<String, String> {
+    open_rw(Path::new("/dev/fuse")).map(|()| "/dev/fuse opens".to_owned())
+}
+
+fn open_rw(p: &Path) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// After a reboot nothing is mounted under the FUSE dir, but the drivers' records there
+/// (`<n>.json`, naming a server pid) outlive it on a persistent root, and `del` would signal
+/// whatever process has such a pid now. So records of an earlier boot (by `boot_id`, kept
+/// beside them) are dropped before any driver reads them. Records without a marker count as
+/// older: the marker is written before our first driver command.
+fn forget_earlier_boots(fuse_dir: &Path) -> std::io::Result<()> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    let marker = fuse_dir.join("boot_id");
+    if std::fs::read_to_string(&marker).is_ok_and(|b| b == boot) {
+        return Ok(());
+    }
+    if let Ok(entries) = std::fs::read_dir(fuse_dir) {
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "json") {
+                std::fs::remove_file(&path)?;
+            } else if path.is_dir() && !is_mountpoint(&path) {
+                // Best effort: a directory that is not empty is not a leftover mount point.
+                let _ = std::fs::remove_dir(&path);
+            }
+        }
+    }
+    std::fs::create_dir_all(fuse_dir)?;
+    let tmp = marker.with_extension("tmp");
+    std::fs::write(&tmp, boot)?;
+    std::fs::rename(&tmp, &marker)
+}
+
+/// The mount namespace a driver command runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Namespace {
+    /// One of its own (private propagation): every command for ublk devices, whose servers
+    /// must not see our mounts of their devices (libublk-rs#50).
+    Private,
+    /// The snapshotter's: for FUSE devices, whose mounts must be where we mount their files,
+    /// and of which no other namespace may hold a copy (it would keep a deleted device's server
+    /// alive as long as that namespace lives).
+    Shared,
+}
+
+impl Namespace {
+    fn of(transport: Transport) -> Namespace {
+        match transport {
+            Transport::Fuse => Namespace::Shared,
+            Transport::Ublk | Transport::Auto => Namespace::Private,
+        }
+    }
+}
+
+/// Runs the driver with `args` in the namespace `ns` and returns its stdout; fails on a nonzero
+/// exit or after `timeout` (the process is killed then).
+fn run_driver(
+    driver: &Path,
+    args: &[String],
+    timeout: Duration,
+    ns: Namespace,
+) -> Result<String, RemoteError> {
     let mut cmd = Command::new(driver);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: private_mount_namespace is async-signal-safe (two syscalls, no allocation).
-    unsafe {
-        cmd.pre_exec(cora_api::private_mount_namespace);
+    if ns == Namespace::Private {
+        // SAFETY: private_mount_namespace is async-signal-safe (two syscalls, no allocation).
+        unsafe {
+            cmd.pre_exec(cora_api::private_mount_namespace);
+        }
     }
     let what = format!("{cmd:?}");
     let mut child = cmd
@@ -638,8 +912,13 @@ fn wait_exited(pid: u32) -> std::io::Result<()> {
 
 /// Device `id` as `cora-driver list --json` describes it; `None` when it is not listed (or the
 /// list cannot be had: then it is treated as gone, and the stack attached anew).
-fn device_info(driver: &Path, id: u32) -> Option<DeviceInfo> {
-    let list = run_driver(driver, &contract::list_json_args(), DEL_TIMEOUT)
+fn device_info(
+    driver: &Path,
+    id: u32,
+    fuse_dir: Option<&Path>,
+    ns: Namespace,
+) -> Option<DeviceInfo> {
+    let list = run_driver(driver, &contract::list_json_args(fuse_dir), DEL_TIMEOUT, ns)
         .map_err(|e| e.to_string())
         .and_then(|out| DeviceInfo::parse_list(&out).map_err(|e| e.to_string()));
     match list {
@@ -656,9 +935,103 @@ fn cstr(p: &Path) -> Result<CString, RemoteError> {
         .map_err(|_| RemoteError::Failed(format!("path {} contains NUL", p.display())))
 }
 
-fn mount_ro(dev: &Path, mountpoint: &Path, fs_type: &str) -> Result<(), RemoteError> {
-    let (src, dst) = (cstr(dev)?, cstr(mountpoint)?);
-    let fs = CString::new(fs_type).map_err(|_| RemoteError::Failed("bad fs type".into()))?;
+/// Mounts what a device serves read-only on `mountpoint`; returns the loop device it took.
+/// A ublk block device is mounted as it is, and so is a FUSE image file where erofs mounts
+/// regular files (file-backed, Linux 6.12+; not mount(8), which would set up a loop device).
+/// Where the kernel refuses a file (older kernels; ext4 always), the file is attached to a
+/// read-only loop device, which is mounted instead.
+fn mount_image(
+    path: &Path,
+    mountpoint: &Path,
+    fs_type: &str,
+    transport: Transport,
+) -> Result<Option<LoopDevice>, RemoteError> {
+    let failed = |what: &Path, e: std::io::Error| {
+        RemoteError::Failed(format!(
+            "mounting {} ({fs_type}) on {}: {e}",
+            what.display(),
+            mountpoint.display()
+        ))
+    };
+    let direct = match mount_ro(path, mountpoint, fs_type) {
+        Ok(()) => return Ok(None),
+        Err(e) => e,
+    };
+    if transport != Transport::Fuse
+        || !matches!(direct.raw_os_error(), Some(libc::EINVAL | libc::ENOTBLK))
+    {
+        return Err(failed(path, direct));
+    }
+    let l = loop_attach(path)?;
+    if let Err(e) = mount_ro(&l.device, mountpoint, fs_type) {
+        let _ = loop_detach(&l);
+        return Err(RemoteError::Failed(format!(
+            "{}; through {}: {}",
+            failed(path, direct),
+            l.device.display(),
+            failed(&l.device, e)
+        )));
+    }
+    info!(file = %path.display(), device = %l.device.display(), "the kernel does not mount the image file itself ({direct}); mounted it through a loop device");
+    Ok(Some(l))
+}
+
+/// `losetup --read-only --find --show FILE`.
+fn loop_attach(file: &Path) -> Result<LoopDevice, RemoteError> {
+    let out = Command::new("losetup")
+        .args(["--read-only", "--find", "--show"])
+        .arg(file)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| RemoteError::Failed(format!("running losetup: {e}")))?;
+    let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || device.is_empty() {
+        return Err(RemoteError::Failed(format!(
+            "losetup --read-only --find --show {} failed ({}): {}",
+            file.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(LoopDevice {
+        device: PathBuf::from(device),
+        backing_file: file.to_owned(),
+    })
+}
+
+/// Frees a loop device we attached, unless it is gone or now backs another file.
+fn loop_detach(l: &LoopDevice) -> Result<(), RemoteError> {
+    let name = l.device.file_name().unwrap_or_default();
+    let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let Ok(file) = std::fs::read_to_string(&backing) else {
+        return Ok(());
+    };
+    let file = file.trim_end_matches('\n');
+    if Path::new(file.strip_suffix(" (deleted)").unwrap_or(file)) != l.backing_file {
+        debug!(device = %l.device.display(), file, "the loop device backs another file now; leaving it");
+        return Ok(());
+    }
+    let out = Command::new("losetup")
+        .arg("--detach")
+        .arg(&l.device)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| RemoteError::Failed(format!("running losetup: {e}")))?;
+    if !out.status.success() {
+        return Err(RemoteError::Failed(format!(
+            "losetup --detach {} failed ({}): {}",
+            l.device.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn mount_ro(dev: &Path, mountpoint: &Path, fs_type: &str) -> std::io::Result<()> {
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (src, dst) = (c(dev)?, c(mountpoint)?);
+    let fs = CString::new(fs_type).map_err(std::io::Error::other)?;
     // ext4 on a read-only device: never replay the journal.
     let data = if fs_type == "ext4" { c"noload" } else { c"" };
     // SAFETY: all pointers are NUL-terminated strings that outlive the call.
@@ -672,12 +1045,7 @@ fn mount_ro(dev: &Path, mountpoint: &Path, fs_type: &str) -> Result<(), RemoteEr
         )
     };
     if rc != 0 {
-        return Err(RemoteError::Failed(format!(
-            "mounting {} ({fs_type}) on {}: {}",
-            dev.display(),
-            mountpoint.display(),
-            std::io::Error::last_os_error()
-        )));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -688,9 +1056,13 @@ fn unmount(mountpoint: &Path) -> Result<(), RemoteError> {
     if !is_mountpoint(mountpoint) {
         return Ok(());
     }
+    unmount_flags(mountpoint, 0)
+}
+
+fn unmount_flags(mountpoint: &Path, flags: libc::c_int) -> Result<(), RemoteError> {
     let p = cstr(mountpoint)?;
     // SAFETY: NUL-terminated path.
-    if unsafe { libc::umount2(p.as_ptr(), 0) } != 0 {
+    if unsafe { libc::umount2(p.as_ptr(), flags) } != 0 {
         return Err(RemoteError::Failed(format!(
             "unmounting {}: {}",
             mountpoint.display(),
@@ -731,6 +1103,12 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+fn write_state(path: &Path, st: &StackState) -> Result<(), RemoteError> {
+    let bytes = serde_json::to_vec(st)
+        .map_err(|e| RemoteError::Failed(format!("encoding {}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RemoteError> {
@@ -776,6 +1154,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = UblkLayers::new(UblkOptions {
             dir: dir.path().join("remote"),
+            transport: Transport::Auto,
+            fuse_dir: dir.path().join("fuse"),
             driver: None,
             cache_dir: dir.path().join("cache"),
             cache_size: 1 << 30,
@@ -808,6 +1188,8 @@ mod tests {
 
         let b = UblkLayers::new(UblkOptions {
             dir: dir.path().join("remote"),
+            transport: Transport::Auto,
+            fuse_dir: dir.path().join("fuse"),
             driver: Some(fake),
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
@@ -833,8 +1215,17 @@ mod tests {
             Some(dir.path().join("remote").as_path())
         );
         assert_ne!(p.mountpoint, b.paths("default/8/sha256:abc").mountpoint);
-        let a = b.add_args("h/app@sha256:1", D, &p);
+        let a = b.add_args("h/app@sha256:1", D, &p, Transport::Fuse);
         assert_eq!(a.layer_digest.as_deref(), Some(D));
+        assert_eq!(a.transport, Transport::Fuse);
+        assert_eq!(
+            a.fuse_dir.as_deref(),
+            Some(dir.path().join("fuse").as_path())
+        );
+        assert!(
+            dir.path().join("fuse/boot_id").exists(),
+            "the boot is marked before any device is added"
+        );
         assert_eq!((a.cache_size, a.queues), (4096, QUEUES));
         assert_eq!(a.registry, b.opts.registry);
         assert!(a.run.daemon && a.run.ready_json);
@@ -864,54 +1255,80 @@ mod tests {
         );
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            run_driver(&d, &args(&["ok", "x"]), Duration::from_secs(20)).unwrap(),
+            run_driver(
+                &d,
+                &args(&["ok", "x"]),
+                Duration::from_secs(20),
+                Namespace::Shared
+            )
+            .unwrap(),
             "out x\n"
         );
-        let e = run_driver(&d, &args(&["fail"]), Duration::from_secs(20))
-            .unwrap_err()
-            .to_string();
+        let e = run_driver(
+            &d,
+            &args(&["fail"]),
+            Duration::from_secs(20),
+            Namespace::Private,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("failed") && e.contains("bad things"), "{e}");
         let t0 = Instant::now();
-        let e = run_driver(&d, &args(&["slow"]), Duration::from_millis(300))
-            .unwrap_err()
-            .to_string();
+        let e = run_driver(
+            &d,
+            &args(&["slow"]),
+            Duration::from_millis(300),
+            Namespace::Private,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("did not finish within"), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(10), "killed on timeout");
     }
 
-    #[test]
-    fn reuse_reads_the_typed_device_list_and_recovers_a_quiesced_device() {
-        let dir = tempfile::tempdir().unwrap();
-        let calls = dir.path().join("calls");
-        let list = dir.path().join("list.json");
-        let d = fake_driver(
-            dir.path(),
-            &format!(
-                r#"echo "$@" >>{calls}
-                   case $1 in list) cat {list} ;; esac"#,
-                calls = calls.display(),
-                list = list.display()
-            ),
-        );
-        let mut opts = state_only_opts(dir.path());
-        opts.driver = Some(d);
-        let b = UblkLayers::new(opts);
-        let p = b.paths("ns/3/L");
-        // /proc is a mount point, so a live device is reused without mounting anything.
-        let st = StackState {
-            stack_key: "ns/3/L".into(),
-            device_id: 5,
-            unpacked: false,
-            mountpoint: PathBuf::from("/proc"),
-            image: "h/a@x".into(),
-            layer_digest: D.into(),
-        };
-        let device = |state: &str, digest: &str| DeviceInfo {
-            id: 5,
+    /// A fake driver that logs its arguments and answers `list` with what the test wrote.
+    struct FakeDriver {
+        calls: PathBuf,
+        list: PathBuf,
+    }
+
+    impl FakeDriver {
+        fn new(dir: &Path) -> (FakeDriver, PathBuf) {
+            let f = FakeDriver {
+                calls: dir.join("calls"),
+                list: dir.join("list.json"),
+            };
+            let d = fake_driver(
+                dir,
+                &format!(
+                    r#"echo "$@" >>{calls}
+                       case $1 in list) cat {list} ;; esac"#,
+                    calls = f.calls.display(),
+                    list = f.list.display()
+                ),
+            );
+            (f, d)
+        }
+
+        fn lists(&self, devs: &[DeviceInfo]) {
+            std::fs::write(&self.list, serde_json::to_vec(devs).unwrap()).unwrap();
+        }
+
+        /// The calls so far, forgotten.
+        fn take_calls(&self) -> Vec<String> {
+            let log = std::fs::read_to_string(&self.calls).unwrap_or_default();
+            let _ = std::fs::remove_file(&self.calls);
+            log.lines().map(str::to_owned).collect()
+        }
+    }
+
+    fn device(id: u32, transport: Transport, state: &str, digest: &str) -> DeviceInfo {
+        DeviceInfo {
+            id,
             state: state.to_owned().into(),
             pid: 1,
-            transport: TRANSPORT_UBLK.into(),
-            path: "/dev/ublkb5".into(),
+            transport: transport.as_str().into(),
+            path: format!("/dev/ublkb{id}").into(),
             size: 0,
             read_only: true,
             queues: 2,
@@ -923,20 +1340,43 @@ mod tests {
             image: Some("h/a@x".into()),
             layer_digest: Some(digest.into()),
             recipe: None,
-        };
-        let write_list = |devs: &[DeviceInfo]| {
-            std::fs::write(&list, serde_json::to_vec(devs).unwrap()).unwrap();
-        };
-        write_list(&[device("LIVE", D)]);
+        }
+    }
+
+    fn stack(key: &str, transport: Transport, id: u32, mountpoint: &Path) -> StackState {
+        StackState {
+            stack_key: key.into(),
+            transport,
+            device_id: id,
+            loop_device: None,
+            unpacked: false,
+            mountpoint: mountpoint.to_owned(),
+            image: "h/a@x".into(),
+            layer_digest: D.into(),
+        }
+    }
+
+    #[test]
+    fn reuse_reads_the_typed_device_list_and_recovers_a_quiesced_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, d) = FakeDriver::new(dir.path());
+        let mut opts = state_only_opts(dir.path());
+        opts.driver = Some(d);
+        let fuse_dir = opts.fuse_dir.clone();
+        let b = UblkLayers::new(opts);
+        let p = b.paths("ns/3/L");
+        // /proc is a mount point, so a live device is reused without mounting anything.
+        let st = stack("ns/3/L", Transport::Ublk, 5, Path::new("/proc"));
+        fake.lists(&[device(5, Transport::Ublk, "LIVE", D)]);
         assert_eq!(b.reuse(&p, &st, "erofs"), Some(PathBuf::from("/proc")));
-        write_list(&[device("QUIESCED", D)]);
+        fake.lists(&[device(5, Transport::Ublk, "QUIESCED", D)]);
         assert_eq!(b.reuse(&p, &st, "erofs"), Some(PathBuf::from("/proc")));
-        let log = std::fs::read_to_string(&calls).unwrap();
+        let list = format!("list --json --fuse-dir {}", fuse_dir.display());
         assert_eq!(
-            log.lines().collect::<Vec<_>>(),
+            fake.take_calls(),
             [
-                "list --json".to_owned(),
-                "list --json".to_owned(),
+                list.clone(),
+                list,
                 format!(
                     "recover 5 --daemon --ready-json --log {} --stats-file {}",
                     p.log.display(),
@@ -949,10 +1389,157 @@ mod tests {
             mountpoint: dir.path().join("not-mounted"),
             ..st
         };
-        write_atomic(&p.state, &serde_json::to_vec(&elsewhere).unwrap()).unwrap();
-        write_list(&[device("LIVE", "sha256:other")]);
+        write_state(&p.state, &elsewhere).unwrap();
+        fake.lists(&[device(5, Transport::Ublk, "LIVE", "sha256:other")]);
         assert_eq!(b.reuse(&p, &elsewhere, "erofs"), None);
         assert!(!p.state.exists());
+    }
+
+    #[test]
+    fn reuse_keeps_a_live_fuse_device_and_clears_a_dead_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, d) = FakeDriver::new(dir.path());
+        let mut opts = state_only_opts(dir.path());
+        opts.driver = Some(d);
+        let fuse_dir = opts.fuse_dir.clone();
+        let b = UblkLayers::new(opts);
+        let p = b.paths("ns/4/L");
+        let id = 1 << 24;
+        let st = stack("ns/4/L", Transport::Fuse, id, Path::new("/proc"));
+        fake.lists(&[device(id, Transport::Fuse, "LIVE", D)]);
+        assert_eq!(b.reuse(&p, &st, "erofs"), Some(PathBuf::from("/proc")));
+        let list = format!("list --json --fuse-dir {}", fuse_dir.display());
+        assert_eq!(fake.take_calls(), std::slice::from_ref(&list));
+
+        // Its server died: never recovered; `del` clears its leftovers and the stack is
+        // attached anew.
+        let unmounted = StackState {
+            mountpoint: dir.path().join("not-mounted"),
+            ..st
+        };
+        write_state(&p.state, &unmounted).unwrap();
+        fake.lists(&[device(id, Transport::Fuse, "DEAD", D)]);
+        assert_eq!(b.reuse(&p, &unmounted, "erofs"), None);
+        assert!(!p.state.exists());
+        assert_eq!(
+            fake.take_calls(),
+            [list, format!("del {id} --fuse-dir {}", fuse_dir.display())]
+        );
+    }
+
+    #[test]
+    fn detach_unmounts_then_deletes_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, d) = FakeDriver::new(dir.path());
+        let mut opts = state_only_opts(dir.path());
+        opts.driver = Some(d);
+        let fuse_dir = opts.fuse_dir.clone();
+        let b = UblkLayers::new(opts);
+        let p = b.paths("ns/5/L");
+        std::fs::create_dir_all(&p.mountpoint).unwrap();
+        let id = (1 << 24) + 1;
+        write_state(
+            &p.state,
+            &stack("ns/5/L", Transport::Fuse, id, &p.mountpoint),
+        )
+        .unwrap();
+        std::fs::write(&p.stats, r#"{"fetched_bytes":7}"#).unwrap();
+        b.detach("ns/5/L", &p.mountpoint).unwrap();
+        assert_eq!(
+            fake.take_calls(),
+            [format!("del {id} --fuse-dir {}", fuse_dir.display())]
+        );
+        assert!(!p.state.exists() && !p.mountpoint.exists());
+        assert_eq!(b.stats().fetched_bytes, 7, "its counters are retired");
+    }
+
+    #[test]
+    fn state_files_of_older_snapshotters_are_ublk_stacks() {
+        let st: StackState = serde_json::from_str(
+            r#"{"stack_key":"k","device_id":3,"unpacked":false,"mountpoint":"/m",
+                "image":"h/a@x","layer_digest":"sha256:1"}"#,
+        )
+        .unwrap();
+        assert_eq!((st.transport, st.loop_device), (Transport::Ublk, None));
+        let with_loop = StackState {
+            transport: Transport::Fuse,
+            loop_device: Some(LoopDevice {
+                device: "/dev/loop7".into(),
+                backing_file: "/r/fuse/0/image".into(),
+            }),
+            ..st
+        };
+        let text = serde_json::to_string(&with_loop).unwrap();
+        assert!(text.contains(r#""transport":"fuse""#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<StackState>(&text).unwrap(),
+            with_loop
+        );
+        // A loop device that is not there (any more) needs no freeing.
+        let gone = LoopDevice {
+            device: "/dev/loop-none".into(),
+            backing_file: "/x".into(),
+        };
+        loop_detach(&gone).unwrap();
+    }
+
+    #[test]
+    fn transport_selection_prefers_ublk_then_fuse_and_says_why() {
+        let ok = |s: &'static str| move || Ok::<_, String>(s.to_owned());
+        let no = |s: &'static str| move || Err::<String, _>(s.to_owned());
+        let never = || -> Result<String, String> { panic!("not probed") };
+
+        let s = select_transport(Transport::Auto, ok("/dev/ublk-control opens"), never).unwrap();
+        assert_eq!(s.transport, Transport::Ublk);
+        // tests/vm/40-containerd.sh looks for this phrase.
+        assert!(
+            s.reason.contains("served by cora-driver ublk devices"),
+            "{s}"
+        );
+
+        let s = select_transport(
+            Transport::Auto,
+            no("/dev/ublk-control missing (modprobe ublk_drv failed)"),
+            ok("/dev/fuse opens"),
+        )
+        .unwrap();
+        assert_eq!(s.transport, Transport::Fuse);
+        assert!(
+            s.reason.starts_with(
+                "ublk: /dev/ublk-control missing (modprobe ublk_drv failed); serving CORA \
+                 layers through FUSE"
+            ),
+            "{s}"
+        );
+
+        let e = select_transport(Transport::Auto, no("no ublk"), no("no fuse")).unwrap_err();
+        assert_eq!(e, "ublk: no ublk; FUSE: no fuse");
+
+        let s = select_transport(Transport::Fuse, never, ok("/dev/fuse opens")).unwrap();
+        assert_eq!(s.transport, Transport::Fuse);
+        assert!(s.reason.contains("\"fuse\" configured"), "{s}");
+        let e = select_transport(Transport::Ublk, no("no ublk"), never).unwrap_err();
+        assert!(
+            e.contains("\"ublk\" configured") && e.contains("no ublk"),
+            "{e}"
+        );
+        let e = select_transport(Transport::Fuse, never, no("no fuse")).unwrap_err();
+        assert!(e.contains("no fuse"), "{e}");
+    }
+
+    #[test]
+    fn fuse_records_of_an_earlier_boot_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let fuse = dir.path().join("fuse");
+        std::fs::create_dir_all(fuse.join("0")).unwrap();
+        std::fs::write(fuse.join("0.json"), "{}").unwrap();
+        std::fs::write(fuse.join("boot_id"), "another boot\n").unwrap();
+        forget_earlier_boots(&fuse).unwrap();
+        assert!(!fuse.join("0.json").exists() && !fuse.join("0").exists());
+        // Records of this boot stay.
+        std::fs::write(fuse.join("1.json"), "{}").unwrap();
+        forget_earlier_boots(&fuse).unwrap();
+        assert!(fuse.join("1.json").exists());
     }
 
     #[test]
@@ -967,6 +1554,8 @@ mod tests {
     fn state_only_opts(dir: &Path) -> UblkOptions {
         let opts = UblkOptions {
             dir: dir.join("remote"),
+            transport: Transport::Auto,
+            fuse_dir: dir.join("fuse"),
             driver: None,
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
@@ -984,15 +1573,8 @@ mod tests {
         let opts = state_only_opts(dir.path());
         let b = UblkLayers::new(opts.clone());
         let p = b.paths("ns/1/L");
-        let st = StackState {
-            stack_key: "ns/1/L".into(),
-            device_id: 7,
-            unpacked: false,
-            mountpoint: PathBuf::from("/proc"),
-            image: "h/a@x".into(),
-            layer_digest: D.into(),
-        };
-        write_atomic(&p.state, &serde_json::to_vec(&st).unwrap()).unwrap();
+        let st = stack("ns/1/L", Transport::Ublk, 7, Path::new("/proc"));
+        write_state(&p.state, &st).unwrap();
         std::fs::write(
             &p.stats,
             r#"{"hits":3,"misses":2,"fetched_bytes":100,"requests":1,"corrupt":0,"fetch_errors":1,
@@ -1027,14 +1609,10 @@ mod tests {
         std::fs::create_dir_all(p.tree.join("bin")).unwrap();
         std::fs::write(p.tree.join("bin/sh"), b"#!").unwrap();
         let st = StackState {
-            stack_key: "ns/2/L".into(),
-            device_id: 0,
             unpacked: true,
-            mountpoint: p.tree.clone(),
-            image: "h/a@x".into(),
-            layer_digest: D.into(),
+            ..stack("ns/2/L", Transport::Ublk, 0, &p.tree)
         };
-        write_atomic(&p.state, &serde_json::to_vec(&st).unwrap()).unwrap();
+        write_state(&p.state, &st).unwrap();
         let b2 = UblkLayers::new(opts);
         assert_eq!(b2.attached(), vec![("ns/2/L".to_owned(), p.tree.clone())]);
         assert_eq!(b2.reuse(&p, &st, "erofs"), Some(p.tree.clone()));
@@ -1042,7 +1620,7 @@ mod tests {
         assert!(!p.tree.exists() && !p.state.exists());
         assert!(b2.attached().is_empty());
         // A state whose tree is gone is dropped, not reused.
-        write_atomic(&p.state, &serde_json::to_vec(&st).unwrap()).unwrap();
+        write_state(&p.state, &st).unwrap();
         assert_eq!(b2.reuse(&p, &st, "erofs"), None);
         assert!(!p.state.exists());
     }

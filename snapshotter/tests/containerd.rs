@@ -305,8 +305,12 @@ fn plain_oci_images_pull_run_and_survive_restart() -> Result<()> {
     Ok(())
 }
 
-/// A CORA image (layers annotated `containerd.io/snapshot/cora/*`) on a host without a lazy
-/// backend: containerd unpacks it normally and it runs.
+/// A CORA-annotated image (an index no driver could serve) pulled with `ctr images pull`
+/// through a snapshotter with the default config, whose lazy backend here is FUSE: ctr 1.6 hands
+/// no layer annotations to the snapshotter, so nothing is claimed remote, containerd unpacks the
+/// layer and the container runs. (Such an annotation reaching the snapshotter, through `cora
+/// rpull`, is tests/fuse.rs's `unservable_cora_annotation_with_fuse_falls_back_to_unpack`; no
+/// lazy backend at all is tests/cri.rs's `..._without_backend_...`.)
 #[test]
 fn cora_annotated_image_falls_back_to_plain_unpack() -> Result<()> {
     let env = Env::start(serde_json::json!({}))?;

@@ -230,7 +230,12 @@ async fn cri_pull_of_cora_image_without_backend_unpacks_with_one_warning() -> Re
     let registry = Registry::start(&dir.path().join("registry"))?;
     let (reference, layer_digests) = cora_image(dir.path(), &registry)?;
     let sdir = dir.path().join("snapshotter");
-    CoraSnapshotter::write_config(&sdir, &serde_json::json!({"verbose": "info"}))?;
+    // No lazy backend: on a host with FUSE the default transport (auto) would be one, so ask
+    // for ublk, which this host (and any without ublk) lacks.
+    CoraSnapshotter::write_config(
+        &sdir,
+        &serde_json::json!({"verbose": "info", "transport": "ublk"}),
+    )?;
     let snap = CoraSnapshotter::start(Path::new(env!("CARGO_BIN_EXE_cora-snapshotter")), &sdir)?;
     let cri = cri_config("cora", &[&registry.addr]);
     let ctrd = Containerd::start_with(

@@ -377,9 +377,12 @@ fn cora_labels(target: &str) -> HashMap<String, String> {
 #[tokio::test]
 async fn cora_layers_fall_back_to_unpack_with_one_warning() -> Result<()> {
     let dir = tmpdir()?;
+    // No lazy backend in the daemon (ublk only, and the host has none; FUSE, which `auto`
+    // would pick here, is not asked for): Prepare must not claim the layer, containerd
+    // unpacks it.
+    CoraSnapshotter::write_config(dir.path(), &serde_json::json!({"transport": "ublk"}))?;
     let snap = CoraSnapshotter::start(bin(), dir.path())?;
     let mut c = connect(&snap.socket).await?;
-    // No lazy backend in the daemon: Prepare must not claim the layer, containerd unpacks it.
     let m = prepare(&mut c, "extract-1 sha256:l1", "", cora_labels("sha256:l1")).await?;
     assert_eq!(m[0].r#type, "bind");
     commit(&mut c, "sha256:l1", "extract-1 sha256:l1").await?;

@@ -183,7 +183,11 @@ fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
     run(Command::new(&driver)
         .args(["del", &ready.id.to_string(), "--fuse-dir"])
         .arg(&fuse_dir))?;
-    assert!(!running(ready.pid), "the server (pid {}) outlived del", ready.pid);
+    assert!(
+        !running(ready.pid),
+        "the server (pid {}) outlived del",
+        ready.pid
+    );
     let fuse_mnt = ready.path.parent().context("image file has no parent")?;
     assert!(!mounted(fuse_mnt)?, "{} still mounted", fuse_mnt.display());
     assert!(!fuse_mnt.exists(), "{} left behind", fuse_mnt.display());

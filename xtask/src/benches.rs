@@ -45,7 +45,18 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Lazy => {
             // The lazy bench runs the `cora` CLI next to it: build the binaries first.
             crate::deps::ensure(crate::deps::TEST_PACKAGES)?;
-            crate::deps::run("cargo", &["build", "--release", "-p", "driver", "--bins"])?;
+            crate::deps::run(
+                "cargo",
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "cora-driver",
+                    "-p",
+                    "cora-cli",
+                    "--bins",
+                ],
+            )?;
             cargo_bench("lazy", &out)
         }
         BenchCmd::Fio(opts) => crate::fio_bench::run(&opts),

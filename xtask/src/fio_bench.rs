@@ -264,7 +264,18 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
     deps::ensure(deps::TEST_PACKAGES)?;
     tools::ensure_rublk()?;
     if !opts.no_build {
-        deps::run("cargo", &["build", "--release", "-p", "driver", "--bins"])?;
+        deps::run(
+            "cargo",
+            &[
+                "build",
+                "--release",
+                "-p",
+                "cora-driver",
+                "-p",
+                "cora-cli",
+                "--bins",
+            ],
+        )?;
     }
     let repo = vm::repo_root();
     let work = repo.join("target/bench/fio");

@@ -14,6 +14,55 @@ pub const TRANSPORT_UBLK: &str = "ublk";
 /// The FUSE transport: one read-only image file on a FUSE mount.
 pub const TRANSPORT_FUSE: &str = "fuse";
 
+/// Which kernel interface serves a device (`add --transport`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// ublk where `/dev/ublk-control` can be opened, else FUSE (the driver decides).
+    #[default]
+    Auto,
+    /// A block device `/dev/ublkbN`.
+    Ublk,
+    /// A read-only image file on a FUSE mount made by the driver in its mount namespace.
+    Fuse,
+}
+
+impl Transport {
+    /// The name on the command line, in configs and in [`Ready::transport`] /
+    /// [`DeviceInfo::transport`] (for `Ublk` and `Fuse`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Ublk => TRANSPORT_UBLK,
+            Transport::Fuse => TRANSPORT_FUSE,
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A transport name that is none of `auto`, `ublk`, `fuse`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown transport {0:?}; expected \"auto\", \"ublk\" or \"fuse\"")]
+pub struct UnknownTransport(pub String);
+
+impl std::str::FromStr for Transport {
+    type Err = UnknownTransport;
+
+    fn from_str(s: &str) -> Result<Transport, UnknownTransport> {
+        match s {
+            "auto" => Ok(Transport::Auto),
+            TRANSPORT_UBLK => Ok(Transport::Ublk),
+            TRANSPORT_FUSE => Ok(Transport::Fuse),
+            other => Err(UnknownTransport(other.to_owned())),
+        }
+    }
+}
+
 /// A registry mirror tried before the image's own registry (`--mirror HOST[,insecure]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mirror {
@@ -117,6 +166,11 @@ pub struct AddArgs {
     pub cache_size: u64,
     /// ublk queues (one server thread each).
     pub queues: u16,
+    /// `--transport`.
+    pub transport: Transport,
+    /// `--fuse-dir`: where FUSE devices are mounted and recorded; `None`: the driver's default.
+    /// `list` and `del` must be given the same directory.
+    pub fuse_dir: Option<PathBuf>,
     pub registry: RegistryArgs,
     pub run: RunArgs,
 }
@@ -135,7 +189,10 @@ impl AddArgs {
             self.cache_size.to_string(),
             "--queues".into(),
             self.queues.to_string(),
+            "--transport".into(),
+            self.transport.as_str().into(),
         ]);
+        push_fuse_dir(&mut a, self.fuse_dir.as_deref());
         self.registry.push_args(&mut a);
         self.run.push_args(&mut a);
         a
@@ -182,14 +239,26 @@ impl UnpackArgs {
     }
 }
 
-/// `cora-driver del ID`: stop and delete a device.
-pub fn del_args(id: u32) -> Vec<String> {
-    vec!["del".into(), id.to_string()]
+/// `cora-driver del ID`: stop and delete a device; `fuse_dir` as given to `add` (FUSE
+/// devices are found there).
+pub fn del_args(id: u32, fuse_dir: Option<&std::path::Path>) -> Vec<String> {
+    let mut a = vec!["del".into(), id.to_string()];
+    push_fuse_dir(&mut a, fuse_dir);
+    a
 }
 
-/// `cora-driver list --json`: prints a JSON array of [`DeviceInfo`].
-pub fn list_json_args() -> Vec<String> {
-    vec!["list".into(), "--json".into()]
+/// `cora-driver list --json`: prints a JSON array of [`DeviceInfo`] (ublk devices, and the
+/// FUSE devices under `fuse_dir`).
+pub fn list_json_args(fuse_dir: Option<&std::path::Path>) -> Vec<String> {
+    let mut a = vec!["list".into(), "--json".into()];
+    push_fuse_dir(&mut a, fuse_dir);
+    a
+}
+
+fn push_fuse_dir(a: &mut Vec<String>, fuse_dir: Option<&std::path::Path>) {
+    if let Some(d) = fuse_dir {
+        a.extend(["--fuse-dir".into(), path_arg(d)]);
+    }
 }
 
 fn path_arg(p: &std::path::Path) -> String {
@@ -214,9 +283,9 @@ pub enum OutputError {
 pub struct Ready {
     /// The device id (`del ID`, `recover ID`).
     pub id: u32,
-    /// What to mount: `/dev/ublkbN` for ublk.
+    /// What to mount: `/dev/ublkbN` for ublk, a read-only regular file for FUSE.
     pub path: PathBuf,
-    /// [`TRANSPORT_UBLK`].
+    /// [`TRANSPORT_UBLK`] or [`TRANSPORT_FUSE`].
     pub transport: String,
     /// The serving process (the background server with `--daemon`).
     pub pid: i32,
@@ -441,6 +510,8 @@ mod tests {
             cache_dir: "/c".into(),
             cache_size: 4096,
             queues: 2,
+            transport: Transport::Fuse,
+            fuse_dir: Some("/f".into()),
             registry: RegistryArgs {
                 creds_file: Some("/creds.json".into()),
                 insecure_hosts: vec!["127.0.0.1:5000".into()],
@@ -463,7 +534,7 @@ mod tests {
         assert_eq!(
             a,
             "add --image h/app@sha256:1 --layer-digest sha256:2 --cache /c --cache-size 4096 \
-             --queues 2 --creds /creds.json --insecure 127.0.0.1:5000 --mirror m:1,insecure \
+             --queues 2 --transport fuse --fuse-dir /f --creds /creds.json --insecure 127.0.0.1:5000 --mirror m:1,insecure \
              --mirror m:2 --ca /ca.pem --daemon --ready-json --log /l --stats-file /s"
         );
         let r = RecoverArgs {
@@ -471,8 +542,16 @@ mod tests {
             run: RunArgs::default(),
         };
         assert_eq!(r.to_args(), ["recover", "3"]);
-        assert_eq!(del_args(4), ["del", "4"]);
-        assert_eq!(list_json_args(), ["list", "--json"]);
+        assert_eq!(del_args(4, None), ["del", "4"]);
+        assert_eq!(
+            del_args(4, Some("/f".as_ref())),
+            ["del", "4", "--fuse-dir", "/f"]
+        );
+        assert_eq!(list_json_args(None), ["list", "--json"]);
+        assert_eq!(
+            list_json_args(Some("/f".as_ref())),
+            ["list", "--json", "--fuse-dir", "/f"]
+        );
         let u = UnpackArgs {
             image: "i".into(),
             layer_digest: None,
@@ -480,6 +559,20 @@ mod tests {
             registry: RegistryArgs::default(),
         };
         assert_eq!(u.to_args(), ["unpack", "--image", "i", "--into", "/t"]);
+    }
+
+    #[test]
+    fn transports_parse_and_print_their_names() {
+        for t in [Transport::Auto, Transport::Ublk, Transport::Fuse] {
+            assert_eq!(t.as_str().parse::<Transport>(), Ok(t));
+            assert_eq!(
+                serde_json::to_string(&t).unwrap(),
+                format!("\"{}\"", t.as_str())
+            );
+        }
+        assert_eq!(Transport::default(), Transport::Auto);
+        let e = "nbd".parse::<Transport>().unwrap_err().to_string();
+        assert!(e.contains("nbd") && e.contains("fuse"), "{e}");
     }
 
     #[test]

@@ -72,7 +72,10 @@ fn nix_umount_detach(p: &Path) -> std::io::Result<()> {
 
 /// Serves `source` until the mount goes (`del`, SIGTERM/SIGINT, or `umount` from outside).
 /// `ready` is called once the file can be mounted.
+/// `stop_set` holds the signals that stop the device, blocked in every thread (see
+/// `block_stop_signals`).
 pub fn serve(
+    stop_set: libc::sigset_t,
     dir: &Path,
     recipe: serde_json::Value,
     image: Option<String>,
@@ -113,7 +116,7 @@ pub fn serve(
         recipe: Some(recipe),
     };
     let unmounter = mount.unmounter();
-    stop_on_signal(unmounter, mnt.clone())?;
+    stop_on_signal(stop_set, unmounter, mnt.clone())?;
     let published = write_state(dir, &info).and_then(|()| {
         ready(&Ready {
             id,
@@ -143,17 +146,11 @@ fn write_state(dir: &Path, info: &DeviceInfo) -> Result<()> {
 
 /// SIGINT/SIGTERM unmount; a file still in use (a mounted erofs) is detached instead, so the
 /// server ends with its last user.
-fn stop_on_signal(unmounter: cora_fuse::Unmounter, mnt: PathBuf) -> Result<()> {
-    // SAFETY: sigset manipulation on a local, then masking signals for this thread (and the
-    // threads it starts later).
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+fn stop_on_signal(
+    set: libc::sigset_t,
+    unmounter: cora_fuse::Unmounter,
+    mnt: PathBuf,
+) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

@@ -541,6 +541,20 @@ fn take_failed(failed: &Mutex<Option<anyhow::Error>>) -> Result<()> {
     }
 }
 
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts later), for one thread
+/// to take them with `sigwait` on the returned set.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, then masking signals for this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
 /// SIGINT/SIGTERM stop the device (and so the server). Signals are blocked in every thread
 /// and taken by one waiter, which needs the device id once known.
 struct StopOnSignal {
@@ -550,16 +564,7 @@ struct StopOnSignal {
 
 impl StopOnSignal {
     fn install() -> Result<Self> {
-        // SAFETY: sigset manipulation on a local, then masking signals for this thread (and
-        // the threads it starts later).
-        let set = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            set
-        };
+        let set = block_stop_signals();
         let id = Arc::new(AtomicU32::new(u32::MAX));
         let requested = Arc::new(AtomicBool::new(false));
         let (w_id, w_req) = (id.clone(), requested.clone());
@@ -639,6 +644,9 @@ fn add(args: AddArgs) -> Result<()> {
     // A FUSE mount must be made where its users are: only ublk servers get a namespace of
     // their own (see isolate_mounts).
     let notifier = start(&args.run, transport == Transport::Ublk)?;
+    // Before opening the source starts any thread: a thread that does not block SIGTERM would
+    // take it with the default action (exit) instead of the stopping thread.
+    let stop_set = block_stop_signals();
     let res = (|| {
         let recipe = recipe(&args.source)?;
         let source = recipe
@@ -656,6 +664,7 @@ fn add(args: AddArgs) -> Result<()> {
             };
             let n = notifier.clone();
             fuse_device::serve(
+                stop_set,
                 &args.fuse_dir,
                 recipe.to_json(),
                 image,
@@ -765,6 +774,14 @@ mod tests {
         }
     }
 
+    fn transport_of(t: Transport) -> api::Transport {
+        match t {
+            Transport::Auto => api::Transport::Auto,
+            Transport::Ublk => api::Transport::Ublk,
+            Transport::Fuse => api::Transport::Fuse,
+        }
+    }
+
     fn run_of(r: &RunArgs) -> api::RunArgs {
         api::RunArgs {
             daemon: r.daemon,
@@ -800,6 +817,8 @@ mod tests {
             cache_dir: "/var/lib/cora/cache".into(),
             cache_size: 3 << 30,
             queues: 2,
+            transport: api::Transport::Fuse,
+            fuse_dir: Some("/r/fuse".into()),
             registry: registry(),
             run: api::RunArgs::background(Some("/r/h.log".into()), Some("/r/h.stats.json".into())),
         };
@@ -812,6 +831,8 @@ mod tests {
             cache_dir: a.source.cache.clone(),
             cache_size: a.source.cache_size,
             queues: a.queues,
+            transport: transport_of(a.transport),
+            fuse_dir: Some(a.fuse_dir.clone()),
             registry: registry_of(&a.source),
             run: run_of(&a.run),
         };
@@ -824,6 +845,8 @@ mod tests {
 
         let bare = api::AddArgs {
             layer_digest: None,
+            transport: api::Transport::Auto,
+            fuse_dir: None,
             registry: api::RegistryArgs::default(),
             run: api::RunArgs::default(),
             ..want
@@ -832,6 +855,8 @@ mod tests {
             panic!("not add")
         };
         assert_eq!(a.source.layer_digest, None);
+        assert_eq!(a.transport, Transport::Auto);
+        assert_eq!(a.fuse_dir, Path::new(fuse_device::DEFAULT_DIR));
         assert_eq!(registry_of(&a.source), api::RegistryArgs::default());
         assert_eq!(run_of(&a.run), api::RunArgs::default());
     }
@@ -870,9 +895,21 @@ mod tests {
         };
         assert_eq!(got, want);
 
-        assert!(matches!(parse(api::del_args(3)), Cmd::Del { id: 3, .. }));
+        let fuse_dir = Path::new("/r/fuse");
+        let Cmd::Del { id, fuse_dir: d } = parse(api::del_args(3, Some(fuse_dir))) else {
+            panic!("not del")
+        };
+        assert_eq!((id, d.as_path()), (3, fuse_dir));
+        let Cmd::Del { fuse_dir: d, .. } = parse(api::del_args(3, None)) else {
+            panic!("not del")
+        };
+        assert_eq!(d, Path::new(fuse_device::DEFAULT_DIR));
+        let Cmd::List { json, fuse_dir: d } = parse(api::list_json_args(Some(fuse_dir))) else {
+            panic!("not list")
+        };
+        assert_eq!((json, d.as_path()), (true, fuse_dir));
         assert!(matches!(
-            parse(api::list_json_args()),
+            parse(api::list_json_args(None)),
             Cmd::List { json: true, .. }
         ));
     }

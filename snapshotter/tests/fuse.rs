@@ -1,0 +1,487 @@
+//! CORA layers served through FUSE on a host without ublk (like this one: `/dev/fuse`, no
+//! `/dev/ublk-control`): a private containerd 1.6 with runc, the cora-snapshotter daemon with its
+//! default transport (`auto`), docker-registry, and a CORA image converted from a real Debian
+//! tree. `cora rpull` commits its layer remote without downloading it, a container starts from
+//! the stack served by one `cora-driver` FUSE device, having fetched a small part of the image,
+//! and removing container and image leaves no device, mount or driver process. A layer with a
+//! CORA annotation that no driver can serve still ends in a working container (unpacked).
+use anyhow::{Context, Result, bail, ensure};
+use cora_api::driver::{DeviceInfo, DeviceState, DriverStats, TRANSPORT_FUSE};
+use cora_tests::containerd::{Containerd, mounts_under, pids_with_arg, unmount_under};
+use cora_tests::daemon::{signal, wait_for};
+use cora_tests::fixtures::{self, cora_bin, run};
+use cora_tests::images::{Compression, LayerSpec, Registry, busybox_rootfs, write_oci_layout};
+use cora_tests::snapshotter::CoraSnapshotter;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Kills what a failed test leaves of the snapshotter's FUSE devices: their mounts (erofs over
+/// the FUSE file, the FUSE mount) and their servers, found by the `--fuse-dir` argument only
+/// our snapshotter passes.
+struct FuseLeftovers {
+    root: PathBuf,
+    fuse_dir: PathBuf,
+}
+
+impl Drop for FuseLeftovers {
+    fn drop(&mut self) {
+        unmount_under(&self.root);
+        for pid in pids_with_arg(&self.fuse_dir.to_string_lossy()) {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Field order matters: containerd stops (and unmounts container roots) first, then the
+/// snapshotter, then whatever is left of its devices; the directory goes last.
+struct Env {
+    ctrd: Containerd,
+    snap: CoraSnapshotter,
+    _leftovers: FuseLeftovers,
+    registry: Registry,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn start() -> Result<Env> {
+        if !Path::new("/dev/fuse").exists() {
+            bail!("/dev/fuse missing: this test needs FUSE");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("cora-fuse-ctrd-")
+            .tempdir_in("/var/tmp")?;
+        let registry = Registry::start(&dir.path().join("registry"))?;
+        let sdir = dir.path().join("snapshotter");
+        // The default transport (auto): FUSE on a host without ublk.
+        CoraSnapshotter::write_config(
+            &sdir,
+            &serde_json::json!({
+                "autoRemoveDev": true,
+                "insecureRegistries": [registry.addr],
+            }),
+        )?;
+        let snap = CoraSnapshotter::start(&cora_bin("cora-snapshotter"), &sdir)?;
+        let leftovers = FuseLeftovers {
+            root: snap.root.clone(),
+            fuse_dir: snap.root.join("fuse"),
+        };
+        let ctrd = Containerd::start(&dir.path().join("containerd"), &[("cora", &snap.socket)])?;
+        Ok(Env {
+            ctrd,
+            snap,
+            _leftovers: leftovers,
+            registry,
+            dir,
+        })
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn fuse_dir(&self) -> PathBuf {
+        self.snap.root.join("fuse")
+    }
+
+    fn log(&self) -> String {
+        self.snap.daemon.log_text()
+    }
+
+    /// Stops the snapshotter (SIGTERM: its devices stay) and starts it again; returns the log
+    /// offset where the new run's log starts.
+    fn restart_snapshotter(&mut self) -> Result<usize> {
+        let offset = self.log().len();
+        self.snap.daemon.stop()?;
+        let dir = self.dir.path().join("snapshotter");
+        self.snap = CoraSnapshotter::start(&cora_bin("cora-snapshotter"), &dir)?;
+        // containerd's gRPC client backs off (about 1 s) after the socket refused it.
+        wait_for("containerd to reconnect", Duration::from_secs(30), || {
+            self.ctrd
+                .ctr(&["snapshots", "--snapshotter", "cora", "ls"])
+                .is_ok()
+        })?;
+        Ok(offset)
+    }
+
+    /// `cora rpull REF` into this containerd through the cora snapshotter; returns its report.
+    fn rpull(&self, reference: &str) -> Result<String> {
+        let out = Command::new(cora_bin("cora"))
+            .args(["--insecure", &self.registry.addr, "rpull", "--address"])
+            .arg(&self.ctrd.address)
+            .args(["--namespace", &self.ctrd.namespace])
+            .args(["--snapshotter", "cora", reference])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "cora rpull {reference} failed ({}): {}\nsnapshotter log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `ctr run` (the container stays, so its snapshot and stack do too); returns the
+    /// container's output and its id. containerd 1.6 now and then loses all output of a
+    /// container that exits at once (see tests/tests/rpull.rs): an empty run is repeated under
+    /// a new id, twice at most.
+    fn run(&self, reference: &str, id: &str, cmd: &[&str]) -> Result<(String, String)> {
+        let mut last = (String::new(), String::new());
+        for attempt in 0..3 {
+            if attempt > 0 {
+                self.ctrd.ctr(&["containers", "rm", &last.1])?;
+            }
+            let id = format!("{id}-{attempt}");
+            let mut args = vec!["run", "--snapshotter", "cora", reference, &id];
+            args.extend_from_slice(cmd);
+            let out = self.ctrd.ctr(&args).with_context(|| self.log())?;
+            last = (out, id);
+            if !last.0.is_empty() {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
+    /// Removes every image and waits for containerd's garbage collection, which removes their
+    /// snapshots from the snapshotter (detaching their stacks).
+    fn remove_images(&self) -> Result<()> {
+        let images = self.ctrd.ctr(&["images", "ls", "-q"])?;
+        for name in images.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            self.ctrd.ctr(&["images", "rm", "--sync", name])?;
+        }
+        Ok(())
+    }
+
+    /// Converts `tree` to the CORA image `REPO:cora` (stack images of file system `fs`) in the
+    /// registry; returns its reference.
+    fn convert(&self, tree: &Path, fs: &str, repo: &str) -> Result<String> {
+        let src = self.path(&format!("src-{fs}"));
+        blobfmt::dirsrc::layout_from_dirs(&[tree], &src, "v1", true)?;
+        let image = format!("{}/{repo}:cora", self.registry.addr);
+        run(Command::new(cora_bin("cora"))
+            .args(["--insecure", &self.registry.addr, "convert", "--fs", fs])
+            .arg(format!("oci:{}:v1", src.display()))
+            .arg(&image)
+            .arg("--work")
+            .arg(self.path(&format!("convert-work-{fs}"))))?;
+        Ok(image)
+    }
+
+    /// Loop devices whose backing file is on one of our FUSE mounts.
+    fn loop_devices(&self) -> Result<Vec<String>> {
+        let out = run(Command::new("losetup").args([
+            "--list",
+            "--noheadings",
+            "--output",
+            "NAME,BACK-FILE",
+        ]))?;
+        let fuse_dir = self.fuse_dir();
+        Ok(out
+            .lines()
+            .filter(|l| l.contains(&*fuse_dir.to_string_lossy()))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        let out = run(Command::new(cora_bin("cora-driver"))
+            .args(["list", "--json", "--fuse-dir"])
+            .arg(self.fuse_dir()))?;
+        Ok(DeviceInfo::parse_list(&out)?)
+    }
+
+    /// Nothing of any stack is left: no device, no mount under the snapshotter's root, no
+    /// driver process, no snapshot.
+    fn assert_all_detached(&self) -> Result<()> {
+        let devices = self.devices()?;
+        ensure!(devices.is_empty(), "devices left: {devices:?}");
+        let mounts = mounts_under(&self.snap.root);
+        ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
+        let drivers = pids_with_arg(&self.fuse_dir().to_string_lossy());
+        ensure!(
+            drivers.is_empty(),
+            "cora-driver processes left: {drivers:?}"
+        );
+        let snapshots = self
+            .ctrd
+            .ctr(&["snapshots", "--snapshotter", "cora", "ls"])?;
+        ensure!(
+            snapshots.lines().skip(1).all(|l| l.trim().is_empty()),
+            "snapshots left:\n{snapshots}"
+        );
+        Ok(())
+    }
+
+    /// Waits until the snapshotter logged that the stack attach started at pull has ended
+    /// (either way): the log is the only sign of it.
+    fn wait_attach_at_pull(&self) -> Result<()> {
+        wait_for("the attach at pull", Duration::from_secs(120), || {
+            let log = self.log();
+            log.contains("attached at pull") || log.contains("not attached at pull")
+        })
+        .with_context(|| self.log())
+    }
+}
+
+/// Sum of the image's stored layer sizes (`cora inspect --json`).
+fn stored_layer_bytes(registry: &str, image: &str) -> Result<u64> {
+    let out = run(Command::new(cora_bin("cora")).args([
+        "--insecure",
+        registry,
+        "inspect",
+        "--json",
+        image,
+    ]))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["layers"]
+        .as_array()
+        .context("inspect --json has no layers")?
+        .iter()
+        .filter_map(|l| l["size"].as_u64())
+        .sum())
+}
+
+/// The one driver stats file under `<root>/remote`, once rewritten after `after`: the driver
+/// writes it every second and gives no other sign of being up to date.
+fn stats_written_after(root: &Path, after: SystemTime) -> Result<DriverStats> {
+    let files = || -> Vec<PathBuf> {
+        std::fs::read_dir(root.join("remote"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with(".stats.json"))
+            .collect()
+    };
+    let fresh = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t > after)
+    };
+    wait_for("fresh driver stats", Duration::from_secs(10), || {
+        files().iter().any(fresh)
+    })?;
+    let files = files();
+    ensure!(files.len() == 1, "one stats file expected: {files:?}");
+    Ok(serde_json::from_slice(&std::fs::read(&files[0])?)?)
+}
+
+#[test]
+fn cora_image_is_served_through_fuse_and_leaves_nothing_behind() -> Result<()> {
+    let env = Env::start()?;
+    let log = env.log();
+    assert!(
+        log.contains("served by cora-driver FUSE devices"),
+        "the snapshotter did not pick FUSE:\n{log}"
+    );
+
+    // A real Debian base (libc, coreutils, dash, bash, perl-base, ...; ~100 MB) converted to
+    // CORA in the registry. The small tree is no use here: its only program is a 2 MB static
+    // busybox, whose start alone fetches 16 % of that image.
+    let tree = fixtures::debian_tree("base", fixtures::BASE)?;
+    let image = env.convert(&tree, "erofs", "test/app")?;
+    let stored = stored_layer_bytes(&env.registry.addr, &image)?;
+
+    let t0 = Instant::now();
+    let report = env.rpull(&image)?;
+    let pulled = t0.elapsed();
+    assert_eq!(
+        report.matches(": remote, fetched 0 of ").count(),
+        1,
+        "{report}"
+    );
+    env.wait_attach_at_pull()?;
+    let attached_at_pull = t0.elapsed();
+    let log = env.log();
+    assert!(
+        log.contains("remote layer stack attached at pull"),
+        "not attached at pull:\n{log}"
+    );
+
+    let t1 = Instant::now();
+    // dash, the dynamic loader, libc, and the first line of one small file.
+    let script = r#"read l < /etc/xattr.conf; echo "through FUSE: $l""#;
+    let (out, id) = env.run(&image, "fuse", &["/bin/sh", "-c", script])?;
+    let started = t1.elapsed();
+    let ran = SystemTime::now();
+    let file = std::fs::read_to_string(tree.join("etc/xattr.conf"))?;
+    let first = file.lines().next().unwrap_or_default();
+    assert_eq!(out, format!("through FUSE: {first}\n"));
+
+    // One FUSE device serves the stack, and the container's lowest layer is erofs over its file.
+    let devices = env.devices()?;
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    let dev = &devices[0];
+    assert_eq!(
+        (dev.transport.as_str(), &dev.state),
+        (TRANSPORT_FUSE, &DeviceState::Live),
+        "{dev:?}"
+    );
+    assert!(
+        dev.image
+            .as_deref()
+            .is_some_and(|i| i.contains("/test/app@sha256:")),
+        "{dev:?}"
+    );
+    assert!(dev.path.starts_with(env.fuse_dir()), "{dev:?}");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let types: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.contains(&*env.snap.root.to_string_lossy()))
+        .filter_map(|l| l.split(" - ").nth(1)?.split(' ').next())
+        .collect();
+    assert!(
+        types.contains(&"erofs") && types.iter().any(|t| t.starts_with("fuse")),
+        "mounts under the root: {types:?}"
+    );
+
+    // Starting a container read a small part of the image.
+    let stats = stats_written_after(&env.snap.root, ran)?;
+    let stack_mount = mounts_under(&env.snap.root.join("remote"));
+    println!(
+        "fuse: rpull {pulled:?}, attached at pull after {attached_at_pull:?}, ctr run {started:?}; \
+         fetched {} of {stored} stored layer bytes ({:.1} %), {} chunks, {} requests",
+        stats.fetched_bytes,
+        stats.fetched_bytes as f64 * 100.0 / stored as f64,
+        stats.misses,
+        stats.requests
+    );
+    assert!(stats.fetched_bytes > 0, "{stats:?}");
+    assert!(
+        stats.fetched_bytes * 10 < stored,
+        "fetched {} of {stored} stored bytes to start a container",
+        stats.fetched_bytes
+    );
+
+    // A restarted snapshotter finds the device and mount of the stack, which its container
+    // snapshot still holds, and hands out the same mount.
+    let mut env = env;
+    let offset = env.restart_snapshotter()?;
+    let log = env.log();
+    assert!(
+        log[offset..].contains("reusing the attached stack"),
+        "{}",
+        &log[offset..]
+    );
+    assert_eq!(env.devices()?, devices, "the same device serves");
+    assert_eq!(mounts_under(&env.snap.root.join("remote")), stack_mount);
+    let (out, id2) = env.run(&image, "fuse-again", &["/bin/sh", "-c", script])?;
+    assert_eq!(out, format!("through FUSE: {first}\n"));
+
+    // A FUSE server that died cannot be recovered: the next start of the snapshotter clears
+    // the dead device and its broken mount and serves the stack from a new device.
+    signal(dev.pid as u32, libc::SIGKILL);
+    wait_for("the killed server to go", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{}", dev.pid)).exists()
+    })?;
+    let offset = env.restart_snapshotter()?;
+    let log = env.log();
+    assert!(
+        log[offset..].contains("FUSE server of the recorded stack died"),
+        "{}",
+        &log[offset..]
+    );
+    let again = env.devices()?;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(
+        again[0].id != dev.id || again[0].pid != dev.pid,
+        "{again:?} vs {dev:?}"
+    );
+    assert_eq!(again[0].state, DeviceState::Live, "{again:?}");
+    let (out, id3) = env.run(&image, "fuse-new", &["/bin/sh", "-c", script])?;
+    assert_eq!(out, format!("through FUSE: {first}\n"));
+
+    // The containers go, then the image: the stack is detached (unmounted, device deleted,
+    // its server gone).
+    for id in [&id, &id2, &id3] {
+        env.ctrd.ctr(&["containers", "rm", id])?;
+    }
+    env.remove_images()?;
+    env.assert_all_detached().with_context(|| env.log())?;
+    let log = env.log();
+    assert!(log.contains("remote layer stack detached"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn unservable_cora_annotation_with_fuse_falls_back_to_unpack() -> Result<()> {
+    let env = Env::start()?;
+    // A plain busybox layer posing as CORA: the snapshotter claims it remote (FUSE is there),
+    // but no driver can serve it.
+    let rootfs = env.path("img/rootfs");
+    busybox_rootfs(&rootfs)?;
+    let mut layer = LayerSpec::new(&rootfs);
+    layer.annotations.insert(
+        "containerd.io/snapshot/cora/index".into(),
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+    );
+    let layout = env.path("img/layout");
+    write_oci_layout(&layout, "v1", &[layer], Compression::Zstd, &["/bin/sh"])?;
+    let reference = env.registry.push(&layout, "v1", "test/fake")?;
+
+    let report = env.rpull(&reference)?;
+    assert_eq!(
+        report.matches(": remote, fetched 0 of ").count(),
+        1,
+        "{report}"
+    );
+    env.wait_attach_at_pull()?;
+    assert!(env.log().contains("not attached at pull"), "{}", env.log());
+
+    let (out, id) = env.run(&reference, "fake", &["/bin/busybox", "echo", "fallback"])?;
+    assert_eq!(out, "fallback\n");
+    let log = env.log();
+    assert!(
+        log.contains("downloading and unpacking its layers instead"),
+        "{log}"
+    );
+    // The failed device left nothing behind.
+    assert_eq!(env.devices()?, Vec::new());
+    assert_eq!(
+        pids_with_arg(&env.fuse_dir().to_string_lossy()),
+        Vec::<u32>::new()
+    );
+
+    env.ctrd.ctr(&["containers", "rm", &id])?;
+    env.remove_images()?;
+    env.assert_all_detached().with_context(|| env.log())?;
+    Ok(())
+}
+
+#[test]
+fn ext4_stack_through_fuse_goes_through_a_loop_device_freed_on_detach() -> Result<()> {
+    let env = Env::start()?;
+    // ext4 never mounts a regular file: the FUSE image file gets a read-only loop device (the
+    // path erofs takes on kernels before 6.12).
+    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
+    let image = env.convert(&tree, "ext4", "test/ext4")?;
+    let report = env.rpull(&image)?;
+    assert_eq!(
+        report.matches(": remote, fetched 0 of ").count(),
+        1,
+        "{report}"
+    );
+    env.wait_attach_at_pull()?;
+    let (out, id) = env.run(
+        &image,
+        "ext4",
+        &["/bin/busybox", "echo", "ext4 through FUSE"],
+    )?;
+    assert_eq!(out, "ext4 through FUSE\n");
+    let log = env.log();
+    assert!(log.contains("mounted it through a loop device"), "{log}");
+    let loops = env.loop_devices()?;
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    let devices = env.devices()?;
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert_eq!(devices[0].transport, TRANSPORT_FUSE);
+
+    env.ctrd.ctr(&["containers", "rm", &id])?;
+    env.remove_images()?;
+    env.assert_all_detached().with_context(|| env.log())?;
+    let loops = env.loop_devices()?;
+    assert!(loops.is_empty(), "loop devices left: {loops:?}");
+    Ok(())
+}
