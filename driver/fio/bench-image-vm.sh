@@ -1,13 +1,14 @@
 #!/bin/sh
-# fio on a CORA image device (cold and fully cached) next to the kernel loop device (direct
-# I/O), `rublk add loop -o` and `rublk add null`, all in one boot, plus a whole-tree read of the
+# fio on a CORA image device (cold and fully cached; ublk, and the same cache through FUSE)
+# next to the kernel loop device (direct I/O), `rublk add loop -o` and `rublk add null`, all in one boot, plus a whole-tree read of the
 # mounted filesystem cold vs warm. Run by `cargo xtask bench fio` (which converts the image on
 # the host first); by hand, in the VM:
 #   CORA_FIO_REGISTRY=target/bench/fio/registry cargo xtask vm --mem 6G -- driver/fio/bench-image-vm.sh
 # Env: CORA_FIO_REGISTRY (docker-registry storage holding repository fio:cora, copied to tmpfs),
 #      CORA_FIO_RESULTS (results file, default $CORA_FIO_REGISTRY/../results.txt),
 #      FIO_RUNTIME (s, default 10), CORA_VARIANTS (lines NAME=ARGS of warm `cora-driver add`),
-#      CORA_FIO_SKIP_COLD=1 (skip the cold tree reads and cold fio: slow under TCG).
+#      CORA_FIO_SKIP_COLD=1 (skip the cold tree reads and cold fio: slow under TCG),
+#      CORA_FIO_SKIP_FUSE=1 (skip the FUSE transport's warm run).
 # Results, one line each (whitespace-separated):
 #   fio DEVICE STATE IOPS_4K MBPS_1M LAT_AVG_US LAT_P99_US BYTES_FETCHED
 #   tree STATE SECONDS BYTES_FETCHED
@@ -165,6 +166,17 @@ cora-copy=--queues 2 --no-lend}" | while IFS= read -r v; do
     run "${v%%=*}" warm "$DEV"
     del "$DEV"
 done
+
+# --- the same cache through the FUSE transport: FUSE vs ublk in one boot (fio reads the image
+# file on the FUSE mount with O_DIRECT, as it reads /dev/ublkbN)
+if [ -z "${CORA_FIO_SKIP_FUSE:-}" ]; then
+    IMG=$("$D" add --transport fuse --fuse-dir "$T/fuse" --image "$REF" --insecure "$H" \
+        --cache "$T/cache" --daemon --log "$T/srv.log") || fail "FUSE add: $(tail -5 "$T/srv.log")"
+    run cora-fuse warm "$IMG"
+    for id in $("$D" list --json --fuse-dir "$T/fuse" | jq -r '.[].id'); do
+        "$D" del "$id" --fuse-dir "$T/fuse" || fail "FUSE del $id"
+    done
+fi
 
 # --- references over the same flat image
 LOOP=$(losetup --direct-io=on --read-only -f --show "$T/raw.img")

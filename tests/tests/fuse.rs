@@ -5,11 +5,12 @@
 
 use anyhow::{Context, Result, bail};
 use cora_api::driver::{DeviceInfo, DriverStats, Ready};
+use cora_tests::faults::{Fault, FaultProxy};
 use cora_tests::fixtures::{self, cora_bin, run};
 use cora_tests::registry::Registry;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// erofs mounted with mount(2) on the FUSE file (file-backed; `mount(8)` would set up a loop
 /// device instead), unmounted on drop.
@@ -71,6 +72,43 @@ fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
 }
 
+/// Converts `tree` into the CORA image `HOST/app:cora`; returns its reference.
+fn push_cora(tmp: &Path, host: &str, tree: &Path) -> Result<String> {
+    let src = tmp.join("src");
+    blobfmt::dirsrc::layout_from_dirs(&[tree], &src, "v1", true)?;
+    let image = format!("{host}/app:cora");
+    run(Command::new(cora_bin("cora"))
+        .args(["convert", "--insecure", host])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(&image))?;
+    Ok(image)
+}
+
+/// `cora-driver add --transport fuse --daemon` of `image` reached at `host`, everything it
+/// keeps (cache, FUSE dir, stats, log) under `tmp`.
+fn add_fuse(tmp: &Path, image: &str, host: &str) -> Result<Ready> {
+    let out = run(Command::new(cora_bin("cora-driver"))
+        .args(["add", "--transport", "fuse", "--ready-json", "--daemon"])
+        .args(["--image", image, "--insecure", host])
+        .arg("--cache")
+        .arg(tmp.join("cache"))
+        .arg("--fuse-dir")
+        .arg(tmp.join("fuse"))
+        .arg("--stats-file")
+        .arg(tmp.join("stats.json"))
+        .arg("--log")
+        .arg(tmp.join("driver.log")))?;
+    Ok(Ready::from_output(&out)?)
+}
+
+/// `cora-driver del` of a device `add_fuse` made under `tmp`.
+fn del_fuse(tmp: &Path, id: u32) -> Result<()> {
+    run(Command::new(cora_bin("cora-driver"))
+        .args(["del", &id.to_string(), "--fuse-dir"])
+        .arg(tmp.join("fuse")))?;
+    Ok(())
+}
+
 #[test]
 fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
     if !Path::new("/dev/fuse").exists() {
@@ -81,13 +119,7 @@ fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
         .tempdir_in("/var/tmp")?;
     let reg = Registry::start()?;
     let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
-    let src = tmp.path().join("src");
-    blobfmt::dirsrc::layout_from_dirs(&[&tree], &src, "v1", true)?;
-    let image = format!("{}/app:cora", reg.host);
-    run(Command::new(cora_bin("cora"))
-        .args(["convert", "--insecure", &reg.host])
-        .arg(format!("oci:{}:v1", src.display()))
-        .arg(&image))?;
+    let image = push_cora(tmp.path(), &reg.host, &tree)?;
     let blob_bytes: u64 = {
         let out = run(Command::new(cora_bin("cora")).args([
             "--insecure",
@@ -108,18 +140,7 @@ fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
     let fuse_dir = tmp.path().join("fuse");
     let stats_file = tmp.path().join("stats.json");
     let driver = cora_bin("cora-driver");
-    let out = run(Command::new(&driver)
-        .args(["add", "--transport", "fuse", "--ready-json", "--daemon"])
-        .args(["--image", &image, "--insecure", &reg.host])
-        .arg("--cache")
-        .arg(tmp.path().join("cache"))
-        .arg("--fuse-dir")
-        .arg(&fuse_dir)
-        .arg("--stats-file")
-        .arg(&stats_file)
-        .arg("--log")
-        .arg(tmp.path().join("driver.log")))?;
-    let ready = Ready::from_output(&out)?;
+    let ready = add_fuse(tmp.path(), &image, &reg.host)?;
     assert_eq!(ready.transport, "fuse");
     assert!(
         ready.path.is_file(),
@@ -180,9 +201,7 @@ fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
         warm.hits - cold.hits
     );
 
-    run(Command::new(&driver)
-        .args(["del", &ready.id.to_string(), "--fuse-dir"])
-        .arg(&fuse_dir))?;
+    del_fuse(tmp.path(), ready.id)?;
     assert!(
         !running(ready.pid),
         "the server (pid {}) outlived del",
@@ -200,5 +219,54 @@ fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
             .all(|d| d.id != ready.id),
         "device still listed after del: {list}"
     );
+    Ok(())
+}
+
+/// A registry failing while a container reads: the read through FUSE gets EIO (not a hang,
+/// not wrong bytes) within the registry client's retry bound, and the same read succeeds once
+/// the registry answers again; the device keeps serving throughout.
+#[test]
+fn a_failing_registry_gives_eio_through_fuse_and_reads_recover() -> Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse missing: this test needs FUSE");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("cora-fuse-fault-")
+        .tempdir_in("/var/tmp")?;
+    let reg = Registry::start()?;
+    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
+    let image = push_cora(tmp.path(), &reg.host, &tree)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let proxy = rt.block_on(FaultProxy::start(reg.addr))?;
+    // The image as the driver sees it: through the proxy (same repository and tag).
+    let image = image.replacen(&reg.host, &proxy.host, 1);
+    let ready = add_fuse(tmp.path(), &image, &proxy.host)?;
+    let mnt = tmp.path().join("mnt");
+    let m = ErofsMount::new(&ready.path, &mnt)?;
+    // Directory entries are file system metadata, fetched at open; file contents are not.
+    let rel = "lib/x86_64-linux-gnu/libc.so.6";
+    assert!(mnt.join(rel).is_file(), "{rel} missing in the mounted tree");
+
+    proxy.inject("/blobs/", Fault::Status(500), usize::MAX);
+    let t = Instant::now();
+    let err = std::fs::read(mnt.join(rel)).expect_err("a read with the registry failing");
+    let took = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        proxy.count("/blobs/") > 0,
+        "the read never reached the registry"
+    );
+    // The driver's registry client (ClientConfig defaults): 4 retries, backoff from 0.2 s
+    // doubling (about 3 s in all, with jitter); a 500 comes back at once. The kernel asks more
+    // than once before it gives up (readahead, then the page itself): about 10 s here.
+    assert!(took < Duration::from_secs(40), "EIO after {took:?}");
+    println!("fuse: EIO after {took:?} with the registry answering 500");
+
+    proxy.clear();
+    let got = std::fs::read(mnt.join(rel)).context("the same read, registry back")?;
+    assert!(got == std::fs::read(tree.join(rel))?, "{rel} differs");
+    drop(m);
+    del_fuse(tmp.path(), ready.id)?;
+    assert!(!running(ready.pid), "the server outlived del");
     Ok(())
 }

@@ -16,6 +16,9 @@ pub enum BenchCmd {
     /// fio on a CORA image device (cold and cached) vs kernel loop, rublk loop and rublk null,
     /// in one VM boot; writes fio.json and fio.md.
     Fio(crate::fio_bench::FioBenchOpts),
+    /// The FUSE transport natively on this host: fio and tree reads through FUSE vs the same
+    /// image as a plain file and a loop device; writes fuse.json and fuse.md.
+    Fuse(crate::fio_bench::FuseBenchOpts),
     /// Cold start CORA vs OCI through containerd in the VM (tests/vm/40-containerd.sh writes
     /// coldstart.csv and coldstart_usage.csv when CORA_BENCH_OUT is set).
     Coldstart,
@@ -45,25 +48,31 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Lazy => {
             // The lazy bench runs the `cora` CLI next to it: build the binaries first.
             crate::deps::ensure(crate::deps::TEST_PACKAGES)?;
-            crate::deps::run(
-                "cargo",
-                &[
-                    "build",
-                    "--release",
-                    "-p",
-                    "cora-driver",
-                    "-p",
-                    "cora-cli",
-                    "--bins",
-                ],
-            )?;
+            build_driver_bins()?;
             cargo_bench("lazy", &out)
         }
         BenchCmd::Fio(opts) => crate::fio_bench::run(&opts),
+        BenchCmd::Fuse(opts) => crate::fio_bench::run_fuse(&opts),
         BenchCmd::Coldstart => coldstart(&out),
         BenchCmd::Report => report(&out),
         BenchCmd::All => all(&out),
     }
+}
+
+/// `cora-driver` and `cora` in release mode, as the benches run them.
+pub fn build_driver_bins() -> Result<()> {
+    crate::deps::run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "cora-driver",
+            "-p",
+            "cora-cli",
+            "--bins",
+        ],
+    )
 }
 
 fn cargo_bench(name: &str, out: &std::path::Path) -> Result<()> {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FioBenchOpts {
@@ -66,11 +66,19 @@ pub struct Target {
     pub ok: bool,
 }
 
+/// 4 KiB random reads over the files of a mounted file system (host FUSE bench).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FsRandRow {
+    pub mount: String,
+    pub iops: f64,
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
 pub struct Results {
     pub info: BTreeMap<String, String>,
     pub fio: Vec<FioRow>,
     pub tree: Vec<TreeRow>,
+    pub fsrand: Vec<FsRandRow>,
 }
 
 /// Parses the guest's result lines; unknown kinds are an error (a changed script).
@@ -96,6 +104,10 @@ pub fn parse(text: &str) -> Result<Results> {
                 state: state.to_string(),
                 seconds: num(secs)?,
                 bytes_fetched: int(fetched)?,
+            }),
+            ["fsrand", mount, iops] => r.fsrand.push(FsRandRow {
+                mount: mount.to_string(),
+                iops: num(iops)?,
             }),
             ["info", key, value @ ..] => {
                 r.info.insert(key.to_string(), value.join(" "));
@@ -169,6 +181,97 @@ impl Results {
             );
         }
         out
+    }
+
+    /// Markdown of the host FUSE bench (driver/fio/bench-fuse-host.sh): the FUSE file against
+    /// the same image as a plain file and a loop device over it, all measured in one run.
+    pub fn fuse_markdown(&self) -> String {
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}x", a / b)
+            } else {
+                "-".into()
+            }
+        };
+        let mut s = String::new();
+        let info: Vec<String> = self.info.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(
+            s,
+            "FUSE transport on the host (native, no VM), one run: {}\n",
+            info.join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "Raw image file, fully cached, direct I/O (fio jobs of driver/fio):\n\n\
+             | file | 4k QD32 IOPS | 1M QD8 MB/s | 4k QD1 avg µs | 4k QD1 p99 µs | IOPS vs file / loop | MB/s vs file / loop | QD1 avg vs file |\n\
+             |---|---:|---:|---:|---:|---|---|---:|"
+        );
+        let (file, lp) = (self.warm("file"), self.warm("loop"));
+        for r in &self.fio {
+            let vs = |f: fn(&FioRow) -> f64| {
+                [file, lp]
+                    .map(|x| x.map_or("-".into(), |x| ratio(f(r), f(x))))
+                    .join(" / ")
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+                r.device,
+                r.iops_4k_qd32,
+                r.mbps_1m_qd8,
+                r.lat_avg_us_4k_qd1,
+                r.lat_p99_us_4k_qd1,
+                vs(|x| x.iops_4k_qd32),
+                vs(|x| x.mbps_1m_qd8),
+                file.map_or("-".into(), |x| ratio(
+                    r.lat_avg_us_4k_qd1,
+                    x.lat_avg_us_4k_qd1
+                )),
+            );
+        }
+        let tree = |name: &str| self.tree.iter().find(|t| t.state == name);
+        if !self.tree.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nWhole-tree reads of the mounted erofs (`tar cf /dev/zero .`, page cache dropped):\n\n\
+                 | read | seconds | fetched MB | time vs plain file |\n|---|---:|---:|---:|"
+            );
+            let reference = tree("file-warm");
+            for t in &self.tree {
+                let what = match t.state.as_str() {
+                    "fuse-cold" => "through FUSE, empty cache (lazy, from the registry)",
+                    "fuse-fill" => "the FUSE file read whole once (dd; makes the plain copy)",
+                    "fuse-warm" => "through FUSE, fully cached",
+                    "file-warm" => "plain file (erofs file-backed), reference",
+                    other => other,
+                };
+                let _ = writeln!(
+                    s,
+                    "| {what} | {:.2} | {:.1} | {} |",
+                    t.seconds,
+                    t.bytes_fetched as f64 / 1e6,
+                    reference.map_or("-".into(), |r| ratio(t.seconds, r.seconds)),
+                );
+            }
+        }
+        if !self.fsrand.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n4 KiB random reads over the mounted file system's files (fio psync, 4 jobs, \
+                 buffered, page cache dropped first):\n\n| mount | IOPS | vs plain file |\n|---|---:|---:|"
+            );
+            let reference = self.fsrand.iter().find(|r| r.mount == "file");
+            for r in &self.fsrand {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.0} | {} |",
+                    r.mount,
+                    r.iops,
+                    reference.map_or("-".into(), |x| ratio(r.iops, x.iops)),
+                );
+            }
+        }
+        s
     }
 
     /// Markdown: the fio table with ratios to the references, targets, tree reads.
@@ -254,28 +357,13 @@ impl Results {
     }
 }
 
-fn bench_out() -> PathBuf {
-    std::env::var_os("CORA_BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| vm::repo_root().join("bench/results/latest"))
-}
-
-pub fn run(opts: &FioBenchOpts) -> Result<()> {
+/// The packages and binaries the fio benches need, and the image both serve: a tree of `mb`
+/// MiB of real files converted into registry storage under target/bench/fio (reused while
+/// the size stays). Returns that directory.
+fn prepare_image(mb: u64, no_build: bool) -> Result<std::path::PathBuf> {
     deps::ensure(deps::TEST_PACKAGES)?;
-    tools::ensure_rublk()?;
-    if !opts.no_build {
-        deps::run(
-            "cargo",
-            &[
-                "build",
-                "--release",
-                "-p",
-                "cora-driver",
-                "-p",
-                "cora-cli",
-                "--bins",
-            ],
-        )?;
+    if !no_build {
+        crate::benches::build_driver_bins()?;
     }
     let repo = vm::repo_root();
     let work = repo.join("target/bench/fio");
@@ -285,9 +373,17 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
         &[
             &s(&repo.join("driver/fio/prepare-image.sh")),
             &s(&work),
-            &opts.mb.to_string(),
+            &mb.to_string(),
         ],
     )?;
+    Ok(work)
+}
+
+pub fn run(opts: &FioBenchOpts) -> Result<()> {
+    tools::ensure_rublk()?;
+    let work = prepare_image(opts.mb, opts.no_build)?;
+    let repo = vm::repo_root();
+    let s = |p: &Path| p.to_string_lossy().into_owned();
     let results = work.join("results.txt");
     let _ = std::fs::remove_file(&results);
     let cmd = format!(
@@ -312,8 +408,7 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
     let r = parse(&text)?;
     let md = r.markdown();
     println!("{md}");
-    let out = bench_out();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = crate::benches::out_dir()?;
     let json = serde_json::json!({
         "bench": "fio",
         "info": r.info,
@@ -325,6 +420,56 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
         .context("writing fio.json")?;
     std::fs::write(out.join("fio.md"), &md).context("writing fio.md")?;
     eprintln!("xtask: wrote fio.json and fio.md to {}", out.display());
+    Ok(())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FuseBenchOpts {
+    /// Size of the tree of real files converted into the image, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mb: u64,
+    /// Seconds per fio job.
+    #[arg(long, default_value_t = 10)]
+    pub runtime: u64,
+    /// Use the release binaries as they are (do not run cargo build first).
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+/// `cargo xtask bench fuse`: the FUSE transport natively on this host (no VM) against the same
+/// image as a plain file; writes fuse.json and fuse.md.
+pub fn run_fuse(opts: &FuseBenchOpts) -> Result<()> {
+    let work = prepare_image(opts.mb, opts.no_build)?;
+    let repo = vm::repo_root();
+    let results = repo.join("target/bench/fuse/results.txt");
+    let _ = std::fs::remove_file(&results);
+    let st = std::process::Command::new("sh")
+        .arg(repo.join("driver/fio/bench-fuse-host.sh"))
+        .env("CORA_FIO_REGISTRY", work.join("registry"))
+        .env("CORA_FUSE_RESULTS", &results)
+        .env("FIO_RUNTIME", opts.runtime.to_string())
+        .status()
+        .context("running bench-fuse-host.sh")?;
+    if !st.success() {
+        bail!("the FUSE bench failed: {st}");
+    }
+    let text = std::fs::read_to_string(&results)
+        .with_context(|| format!("reading {}", results.display()))?;
+    let r = parse(&text)?;
+    let md = r.fuse_markdown();
+    println!("{md}");
+    let out = crate::benches::out_dir()?;
+    let json = serde_json::json!({
+        "bench": "fuse",
+        "info": r.info,
+        "fio": r.fio,
+        "tree": r.tree,
+        "fsrand": r.fsrand,
+    });
+    std::fs::write(out.join("fuse.json"), serde_json::to_string_pretty(&json)?)
+        .context("writing fuse.json")?;
+    std::fs::write(out.join("fuse.md"), &md).context("writing fuse.md")?;
+    eprintln!("xtask: wrote fuse.json and fuse.md to {}", out.display());
     Ok(())
 }
 
@@ -359,6 +504,32 @@ mod tests {
         let md = r.markdown();
         assert!(md.contains("| cora | warm | 4000 | 600 |"), "{md}");
         assert!(md.contains("1.33x"), "{md}");
+    }
+
+    #[test]
+    fn fuse_results_compare_with_the_plain_file() {
+        let r = parse(
+            "info kernel 6.18\nfio cora-fuse warm 3000 800 200 400 0\n\
+             fio file warm 6000 1600 100 200 0\nfio loop warm 5000 1000 120 300 0\n\
+             tree fuse-cold 4.0 300000000\ntree fuse-warm 1.5 0\ntree file-warm 1.0 0\n\
+             fsrand fuse 900\nfsrand file 1000\n",
+        )
+        .unwrap();
+        assert_eq!(r.fsrand.len(), 2);
+        let md = r.fuse_markdown();
+        // IOPS 3000 vs 6000 (file) and 5000 (loop); MB/s 800 vs 1600 / 1000; QD1 200 vs 100.
+        assert!(
+            md.contains(
+                "| cora-fuse | 3000 | 800 | 200 | 400 | 0.50x / 0.60x | 0.50x / 0.80x | 2.00x |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| through FUSE, fully cached | 1.50 | 0.0 | 1.50x |"),
+            "{md}"
+        );
+        assert!(md.contains("| fuse | 900 | 0.90x |"), "{md}");
+        assert!(parse("fsrand fuse").is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use cora_api::driver::{DeviceInfo, Ready, TRANSPORT_UBLK};
+use cora_api::driver::{DeviceInfo, Ready, TRANSPORT_UBLK, Transport};
 use fuse_device::FUSE_ID_BASE;
 use lazy::device::{SourceRecipe, TraceOptions};
 use ublk::DeviceOptions;
@@ -69,33 +69,21 @@ struct UnpackArgs {
     into: PathBuf,
 }
 
-/// Which kernel interface serves a device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Transport {
-    /// ublk where `/dev/ublk-control` can be opened, else FUSE.
-    Auto,
-    Ublk,
-    Fuse,
-}
-
-impl Transport {
-    fn resolve(self) -> Transport {
-        match self {
-            Transport::Auto => match std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/ublk-control")
-            {
-                Ok(_) => Transport::Ublk,
-                Err(e) => {
-                    tracing::info!(
-                        "ublk unavailable (/dev/ublk-control: {e}); serving through FUSE"
-                    );
-                    Transport::Fuse
-                }
-            },
-            t => t,
-        }
+/// `--transport auto` made concrete: ublk where `/dev/ublk-control` can be opened, else FUSE.
+fn resolve_transport(t: Transport) -> Transport {
+    match t {
+        Transport::Auto => match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/ublk-control")
+        {
+            Ok(_) => Transport::Ublk,
+            Err(e) => {
+                tracing::info!("ublk unavailable (/dev/ublk-control: {e}); serving through FUSE");
+                Transport::Fuse
+            }
+        },
+        t => t,
     }
 }
 
@@ -103,8 +91,9 @@ impl Transport {
 struct AddArgs {
     #[command(flatten)]
     source: SourceArgs,
-    /// Kernel interface serving the device.
-    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    /// Kernel interface serving the device: auto (ublk where `/dev/ublk-control` opens, else
+    /// FUSE), ublk or fuse.
+    #[arg(long, default_value_t = Transport::Auto)]
     transport: Transport,
     /// Where FUSE devices are mounted and recorded.
     #[arg(long, default_value = fuse_device::DEFAULT_DIR)]
@@ -640,7 +629,7 @@ fn write_stats(path: &std::path::Path, source: &dyn cora_read::BlockSource) -> s
 }
 
 fn add(args: AddArgs) -> Result<()> {
-    let transport = args.transport.resolve();
+    let transport = resolve_transport(args.transport);
     // A FUSE mount must be made where its users are: only ublk servers get a namespace of
     // their own (see isolate_mounts).
     let notifier = start(&args.run, transport == Transport::Ublk)?;
@@ -774,14 +763,6 @@ mod tests {
         }
     }
 
-    fn transport_of(t: Transport) -> api::Transport {
-        match t {
-            Transport::Auto => api::Transport::Auto,
-            Transport::Ublk => api::Transport::Ublk,
-            Transport::Fuse => api::Transport::Fuse,
-        }
-    }
-
     fn run_of(r: &RunArgs) -> api::RunArgs {
         api::RunArgs {
             daemon: r.daemon,
@@ -831,7 +812,7 @@ mod tests {
             cache_dir: a.source.cache.clone(),
             cache_size: a.source.cache_size,
             queues: a.queues,
-            transport: transport_of(a.transport),
+            transport: a.transport,
             fuse_dir: Some(a.fuse_dir.clone()),
             registry: registry_of(&a.source),
             run: run_of(&a.run),
