@@ -14,8 +14,10 @@
 #      the FUSE file vs erofs file-backed on the plain file.
 # Env: CORA_FIO_REGISTRY (docker-registry storage with fio:cora; default target/bench/fio/registry),
 #      CORA_FUSE_RESULTS (results file; default target/bench/fuse/results.txt),
-#      FIO_RUNTIME (s, default 10), CORA_FUSE_WORK (scratch dir on the disk to measure; default
-#      under /var/tmp).
+#      FIO_RUNTIME (s, default 10), CORA_FUSE_WORK (scratch dir: chunk cache, plain image file;
+#      default a tmpfs mounted for the run, so that both sides read from memory and the figures
+#      are the transports', not the disk's: O_DIRECT on a plain file on disk would measure the
+#      disk, while the FUSE server reads its cache files through the page cache).
 # Results, one line each, in the format of bench-image-vm.sh (parsed by xtask/src/fio_bench.rs):
 # `fio NAME warm IOPS_4K_QD32 MBPS_1M LAT_AVG_US LAT_P99_US 0`, `tree NAME SECONDS BYTES_FETCHED`,
 # `fsrand NAME IOPS`, `info KEY VALUE`.
@@ -33,8 +35,15 @@ log() { echo "bench-fuse: $*" >&2; }
 [ -d "$REG_SRC/docker" ] || fail "$REG_SRC has no registry data (cargo xtask bench fuse makes it)"
 [ -e /dev/fuse ] || fail "/dev/fuse missing"
 mkdir -p "$(dirname "$OUT")" /var/tmp
-T=${CORA_FUSE_WORK:-$(mktemp -d /var/tmp/bench-fuse.XXXXXX)}
-mkdir -p "$T"
+TMPFS=
+if [ -n "${CORA_FUSE_WORK:-}" ]; then
+    T=$CORA_FUSE_WORK
+    mkdir -p "$T"
+else
+    T=$(mktemp -d /var/tmp/bench-fuse.XXXXXX)
+    mount -t tmpfs -o size=4g tmpfs "$T" || fail "mounting a tmpfs on $T"
+    TMPFS=$T
+fi
 REG=
 cleanup() {
     set +e
@@ -44,7 +53,7 @@ cleanup() {
     done
     [ -n "$REG" ] && kill "$REG" 2>/dev/null
     [ -n "${LOOP:-}" ] && losetup -d "$LOOP" 2>/dev/null
-    [ -n "${CORA_FUSE_WORK:-}" ] || rm -rf "$T"
+    if [ -n "$TMPFS" ]; then umount "$TMPFS" && rmdir "$TMPFS"; fi
     return 0
 }
 trap cleanup EXIT
@@ -148,8 +157,8 @@ for m in fuse file; do
     drop_caches
     fio --readonly --output-format=json --name=fsrand --opendir="$T/mnt-$m" --rw=randread \
         --bs=4k --ioengine=psync --numjobs=4 --group_reporting --time_based \
-        --runtime="$FIO_RUNTIME" --file_service_type=random >"$T/fsrand-$m.json" \
-        || fail "fio over the files of $m: $(tail -5 "$T/fsrand-$m.json")"
+        --runtime="$FIO_RUNTIME" --file_service_type=random --output="$T/fsrand-$m.json" \
+        >/dev/null || fail "fio over the files of $m: $(tail -5 "$T/fsrand-$m.json")"
     result fsrand "$m" "$(jq '.jobs[0].read.iops | floor' "$T/fsrand-$m.json")"
 done
 log "done: $OUT"

@@ -202,7 +202,7 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            "Raw image file, fully cached, direct I/O (fio jobs of driver/fio):\n\n\
+            "Raw image file, fully cached, direct I/O, both sides in memory (fio jobs of driver/fio):\n\n\
              | file | 4k QD32 IOPS | 1M QD8 MB/s | 4k QD1 avg µs | 4k QD1 p99 µs | IOPS vs file / loop | MB/s vs file / loop | QD1 avg vs file |\n\
              |---|---:|---:|---:|---:|---|---|---:|"
         );
