@@ -6,15 +6,7 @@ use blobfmt::writer::{ChunkParams, write_chunked};
 #[test]
 fn windowed_cuts_equal_whole_stream_cuts() {
     // Larger than the 16 MiB window, with runs of zeros so some chunks hit `max`.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut data: Vec<u8> = (0..40_000_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect();
+    let mut data = cora_testdata::pseudo_random(40_000_000, 0);
     data[5_000_000..7_000_000].fill(0);
     let p = ChunkParams::from_avg(64 << 10, 1).unwrap();
     let mut out = Vec::new();

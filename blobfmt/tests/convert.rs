@@ -5,6 +5,7 @@
 use blobfmt::convert::{Options, convert_layers};
 use blobfmt::format::{FOOTER_FRAME, decode_chunk, read_trailer};
 use blobfmt::{Piece, Stack, Trailer};
+use cora_testdata::pseudo_random;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -53,18 +54,6 @@ fn layer_tar(path: &Path, entries: &[E<'_>]) {
         }
     }
     b.finish().unwrap();
-}
-
-fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Rebuild the stack image from blob files alone, the way a reader would.

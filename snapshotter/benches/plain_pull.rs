@@ -23,15 +23,8 @@ fn main() -> Result<()> {
     busybox_rootfs(&rootfs)?;
     let data = dir.path().join("img/data");
     std::fs::create_dir_all(data.join("data"))?;
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for i in 0..64 {
-        let mut buf = vec![0u8; 256 << 10];
-        for b in buf.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+        let buf = cora_testdata::pseudo_random(256 << 10, i);
         std::fs::write(data.join(format!("data/f{i}")), &buf)?;
     }
     let layout = dir.path().join("img/layout");

@@ -174,13 +174,8 @@ fn main() -> Result<()> {
     let file = std::fs::File::open(&flat)?;
 
     // Warm random reads: API vs pread on the plain file, same offsets.
-    let mut x = 0x2545F4914F6CDD1Du64;
-    let mut rnd = move |m: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % m
-    };
+    let mut rng = cora_testdata::XorShift::new(0x2545F4914F6CDD1D);
+    let mut rnd = move |m: u64| rng.below(m);
     let mut warm = Vec::new();
     for (bs, n) in [(4096usize, 50_000usize), (1 << 20, 300)] {
         let offs: Vec<u64> = (0..n).map(|_| rnd(size / bs as u64) * bs as u64).collect();

@@ -13,6 +13,7 @@
 //! Rules are consumed in order: a request takes the first rule whose path substring matches
 //! and that has uses left; with no rule it passes through untouched. The `Host` header is
 //! forwarded unchanged so the registry's upload `Location`s point back at the proxy.
+use crate::http_server::serve_loopback;
 use anyhow::Result;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -30,9 +31,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 
 /// What to do to one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,25 +85,13 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on a free loopback port and forwards to `upstream` (plain HTTP).
     pub async fn start(upstream: SocketAddr) -> Result<FaultProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let st = state.clone();
-        let task = tokio::spawn(async move {
-            // Owning the JoinSet here means aborting this task aborts every connection.
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    acc = listener.accept() => {
-                        let Ok((tcp, _)) = acc else { continue };
-                        conns.spawn(serve_conn(tcp, st.clone(), client.clone(), upstream));
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
+        let (addr, task) =
+            serve_loopback(move |tcp| serve_conn(tcp, st.clone(), client.clone(), upstream))
+                .await?;
         Ok(FaultProxy {
             addr,
             host: addr.to_string(),

@@ -1,12 +1,12 @@
 //! A tiny forward proxy (what `HTTP_PROXY`/`HTTPS_PROXY` point at): `CONNECT host:port`
 //! tunnels and absolute-form plain-HTTP requests. It records the first request line of each
 //! client connection, then relays bytes both ways.
+use crate::http_server::serve_loopback;
 use anyhow::Result;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::net::TcpStream;
 
 pub struct ForwardProxy {
     pub addr: SocketAddr,
@@ -16,22 +16,9 @@ pub struct ForwardProxy {
 
 impl ForwardProxy {
     pub async fn start() -> Result<ForwardProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let l2 = lines.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    acc = listener.accept() => {
-                        let Ok((tcp, _)) = acc else { continue };
-                        conns.spawn(relay(tcp, l2.clone()));
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
+        let (addr, task) = serve_loopback(move |tcp| relay(tcp, l2.clone())).await?;
         Ok(ForwardProxy { addr, lines, task })
     }
 

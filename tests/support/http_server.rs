@@ -10,8 +10,8 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
 
 /// A request as the handler and the log see it.
 #[derive(Clone, Debug)]
@@ -20,6 +20,32 @@ pub struct Recorded {
     /// Path and query.
     pub path: String,
     pub headers: HeaderMap,
+}
+
+/// Binds a free loopback port and serves every connection with `serve`, each on a task of its
+/// own, until the returned task is aborted (which aborts every connection with it).
+pub async fn serve_loopback<F, Fut>(serve: F) -> Result<(SocketAddr, JoinHandle<()>)>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        // Owning the JoinSet here means aborting this task aborts every connection.
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                acc = listener.accept() => {
+                    let Ok((tcp, _)) = acc else { continue };
+                    conns.spawn(serve(tcp));
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    });
+    Ok((addr, task))
 }
 
 type Handler = dyn Fn(&Recorded) -> Response<Full<Bytes>> + Send + Sync;
@@ -36,43 +62,36 @@ impl HttpServer {
     pub async fn start(
         handler: impl Fn(&Recorded) -> Response<Full<Bytes>> + Send + Sync + 'static,
     ) -> Result<HttpServer> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let handler: Arc<Handler> = Arc::new(handler);
         let l2 = log.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    acc = listener.accept() => {
-                        let Ok((tcp, _)) = acc else { continue };
-                        let (h, l) = (handler.clone(), l2.clone());
-                        let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let (h, l) = (h.clone(), l.clone());
-                            async move {
-                                let (parts, body) = req.into_parts();
-                                let _ = body.collect().await;
-                                let rec = Recorded {
-                                    method: parts.method,
-                                    path: parts.uri.path_and_query().map_or("/".into(), |p| p.to_string()),
-                                    headers: parts.headers,
-                                };
-                                let resp = h(&rec);
-                                l.lock().unwrap_or_else(|p| p.into_inner()).push(rec);
-                                Ok::<_, Infallible>(resp)
-                            }
-                        });
-                        conns.spawn(async move {
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(tcp), svc)
-                                .await;
-                        });
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        let (addr, task) = serve_loopback(move |tcp| {
+            let (h, l) = (handler.clone(), l2.clone());
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (h, l) = (h.clone(), l.clone());
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let _ = body.collect().await;
+                    let rec = Recorded {
+                        method: parts.method,
+                        path: parts
+                            .uri
+                            .path_and_query()
+                            .map_or("/".into(), |p| p.to_string()),
+                        headers: parts.headers,
+                    };
+                    let resp = h(&rec);
+                    l.lock().unwrap_or_else(|p| p.into_inner()).push(rec);
+                    Ok::<_, Infallible>(resp)
                 }
+            });
+            async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
             }
-        });
+        })
+        .await?;
         Ok(HttpServer {
             addr,
             host: addr.to_string(),

@@ -346,13 +346,10 @@ fn lent_slices_are_the_cached_bytes_and_nothing_is_lent_before_caching() -> Resu
     assert!(lend(0, 4096)?.is_none(), "lent before cached");
     let all = read_all(&src, 1 << 20, 0)?;
     let mut ranges: Vec<(u64, usize)> = vec![(0, 4096), (size - 4096, 4096), (size - 512, 512)];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = cora_testdata::XorShift::new(1);
     for len in [4096usize, 65536, 1 << 20] {
         for _ in 0..50 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let off = (x % (size - len as u64)) & !511;
+            let off = rng.below(size - len as u64) & !511;
             ranges.push((off, len));
         }
     }

@@ -18,18 +18,7 @@ fn sha(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
-/// Deterministic pseudo-random bytes (xorshift), distinct per seed.
-fn blob(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use cora_testdata::pseudo_random as blob;
 
 /// Writes a docker-config credentials file with `(host, user, password)` entries.
 fn creds_file(dir: &Path, entries: &[(&str, &str, &str)]) -> PathBuf {

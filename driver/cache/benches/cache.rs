@@ -12,19 +12,6 @@ use std::time::{Duration, Instant};
 
 const CHUNK: usize = 64 * 1024;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 struct Result {
     ops: u64,
     bytes: u64,
@@ -134,7 +121,7 @@ fn main() {
     let total = mib << 20;
     let n_chunks = total / CHUNK;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut rng = cora_testdata::XorShift::new(0x1234_5678_9abc_def1);
 
     println!(
         "chunk cache bench: {mib} MiB as {n_chunks} chunks of {} KiB, RLIMIT_NOFILE {nofile}",
@@ -148,7 +135,7 @@ fn main() {
     let mut data = vec![0u8; CHUNK];
     for _ in 0..n_chunks {
         for word in data.chunks_exact_mut(8) {
-            word.copy_from_slice(&rng.next().to_le_bytes());
+            word.copy_from_slice(&rng.next_u64().to_le_bytes());
         }
         let d = sha256(&data);
         writer.insert(&d, &data).expect("insert");
@@ -216,7 +203,7 @@ fn main() {
     );
     for (len, ops) in [(4096usize, 50_000usize), (1 << 20, 500)] {
         let positions: Vec<usize> = (0..ops)
-            .map(|_| rng.below((total - len) / 4096 + 1) * 4096)
+            .map(|_| rng.below(((total - len) / 4096 + 1) as u64) as usize * 4096)
             .collect();
         let pread = |pos: usize, b: &mut [u8]| {
             plain.read_exact_at(b, pos as u64).expect("pread");

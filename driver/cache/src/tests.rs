@@ -4,15 +4,7 @@ use std::time::UNIX_EPOCH;
 
 /// Deterministic pseudo-random bytes (xorshift), distinct per seed.
 pub(crate) fn chunk_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    cora_testdata::pseudo_random(len, seed)
 }
 
 fn entry(seed: u64, len: usize) -> (ChunkDigest, Vec<u8>) {

@@ -15,33 +15,19 @@ const CHUNK_LEN: usize = 32 * 1024;
 /// Room for about half of the chunks, so eviction runs all the time.
 const LIMIT: u64 = 24 * CHUNK_LEN as u64;
 
-fn chunk_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn worker(dir: &Path, seed: u64) -> (u64, u64) {
     let chunks: Vec<_> = (0..CHUNKS)
         .map(|i| {
-            let data = chunk_bytes(1000 + i, CHUNK_LEN);
+            let data = cora_testdata::pseudo_random(CHUNK_LEN, 1000 + i);
             (sha256(&data), data)
         })
         .collect();
     let cache = ChunkCache::open(dir, LIMIT).expect("open cache");
     let (mut hits, mut misses) = (0, 0);
-    let mut x = seed | 1;
+    let mut rng = cora_testdata::XorShift::new(seed);
     let mut buf = vec![0u8; 4096];
     for _ in 0..1500 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next_u64();
         let (d, data) = &chunks[(x % CHUNKS) as usize];
         let off = ((x >> 8) as usize % (CHUNK_LEN / 4096)) * 4096;
         if cache.read_at(d, off, &mut buf).expect("read_at") {
