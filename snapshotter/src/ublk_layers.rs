@@ -1356,14 +1356,19 @@ mod tests {
         }
     }
 
+    /// A backend whose driver is a [`FakeDriver`]; also returns its FUSE dir.
+    fn with_fake_driver(dir: &Path) -> (FakeDriver, UblkLayers, PathBuf) {
+        let (fake, d) = FakeDriver::new(dir);
+        let mut opts = state_only_opts(dir);
+        opts.driver = Some(d);
+        let fuse_dir = opts.fuse_dir.clone();
+        (fake, UblkLayers::new(opts), fuse_dir)
+    }
+
     #[test]
     fn reuse_reads_the_typed_device_list_and_recovers_a_quiesced_device() {
         let dir = tempfile::tempdir().unwrap();
-        let (fake, d) = FakeDriver::new(dir.path());
-        let mut opts = state_only_opts(dir.path());
-        opts.driver = Some(d);
-        let fuse_dir = opts.fuse_dir.clone();
-        let b = UblkLayers::new(opts);
+        let (fake, b, fuse_dir) = with_fake_driver(dir.path());
         let p = b.paths("ns/3/L");
         // /proc is a mount point, so a live device is reused without mounting anything.
         let st = stack("ns/3/L", Transport::Ublk, 5, Path::new("/proc"));
@@ -1398,11 +1403,7 @@ mod tests {
     #[test]
     fn reuse_keeps_a_live_fuse_device_and_clears_a_dead_one() {
         let dir = tempfile::tempdir().unwrap();
-        let (fake, d) = FakeDriver::new(dir.path());
-        let mut opts = state_only_opts(dir.path());
-        opts.driver = Some(d);
-        let fuse_dir = opts.fuse_dir.clone();
-        let b = UblkLayers::new(opts);
+        let (fake, b, fuse_dir) = with_fake_driver(dir.path());
         let p = b.paths("ns/4/L");
         let id = 1 << 24;
         let st = stack("ns/4/L", Transport::Fuse, id, Path::new("/proc"));
@@ -1430,11 +1431,7 @@ mod tests {
     #[test]
     fn detach_unmounts_then_deletes_the_device() {
         let dir = tempfile::tempdir().unwrap();
-        let (fake, d) = FakeDriver::new(dir.path());
-        let mut opts = state_only_opts(dir.path());
-        opts.driver = Some(d);
-        let fuse_dir = opts.fuse_dir.clone();
-        let b = UblkLayers::new(opts);
+        let (fake, b, fuse_dir) = with_fake_driver(dir.path());
         let p = b.paths("ns/5/L");
         std::fs::create_dir_all(&p.mountpoint).unwrap();
         let id = (1 << 24) + 1;

@@ -24,31 +24,19 @@ impl DirLock {
             .map_err(io_err("open lock file", path))
     }
 
-    fn flock(file: &File, path: &Path, flags: libc::c_int) -> Result<bool> {
-        loop {
-            // SAFETY: flock on an fd we own; no memory is passed.
-            if unsafe { libc::flock(file.as_raw_fd(), flags) } == 0 {
-                return Ok(true);
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(false),
-                _ => return Err(io_err("flock", path)(e)),
-            }
-        }
-    }
-
-    pub fn try_acquire(path: &Path) -> Result<Option<DirLock>> {
-        let file = Self::open(path)?;
-        Ok(Self::flock(&file, path, libc::LOCK_EX | libc::LOCK_NB)?
-            .then_some(DirLock { _file: file }))
-    }
-
+    /// Takes the lock, waiting for its holder.
     pub fn acquire(path: &Path) -> Result<DirLock> {
         let file = Self::open(path)?;
-        Self::flock(&file, path, libc::LOCK_EX)?;
-        Ok(DirLock { _file: file })
+        loop {
+            // SAFETY: flock on an fd we own; no memory is passed.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(DirLock { _file: file });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(io_err("flock", path)(e));
+            }
+        }
     }
 }
 

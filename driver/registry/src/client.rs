@@ -129,6 +129,24 @@ struct Ctx<'a> {
     access: Access,
 }
 
+/// The context and URL of a request for blob `digest` of `r`'s repository at `src`.
+fn blob_target<'a>(
+    op: &'a str,
+    src: &'a Source,
+    r: &'a Reference,
+    digest: &str,
+    access: Access,
+) -> (Ctx<'a>, String) {
+    let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
+    let cx = Ctx {
+        op,
+        src,
+        repo: &r.repository,
+        access,
+    };
+    (cx, url)
+}
+
 /// Request bodies, rebuilt for every attempt.
 enum Payload<'a> {
     Empty,
@@ -546,13 +564,7 @@ impl Client {
     ) -> Result<BlobOut> {
         match how {
             BlobRead::Whole => {
-                let cx = Ctx {
-                    op,
-                    src,
-                    repo: &r.repository,
-                    access: Access::Pull,
-                };
-                let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
+                let (cx, url) = blob_target(op, src, r, digest, Access::Pull);
                 let resp = self
                     .send(&cx, Method::GET, url, &[], &Payload::Empty, true)
                     .await?;
@@ -1172,13 +1184,7 @@ impl Client {
         tmp: &Path,
     ) -> Result<u64> {
         let err = |k| RegistryError::new(op, k);
-        let cx = Ctx {
-            op,
-            src,
-            repo: &r.repository,
-            access: Access::Pull,
-        };
-        let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
+        let (cx, url) = blob_target(op, src, r, digest, Access::Pull);
         let resp = self
             .send(&cx, Method::GET, url, &[], &Payload::Empty, true)
             .await?;
@@ -1269,14 +1275,8 @@ impl Client {
         end: u64,
     ) -> Result<Bytes> {
         let err = |k| RegistryError::new(op, k);
-        let cx = Ctx {
-            op,
-            src,
-            repo: &r.repository,
-            access: Access::Pull,
-        };
-        let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
         let hdr = [(RANGE, format!("bytes={start}-{}", end - 1))];
+        let (cx, url) = blob_target(op, src, r, digest, Access::Pull);
         let resp = self
             .send(&cx, Method::GET, url, &hdr, &Payload::Empty, true)
             .await?;
@@ -1382,13 +1382,7 @@ impl Client {
         src: &Source,
         access: Access,
     ) -> Result<Option<u64>> {
-        let cx = Ctx {
-            op,
-            src,
-            repo: &r.repository,
-            access,
-        };
-        let url = format!("{}/v2/{}/blobs/{digest}", src.base(), r.repository);
+        let (cx, url) = blob_target(op, src, r, digest, access);
         let resp = self
             .send(&cx, Method::HEAD, url, &[], &Payload::Empty, true)
             .await?;
