@@ -3,6 +3,7 @@
 //! [`remote::RemoteLayers`] backend.
 pub mod client;
 pub mod config;
+pub mod filters;
 pub mod metrics;
 pub mod remote;
 pub mod service;

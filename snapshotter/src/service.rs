@@ -1,8 +1,9 @@
 //! `containerd.services.snapshots.v1.Snapshots` over [`Snapshotter`].
 //!
 //! Each call runs on the blocking pool: metadata commits fsync and Commit walks the upper dir.
-//! List ignores `filters` and returns every snapshot: containerd's proxy client and `ctr` filter
-//! again on their side, so ignoring them only costs bandwidth.
+//! List applies containerd's `filters` (see [`crate::filters`]): containerd's proxy client
+//! does not filter again, and its GC and CRI rely on filtered walks.
+use crate::filters::Filters;
 use crate::proto::snapshots::snapshots_server::Snapshots;
 use crate::proto::snapshots::{self as pb};
 use crate::proto::types::Mount as PbMount;
@@ -199,9 +200,12 @@ impl Snapshots for Service {
 
     async fn list(
         &self,
-        _req: Request<pb::ListSnapshotsRequest>,
+        req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
-        let all = self.call("List", |sn| sn.list()).await?;
+        let filters = Filters::parse(&req.into_inner().filters)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut all = self.call("List", |sn| sn.list()).await?;
+        all.retain(|i| filters.matches(i));
         let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = all
             .chunks(LIST_BATCH)
             .map(|c| {

@@ -20,6 +20,10 @@ pub const TEST_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    // containerd's snapshotter conformance suite (snapshotter/tests/conformance.rs): Go
+    // source built in GOPATH mode.
+    "golang-go",
+    "golang-github-containerd-containerd-dev",
     // Chart text in `xtask bench report` (see report::FONT_FILE).
     "fonts-dejavu-core",
 ];
