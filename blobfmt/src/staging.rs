@@ -64,6 +64,14 @@ impl Staging {
             if name == OPAQUE {
                 self.clear_dir(parent)?;
             } else if let Some(target) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+                // `.wh.` names one entry beside it: `.wh..` and `.wh...` would name the
+                // directory itself or its parent (the tree's root, or outside it).
+                if matches!(target, b"" | b"." | b"..") {
+                    return Err(Error::Convert(format!(
+                        "layer {layer}: invalid whiteout {}",
+                        rel.display()
+                    )));
+                }
                 self.remove(&parent.join(OsStr::from_bytes(target)))?;
             }
         }

@@ -305,6 +305,15 @@ fn hostile_tars_never_write_outside() {
                 E::File("esc/outside-x", b"evil".to_vec(), 0o644),
             ],
         ),
+        // `.wh...` in d/ would remove d/.. (the tree's root), `.wh..` d itself.
+        (
+            "whiteout-dotdot",
+            vec![E::Dir("d"), E::File("d/.wh...", Vec::new(), 0o644)],
+        ),
+        (
+            "whiteout-dot",
+            vec![E::Dir("d"), E::File("d/.wh..", Vec::new(), 0o644)],
+        ),
     ] {
         let tar = tmp.path().join(format!("{name}.tar"));
         // tar::Builder refuses '..' in paths, so write that header by hand.
@@ -333,7 +342,14 @@ fn hostile_tars_never_write_outside() {
         );
         let msg = err.to_string();
         assert!(
-            msg.contains("..") || msg.contains("symlink") || msg.contains("outside"),
+            !name.starts_with("whiteout") || msg.contains("invalid whiteout"),
+            "{name}: {msg}"
+        );
+        assert!(
+            msg.contains("..")
+                || msg.contains("symlink")
+                || msg.contains("outside")
+                || msg.contains("invalid whiteout"),
             "{name}: {msg}"
         );
         assert_eq!(

@@ -253,6 +253,9 @@ pub(crate) struct Token {
     pub expires: Instant,
 }
 
+/// The longest a token is kept, whatever the token server says.
+const MAX_TOKEN_LIFE_SECS: u64 = 24 * 3600;
+
 impl Token {
     /// Parses a token-server response. Per the distribution spec the default lifetime is 60 s;
     /// we stop using a token a little early so it does not expire in flight.
@@ -264,7 +267,9 @@ impl Token {
             .or(t.access_token)
             .filter(|v| !v.is_empty())
             .ok_or("token server response has no token")?;
-        let life = Duration::from_secs(t.expires_in.unwrap_or(60).max(1));
+        // Clamped: `Instant + Duration` panics on overflow, and a server-chosen lifetime of
+        // years is no reason to keep a token for longer than a day.
+        let life = Duration::from_secs(t.expires_in.unwrap_or(60).clamp(1, MAX_TOKEN_LIFE_SECS));
         let margin = (life / 10).min(Duration::from_secs(30));
         Ok(Token {
             value,
@@ -351,6 +356,10 @@ mod tests {
         let t = Token::parse(br#"{"access_token":"x"}"#).unwrap();
         assert_eq!(t.value, "x");
         assert!(Token::parse(br#"{"expires_in":3}"#).is_err());
+        // A hostile lifetime neither panics nor keeps the token past a day.
+        let t = Token::parse(br#"{"token":"t","expires_in":18446744073709551615}"#).unwrap();
+        assert!(t.valid());
+        assert!(t.expires <= Instant::now() + Duration::from_secs(MAX_TOKEN_LIFE_SECS));
         assert!(Token::parse(b"<html>").is_err());
     }
 }
