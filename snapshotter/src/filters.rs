@@ -13,8 +13,9 @@
 //!
 //! Quoted strings take Go's escapes. Snapshot fields are `kind` (`active`, `view`,
 //! `committed`), `name`, `parent` and `labels.<key>` (the key is the rest of the path joined by
-//! `.`, so `labels."containerd.io/gc.root"` and `labels.a.b` both work). As in containerd, `!=`
-//! and `~=` compare an absent field as the empty string; `==` never matches an absent one.
+//! `.`, so `labels."containerd.io/gc.root"` and `labels.a.b` both work). As in containerd,
+//! `name`, `kind` and `parent` are always present (no parent is `""`); `!=` and `~=` compare
+//! an absent label as the empty string; `==` never matches an absent one.
 use crate::snapshotter::Info;
 use crate::store::Kind;
 
@@ -89,7 +90,9 @@ fn field(info: &Info, path: &[String]) -> Option<String> {
             .to_owned(),
         ),
         ("name", []) => Some(info.name.clone()),
-        ("parent", []) => info.parent.clone(),
+        // Always present, as in containerd: `parent==""` selects snapshots without a parent
+        // (containerd's remote-snapshot lookup sends exactly that for a bottom layer).
+        ("parent", []) => Some(info.parent.clone().unwrap_or_default()),
         ("labels", [_, ..]) => info.labels.get(&rest.join(".")).cloned(),
         _ => None,
     }
@@ -346,6 +349,15 @@ mod tests {
             ),
             (&["labels.l"], &["p-wl", "a-wl", "v-wl", "a-np-wl"]),
             (&["labels.l==2"], &["a-wl", "a-np-wl"]),
+            // containerd's lookup of a remote snapshot (metadata/snapshot.go).
+            (
+                &["labels.\"containerd.io/gc.root\"==check-walk,parent==\"\""],
+                &["a-np", "p", "p-wl", "a-np-wl"],
+            ),
+            (
+                &["parent"],
+                &["a-np", "p", "a", "v", "p-wl", "a-wl", "v-wl", "a-np-wl"],
+            ),
             (
                 &[],
                 &["a-np", "p", "a", "v", "p-wl", "a-wl", "v-wl", "a-np-wl"],

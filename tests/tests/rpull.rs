@@ -1,6 +1,7 @@
 //! `cora rpull` against a private, real containerd 1.6 with runc, the cora-snapshotter daemon and
-//! Debian's docker-registry: plain OCI images, CORA images on a host without ublk (unpacked after
-//! one snapshotter warning), containerd's own overlayfs snapshotter, and bad input.
+//! Debian's docker-registry: plain OCI images, CORA images with no lazy backend (transport ublk on
+//! a host without ublk: unpacked after one snapshotter warning), containerd's own overlayfs
+//! snapshotter, and bad input.
 use anyhow::{Context, Result};
 use cora_snapshotter::config::Config;
 use cora_snapshotter::metrics::Metrics;
@@ -31,10 +32,11 @@ impl Env {
             .prefix("cora-rpull-")
             .tempdir_in("/var/tmp")?;
         let registry = Registry::start(&dir.path().join("registry"))?;
-        let snap = CoraSnapshotter::start(
-            &cora_bin("cora-snapshotter"),
-            &dir.path().join("snapshotter"),
-        )?;
+        let sdir = dir.path().join("snapshotter");
+        // No lazy backend: transport ublk on a host without ublk (FUSE, which `auto` picks
+        // here, is tested by snapshotter/tests/fuse.rs).
+        CoraSnapshotter::write_config(&sdir, &serde_json::json!({"transport": "ublk"}))?;
+        let snap = CoraSnapshotter::start(&cora_bin("cora-snapshotter"), &sdir)?;
         let ctrd = Containerd::start(&dir.path().join("containerd"), &[("cora", &snap.socket)])?;
         Ok(Env {
             ctrd,
@@ -252,7 +254,7 @@ fn cora_image_without_ublk_is_unpacked_and_runs_on_both_snapshotters() -> Result
         &["/bin/cat", "/etc/lower", "/etc/upper"],
     )?;
     assert_eq!(out, "from-lower\nfrom-upper\n");
-    // The snapshotter declined lazy serving (no ublk here) with exactly one warning.
+    // The snapshotter declined lazy serving (ublk asked for, none here) with exactly one warning.
     let log = std::fs::read_to_string(env.snap.root.with_file_name("snapshotter.log"))?;
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "{log}");
