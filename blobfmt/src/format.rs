@@ -499,7 +499,9 @@ impl Trailer {
         }
         let mut prev_meta_end = self.data_size;
         for (i, c) in self.meta_chunks.iter().enumerate() {
-            if c.frame_offset < prev_meta_end + SKIPPABLE_HEADER as u64 {
+            // Checked: a frame ending within a header of u64::MAX is as misplaced as any.
+            let earliest = prev_meta_end.checked_add(SKIPPABLE_HEADER as u64);
+            if earliest.is_none_or(|min| c.frame_offset < min) {
                 return Err(Error::Format(format!(
                     "trailer: metadata chunk {i} frame misplaced"
                 )));

@@ -7,6 +7,7 @@ pub mod dirsrc;
 pub mod format;
 pub mod image;
 pub mod oci;
+pub mod platform;
 pub mod stack;
 pub mod staging;
 pub mod writer;

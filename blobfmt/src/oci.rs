@@ -170,11 +170,10 @@ pub fn open_layout(root: &Path, tag: Option<&str>) -> Result<LayoutImage, Error>
         })?
         .clone();
     let mut bytes = read_blob(root, &desc.digest)?;
-    // Follow one level of index (a multi-platform image) to linux/amd64.
+    // Follow one level of index (a multi-platform image) to this process's platform.
     if matches!(desc.media_type.as_str(), MT_OCI_INDEX | MT_DOCKER_LIST) {
         let inner: Index = read_json(&bytes, "image index")?;
-        let d = select_platform(&inner.manifests)
-            .ok_or_else(|| Error::Convert("image index has no linux/amd64 manifest".into()))?;
+        let d = select_platform(&inner.manifests)?;
         bytes = read_blob(root, &d.digest)?;
     }
     let manifest = parse_manifest(&bytes)?;
@@ -217,13 +216,10 @@ fn pick_manifest<'a>(all: &'a [Descriptor], tag: Option<&str>) -> Option<&'a Des
     }
 }
 
-pub fn select_platform(all: &[Descriptor]) -> Option<&Descriptor> {
-    all.iter().find(|d| {
-        d.platform.as_ref().is_some_and(|p| {
-            p.get("os").and_then(|v| v.as_str()) == Some("linux")
-                && p.get("architecture").and_then(|v| v.as_str()) == Some("amd64")
-        })
-    })
+/// The manifest of this process's platform ([`crate::platform::selected`]: the host's unless
+/// `--platform` says otherwise) among an index's manifests.
+pub fn select_platform(all: &[Descriptor]) -> Result<&Descriptor, Error> {
+    crate::platform::select(all, crate::platform::selected())
 }
 
 /// Write `bytes` as a blob of the layout (temporary name, then rename).

@@ -163,6 +163,24 @@ proptest! {
     }
 }
 
+/// Offsets near u64::MAX are errors, not arithmetic overflows (which panic in debug builds;
+/// `cargo xtask test` runs this file in a debug build as well for that reason).
+#[test]
+fn offsets_near_the_top_of_u64_are_rejected() {
+    // The second metadata frame ends 4 bytes below u64::MAX: no room for the next header.
+    let mut t = trailer(&[1000], &[500, 500, 500], &[(0, 1000, false)]);
+    t.meta_chunks[0].frame_offset = u64::MAX - 600;
+    t.meta_chunks[0].compressed_len = 100;
+    t.meta_chunks[1].frame_offset = u64::MAX - 400;
+    t.meta_chunks[1].compressed_len = 396;
+    let e = Trailer::decode_body(&t.encode_body()).expect_err("misplaced frames");
+    assert!(e.to_string().contains("metadata chunk 2"), "{e}");
+    // A frame running past u64::MAX.
+    let mut t = trailer(&[1000], &[500], &[(0, 1000, false)]);
+    t.meta_chunks[0].frame_offset = u64::MAX - 5;
+    assert!(Trailer::decode_body(&t.encode_body()).is_err());
+}
+
 #[test]
 fn footer_rejects_wrong_magic_version_and_placement() {
     let f = Footer {

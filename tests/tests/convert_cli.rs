@@ -498,3 +498,111 @@ fn driver_unpack_gives_the_tree_of_the_stack() -> Result<()> {
     );
     Ok(())
 }
+
+/// A multi-platform source (an OCI index of linux/amd64 and linux/arm64/v8): `cora convert`
+/// takes the host's manifest, or the one `--platform` names; a platform the index lacks is a
+/// clear error naming those it has.
+#[test]
+fn the_platform_is_picked_from_an_index() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let multi = tmp.path().join("multi");
+    std::fs::create_dir_all(&multi)?;
+    let mut manifests = Vec::new();
+    for (arch, variant) in [("amd64", None), ("arm64", Some("v8"))] {
+        let tree = tmp.path().join(format!("tree-{arch}"));
+        std::fs::create_dir_all(&tree)?;
+        std::fs::write(tree.join("arch"), arch)?;
+        let one = tmp.path().join(format!("layout-{arch}"));
+        blobfmt::dirsrc::layout_from_dirs(&[&tree], &one, "v1", true)?;
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(one.join("index.json"))?)?;
+        let mut desc = index["manifests"][0].clone();
+        desc.as_object_mut().map(|d| d.remove("annotations"));
+        desc["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        if let Some(v) = variant {
+            desc["platform"]["variant"] = v.into();
+        }
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+            one.join("blobs/sha256").join(
+                desc["digest"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim_start_matches("sha256:"),
+            ),
+        )?)?;
+        manifests.push((desc, manifest["layers"][0]["digest"].clone()));
+        run(Command::new("cp")
+            .args(["-a", "--no-clobber"])
+            .arg(one.join("blobs"))
+            .arg(&multi))?;
+    }
+    let inner = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": blobfmt::oci::MT_OCI_INDEX,
+        "manifests": manifests.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+    }))?;
+    let digest = blobfmt::oci::put_blob(&multi, &inner)?;
+    std::fs::write(
+        multi.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": blobfmt::oci::MT_OCI_INDEX,
+                "digest": digest,
+                "size": inner.len(),
+                "annotations": {"org.opencontainers.image.ref.name": "v1"},
+            }],
+        }))?,
+    )?;
+    std::fs::write(
+        multi.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+
+    let source_layer = |platform: Option<&str>, tag: &str| -> Result<String> {
+        let mut cmd = cora();
+        if let Some(p) = platform {
+            cmd.args(["--platform", p]);
+        }
+        let out = run(cmd
+            .args(["convert", "--json"])
+            .arg(format!("oci:{}:v1", multi.display()))
+            .arg(format!("oci:{}:{tag}", tmp.path().join("out").display())))?;
+        let report: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(report["layers"][0]["source_digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    };
+    let host = blobfmt::platform::Platform::host();
+    let (amd64, arm64) = (&manifests[0].1, &manifests[1].1);
+    if host.architecture == "amd64" {
+        assert_eq!(source_layer(None, "host")?, *amd64);
+    }
+    assert_eq!(source_layer(Some("linux/arm64"), "arm")?, *arm64);
+    assert_eq!(source_layer(Some("linux/arm64/v8"), "arm8")?, *arm64);
+    assert_eq!(source_layer(Some("linux/amd64"), "amd")?, *amd64);
+
+    let out = cora()
+        .args(["--platform", "linux/riscv64", "convert"])
+        .arg(format!("oci:{}:v1", multi.display()))
+        .arg(format!("oci:{}:rv", tmp.path().join("out").display()))
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no manifest for linux/riscv64")
+            && err.contains("linux/amd64, linux/arm64/v8"),
+        "{err}"
+    );
+    let out = cora()
+        .args(["--platform", "linux", "inspect", "oci:/nonexistent"])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad platform"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -81,6 +81,12 @@ fn test() -> Result<()> {
     // Integration tests run the binaries; build them with the same profile first.
     deps::run("cargo", &["build", "--workspace", "--release", "--bins"])?;
     deps::run("cargo", &["test", "--workspace", "--release"])?;
+    // The format's parsers once more with overflow checks (debug build): an arithmetic
+    // overflow on hostile input must be an error, and release builds would wrap silently.
+    deps::run(
+        "cargo",
+        &["test", "-p", "blobfmt", "--lib", "--test", "format_props"],
+    )?;
     vm_test(&vm::VmOpts::default(), None)
 }
 

@@ -18,6 +18,9 @@ use std::path::PathBuf;
 struct Cli {
     #[command(flatten)]
     registry: RegistryOpts,
+    /// Platform picked from multi-platform images: os/arch[/variant] (default: this host's).
+    #[arg(long, global = true, value_name = "PLATFORM")]
+    platform: Option<blobfmt::platform::Platform>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -201,6 +204,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Some(p) = cli.platform.clone() {
+        blobfmt::platform::set_selected(p);
+    }
     let net = Net::new(&cli.registry)?;
     match cli.cmd {
         Cmd::Convert {

@@ -166,6 +166,9 @@ struct SourceArgs {
     /// Sequential read-ahead window of the lazy source in bytes, e.g. 256K (0 = none).
     #[arg(long, requires = "image", value_parser = cora_api::size::parse_size)]
     readahead: Option<u64>,
+    /// Platform picked from a multi-platform image: os/arch[/variant] (default: this host's).
+    #[arg(long, requires = "image", value_name = "PLATFORM")]
+    platform: Option<lazy::blobfmt::platform::Platform>,
 }
 
 #[derive(Args)]
@@ -224,6 +227,7 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
                 no_prefetch: args.no_prefetch,
             },
             readahead: args.readahead,
+            platform: args.platform.as_ref().map(ToString::to_string),
         });
     }
     let file = args
@@ -270,11 +274,15 @@ fn unpack(args: UnpackArgs) -> Result<()> {
         layer,
         layer_digest,
         registry,
+        platform,
         ..
     } = recipe(&args.source)?
     else {
         bail!("unpack needs --image");
     };
+    if let Some(p) = &platform {
+        lazy::device::use_platform(p)?;
+    }
     if layer.is_some() {
         bail!("unpack takes the top layer by --layer-digest");
     }
@@ -936,6 +944,7 @@ mod tests {
             registry: Default::default(),
             trace: Default::default(),
             readahead: None,
+            platform: None,
         };
         let status = |target_data| ublk::DeviceStatus {
             id: 4,

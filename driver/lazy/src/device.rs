@@ -39,7 +39,27 @@ pub enum SourceRecipe {
         /// Sequential read-ahead window in bytes (default [`DEVICE_READAHEAD`]; 0 = none).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         readahead: Option<u64>,
+        /// Platform picked from a multi-platform image (`os/arch[/variant]`; default: the
+        /// host's). Kept in the recipe so `recover` picks the same manifest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        platform: Option<String>,
     },
+}
+
+/// Makes `platform` (`os/arch[/variant]`) the one this process picks from image indexes; an
+/// error when it does not parse or another was already chosen.
+pub fn use_platform(platform: &str) -> io::Result<()> {
+    use blobfmt::platform::{self, Platform};
+    let p: Platform = platform
+        .parse()
+        .map_err(|e: blobfmt::Error| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    if !platform::set_selected(p.clone()) && platform::selected() != &p {
+        return Err(io::Error::other(format!(
+            "platform {p} asked for, but this process already picks {}",
+            platform::selected()
+        )));
+    }
+    Ok(())
 }
 
 /// Read-ahead of a device's lazy source: none. The kernel already reads ahead within each file
@@ -75,15 +95,21 @@ impl SourceRecipe {
                 registry,
                 trace,
                 readahead,
-            } => Ok(Arc::new(LazyImage::open(
-                image,
-                TopLayer::pick(*layer, layer_digest.as_deref())?,
-                cache,
-                *cache_size,
-                registry,
-                trace,
-                readahead.unwrap_or(DEVICE_READAHEAD),
-            )?)),
+                platform,
+            } => {
+                if let Some(p) = platform {
+                    use_platform(p)?;
+                }
+                Ok(Arc::new(LazyImage::open(
+                    image,
+                    TopLayer::pick(*layer, layer_digest.as_deref())?,
+                    cache,
+                    *cache_size,
+                    registry,
+                    trace,
+                    readahead.unwrap_or(DEVICE_READAHEAD),
+                )?))
+            }
         }
     }
 

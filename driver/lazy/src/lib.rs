@@ -2,6 +2,7 @@
 //! chunks come from the host's cache ([`cache`]) or, on a miss, from the registry
 //! ([`registry`]), verified before use.
 
+pub use blobfmt;
 pub use cache;
 pub use registry;
 

@@ -85,7 +85,8 @@ pub fn sources_for(client: &Client, reference: &Reference, rt: Handle) -> Vec<Ar
     out
 }
 
-/// Fetch the manifest of `reference` (following a multi-platform index to linux/amd64).
+/// Fetch the manifest of `reference` (following a multi-platform index to this process's
+/// platform: the host's, or `--platform`).
 pub async fn fetch_manifest(
     client: &Client,
     reference: &Reference,
@@ -98,9 +99,8 @@ pub async fn fetch_manifest(
     ) {
         let index: oci::Index = serde_json::from_slice(&bytes)
             .map_err(|e| RemoteError::Image(format!("image index of {reference}: {e}")))?;
-        let d = oci::select_platform(&index.manifests).ok_or_else(|| {
-            RemoteError::Image(format!("{reference}: no linux/amd64 manifest in the index"))
-        })?;
+        let d = oci::select_platform(&index.manifests)
+            .map_err(|e| RemoteError::Image(format!("{reference}: {e}")))?;
         let mut r = reference.clone();
         r.digest = Some(d.digest.clone());
         bytes = client.get_manifest(&r).await?.bytes.to_vec();

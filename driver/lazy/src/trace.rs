@@ -145,8 +145,8 @@ pub fn fallback_tag(manifest_digest: &str) -> String {
     manifest_digest.replacen(':', "-", 1)
 }
 
-/// The manifest digest and size `reference` resolves to (following an index to linux/amd64,
-/// as the lazy path does).
+/// The manifest digest and size `reference` resolves to (following an index to this
+/// process's platform, as the lazy path does).
 pub async fn resolve_manifest(
     client: &Client,
     reference: &Reference,
