@@ -71,7 +71,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -440,13 +440,21 @@ impl ChunkCache {
     pub fn open_with(dir: &Path, opts: CacheOptions) -> Result<ChunkCache> {
         let chunks = dir.join("chunks");
         let tmp = dir.join("tmp");
+        // Private to its owner (root): the chunks are image contents, and anyone who could
+        // open the lock file could flock it and stall every eviction, and so every insert
+        // that waits for one.
         for d in [dir, &chunks, &tmp] {
-            fs::create_dir_all(d).map_err(io_err("create directory", d))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(io_err("create directory", d))?;
         }
         let lock_path = dir.join("lock");
         OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(io_err("create lock file", &lock_path))?;
         debug!(dir = %dir.display(), limit = opts.limit_bytes, fds = opts.max_open_files, "chunk cache opened");

@@ -619,3 +619,16 @@ fn both_insert_paths_place_whole_entries_and_leave_no_temp_files() {
         assert_eq!(cache.stats().expect("stats").entries, 20);
     }
 }
+
+#[test]
+fn a_new_cache_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("new/cache");
+    ChunkCache::open(&dir, u64::MAX).unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for d in [dir.clone(), dir.join("chunks"), dir.join("tmp")] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+    assert_eq!(mode(&dir.join("lock")), 0o600);
+}
