@@ -77,6 +77,8 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// The kernel interface for lazily served stacks; without one, CORA layers are unpacked.
     pub transport: Transport,
+    /// What devices fetch beyond the bytes read (`missWindow`, `fill`; unset: the driver's).
+    pub fetch: cora_api::driver::FetchArgs,
 }
 
 /// The file as written; enums and sizes stay strings here so their errors can name the field.
@@ -102,6 +104,8 @@ struct RawConfig {
     #[serde(default)]
     insecure_registries: Vec<String>,
     transport: Option<String>,
+    miss_window: Option<String>,
+    fill: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +224,10 @@ impl Config {
                 .parse()
                 .map_err(|e| field_err("transport", format!("{e}")))?,
         };
+        let miss_window = match raw.miss_window.as_deref() {
+            None => None,
+            Some(s) => Some(cora_api::size::parse_size(s).map_err(|m| field_err("missWindow", m))?),
+        };
         let cache_dir = raw.cache_dir.unwrap_or_else(|| root.join("cache"));
         if !cache_dir.is_absolute() {
             return Err(field_err("cacheDir", "must be an absolute path".into()));
@@ -244,6 +252,10 @@ impl Config {
             driver_path: raw.driver_path,
             insecure_registries: raw.insecure_registries,
             transport,
+            fetch: cora_api::driver::FetchArgs {
+                miss_window,
+                fill: raw.fill,
+            },
         })
     }
 }

@@ -64,6 +64,8 @@ pub struct UblkOptions {
     pub cache_size: u64,
     /// How the driver reaches registries, for `add` and `unpack` alike.
     pub registry: RegistryArgs,
+    /// What devices fetch beyond the bytes read.
+    pub fetch: contract::FetchArgs,
 }
 
 impl UblkOptions {
@@ -88,6 +90,7 @@ impl UblkOptions {
                     .collect(),
                 ca_files: Vec::new(),
             },
+            fetch: c.fetch.clone(),
         }
     }
 }
@@ -347,6 +350,7 @@ impl UblkLayers {
             transport,
             fuse_dir: self.fuse_dir().map(Path::to_owned),
             registry: o.registry.clone(),
+            fetch: o.fetch.clone(),
             run: self.run_args(p),
         }
     }
@@ -1159,6 +1163,7 @@ mod tests {
             driver: None,
             cache_dir: dir.path().join("cache"),
             cache_size: 1 << 30,
+            fetch: Default::default(),
             registry: RegistryArgs::default(),
         });
         assert!(b.is_remote(&labels(&[
@@ -1193,6 +1198,7 @@ mod tests {
             driver: Some(fake),
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
+            fetch: Default::default(),
             registry: RegistryArgs {
                 creds_file: Some(PathBuf::from("/creds.json")),
                 insecure_hosts: vec!["127.0.0.1:5000".into()],
@@ -1556,6 +1562,7 @@ mod tests {
             driver: None,
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
+            fetch: Default::default(),
             registry: RegistryArgs::default(),
         };
         std::fs::create_dir_all(&opts.dir).unwrap();

@@ -6,6 +6,7 @@
 //! * [`http_proxy`]: a forward proxy (CONNECT + absolute-form) for proxy-env tests.
 //! * [`http_server`]: a scripted HTTP server for auth/redirect corner cases.
 //! * [`cold`]: a file source whose reads miss first (the transports' miss path).
+//! * [`shaper`]: a TCP relay with a set RTT and bandwidth (link profiles for benchmarks).
 use anyhow::{Result, bail};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ pub mod fixtures;
 pub mod http_proxy;
 pub mod http_server;
 pub mod registry;
+pub mod shaper;
 pub mod tls;
 
 /// A loopback TCP port held for a server we start: bound (with SO_REUSEADDR) but not

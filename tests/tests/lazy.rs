@@ -2,7 +2,7 @@
 //! fault-injecting proxy: concurrency, corruption, faults, a dead registry, and node-level
 //! dedup through the shared chunk cache.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use cora_read::{BlockSource, Outcome};
 use cora_tests::faults::{Fault, FaultProxy};
 use cora_tests::fixtures::{self, cora_bin, run};
@@ -82,12 +82,22 @@ impl Env {
         remotes: Vec<Arc<dyn BlobRead>>,
         cache: &Path,
     ) -> Result<LazySource> {
+        self.source_with(m, remotes, cache, FetchOptions::default())
+    }
+
+    fn source_with(
+        &self,
+        m: &blobfmt::oci::Manifest,
+        remotes: Vec<Arc<dyn BlobRead>>,
+        cache: &Path,
+        opts: FetchOptions,
+    ) -> Result<LazySource> {
         Ok(LazySource::open(
             m,
             m.layers.len() - 1,
             remotes,
             ChunkCache::open(cache, 10 << 30)?,
-            FetchOptions::default(),
+            opts,
         )?)
     }
 }
@@ -357,5 +367,119 @@ fn lent_slices_are_the_cached_bytes_and_nothing_is_lent_before_caching() -> Resu
         let lent = lend(off, len)?.unwrap_or_else(|| panic!("{off}+{len} not lent though cached"));
         assert!(lent == all[off as usize..off as usize + len], "{off}+{len}");
     }
+    Ok(())
+}
+
+/// Every chunk of the stack: (stream, index, digest).
+fn all_chunks(src: &LazySource) -> Vec<(blobfmt::StreamId, usize, lazy::cache::ChunkDigest)> {
+    let n = src.stack().layers().len() as u32;
+    std::iter::once(blobfmt::StreamId::Meta)
+        .chain((0..n).map(blobfmt::StreamId::Layer))
+        .flat_map(|s| {
+            src.stack()
+                .chunks(s)
+                .iter()
+                .enumerate()
+                .map(move |(i, c)| (s, i, c.digest))
+        })
+        .collect()
+}
+
+#[test]
+fn a_miss_also_fetches_the_window_after_it_and_no_more() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("window", &[&small_tree()?])?;
+    let window = 256 << 10;
+    let src = env.source_with(
+        &m,
+        vec![env.blobs(&env.reg.host, "window")?],
+        &env.tmp.path().join("cache"),
+        FetchOptions {
+            readahead: 0,
+            miss_window: window,
+            ..FetchOptions::default()
+        },
+    )?;
+    src.wait_metadata()?;
+    // A 4 KiB read inside a chunk in the middle of the layer's stream.
+    let layer = blobfmt::StreamId::Layer(0);
+    let chunks = src.stack().chunks(layer);
+    let plan = src.stack().plan(0, src.size())?;
+    let (offset, index) = {
+        let mut pos = 0u64;
+        let mut found = None;
+        for p in &plan {
+            if let blobfmt::Piece::Chunk { stream, index, .. } = *p
+                && stream == layer
+                && index >= chunks.len() / 2
+                && p.len() >= 4096
+            {
+                found = Some((pos, index));
+                break;
+            }
+            pos += p.len();
+        }
+        found.context("no layer chunk piece in the second half of the stream")?
+    };
+    let mut buf = vec![0u8; 4096];
+    src.read_at(offset, &mut buf)?;
+    assert!(src.cache().contains(&chunks[index].digest));
+    // The window: the chunks after `index` whose compressed sizes add up to `window`.
+    let mut end = index + 1;
+    let mut budget = window;
+    while end < chunks.len() && budget > 0 {
+        budget = budget.saturating_sub(u64::from(chunks[end].compressed_len));
+        end += 1;
+    }
+    assert!(end > index + 1, "the window holds no chunk");
+    let in_window = &chunks[index + 1..end];
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        Ok(in_window.iter().all(|c| src.cache().contains(&c.digest)))
+    })?;
+    let st = src.stats.snapshot();
+    let meta = src.stack().chunks(blobfmt::StreamId::Meta).len() as u64;
+    assert_eq!(
+        st.readahead,
+        meta + in_window.len() as u64,
+        "the window (and the metadata fetch) only: {st:?}"
+    );
+    assert_eq!(st.misses, st.readahead + 1, "{st:?}");
+    for c in chunks[..index].iter().chain(chunks.get(end)) {
+        assert!(
+            !src.cache().contains(&c.digest),
+            "a chunk outside the window was fetched"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn fill_fetches_the_whole_stack_in_the_background() -> Result<()> {
+    let env = Env::new()?;
+    let tree = small_tree()?;
+    let m = env.push("fill", &[&tree])?;
+    let expect = reference_bytes(&env, &m, "fill")?;
+    let src = env.source_with(
+        &m,
+        vec![env.blobs(&env.reg.host, "fill")?],
+        &env.tmp.path().join("cache"),
+        FetchOptions {
+            fill: true,
+            ..FetchOptions::default()
+        },
+    )?;
+    assert!(src.fills());
+    // No trace: the prefetch is the fill alone.
+    src.start_prefetch(Vec::new);
+    src.wait_prefetch();
+    for (s, i, d) in all_chunks(&src) {
+        assert!(src.cache().contains(&d), "chunk {i} of {s:?} not filled in");
+    }
+    let st = src.stats.snapshot();
+    assert_eq!(st.misses, st.prefetched + st.readahead, "{st:?}");
+    assert!(st.prefetched > 0, "{st:?}");
+    // Every read is now local and right.
+    assert!(read_all(&src, 1 << 20, 3)? == expect);
+    assert_eq!(src.stats.snapshot().misses, st.misses, "a read missed");
     Ok(())
 }

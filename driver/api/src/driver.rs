@@ -153,6 +153,26 @@ impl RunArgs {
     }
 }
 
+/// What a lazily served stack fetches beyond the bytes read; `None`: the driver's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchArgs {
+    /// `--miss-window`: compressed bytes fetched after a missed chunk.
+    pub miss_window: Option<u64>,
+    /// `--fill`: fetch the rest of the stack in the background.
+    pub fill: Option<bool>,
+}
+
+impl FetchArgs {
+    fn push_args(&self, a: &mut Vec<String>) {
+        if let Some(w) = self.miss_window {
+            a.extend(["--miss-window".into(), w.to_string()]);
+        }
+        if let Some(f) = self.fill {
+            a.extend(["--fill".into(), f.to_string()]);
+        }
+    }
+}
+
 /// `cora-driver add`: serve a layer stack of a CORA image as a new device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddArgs {
@@ -172,6 +192,7 @@ pub struct AddArgs {
     /// `list` and `del` must be given the same directory.
     pub fuse_dir: Option<PathBuf>,
     pub registry: RegistryArgs,
+    pub fetch: FetchArgs,
     pub run: RunArgs,
 }
 
@@ -194,6 +215,7 @@ impl AddArgs {
         ]);
         push_fuse_dir(&mut a, self.fuse_dir.as_deref());
         self.registry.push_args(&mut a);
+        self.fetch.push_args(&mut a);
         self.run.push_args(&mut a);
         a
     }
@@ -526,6 +548,10 @@ mod tests {
                     },
                 ],
                 ca_files: vec!["/ca.pem".into()],
+            },
+            fetch: FetchArgs {
+                miss_window: Some(256 << 10),
+                fill: Some(false),
             },
             run: RunArgs::background(Some("/l".into()), Some("/s".into())),
         }

@@ -166,6 +166,14 @@ struct SourceArgs {
     /// Sequential read-ahead window of the lazy source in bytes, e.g. 256K (0 = none).
     #[arg(long, requires = "image", value_parser = cora_api::size::parse_size)]
     readahead: Option<u64>,
+    /// On a miss, also fetch the chunks that follow, up to this many compressed bytes, e.g.
+    /// 256K (0 = none; default 1M).
+    #[arg(long, requires = "image", value_parser = cora_api::size::parse_size)]
+    miss_window: Option<u64>,
+    /// Fetch the rest of the stack in the background while nothing else is fetched
+    /// (default true).
+    #[arg(long, requires = "image", value_name = "BOOL")]
+    fill: Option<bool>,
     /// Platform picked from a multi-platform image: os/arch[/variant] (default: this host's).
     #[arg(long, requires = "image", value_name = "PLATFORM")]
     platform: Option<lazy::blobfmt::platform::Platform>,
@@ -226,7 +234,11 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
                 record: args.record_trace.as_ref().map(abs),
                 no_prefetch: args.no_prefetch,
             },
-            readahead: args.readahead,
+            fetch: lazy::device::FetchTuning {
+                readahead: args.readahead,
+                miss_window: args.miss_window,
+                fill: args.fill,
+            },
             platform: args.platform.as_ref().map(ToString::to_string),
         });
     }
@@ -809,6 +821,10 @@ mod tests {
             transport: api::Transport::Fuse,
             fuse_dir: Some("/r/fuse".into()),
             registry: registry(),
+            fetch: api::FetchArgs {
+                miss_window: Some(256 << 10),
+                fill: Some(false),
+            },
             run: api::RunArgs::background(Some("/r/h.log".into()), Some("/r/h.stats.json".into())),
         };
         let Cmd::Add(a) = parse(want.to_args()) else {
@@ -823,6 +839,10 @@ mod tests {
             transport: a.transport,
             fuse_dir: Some(a.fuse_dir.clone()),
             registry: registry_of(&a.source),
+            fetch: api::FetchArgs {
+                miss_window: a.source.miss_window,
+                fill: a.source.fill,
+            },
             run: run_of(&a.run),
         };
         assert_eq!(got, want);
@@ -837,6 +857,7 @@ mod tests {
             transport: api::Transport::Auto,
             fuse_dir: None,
             registry: api::RegistryArgs::default(),
+            fetch: api::FetchArgs::default(),
             run: api::RunArgs::default(),
             ..want
         };
@@ -848,6 +869,7 @@ mod tests {
         assert_eq!(a.fuse_dir, Path::new(fuse_device::DEFAULT_DIR));
         assert_eq!(registry_of(&a.source), api::RegistryArgs::default());
         assert_eq!(run_of(&a.run), api::RunArgs::default());
+        assert_eq!((a.source.miss_window, a.source.fill), (None, None));
     }
 
     #[test]
@@ -943,7 +965,7 @@ mod tests {
             cache_size: 1,
             registry: Default::default(),
             trace: Default::default(),
-            readahead: None,
+            fetch: Default::default(),
             platform: None,
         };
         let status = |target_data| ublk::DeviceStatus {

@@ -36,9 +36,9 @@ pub enum SourceRecipe {
         /// Trace-based prefetch and recording (see `crate::trace`).
         #[serde(default)]
         trace: TraceOptions,
-        /// Sequential read-ahead window in bytes (default [`DEVICE_READAHEAD`]; 0 = none).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        readahead: Option<u64>,
+        /// What the source fetches beyond what is read.
+        #[serde(default, flatten)]
+        fetch: FetchTuning,
         /// Platform picked from a multi-platform image (`os/arch[/variant]`; default: the
         /// host's). Kept in the recipe so `recover` picks the same manifest.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,6 +70,47 @@ pub fn use_platform(platform: &str) -> io::Result<()> {
 /// no faster with any; a growing window fetched 25 % of the image for a container start.
 pub const DEVICE_READAHEAD: u64 = 0;
 
+/// What a device's lazy source fetches beyond the bytes read; `None`: the device default.
+/// Flattened into the recipe (`readahead` kept its place there).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FetchTuning {
+    /// Sequential read-ahead window in bytes (default [`DEVICE_READAHEAD`]; 0 = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readahead: Option<u64>,
+    /// Chunks fetched after a missed one, in compressed bytes (default [`DEVICE_MISS_WINDOW`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miss_window: Option<u64>,
+    /// Fetch the rest of the stack in the background (default [`DEVICE_FILL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill: Option<bool>,
+}
+
+impl FetchTuning {
+    fn options(&self) -> crate::source::FetchOptions {
+        let readahead = self.readahead.unwrap_or(DEVICE_READAHEAD);
+        crate::source::FetchOptions {
+            readahead,
+            // A fixed window at most (see DEVICE_READAHEAD): a growing one also pulled in
+            // files never read (30-cora-image).
+            max_readahead: readahead,
+            miss_window: self.miss_window.unwrap_or(DEVICE_MISS_WINDOW),
+            fill: self.fill.unwrap_or(DEVICE_FILL),
+            ..crate::source::FetchOptions::default()
+        }
+    }
+}
+
+/// Miss window of a device: 1 MiB. A container start reads many small files in path order
+/// (Python imports, shared libraries of one package), each miss otherwise paying one round
+/// trip; see `cargo xtask bench coldstart` for the numbers behind the choice.
+pub const DEVICE_MISS_WINDOW: u64 = 1 << 20;
+
+/// Background fill of a device: off. When on, it runs only while no demand fetch is queued
+/// or on the wire, one 512 KiB request at a time, so a start pays at most one such request
+/// per miss; see `cargo xtask bench coldstart` for what it costs and buys.
+pub const DEVICE_FILL: bool = false;
+
 /// What a lazily served image does with access traces.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceOptions {
@@ -94,7 +135,7 @@ impl SourceRecipe {
                 cache_size,
                 registry,
                 trace,
-                readahead,
+                fetch,
                 platform,
             } => {
                 if let Some(p) = platform {
@@ -107,7 +148,7 @@ impl SourceRecipe {
                     *cache_size,
                     registry,
                     trace,
-                    readahead.unwrap_or(DEVICE_READAHEAD),
+                    fetch,
                 )?))
             }
         }
@@ -232,7 +273,7 @@ impl LazyImage {
         cache_size: u64,
         registry: &crate::remote::RegistryAccess,
         trace: &TraceOptions,
-        readahead: u64,
+        fetch: &FetchTuning,
     ) -> io::Result<LazyImage> {
         let image: crate::imageref::ImageRef = image.parse().map_err(io_other)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -255,20 +296,9 @@ impl LazyImage {
         // again would dominate warm reads (chunks written this boot are trusted, see there).
         opts.trust_since_boot = true;
         let cache = crate::cache::ChunkCache::open_with(cache, opts).map_err(io_other)?;
-        let source = crate::source::LazySource::open(
-            &manifest,
-            top,
-            remotes,
-            cache,
-            // A fixed window at most (see DEVICE_READAHEAD): a growing one also pulled in files
-            // never read (30-cora-image).
-            crate::source::FetchOptions {
-                readahead,
-                max_readahead: readahead,
-                ..crate::source::FetchOptions::default()
-            },
-        )
-        .map_err(io_other)?;
+        let source =
+            crate::source::LazySource::open(&manifest, top, remotes, cache, fetch.options())
+                .map_err(io_other)?;
         let source = Arc::new(source);
         let trace_writer = match &trace.record {
             Some(path) => {
@@ -277,10 +307,12 @@ impl LazyImage {
             }
             None => None,
         };
-        if let Some(client) = client.filter(|_| !trace.no_prefetch) {
+        let client = client.filter(|_| !trace.no_prefetch);
+        if client.is_some() || source.fills() {
             let handle = rt.handle().clone();
-            source.start_prefetch(move || {
-                crate::trace::lookup_for_prefetch(&image, &client, &handle)
+            source.start_prefetch(move || match client {
+                Some(client) => crate::trace::lookup_for_prefetch(&image, &client, &handle),
+                None => Vec::new(),
             });
         }
         Ok(LazyImage {

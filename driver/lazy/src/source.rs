@@ -13,8 +13,13 @@
 //! 2. read-ahead: when a stream is read sequentially, a window ahead of the reader that
 //!    doubles up to `max_readahead` and is refilled when the reader enters the last window, so
 //!    the reader overlaps with the network;
+//!    A demand miss also fetches a window of the chunks after it (`miss_window`): the tar
+//!    stream is sorted by path, so the next files a program opens (the rest of a package,
+//!    the next modules of an import) usually lie there, and one round trip brings them all;
 //! 3. trace prefetch: chunks of a recorded access trace, in trace order, with at most
-//!    `prefetch_requests` requests in flight so demand reads always find a free worker.
+//!    `prefetch_requests` requests in flight so demand reads always find a free worker;
+//!    then, with `fill`, every chunk of the stack not yet local, in stream order, one small
+//!    request at a time and only while no demand or read-ahead fetch is queued or running.
 //!
 //! Several runs in flight at once (over the client's reused connections) and decoding on
 //! several workers is what makes a cold sequential read keep up with the wire.
@@ -268,7 +273,16 @@ pub struct FetchOptions {
     pub fetch_threads: usize,
     /// Trace-prefetch requests in flight at once (kept below `fetch_threads`).
     pub prefetch_requests: usize,
+    /// On a demand miss, also fetch (in parallel, as read-ahead) the chunks that follow the
+    /// missed one in its stream, up to this many compressed bytes; 0: only what was asked.
+    pub miss_window: u64,
+    /// After the trace prefetch, fetch the rest of the stack in the background.
+    pub fill: bool,
 }
+
+/// One background-fill request: small, so that a demand fetch that arrives while it is on
+/// the wire waits for little of it on a slow link (512 KiB is 10 ms at 50 MB/s).
+const FILL_REQUEST: u64 = 512 << 10;
 
 impl Default for FetchOptions {
     fn default() -> Self {
@@ -279,6 +293,8 @@ impl Default for FetchOptions {
             max_readahead: 16 << 20,
             fetch_threads: 8,
             prefetch_requests: 2,
+            miss_window: 0,
+            fill: false,
         }
     }
 }
@@ -412,6 +428,11 @@ impl LazySource {
         self.inner.stack.image_size()
     }
 
+    /// Whether a prefetch would also fill in the rest of the stack.
+    pub fn fills(&self) -> bool {
+        self.inner.opts.fill
+    }
+
     pub fn stack(&self) -> &Stack {
         &self.inner.stack
     }
@@ -488,6 +509,7 @@ impl LazySource {
         keys.sort_by_key(|&(s, i)| (stream_key(s), i));
         keys.dedup();
         let (mine, mut flights, cached) = inner.claim(&keys, true);
+        self.widen_miss(&mine);
         self.submit_demand(mine);
         if !cached.is_empty() {
             // Chunks that arrived between our cache miss and the claim: copy them now. One
@@ -514,6 +536,30 @@ impl LazySource {
             missing,
             flights,
         })))
+    }
+
+    /// The miss window: after the last chunk of each stream this read claimed, claim up to
+    /// `miss_window` compressed bytes of what follows, fetched beside the demand runs (not in
+    /// them, so the reader waits for its own chunks only).
+    fn widen_miss(&self, claimed: &[Claim]) {
+        let inner = &self.inner;
+        if inner.opts.miss_window == 0 {
+            return;
+        }
+        let mut last: Vec<(StreamId, usize)> = Vec::new();
+        for &(s, i, _) in claimed {
+            match last.iter_mut().find(|(t, _)| *t == s) {
+                Some(l) => l.1 = l.1.max(i),
+                None => last.push((s, i)),
+            }
+        }
+        for (s, i) in last {
+            let claims = inner.claim_range(s, i + 1, inner.opts.miss_window);
+            for run in inner.runs(claims, inner.opts.max_request) {
+                self.pool
+                    .submit(Job::new(inner.clone(), run, Prio::Readahead));
+            }
+        }
     }
 
     /// Demand runs go to the fetch workers; the reader waits on their flights.
@@ -669,8 +715,9 @@ impl LazySource {
     }
 
     /// Fetch the chunks `load` returns in the background, in order, below demand reads and
-    /// read-ahead. `load` runs on the background thread too (it may ask a registry for the
-    /// trace), so opening a source never waits for it. One prefetch per source.
+    /// read-ahead, then (with `fill`) the rest of the stack. `load` runs on the background
+    /// thread too (it may ask a registry for the trace), so opening a source never waits for
+    /// it. One prefetch per source.
     pub fn start_prefetch<F>(&self, load: F)
     where
         F: FnOnce() -> Vec<ChunkDigest> + Send + 'static,
@@ -736,24 +783,45 @@ impl Drop for LazySource {
 }
 
 /// Claim trace chunks a few runs at a time, so that a demand reader never waits behind a
-/// long queue of prefetch work for a chunk the prefetch has claimed.
+/// long queue of prefetch work for a chunk the prefetch has claimed; then, with `fill`, the
+/// whole stack in stream order, one small request at a time while the source is otherwise idle.
 fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>) {
-    if trace.is_empty() {
-        return;
-    }
-    let index = inner.chunk_index();
-    let unknown = trace.iter().filter(|d| !index.contains_key(*d)).count();
-    if unknown > 0 {
-        debug!(unknown, "trace chunks not in this stack are skipped");
-    }
-    let mut pending = trace
-        .iter()
-        .filter_map(|d| index.get(d).copied())
-        .peekable();
-    let batch_bytes = inner.opts.max_request;
-    while pending.peek().is_some() {
-        if !pool.wait_prefetch_slot() {
+    if !trace.is_empty() {
+        let index = inner.chunk_index();
+        let unknown = trace.iter().filter(|d| !index.contains_key(*d)).count();
+        if unknown > 0 {
+            debug!(unknown, "trace chunks not in this stack are skipped");
+        }
+        let traced = trace.iter().filter_map(|d| index.get(d).copied());
+        if !feed(inner, pool, traced, inner.opts.max_request, false) {
             return;
+        }
+    }
+    if inner.opts.fill {
+        let streams = std::iter::once(StreamId::Meta)
+            .chain((0..inner.stack.layers().len() as u32).map(StreamId::Layer));
+        let all = streams.flat_map(|s| (0..inner.stack.chunks(s).len()).map(move |i| (s, i)));
+        if feed(inner, pool, all, FILL_REQUEST, true) {
+            debug!("background fill done");
+        }
+    }
+    pool.wait_prefetch_idle();
+}
+
+/// Submits prefetch jobs for `chunks` (those neither cached nor in flight), `batch_bytes` per
+/// job, as prefetch slots free up (with `quiet`, only while no demand or read-ahead fetch is
+/// queued or running). False when the pool stopped.
+fn feed(
+    inner: &Arc<Inner>,
+    pool: &Arc<Pool>,
+    chunks: impl Iterator<Item = (StreamId, usize)>,
+    batch_bytes: u64,
+    quiet: bool,
+) -> bool {
+    let mut pending = chunks.peekable();
+    while pending.peek().is_some() {
+        if !pool.wait_prefetch_slot(quiet) {
+            return false;
         }
         let mut claims = Vec::new();
         let mut bytes = 0u64;
@@ -777,7 +845,7 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
             pool.submit(Job::new(inner.clone(), run, Prio::Prefetch));
         }
     }
-    pool.wait_prefetch_idle();
+    true
 }
 
 impl Inner {
@@ -1146,15 +1214,22 @@ impl Pool {
         }
     }
 
-    /// Wait until fewer prefetch jobs than slots are queued or running; false when stopping.
-    fn wait_prefetch_slot(&self) -> bool {
+    /// Wait until fewer prefetch jobs than slots are queued or running (with `quiet`: until
+    /// none is, and no demand or read-ahead job either); false when stopping.
+    fn wait_prefetch_slot(&self, quiet: bool) -> bool {
         let mut st = lock(&self.state);
         loop {
             if st.stop {
                 return false;
             }
             let p = Prio::Prefetch as usize;
-            if st.queues[p].len() + st.running[p] < self.prefetch_slots {
+            let busy = |q: usize| st.queues[q].len() + st.running[q];
+            let free = if quiet {
+                (0..3).all(|q| busy(q) == 0)
+            } else {
+                busy(p) < self.prefetch_slots
+            };
+            if free {
                 return true;
             }
             st = self.progress.wait(st).unwrap_or_else(|e| e.into_inner());
