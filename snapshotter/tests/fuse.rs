@@ -349,8 +349,10 @@ fn cora_image_is_served_through_fuse_and_leaves_nothing_behind() -> Result<()> {
         stats.requests
     );
     assert!(stats.fetched_bytes > 0, "{stats:?}");
+    // The start reads a few %; the miss window fetches about twice that (see `cargo xtask
+    // bench coldstart`).
     assert!(
-        stats.fetched_bytes * 10 < stored,
+        stats.fetched_bytes * 4 < stored,
         "fetched {} of {stored} stored bytes to start a container",
         stats.fetched_bytes
     );

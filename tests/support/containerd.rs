@@ -121,6 +121,11 @@ state = "{state}"
         self.ctr_in(&self.namespace, args)
     }
 
+    /// containerd's process id (for CPU accounting in benches).
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
     pub fn log_text(&self) -> String {
         self.daemon.log_text()
     }

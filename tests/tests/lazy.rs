@@ -355,6 +355,16 @@ fn lent_slices_are_the_cached_bytes_and_nothing_is_lent_before_caching() -> Resu
     };
     assert!(lend(0, 4096)?.is_none(), "lent before cached");
     let all = read_all(&src, 1 << 20, 0)?;
+    // Reads return before their chunks are stored: wait for the last inserts.
+    let plan = src.stack().plan(0, size)?;
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        Ok(plan.iter().all(|p| match *p {
+            blobfmt::Piece::Chunk { stream, index, .. } => src
+                .cache()
+                .contains(&src.stack().chunk(stream, index).digest),
+            blobfmt::Piece::Zero { .. } => true,
+        }))
+    })?;
     let mut ranges: Vec<(u64, usize)> = vec![(0, 4096), (size - 4096, 4096), (size - 512, 512)];
     let mut rng = cora_testdata::XorShift::new(1);
     for len in [4096usize, 65536, 1 << 20] {
@@ -423,7 +433,10 @@ fn a_miss_also_fetches_the_window_after_it_and_no_more() -> Result<()> {
     };
     let mut buf = vec![0u8; 4096];
     src.read_at(offset, &mut buf)?;
-    assert!(src.cache().contains(&chunks[index].digest));
+    // The read returns before the chunk is stored (readers do not wait for the cache).
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        Ok(src.cache().contains(&chunks[index].digest))
+    })?;
     // The window: the chunks after `index` whose compressed sizes add up to `window`.
     let mut end = index + 1;
     let mut budget = window;
@@ -481,5 +494,106 @@ fn fill_fetches_the_whole_stack_in_the_background() -> Result<()> {
     // Every read is now local and right.
     assert!(read_all(&src, 1 << 20, 3)? == expect);
     assert_eq!(src.stats.snapshot().misses, st.misses, "a read missed");
+    Ok(())
+}
+
+/// Image offset of the first byte of chunk `index` of `stream` that the image serves (some
+/// chunks, e.g. of tar headers, back no image byte).
+fn offset_of_chunk(
+    src: &LazySource,
+    stream: blobfmt::StreamId,
+    index: usize,
+) -> Result<Option<u64>> {
+    let mut pos = 0u64;
+    for p in src.stack().plan(0, src.size())? {
+        if let blobfmt::Piece::Chunk {
+            stream: s,
+            index: i,
+            ..
+        } = p
+            && s == stream
+            && i == index
+        {
+            return Ok(Some(pos));
+        }
+        pos += p.len();
+    }
+    Ok(None)
+}
+
+/// Index after the chunks whose compressed sizes add up to `bytes`, from `from`.
+fn window_end(chunks: &[blobfmt::ChunkEntry], from: usize, bytes: u64) -> usize {
+    let (mut end, mut budget) = (from, bytes);
+    while end < chunks.len() && budget > 0 {
+        budget = budget.saturating_sub(u64::from(chunks[end].compressed_len));
+        end += 1;
+    }
+    end
+}
+
+#[test]
+fn a_reader_going_through_the_window_claims_the_next_one_twice_as_large() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("stream", &[&small_tree()?])?;
+    let window = 128 << 10;
+    let src = env.source_with(
+        &m,
+        vec![env.blobs(&env.reg.host, "stream")?],
+        &env.tmp.path().join("cache"),
+        FetchOptions {
+            readahead: 0,
+            miss_window: window,
+            ..FetchOptions::default()
+        },
+    )?;
+    src.wait_metadata()?;
+    let layer = blobfmt::StreamId::Layer(0);
+    let chunks = src.stack().chunks(layer).to_vec();
+    // A chunk a quarter into the stream that backs image bytes, and whose first window has a
+    // backed chunk at or past its middle (the trigger) to read next.
+    let mut start = None;
+    for i in chunks.len() / 4..chunks.len() / 2 {
+        let Some(at) = offset_of_chunk(&src, layer, i)? else {
+            continue;
+        };
+        let end = window_end(&chunks, i + 1, window);
+        let trigger = i + 1 + (end - i - 1) / 2;
+        let mut next = None;
+        for j in (trigger..end).rev() {
+            if let Some(o) = offset_of_chunk(&src, layer, j)? {
+                next = Some((j, o));
+                break;
+            }
+        }
+        if let Some(next) = next {
+            start = Some((i, at, end, next));
+            break;
+        }
+    }
+    let (_, at, end, (_, next_at)) = start.context("no chunk with a readable window")?;
+    let mut buf = vec![0u8; 512];
+    src.read_at(at, &mut buf)?;
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        Ok(chunks[..end]
+            .iter()
+            .rev()
+            .take(1)
+            .all(|c| src.cache().contains(&c.digest)))
+    })?;
+    // Reading inside the window, past its middle: the next window, 2 x 128 KiB, follows.
+    src.read_at(next_at, &mut buf)?;
+    let second_end = window_end(&chunks, end, 2 * window);
+    assert!(second_end > end, "the stream ends at the first window");
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        Ok(chunks[end..second_end]
+            .iter()
+            .all(|c| src.cache().contains(&c.digest)))
+    })?;
+    for c in chunks.iter().skip(second_end).take(4) {
+        assert!(
+            !src.cache().contains(&c.digest),
+            "fetched past the second window"
+        );
+    }
     Ok(())
 }

@@ -58,8 +58,9 @@ log "$(head -1 "$T/convert.out")"
 nfiles=$(wc -l <"$T/manifest")
 [ "$nfiles" -gt 100 ] || fail "tree too small ($nfiles files)"
 
-# --- attach lazily
-DEV=$("$D" add --image "$H/small:cora" --insecure "$H" --cache "$T/cache" --queues 2 --daemon --log "$T/srv.log") \
+# --- attach lazily; no miss window, so that what the first half reads leaves the rest uncached
+DEV=$("$D" add --image "$H/small:cora" --insecure "$H" --cache "$T/cache" --queues 2 --miss-window 0 \
+    --daemon --log "$T/srv.log") \
     || fail "add: $(cat "$T/srv.log")"
 ID=${DEV#/dev/ublkb}
 [ -b "$DEV" ] || fail "$DEV is not a block device"

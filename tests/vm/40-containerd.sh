@@ -2,10 +2,11 @@
 # containerd (Debian's 1.6 + runc) with cora-snapshotter as `[proxy_plugins.cora]`, lazy CORA
 # layers on ublk devices, images in a docker-registry on the guest's loopback. Checks: `cora
 # rpull` + `ctr run --snapshotter cora` of a CORA image prints the expected output having
-# fetched < 10 % of the image; a plain OCI image through the cora snapshotter; the CORA image
-# under containerd's own overlayfs snapshotter; four images cold-started at once; a snapshotter
-# restart keeps snapshots and a running container; `ctr snapshots ls/rm`; with ublk gone after
-# the pull, the stack is unpacked instead and the container still starts; nothing left behind.
+# fetched < 25 % of the image (miss window included); a plain OCI image through the cora
+# snapshotter; the CORA image under containerd's own overlayfs snapshotter; four images
+# cold-started at once; a snapshotter restart keeps snapshots and a running container; `ctr
+# snapshots ls/rm`; with ublk gone after the pull, the stack is unpacked instead and the
+# container still starts; nothing left behind.
 # Measures cold start to first output, CORA vs OCI (overlayfs), and CORA again with an access
 # trace recorded, pushed with the image and prefetched; with CORA_BENCH_OUT set writes
 # coldstart.csv, coldstart_usage.csv and coldstart.json there. CORA_ATTACH_ON_PULL=false turns
@@ -261,7 +262,9 @@ attach=$(grep -o 'stack attached.*took=[^ ]*' "$T/snap.log" | tail -n1 | sed 's/
 log "CORA base: first output after ${cora_secs}s (rpull ${RPULL_SECS}s, device attach $attach), registry sent $cora_bytes of $cora_size bytes"
 [ "${CORA_ATTACH_ON_PULL:-true}" = false ] || grep -q "remote layer stack attached at pull" "$T/snap.log" \
     || fail "the pull did not attach the image's stack (attachOnPull)"
-[ "$((cora_bytes * 10))" -lt "$cora_size" ] || fail "CORA cold start fetched $cora_bytes bytes, >= 10% of $cora_size"
+# The start reads ~4 % of the image; the miss window (1 MiB after each miss) fetches about
+# twice that on this image (cargo xtask bench coldstart: 3.3 MB read, 6.9 MB fetched).
+[ "$((cora_bytes * 4))" -lt "$cora_size" ] || fail "CORA cold start fetched $cora_bytes bytes, >= 25% of $cora_size"
 driver_bytes=$(metric cora_bytes_fetched_total)
 [ "${driver_bytes%.*}" -gt 0 ] || fail "metrics report no bytes fetched"
 [ "$(metric cora_devices)" = 1 ] || [ "$(devices)" -eq 0 ] || fail "metrics: cora_devices $(metric cora_devices), $(devices) devices"

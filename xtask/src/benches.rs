@@ -1,4 +1,4 @@
-//! `cargo xtask bench dedup|convert|lazy|fio|coldstart|report|all`: run the measurements, each writing
+//! `cargo xtask bench dedup|convert|lazy|fio|fuse|coldstart|coldstart-vm|report|all`: run the measurements, each writing
 //! `<bench>.json` into `$CORA_BENCH_OUT` (default `bench/results/latest`), and compose them.
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -19,12 +19,17 @@ pub enum BenchCmd {
     /// The FUSE transport natively on this host: fio and tree reads through FUSE vs the same
     /// image as a plain file and a loop device; writes fuse.json and fuse.md.
     Fuse(crate::fio_bench::FuseBenchOpts),
-    /// Cold start CORA vs OCI through containerd in the VM (tests/vm/40-containerd.sh writes
-    /// coldstart.csv and coldstart_usage.csv when CORA_BENCH_OUT is set).
+    /// Cold start natively on this host through containerd, FUSE transport: OCI and CORA
+    /// variants side by side over shaped links (lan, wan) on Debian, Python, Node and large
+    /// images; writes coldstart-host.{md,csv,json}.
     Coldstart,
+    /// Cold start CORA vs OCI through containerd in the VM, ublk (tests/vm/40-containerd.sh
+    /// writes coldstart.csv and coldstart_usage.csv when CORA_BENCH_OUT is set).
+    ColdstartVm,
     /// Compose REPORT.md and PNG charts from the results found in the output directory.
     Report,
-    /// dedup, convert, lazy, fio, coldstart, then the report (a failed bench is reported, not fatal).
+    /// dedup, convert, lazy, fio, coldstart-vm, coldstart, then the report (a failed bench is
+    /// reported, not fatal).
     All,
 }
 
@@ -53,7 +58,25 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         BenchCmd::Fio(opts) => crate::fio_bench::run(&opts),
         BenchCmd::Fuse(opts) => crate::fio_bench::run_fuse(&opts),
-        BenchCmd::Coldstart => coldstart(&out),
+        BenchCmd::Coldstart => {
+            crate::deps::ensure(crate::deps::TEST_PACKAGES)?;
+            crate::deps::ensure_commands(crate::deps::BENCH_COMMANDS)?;
+            crate::deps::run("cargo", &["build", "--release", "--workspace", "--bins"])?;
+            eprintln!(
+                "xtask: cargo bench -p cora-snapshotter --bench coldstart (results into {})",
+                out.display()
+            );
+            let st = Command::new("cargo")
+                .args(["bench", "-p", "cora-snapshotter", "--bench", "coldstart"])
+                .env("CORA_BENCH_OUT", &out)
+                .status()
+                .context("running cargo bench")?;
+            if !st.success() {
+                bail!("bench coldstart failed: {st}");
+            }
+            Ok(())
+        }
+        BenchCmd::ColdstartVm => coldstart_vm(&out),
         BenchCmd::Report => report(&out),
         BenchCmd::All => all(&out),
     }
@@ -100,7 +123,7 @@ fn report(out: &std::path::Path) -> Result<()> {
 
 const COLDSTART_SCRIPT: &str = "tests/vm/40-containerd.sh";
 
-fn coldstart(out: &std::path::Path) -> Result<()> {
+fn coldstart_vm(out: &std::path::Path) -> Result<()> {
     let repo = crate::vm::repo_root();
     if !repo.join(COLDSTART_SCRIPT).exists() {
         bail!("{COLDSTART_SCRIPT} is missing from this checkout");
@@ -145,7 +168,7 @@ fn all(out: &std::path::Path) -> Result<()> {
     }
     let exe = std::env::current_exe().context("locating xtask")?;
     // Each boots its own VM; run as children so one failing does not stop the report.
-    for name in ["fio", "coldstart"] {
+    for name in ["fio", "coldstart-vm", "coldstart"] {
         let st = Command::new(&exe)
             .args(["bench", name])
             .env("CORA_BENCH_OUT", out)

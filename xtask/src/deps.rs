@@ -28,6 +28,29 @@ pub const TEST_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
 ];
 
+/// What `cargo xtask bench coldstart` needs beyond the tests (it builds its images from PyPI
+/// wheels and npm packages): a command, and the package to install when it is not on PATH
+/// (a machine may have them from elsewhere, e.g. npm from a nodejs build that conflicts with
+/// Debian's npm).
+pub const BENCH_COMMANDS: &[(&str, &str)] =
+    &[("unzip", "unzip"), ("pip", "python3-pip"), ("npm", "npm")];
+
+/// Installs the package of each command that is not on PATH.
+pub fn ensure_commands(cmds: &[(&str, &str)]) -> Result<()> {
+    let on_path = |c: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {c} >/dev/null")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let missing: Vec<&str> = cmds
+        .iter()
+        .filter(|(c, _)| !on_path(c))
+        .map(|(_, p)| *p)
+        .collect();
+    ensure(&missing)
+}
+
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])

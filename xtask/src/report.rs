@@ -415,6 +415,7 @@ pub fn compose(dir: &Path, host: &str) -> Result<PathBuf> {
          compare ratios measured in the same run, not absolute times.\n"
     )?;
 
+    coldstart_host_section(dir, &mut md, &mut skipped)?;
     coldstart_section(dir, &mut md, &mut skipped)?;
     dedup_section(dir, &mut md, &mut skipped)?;
     convert_section(dir, &mut md, &mut skipped)?;
@@ -430,6 +431,74 @@ pub fn compose(dir: &Path, host: &str) -> Result<PathBuf> {
     let path = dir.join("REPORT.md");
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// The host cold-start bench (`cargo xtask bench coldstart`): its own table, and per link
+/// profile a chart of seconds to the workload's end, one bar per system.
+fn coldstart_host_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> Result<()> {
+    let (Some(v), Some(table)) = (
+        read_json(dir, "coldstart-host.json")?,
+        read_text(dir, "coldstart-host.md")?,
+    ) else {
+        skipped.push(
+            "host cold start: coldstart-host.{json,md} not found (cargo xtask bench coldstart)"
+                .into(),
+        );
+        return Ok(());
+    };
+    writeln!(
+        md,
+        "## Host cold start
+
+{}
+",
+        stamp_line(&v["stamp"])
+    )?;
+    // The bench's own report, one heading level down.
+    for line in table.lines() {
+        if line.starts_with('#') {
+            writeln!(md, "#{line}")?;
+        } else {
+            writeln!(md, "{line}")?;
+        }
+    }
+    let starts = v["starts"].as_array().cloned().unwrap_or_default();
+    let field = |s: &Value, k: &str| s[k].as_str().unwrap_or_default().to_string();
+    let workloads = distinct(starts.iter().filter_map(|s| s["workload"].as_str()));
+    let systems = distinct(starts.iter().filter_map(|s| s["system"].as_str()));
+    for profile in distinct(starts.iter().filter_map(|s| s["profile"].as_str())) {
+        let series: Vec<Bars> = systems
+            .iter()
+            .map(|sys| Bars {
+                name: sys.clone(),
+                values: workloads
+                    .iter()
+                    .map(|w| {
+                        let xs: Vec<f64> = starts
+                            .iter()
+                            .filter(|s| {
+                                field(s, "profile") == profile
+                                    && field(s, "workload") == *w
+                                    && field(s, "system") == *sys
+                            })
+                            .map(|s| f(&s["done_s"]))
+                            .collect();
+                        mean_std(&xs).0
+                    })
+                    .collect(),
+            })
+            .collect();
+        let png = format!("coldstart-host-{profile}.png");
+        grouped_bars(
+            &dir.join(&png),
+            &format!("Cold start on the host, link {profile}: seconds to workload done"),
+            "seconds",
+            &workloads,
+            &series,
+        )?;
+        writeln!(md, "\n![host cold start, {profile}]({png})\n")?;
+    }
+    Ok(())
 }
 
 fn coldstart_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> Result<()> {

@@ -1,0 +1,850 @@
+//! Cold start natively on this host through containerd 1.6 + runc, every system side by side
+//! in one run, against one docker-registry reached through a shaped link (RTT + bandwidth,
+//! `cora_tests::shaper`):
+//! - `oci`: `ctr images pull` (gzip layers) + `ctr run`, containerd's overlayfs snapshotter;
+//! - `cora-w0`: `cora rpull` + `ctr run --snapshotter`, served lazily through FUSE, no miss
+//!   window (each miss fetches what was read);
+//! - `cora`: the same with the driver's defaults (miss window);
+//! - `cora-fill`: defaults plus the background fill;
+//! - `cora+trace`: defaults, with an access trace recorded beforehand and pushed with the
+//!   image (`cora trace push`), prefetched from the device's start;
+//! - `nydus`: not run (a row in the report says why).
+//!
+//! Images (built from Debian packages, PyPI wheels and npm, cached under
+//! `target/cora-fixtures`), each with a workload that prints a line when it starts and one
+//! when done: `base` (sha256sum of a binary), `python` (numpy + pandas + scipy imported and
+//! used), `node` (express required, an app built and its routes listed), `large-partial` (32
+//! MiB of a 1 GiB file) and `large-full` (all of it).
+//!
+//! Every start is cold: nothing of the image local (OCI: image removed with its content;
+//! CORA: devices gone, cache emptied). Measured per start: time to first output and to the
+//! workload's end, bytes over the link, CPU seconds of containerd + snapshotter + drivers,
+//! peak RSS of our processes. The limit of a start is the warm start (OCI, image local) plus
+//! the bytes the start reads (`cora-w0`'s fetched bytes: chunk-rounded) at link speed plus
+//! one round trip.
+//!
+//! `cargo xtask bench coldstart` (root; `/dev/fuse`). Knobs: `CORA_BENCH_ROUNDS` (default 1),
+//! `CORA_BENCH_PROFILES` (default `lan,wan`), `CORA_BENCH_WORKLOADS` (default all),
+//! `CORA_BENCH_OUT` (where coldstart-host.{md,json,csv} go).
+use anyhow::{Context, Result, bail, ensure};
+use cora_api::driver::{DeviceInfo, Ready};
+use cora_tests::containerd::Containerd;
+use cora_tests::daemon::wait_for;
+use cora_tests::fixtures::{self, cora_bin, run};
+use cora_tests::images::Registry;
+use cora_tests::shaper::{LinkProfile, ShapedLink};
+use cora_tests::snapshotter::CoraSnapshotter;
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PY_WHEELS: &[&str] = &["numpy==2.1.3", "pandas==2.2.3", "scipy==1.14.1"];
+/// Debian's own node (pinned: a machine may carry another `nodejs` that apt would pick).
+const NODE_DEBS: &[&str] = &[
+    "nodejs=18.20.4+dfsg-1~deb12u2",
+    "libnode108=18.20.4+dfsg-1~deb12u2",
+    "libuv1",
+    "libc-ares2",
+    "libbrotli1",
+    "libnghttp2-14",
+    "libicu72",
+    "node-acorn",
+    "node-cjs-module-lexer",
+    "node-undici",
+];
+const EXPRESS: &str = "express@4.21.2";
+const LARGE_FILE: usize = 1 << 30;
+
+const PY_WORKLOAD: &str = "print('start', flush=True)
+import numpy as np, pandas as pd, scipy.linalg as la, scipy.stats as st
+a = np.arange(1, 401, dtype=float).reshape(20, 20) % 7 + np.eye(20)
+df = pd.DataFrame({'k': np.arange(100000) % 10, 'v': np.arange(100000) * 0.5})
+print('done', round(float(la.det(a)), 3), df.groupby('k').v.sum().iloc[3], round(float(st.norm.cdf(1.0)), 6))";
+
+const NODE_APP: &str = "console.log('start');
+const express = require('express');
+const app = express();
+for (let i = 0; i < 50; i++) app.get('/r' + i, (req, res) => res.send(String(i)));
+const n = app._router.stack.filter(l => l.route).length;
+console.log('done', n, require('express/package.json').version);
+";
+
+/// One container start to measure: an image and the command run in it.
+struct Workload {
+    name: &'static str,
+    image: &'static str,
+    cmd: Vec<String>,
+}
+
+fn workloads() -> Vec<Workload> {
+    let sh = |s: &str| vec!["/bin/sh".to_string(), "-c".into(), s.into()];
+    vec![
+        Workload {
+            name: "base",
+            image: "base",
+            cmd: sh("echo start; sha256sum /usr/bin/openssl"),
+        },
+        Workload {
+            name: "python",
+            image: "python",
+            cmd: vec![
+                "/usr/bin/python3.11".into(),
+                "-c".into(),
+                PY_WORKLOAD.into(),
+            ],
+        },
+        Workload {
+            name: "node",
+            image: "node",
+            cmd: vec!["/usr/bin/node".into(), "/app/main.js".into()],
+        },
+        Workload {
+            name: "large-partial",
+            image: "large",
+            cmd: sh(
+                "echo start; dd if=/models/weights.bin bs=1M skip=600 count=32 status=none | sha256sum",
+            ),
+        },
+        Workload {
+            name: "large-full",
+            image: "large",
+            cmd: sh("echo start; sha256sum /models/weights.bin"),
+        },
+    ]
+}
+
+/// A directory built once by `build` (into a temporary sibling, renamed when complete).
+fn cached_dir(name: &str, build: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let base = fixtures::fixtures_dir().join("bench");
+    let dir = base.join(name);
+    let done = dir.with_extension("done");
+    if done.exists() && dir.exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&base)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}-"))
+        .tempdir_in(&base)?;
+    build(tmp.path()).with_context(|| format!("building {name}"))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(tmp.keep(), &dir)?;
+    std::fs::write(&done, name)?;
+    Ok(dir)
+}
+
+/// Layers of each image, bottom first.
+fn image_layers(name: &str) -> Result<Vec<PathBuf>> {
+    let base = fixtures::debian_tree("base", fixtures::BASE)?;
+    Ok(match name {
+        "base" => vec![base],
+        "python" => {
+            let wheels = cached_dir("python-wheels", |d| {
+                let dl = d.join("dl");
+                run(Command::new("pip")
+                    .args(["download", "-q", "--only-binary=:all:"])
+                    .args(["--platform", "manylinux2014_x86_64"])
+                    .args(["--platform", "manylinux_2_17_x86_64"])
+                    .args(["--python-version", "3.11", "--implementation", "cp"])
+                    .args(["--abi", "cp311", "-d"])
+                    .arg(&dl)
+                    .args(PY_WHEELS))?;
+                let site = d.join("usr/local/lib/python3.11/dist-packages");
+                std::fs::create_dir_all(&site)?;
+                for w in std::fs::read_dir(&dl)? {
+                    run(Command::new("unzip")
+                        .args(["-q", "-o"])
+                        .arg(w?.path())
+                        .arg("-d")
+                        .arg(&site))?;
+                }
+                std::fs::remove_dir_all(&dl)?;
+                Ok(())
+            })?;
+            vec![
+                base,
+                fixtures::debian_tree("python-layer", fixtures::PYTHON)?,
+                wheels,
+            ]
+        }
+        "node" => {
+            let app = cached_dir("node-app", |d| {
+                let app = d.join("app");
+                std::fs::create_dir_all(&app)?;
+                run(Command::new("npm")
+                    .args(["install", "--no-audit", "--no-fund", "--prefix"])
+                    .arg(&app)
+                    .arg(EXPRESS))?;
+                std::fs::write(app.join("main.js"), NODE_APP)?;
+                Ok(())
+            })?;
+            vec![base, fixtures::debian_tree("node-layer", NODE_DEBS)?, app]
+        }
+        "large" => {
+            let weights = cached_dir("large-weights", |d| {
+                use std::io::Write;
+                std::fs::create_dir_all(d.join("models"))?;
+                let mut f =
+                    std::io::BufWriter::new(std::fs::File::create(d.join("models/weights.bin"))?);
+                let mut rng = cora_testdata::XorShift::new(0x5eed);
+                let mut block = vec![0u8; 1 << 20];
+                for _ in 0..LARGE_FILE / block.len() {
+                    rng.fill(&mut block);
+                    f.write_all(&block)?;
+                }
+                f.flush()?;
+                Ok(())
+            })?;
+            vec![base, weights]
+        }
+        other => bail!("no bench image {other:?}"),
+    })
+}
+
+/// CPU seconds (user + system) a process has used so far; 0 once it is gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is the first.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        rest.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Peak resident set of a process (VmHWM), bytes; 0 once it is gone.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Start {
+    profile: String,
+    workload: String,
+    system: String,
+    round: usize,
+    /// When the pull (`ctr images pull`, `cora rpull`) returned.
+    pull_s: f64,
+    first_output_s: f64,
+    done_s: f64,
+    bytes: u64,
+    cpu_s: f64,
+    /// Peak RSS of the snapshotter and the stack's drivers (CORA) — our processes.
+    rss_bytes: u64,
+}
+
+/// Runs `ctr ARGS` and times, from `t0`, its first line of output and its end.
+fn ctr_timed(ctrd: &Containerd, args: &[&str], t0: Instant) -> Result<(f64, f64, String)> {
+    let mut child = Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.address)
+        .args(["--namespace", &ctrd.namespace])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running ctr")?;
+    let stdout = child.stdout.take().context("ctr stdout")?;
+    let mut first = None;
+    let mut out = String::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let o = child.wait_with_output()?;
+    let done = t0.elapsed().as_secs_f64();
+    if !o.status.success() {
+        bail!(
+            "ctr {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok((first.unwrap_or(done), done, out))
+}
+
+struct Cora {
+    name: String,
+    snap: CoraSnapshotter,
+    cache: PathBuf,
+}
+
+impl Cora {
+    fn devices(&self) -> Vec<DeviceInfo> {
+        Command::new(cora_bin("cora-driver"))
+            .args(["list", "--json", "--fuse-dir"])
+            .arg(self.snap.root.join("fuse"))
+            .output()
+            .ok()
+            .and_then(|o| DeviceInfo::parse_list(&String::from_utf8_lossy(&o.stdout)).ok())
+            .unwrap_or_default()
+    }
+}
+
+struct Bench {
+    ctrd: Containerd,
+    coras: Vec<Cora>,
+    /// The registry as pushed to (no shaping): conversion, traces.
+    direct: String,
+}
+
+impl Bench {
+    /// A cold OCI start; the image stays local (for the warm start) until `drop_image`.
+    fn oci(
+        &self,
+        reference: &str,
+        w: &Workload,
+        id: &str,
+        link: &ShapedLink,
+    ) -> Result<(Start, String)> {
+        let (b0, c0) = (link.bytes_down(), self.containerd_cpu());
+        let t0 = Instant::now();
+        self.ctrd
+            .ctr(&["images", "pull", "--plain-http", reference])?;
+        let pull_s = t0.elapsed().as_secs_f64();
+        let mut args = vec!["run", "--rm", reference, id];
+        args.extend(w.cmd.iter().map(String::as_str));
+        let (first, done, out) = ctr_timed(&self.ctrd, &args, t0)?;
+        let s = Start {
+            profile: link.profile.name.into(),
+            workload: w.name.into(),
+            system: "oci".into(),
+            round: 0,
+            pull_s,
+            first_output_s: first,
+            done_s: done,
+            bytes: link.bytes_down() - b0,
+            cpu_s: self.containerd_cpu() - c0,
+            rss_bytes: 0,
+        };
+        Ok((s, out))
+    }
+
+    fn drop_image(&self, reference: &str) -> Result<()> {
+        self.ctrd.ctr(&["images", "rm", "--sync", reference])?;
+        Ok(())
+    }
+
+    /// The same container again with the image local: the warm start.
+    fn warm(&self, reference: &str, w: &Workload, id: &str) -> Result<f64> {
+        let mut args = vec!["run", "--rm", reference, id];
+        args.extend(w.cmd.iter().map(String::as_str));
+        Ok(ctr_timed(&self.ctrd, &args, Instant::now())?.1)
+    }
+
+    fn containerd_cpu(&self) -> f64 {
+        self.ctrd.pid().map_or(0.0, cpu_seconds)
+    }
+
+    fn cora(
+        &self,
+        cora: &Cora,
+        reference: &str,
+        w: &Workload,
+        id: &str,
+        link: &ShapedLink,
+    ) -> Result<(Start, String)> {
+        let snap_pid = cora.snap.daemon.pid().unwrap_or(0);
+        let (b0, c0, s0) = (
+            link.bytes_down(),
+            self.containerd_cpu(),
+            cpu_seconds(snap_pid),
+        );
+        let t0 = Instant::now();
+        let host = reference.split('/').next().unwrap_or_default();
+        run(Command::new(cora_bin("cora"))
+            .args(["--insecure", host, "rpull", "--address"])
+            .arg(&self.ctrd.address)
+            .args([
+                "--namespace",
+                &self.ctrd.namespace,
+                "--snapshotter",
+                &cora.name,
+                reference,
+            ]))?;
+        let pull_s = t0.elapsed().as_secs_f64();
+        let mut args = vec!["run", "--rm", "--snapshotter", &cora.name, reference, id];
+        args.extend(w.cmd.iter().map(String::as_str));
+        let (first, done, out) =
+            ctr_timed(&self.ctrd, &args, t0).with_context(|| cora.snap.daemon.log_text())?;
+        let devices = cora.devices();
+        let drivers_cpu: f64 = devices.iter().map(|d| cpu_seconds(d.pid as u32)).sum();
+        let drivers_rss: u64 = devices.iter().map(|d| peak_rss(d.pid as u32)).sum();
+        let s = Start {
+            profile: link.profile.name.into(),
+            workload: w.name.into(),
+            system: cora.name.clone(),
+            round: 0,
+            pull_s,
+            first_output_s: first,
+            done_s: done,
+            bytes: link.bytes_down() - b0,
+            cpu_s: self.containerd_cpu() - c0 + cpu_seconds(snap_pid) - s0 + drivers_cpu,
+            rss_bytes: peak_rss(snap_pid) + drivers_rss,
+        };
+        self.drop_image(reference)?;
+        // Cold again next time: the stack's device gone, then its chunks.
+        wait_for("the stack's devices to go", Duration::from_secs(60), || {
+            cora.devices().is_empty()
+        })?;
+        if cora.cache.exists() {
+            std::fs::remove_dir_all(&cora.cache)?;
+        }
+        Ok((s, out))
+    }
+
+    /// Records the chunks `w` reads at its start (a FUSE device of its own, the command run in
+    /// a chroot of the mounted stack) and stores them with the image (`cora trace push`).
+    fn record_trace(&self, reference: &str, w: &Workload, dir: &Path) -> Result<usize> {
+        let fuse_dir = dir.join("fuse");
+        let trace = dir.join(format!("{}.trace", w.image));
+        let out = run(Command::new(cora_bin("cora-driver"))
+            .args(["add", "--image", reference, "--insecure", &self.direct])
+            .arg("--cache")
+            .arg(dir.join("cache"))
+            .args(["--no-prefetch", "--miss-window", "0", "--fill", "false"])
+            .arg("--record-trace")
+            .arg(&trace)
+            .args(["--transport", "fuse", "--fuse-dir"])
+            .arg(&fuse_dir)
+            .args(["--daemon", "--ready-json", "--log"])
+            .arg(dir.join(format!("{}-driver.log", w.image))))?;
+        let ready: Ready = serde_json::from_str(out.lines().last().unwrap_or_default())
+            .with_context(|| format!("cora-driver add printed {out:?}"))?;
+        let mnt = dir.join(format!("{}-mnt", w.image));
+        std::fs::create_dir_all(&mnt)?;
+        let q = |p: &Path| format!("'{}'", p.display());
+        let script = format!(
+            "mount -t erofs -o ro {dev} {m} && mount --bind /dev {m}/dev && mount -t proc proc {m}/proc && exec chroot {m} \"$@\"",
+            dev = q(&ready.path),
+            m = q(&mnt)
+        );
+        let ran = run(Command::new("unshare")
+            .args(["-m", "sh", "-c", &script, "sh"])
+            .args(&w.cmd));
+        run(Command::new(cora_bin("cora-driver"))
+            .args(["del", &ready.id.to_string(), "--fuse-dir"])
+            .arg(&fuse_dir))?;
+        wait_for(
+            "the trace recorder to exit",
+            Duration::from_secs(60),
+            || !Path::new(&format!("/proc/{}", ready.pid)).exists(),
+        )?;
+        let printed = ran.context("the traced run")?;
+        ensure!(
+            printed.contains("start"),
+            "the traced run printed {printed:?}"
+        );
+        let chunks = std::fs::read_to_string(&trace)?
+            .lines()
+            .count()
+            .saturating_sub(1);
+        ensure!(chunks > 0, "the trace of {} recorded no chunks", w.image);
+        run(Command::new(cora_bin("cora"))
+            .args(["trace", "push", "--insecure", &self.direct, reference])
+            .arg(&trace))?;
+        Ok(chunks)
+    }
+}
+
+/// The CORA variants: `CORA_BENCH_CORA` = `NAME[:FIELD=VALUE,...];...` (snapshotter config
+/// fields, e.g. `cora-w4m:missWindow=4M`); the default compares no miss window, the driver's
+/// defaults, and background fill. `cora+trace` is the one named `cora` (it must exist).
+fn cora_variants() -> Result<Vec<(String, serde_json::Value)>> {
+    let spec = std::env::var("CORA_BENCH_CORA")
+        .unwrap_or_else(|_| "cora-w0:missWindow=0;cora;cora-fill:fill=true".into());
+    let mut out = Vec::new();
+    for v in spec.split(';').map(str::trim).filter(|v| !v.is_empty()) {
+        let (name, fields) = v.split_once(':').unwrap_or((v, ""));
+        let mut cfg = serde_json::Map::new();
+        for f in fields.split(',').filter(|f| !f.is_empty()) {
+            let (k, val) = f
+                .split_once('=')
+                .with_context(|| format!("{f:?} in CORA_BENCH_CORA is not FIELD=VALUE"))?;
+            // Booleans as such; everything else (sizes: "4M") is a string in the config.
+            let val = match val {
+                "true" => serde_json::json!(true),
+                "false" => serde_json::json!(false),
+                v => serde_json::json!(v),
+            };
+            cfg.insert(k.to_string(), val);
+        }
+        out.push((name.to_string(), serde_json::Value::Object(cfg)));
+    }
+    ensure!(
+        out.iter().any(|(n, _)| n == "cora"),
+        "CORA_BENCH_CORA must name a variant `cora` (the traced runs use it)"
+    );
+    Ok(out)
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn main() -> Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse missing");
+    }
+    let rounds: usize = std::env::var("CORA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    let profiles: Vec<LinkProfile> = env_list("CORA_BENCH_PROFILES", "lan,wan")
+        .iter()
+        .map(|p| {
+            LinkProfile::by_name(p).with_context(|| format!("no link profile {p:?} (lan, wan)"))
+        })
+        .collect::<Result<_>>()?;
+    let wanted = env_list(
+        "CORA_BENCH_WORKLOADS",
+        "base,python,node,large-partial,large-full",
+    );
+    let all = workloads();
+    for w in &wanted {
+        ensure!(all.iter().any(|x| x.name == w), "no workload {w:?}");
+    }
+    let work: Vec<&Workload> = all
+        .iter()
+        .filter(|w| wanted.iter().any(|x| x == w.name))
+        .collect();
+
+    let dir = tempfile::Builder::new()
+        .prefix("cora-bench-coldstart-")
+        .tempdir_in("/var/tmp")?;
+    let registry = Registry::start(&dir.path().join("registry"))?;
+    let upstream: std::net::SocketAddr = registry.addr.parse()?;
+    let links: Vec<ShapedLink> = profiles
+        .iter()
+        .map(|p| ShapedLink::start(upstream, *p))
+        .collect::<std::io::Result<_>>()?;
+
+    // Images: plain OCI (gzip) and CORA, pushed once through the direct address.
+    let mut images: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for w in &work {
+        if images.contains_key(w.image) {
+            continue;
+        }
+        let layers = image_layers(w.image)?;
+        let refs: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
+        let layout = dir.path().join(format!("layout-{}", w.image));
+        eprintln!("coldstart: building image {}", w.image);
+        blobfmt::dirsrc::layout_from_dirs(&refs, &layout, "v1", true)?;
+        registry.push(&layout, "v1", &format!("bench/{}", w.image))?;
+        let cora = format!("{}/bench/{}:cora", registry.addr, w.image);
+        run(Command::new(cora_bin("cora"))
+            .args(["--insecure", &registry.addr, "convert"])
+            .arg(format!("oci:{}:v1", layout.display()))
+            .arg(&cora)
+            .arg("--work")
+            .arg(dir.path().join(format!("convert-{}", w.image))))?;
+        let tree: u64 = layers
+            .iter()
+            .map(|l| fixtures::tree_bytes(l))
+            .sum::<Result<u64>>()?;
+        let gz = fixtures::tree_bytes(&layout.join("blobs"))?;
+        images.insert(w.image, (tree, gz));
+    }
+
+    // One snapshotter per CORA variant, each with its own cache.
+    let variants = cora_variants()?;
+    let insecure: Vec<String> = links
+        .iter()
+        .map(|l| l.addr.to_string())
+        .chain([registry.addr.clone()])
+        .collect();
+    let mut coras = Vec::new();
+    for (name, extra) in variants {
+        let sdir = dir.path().join(&name);
+        let cache = sdir.join("cache");
+        let mut cfg = serde_json::json!({
+            "insecureRegistries": insecure,
+            "cacheDir": cache,
+            "autoRemoveDev": true,
+            "transport": "fuse",
+            "verbose": "info",
+        });
+        if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        CoraSnapshotter::write_config(&sdir, &cfg)?;
+        let snap =
+            CoraSnapshotter::start(Path::new(env!("CARGO_BIN_EXE_cora-snapshotter")), &sdir)?;
+        coras.push(Cora { name, snap, cache });
+    }
+    let sockets: Vec<(&str, &Path)> = coras
+        .iter()
+        .map(|c| (c.name.as_str(), c.snap.socket.as_path()))
+        .collect();
+    let ctrd = Containerd::start(&dir.path().join("containerd"), &sockets)?;
+    let bench = Bench {
+        ctrd,
+        coras,
+        direct: registry.addr.clone(),
+    };
+
+    let mut starts: Vec<Start> = Vec::new();
+    let mut warm: BTreeMap<(String, String), f64> = BTreeMap::new();
+    let mut n = 0usize;
+    let mut id = || {
+        n += 1;
+        format!("c{n}")
+    };
+    // Phase 1: every system without traces (a pushed trace would be prefetched by all).
+    for round in 0..rounds {
+        for link in &links {
+            for w in &work {
+                let host = link.addr.to_string();
+                let oci = format!("{host}/bench/{}:v1", w.image);
+                let cora_ref = format!("{host}/bench/{}:cora", w.image);
+                let (mut s, out) = bench.oci(&oci, w, &id(), link)?;
+                s.round = round;
+                let want = out.lines().last().unwrap_or_default().to_string();
+                ensure!(
+                    out.lines().count() >= 2 && want != "start",
+                    "{} printed {out:?}",
+                    w.name
+                );
+                if round == 0 {
+                    let t = bench.warm(&oci, w, &id())?;
+                    warm.insert((link.profile.name.to_string(), w.name.to_string()), t);
+                }
+                bench.drop_image(&oci)?;
+                eprintln!(
+                    "coldstart: {} {} oci {:.2}s",
+                    link.profile.name, w.name, s.done_s
+                );
+                starts.push(s);
+                for cora in &bench.coras {
+                    let (mut s, out) = bench.cora(cora, &cora_ref, w, &id(), link)?;
+                    s.round = round;
+                    ensure!(
+                        out.lines().last() == Some(want.as_str()),
+                        "{} {} printed {out:?}, OCI {want:?}",
+                        cora.name,
+                        w.name
+                    );
+                    eprintln!(
+                        "coldstart: {} {} {} {:.2}s",
+                        link.profile.name, w.name, cora.name, s.done_s
+                    );
+                    starts.push(s);
+                }
+            }
+        }
+    }
+    // Phase 2: traces recorded and pushed, then the default CORA with them.
+    let mut traced: BTreeMap<&str, usize> = BTreeMap::new();
+    for w in &work {
+        if traced.contains_key(w.image) {
+            continue;
+        }
+        let reference = format!("{}/bench/{}:cora", registry.addr, w.image);
+        let tdir = dir.path().join(format!("trace-{}", w.image));
+        std::fs::create_dir_all(&tdir)?;
+        traced.insert(w.image, bench.record_trace(&reference, w, &tdir)?);
+    }
+    let default = bench
+        .coras
+        .iter()
+        .find(|c| c.name == "cora")
+        .context("no default CORA snapshotter")?;
+    for round in 0..rounds {
+        for link in &links {
+            for w in &work {
+                let cora_ref = format!("{}/bench/{}:cora", link.addr, w.image);
+                let (mut s, _) = bench.cora(default, &cora_ref, w, &id(), link)?;
+                s.round = round;
+                s.system = "cora+trace".into();
+                eprintln!(
+                    "coldstart: {} {} cora+trace {:.2}s",
+                    link.profile.name, w.name, s.done_s
+                );
+                starts.push(s);
+            }
+        }
+    }
+
+    let report = render(&starts, &warm, &profiles, &work, &images, &traced, rounds)?;
+    print!("{report}");
+    let out = cora_tests::bench::out_dir()?;
+    std::fs::write(out.join("coldstart-host.md"), &report)?;
+    let mut csv = String::from(
+        "profile,workload,system,round,pull_s,first_output_s,done_s,bytes,cpu_s,rss_bytes\n",
+    );
+    for s in &starts {
+        csv.push_str(&format!(
+            "{},{},{},{},{:.3},{:.3},{:.3},{},{:.2},{}\n",
+            s.profile,
+            s.workload,
+            s.system,
+            s.round,
+            s.pull_s,
+            s.first_output_s,
+            s.done_s,
+            s.bytes,
+            s.cpu_s,
+            s.rss_bytes
+        ));
+    }
+    std::fs::write(out.join("coldstart-host.csv"), csv)?;
+    cora_tests::bench::write_json(
+        "coldstart-host",
+        &serde_json::json!({
+            "profiles": profiles.iter().map(|p| serde_json::json!({
+                "name": p.name, "rtt_ms": p.rtt.as_secs_f64() * 1e3, "bandwidth_bytes_per_s": p.bandwidth,
+            })).collect::<Vec<_>>(),
+            "transport": "fuse",
+            "emulated": false,
+            "starts": starts,
+            "warm_s": warm.iter().map(|((p, w), s)| serde_json::json!({"profile": p, "workload": w, "seconds": s})).collect::<Vec<_>>(),
+            "traced_chunks": traced,
+            "nydus": NYDUS_NOT_RUN,
+        }),
+    )?;
+    // containerd stops (and unmounts) before the snapshotters.
+    drop(bench);
+    drop(links);
+    Ok(())
+}
+
+/// Why the Nydus column is empty in this run.
+const NYDUS_NOT_RUN: &str = "not run: nydusd/nydus-image (crates.io nydus-rs 2.2.0) and sid's \
+    nydus-snapshotter are not wired into this bench yet, and Nydus images need a converter \
+    (nydusify is Go, not packaged here) to build the bootstrap + blob OCI form";
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = xs.collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn render(
+    starts: &[Start],
+    warm: &BTreeMap<(String, String), f64>,
+    profiles: &[LinkProfile],
+    work: &[&Workload],
+    images: &BTreeMap<&str, (u64, u64)>,
+    traced: &BTreeMap<&str, usize>,
+    rounds: usize,
+) -> Result<String> {
+    use std::fmt::Write;
+    let mut r = String::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    writeln!(
+        r,
+        "# Cold start, containerd 1.6 + runc on the host (kernel {}, no emulation), CORA through FUSE\n",
+        kernel.trim()
+    )?;
+    writeln!(
+        r,
+        "Mean of {rounds} round(s); every start cold. Seconds from pull to the workload's first line / its end; MB over the link; CPU s of containerd + our processes; peak RSS of our processes (snapshotter + drivers).\n"
+    )?;
+    writeln!(
+        r,
+        "| image | unpacked MB | gzip MB | trace chunks |\n|---|---:|---:|---:|"
+    )?;
+    for (name, (tree, gz)) in images {
+        writeln!(
+            r,
+            "| {name} | {:.0} | {:.0} | {} |",
+            *tree as f64 / 1e6,
+            *gz as f64 / 1e6,
+            traced.get(name).copied().unwrap_or(0)
+        )?;
+    }
+    let mut systems: Vec<&str> = Vec::new();
+    for s in starts {
+        if !systems.contains(&s.system.as_str()) {
+            systems.push(&s.system);
+        }
+    }
+    for p in profiles {
+        writeln!(r, "\n## `{}`: {}\n", p.name, p.describe())?;
+        writeln!(
+            r,
+            "| workload | system | pulled s | first output s | done s | MB fetched | CPU s | RSS MB | OCI/this (done) | this/limit |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )?;
+        for w in work {
+            let pick = |sys: &str| -> Vec<&Start> {
+                starts
+                    .iter()
+                    .filter(|s| s.profile == p.name && s.workload == w.name && s.system == sys)
+                    .collect()
+            };
+            let done = |sys: &str| mean(pick(sys).iter().map(|s| s.done_s));
+            let oci_done = done("oci");
+            let read_bytes = mean(pick("cora-w0").iter().map(|s| s.bytes as f64));
+            let warm_s = warm
+                .get(&(p.name.to_string(), w.name.to_string()))
+                .copied()
+                .unwrap_or(f64::NAN);
+            let limit = warm_s + read_bytes / p.bandwidth as f64 + p.rtt.as_secs_f64();
+            for &sys in &systems {
+                let ss = pick(sys);
+                if ss.is_empty() {
+                    continue;
+                }
+                let d = done(sys);
+                writeln!(
+                    r,
+                    "| {} | {sys} | {:.2} | {:.2} | {d:.2} | {:.1} | {:.1} | {:.0} | {:.2}x | {:.2}x |",
+                    w.name,
+                    mean(ss.iter().map(|s| s.pull_s)),
+                    mean(ss.iter().map(|s| s.first_output_s)),
+                    mean(ss.iter().map(|s| s.bytes as f64)) / 1e6,
+                    mean(ss.iter().map(|s| s.cpu_s)),
+                    mean(ss.iter().map(|s| s.rss_bytes as f64)) / 1e6,
+                    oci_done / d,
+                    d / limit,
+                )?;
+            }
+            writeln!(r, "| {} | nydus | – | – | – | – | – | – | – | – |", w.name)?;
+            writeln!(
+                r,
+                "| {} | *limit* |  |  | {limit:.2} | {:.1} |  |  | {:.2}x |  |",
+                w.name,
+                read_bytes / 1e6,
+                oci_done / limit
+            )?;
+        }
+    }
+    writeln!(r, "\nNydus: {NYDUS_NOT_RUN}.")?;
+    writeln!(
+        r,
+        "\nlimit = warm start (OCI, image local: {}) + bytes the start reads (cora-w0's fetched bytes, chunk-rounded) / bandwidth + one RTT.",
+        warm.iter()
+            .map(|((p, w), s)| format!("{p} {w} {s:.2}s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    Ok(r)
+}
