@@ -39,9 +39,16 @@ enum Cmd {
     },
     /// Install the pinned rublk into target/tools/bin (the guest's PATH).
     Tools,
-    /// The main job: build two images from Debian packages, push them to a local registry as
-    /// plain OCI, convert them to CORA, and cold-start both ways on a ublk kernel.
-    Demo,
+    /// The main job: images built from Debian packages, PyPI and npm (Debian base, Python data
+    /// stack, Node app), pushed to a local registry as plain OCI and converted to CORA, then
+    /// cold-started through containerd on this host both ways (ctr pull vs cora rpull, CORA
+    /// served through FUSE) over shaped links (lan, wan); one table.
+    Demo {
+        /// Also the ublk demo in the VM (two Debian images, cold-started by containerd on a
+        /// ublk kernel under TCG): a second table.
+        #[arg(long)]
+        vm: bool,
+    },
     /// Benchmarks and the report: results into $CORA_BENCH_OUT (default bench/results/latest).
     Bench {
         #[command(subcommand)]
@@ -59,7 +66,7 @@ fn main() -> Result<()> {
         }
         Cmd::VmTest { filter, opts } => vm_test(&opts, filter.as_deref()),
         Cmd::Tools => tools::ensure_rublk().map(drop),
-        Cmd::Demo => demo(),
+        Cmd::Demo { vm } => demo(vm),
         Cmd::Bench { which } => benches::run(which),
     }
 }
@@ -145,10 +152,34 @@ fn run_host_preps(dir: &std::path::Path, filter: &str) -> Result<()> {
     Ok(())
 }
 
-fn demo() -> Result<()> {
+fn demo(with_vm: bool) -> Result<()> {
     deps::ensure(deps::TEST_PACKAGES)?;
+    deps::ensure_commands(deps::BENCH_COMMANDS)?;
     deps::run("cargo", &["build", "--workspace", "--release", "--bins"])?;
     let repo = vm::repo_root();
+    // The host table: the cold-start bench on three of its workloads, one round, the default
+    // CORA and CORA with a stored trace beside OCI.
+    let out = repo.join("target/demo/host");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let st = std::process::Command::new("cargo")
+        .args(["bench", "-p", "cora-snapshotter", "--bench", "coldstart"])
+        .env("CORA_BENCH_OUT", &out)
+        .env("CORA_BENCH_WORKLOADS", "base,python,node")
+        .env("CORA_BENCH_PROFILES", "lan,wan")
+        .env("CORA_BENCH_CORA", "cora")
+        .env("CORA_BENCH_ROUNDS", "1")
+        .status()
+        .context("running the cold-start bench")?;
+    if !st.success() {
+        bail!("the demo's cold starts failed ({st})");
+    }
+    eprintln!(
+        "xtask: demo table in {}",
+        out.join("coldstart-host.md").display()
+    );
+    if !with_vm {
+        return Ok(());
+    }
     let repo_s = repo.to_string_lossy().into_owned();
     let script = |name: &str| {
         repo.join("xtask/src/demo")
