@@ -5,7 +5,7 @@
 //! - `cora-w0`: `cora rpull` + `ctr run --snapshotter`, served lazily through FUSE, no miss
 //!   window (each miss fetches what was read);
 //! - `cora`: the same with the driver's defaults (miss window);
-//! - `cora-fill`: defaults plus the background fill;
+//! - `cora-fill`: defaults plus the background fill (`fill: always`);
 //! - `cora+trace`: defaults, with an access trace recorded beforehand and pushed with the
 //!   image (`cora trace push`), prefetched from the device's start;
 //! - `nydus`: not run (a row in the report says why).
@@ -454,7 +454,7 @@ impl Bench {
             .args(["add", "--image", reference, "--insecure", &self.direct])
             .arg("--cache")
             .arg(dir.join("cache"))
-            .args(["--no-prefetch", "--miss-window", "0", "--fill", "false"])
+            .args(["--no-prefetch", "--miss-window", "0", "--fill", "off"])
             .arg("--record-trace")
             .arg(&trace)
             .args(["--transport", "fuse", "--fuse-dir"])
@@ -504,7 +504,7 @@ impl Bench {
 /// defaults, and background fill. `cora+trace` is the one named `cora` (it must exist).
 fn cora_variants() -> Result<Vec<(String, serde_json::Value)>> {
     let spec = std::env::var("CORA_BENCH_CORA")
-        .unwrap_or_else(|_| "cora-w0:missWindow=0;cora;cora-fill:fill=true".into());
+        .unwrap_or_else(|_| "cora-w0:missWindow=0;cora;cora-fill:fill=always".into());
     let mut out = Vec::new();
     for v in spec.split(';').map(str::trim).filter(|v| !v.is_empty()) {
         let (name, fields) = v.split_once(':').unwrap_or((v, ""));

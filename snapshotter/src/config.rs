@@ -105,7 +105,7 @@ struct RawConfig {
     insecure_registries: Vec<String>,
     transport: Option<String>,
     miss_window: Option<String>,
-    fill: Option<bool>,
+    fill: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -228,6 +228,10 @@ impl Config {
             None => None,
             Some(s) => Some(cora_api::size::parse_size(s).map_err(|m| field_err("missWindow", m))?),
         };
+        let fill = match raw.fill.as_deref() {
+            None => None,
+            Some(f) => Some(f.parse().map_err(|e| field_err("fill", format!("{e}")))?),
+        };
         let cache_dir = raw.cache_dir.unwrap_or_else(|| root.join("cache"));
         if !cache_dir.is_absolute() {
             return Err(field_err("cacheDir", "must be an absolute path".into()));
@@ -252,10 +256,7 @@ impl Config {
             driver_path: raw.driver_path,
             insecure_registries: raw.insecure_registries,
             transport,
-            fetch: cora_api::driver::FetchArgs {
-                miss_window,
-                fill: raw.fill,
-            },
+            fetch: cora_api::driver::FetchArgs { miss_window, fill },
         })
     }
 }

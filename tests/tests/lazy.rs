@@ -477,7 +477,7 @@ fn fill_fetches_the_whole_stack_in_the_background() -> Result<()> {
         vec![env.blobs(&env.reg.host, "fill")?],
         &env.tmp.path().join("cache"),
         FetchOptions {
-            fill: true,
+            fill: cora_api::driver::Fill::Idle,
             ..FetchOptions::default()
         },
     )?;

@@ -153,13 +153,53 @@ impl RunArgs {
     }
 }
 
+/// Background fill of a lazily served stack: fetching the chunks nobody has read yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fill {
+    /// Only what is read (and the windows and traces around it).
+    Off,
+    /// One small request at a time, only while nothing else is being fetched.
+    Idle,
+    /// Beside everything else, a few requests in flight at all times: the whole stack is
+    /// local soonest, at the cost of sharing the link with the start.
+    Always,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown fill {0:?} (off, idle, always)")]
+pub struct UnknownFill(pub String);
+
+impl Fill {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fill::Off => "off",
+            Fill::Idle => "idle",
+            Fill::Always => "always",
+        }
+    }
+}
+
+impl std::str::FromStr for Fill {
+    type Err = UnknownFill;
+
+    fn from_str(s: &str) -> Result<Fill, UnknownFill> {
+        match s {
+            "off" => Ok(Fill::Off),
+            "idle" => Ok(Fill::Idle),
+            "always" => Ok(Fill::Always),
+            other => Err(UnknownFill(other.to_owned())),
+        }
+    }
+}
+
 /// What a lazily served stack fetches beyond the bytes read; `None`: the driver's default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FetchArgs {
     /// `--miss-window`: compressed bytes fetched after a missed chunk.
     pub miss_window: Option<u64>,
     /// `--fill`: fetch the rest of the stack in the background.
-    pub fill: Option<bool>,
+    pub fill: Option<Fill>,
 }
 
 impl FetchArgs {
@@ -168,7 +208,7 @@ impl FetchArgs {
             a.extend(["--miss-window".into(), w.to_string()]);
         }
         if let Some(f) = self.fill {
-            a.extend(["--fill".into(), f.to_string()]);
+            a.extend(["--fill".into(), f.as_str().into()]);
         }
     }
 }
@@ -551,7 +591,7 @@ mod tests {
             },
             fetch: FetchArgs {
                 miss_window: Some(256 << 10),
-                fill: Some(false),
+                fill: Some(Fill::Always),
             },
             run: RunArgs::background(Some("/l".into()), Some("/s".into())),
         }

@@ -170,10 +170,10 @@ struct SourceArgs {
     /// 256K (0 = none; default 1M).
     #[arg(long, requires = "image", value_parser = cora_api::size::parse_size)]
     miss_window: Option<u64>,
-    /// Fetch the rest of the stack in the background while nothing else is fetched
-    /// (default true).
-    #[arg(long, requires = "image", value_name = "BOOL")]
-    fill: Option<bool>,
+    /// Fetch the rest of the stack in the background: off, idle (one request at a time while
+    /// nothing else is fetched) or always (default off).
+    #[arg(long, requires = "image", value_name = "off|idle|always")]
+    fill: Option<cora_api::driver::Fill>,
     /// Platform picked from a multi-platform image: os/arch[/variant] (default: this host's).
     #[arg(long, requires = "image", value_name = "PLATFORM")]
     platform: Option<lazy::blobfmt::platform::Platform>,
@@ -823,7 +823,7 @@ mod tests {
             registry: registry(),
             fetch: api::FetchArgs {
                 miss_window: Some(256 << 10),
-                fill: Some(false),
+                fill: Some(api::Fill::Idle),
             },
             run: api::RunArgs::background(Some("/r/h.log".into()), Some("/r/h.stats.json".into())),
         };

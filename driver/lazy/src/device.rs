@@ -1,6 +1,7 @@
 //! What a device process serves: a source described by a [`SourceRecipe`] (stored with the
 //! device, so `recover` can open the same source again in a new process) and opened as a
 //! [`BlockSource`] for any transport.
+use cora_api::driver::Fill;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -83,7 +84,7 @@ pub struct FetchTuning {
     pub miss_window: Option<u64>,
     /// Fetch the rest of the stack in the background (default [`DEVICE_FILL`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fill: Option<bool>,
+    pub fill: Option<Fill>,
 }
 
 impl FetchTuning {
@@ -106,10 +107,11 @@ impl FetchTuning {
 /// trip; see `cargo xtask bench coldstart` for the numbers behind the choice.
 pub const DEVICE_MISS_WINDOW: u64 = 1 << 20;
 
-/// Background fill of a device: off. When on, it runs only while no demand fetch is queued
-/// or on the wire, one 512 KiB request at a time, so a start pays at most one such request
-/// per miss; see `cargo xtask bench coldstart` for what it costs and buys.
-pub const DEVICE_FILL: bool = false;
+/// Background fill of a device: off. `idle` runs only while no demand fetch is queued or on
+/// the wire, one 512 KiB request at a time, so a start pays at most one such request per
+/// miss; `always` fetches beside the start. See `cargo xtask bench coldstart` for what each
+/// costs and buys.
+pub const DEVICE_FILL: Fill = Fill::Off;
 
 /// What a lazily served image does with access traces.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,7 +30,7 @@ use crate::blobs::BlobRead;
 use crate::cache::{ChunkCache, ChunkDigest};
 use blobfmt::oci::{Manifest, annotation};
 use blobfmt::{ChunkEntry, Footer, Piece, Stack, StreamId, Trailer, decode_chunk, oci_digest};
-use cora_api::driver::{DriverStats, LatencyHistogram};
+use cora_api::driver::{DriverStats, Fill, LatencyHistogram};
 use cora_read::{BlockSource, Lend, Miss, Outcome, PendingRead};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -279,7 +279,7 @@ pub struct FetchOptions {
     /// missed one in its stream, up to this many compressed bytes; 0: only what was asked.
     pub miss_window: u64,
     /// After the trace prefetch, fetch the rest of the stack in the background.
-    pub fill: bool,
+    pub fill: Fill,
 }
 
 /// Trace chunks this close in a blob are prefetched in one request, the bytes between them
@@ -301,7 +301,7 @@ impl Default for FetchOptions {
             fetch_threads: 8,
             prefetch_requests: 2,
             miss_window: 0,
-            fill: false,
+            fill: Fill::Off,
         }
     }
 }
@@ -447,7 +447,7 @@ impl LazySource {
 
     /// Whether a prefetch would also fill in the rest of the stack.
     pub fn fills(&self) -> bool {
-        self.inner.opts.fill
+        self.inner.opts.fill != Fill::Off
     }
 
     pub fn stack(&self) -> &Stack {
@@ -867,11 +867,16 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
             return;
         }
     }
-    if inner.opts.fill {
+    let fill = match inner.opts.fill {
+        Fill::Off => None,
+        Fill::Idle => Some((FILL_REQUEST, true)),
+        Fill::Always => Some((inner.opts.max_request, false)),
+    };
+    if let Some((batch, quiet)) = fill {
         let streams = std::iter::once(StreamId::Meta)
             .chain((0..inner.stack.layers().len() as u32).map(StreamId::Layer));
         let all = streams.flat_map(|s| (0..inner.stack.chunks(s).len()).map(move |i| (s, i)));
-        if feed(inner, pool, all, FILL_REQUEST, true) {
+        if feed(inner, pool, all, batch, quiet) {
             debug!("background fill done");
         }
     }
