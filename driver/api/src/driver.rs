@@ -601,13 +601,18 @@ mod tests {
             a,
             "add --image h/app@sha256:1 --layer-digest sha256:2 --cache /c --cache-size 4096 \
              --queues 2 --transport fuse --fuse-dir /f --creds /creds.json --insecure 127.0.0.1:5000 --mirror m:1,insecure \
-             --mirror m:2 --ca /ca.pem --daemon --ready-json --log /l --stats-file /s"
+             --mirror m:2 --ca /ca.pem --miss-window 262144 --fill always --daemon --ready-json \
+             --log /l --stats-file /s"
         );
         let r = RecoverArgs {
             id: 3,
             run: RunArgs::default(),
         };
         assert_eq!(r.to_args(), ["recover", "3"]);
+        for f in [Fill::Off, Fill::Idle, Fill::Always] {
+            assert_eq!(f.as_str().parse::<Fill>().ok(), Some(f));
+        }
+        assert!("on".parse::<Fill>().is_err());
         assert_eq!(del_args(4, None), ["del", "4"]);
         assert_eq!(
             del_args(4, Some("/f".as_ref())),
