@@ -165,7 +165,8 @@ fn color(mode: &str, i: usize) -> RGBColor {
         "cora" => PALETTE[0],
         "oci" => PALETTE[1],
         "idle" => PALETTE[5],
-        _ => PALETTE[i % PALETTE.len()],
+        // The rest never take the colours of cora and oci.
+        _ => PALETTE[2 + i % (PALETTE.len() - 2)],
     }
 }
 
