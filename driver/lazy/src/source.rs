@@ -287,9 +287,11 @@ pub struct FetchOptions {
 /// with a 16 KiB gap), and on a 25 ms link a round trip costs more than 256 KiB of transfer.
 const PREFETCH_GAP: u64 = 256 << 10;
 
-/// One background-fill request: small, so that a demand fetch that arrives while it is on
-/// the wire waits for little of it on a slow link (512 KiB is 10 ms at 50 MB/s).
-const FILL_REQUEST: u64 = 512 << 10;
+/// One prefetch or fill request: small, so that a demand fetch that arrives while prefetch
+/// requests are on the wire waits for little on a slow link: with `prefetch_requests` of them
+/// in flight (8), 4 MiB is 80 ms at 50 MB/s. Many in flight because a trace is scattered: a
+/// Node start's ~1000 chunks lie in hundreds of runs, and 2 at a time cost a round trip each.
+const PREFETCH_REQUEST: u64 = 512 << 10;
 
 impl Default for FetchOptions {
     fn default() -> Self {
@@ -298,8 +300,8 @@ impl Default for FetchOptions {
             max_request: 2 << 20,
             readahead: 2 << 20,
             max_readahead: 16 << 20,
-            fetch_threads: 8,
-            prefetch_requests: 2,
+            fetch_threads: 16,
+            prefetch_requests: 8,
             miss_window: 0,
             fill: Fill::Off,
         }
@@ -863,14 +865,14 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
             debug!(unknown, "trace chunks not in this stack are skipped");
         }
         let traced = trace.iter().filter_map(|d| index.get(d).copied());
-        if !feed(inner, pool, traced, inner.opts.max_request, false) {
+        if !feed(inner, pool, traced, PREFETCH_REQUEST, false) {
             return;
         }
     }
     let fill = match inner.opts.fill {
         Fill::Off => None,
-        Fill::Idle => Some((FILL_REQUEST, true)),
-        Fill::Always => Some((inner.opts.max_request, false)),
+        Fill::Idle => Some((PREFETCH_REQUEST, true)),
+        Fill::Always => Some((PREFETCH_REQUEST, false)),
     };
     if let Some((batch, quiet)) = fill {
         let streams = std::iter::once(StreamId::Meta)
