@@ -438,12 +438,7 @@ fn a_miss_also_fetches_the_window_after_it_and_no_more() -> Result<()> {
         Ok(src.cache().contains(&chunks[index].digest))
     })?;
     // The window: the chunks after `index` whose compressed sizes add up to `window`.
-    let mut end = index + 1;
-    let mut budget = window;
-    while end < chunks.len() && budget > 0 {
-        budget = budget.saturating_sub(u64::from(chunks[end].compressed_len));
-        end += 1;
-    }
+    let end = window_end(chunks, index + 1, window);
     assert!(end > index + 1, "the window holds no chunk");
     let in_window = &chunks[index + 1..end];
     cora_tests::wait_until(Duration::from_secs(30), || {
