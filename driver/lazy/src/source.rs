@@ -12,7 +12,7 @@
 //! 1. demand: runs a reader needs now (the first run is fetched on the reader's own thread);
 //! 2. read-ahead: when a stream is read sequentially, a window ahead of the reader that
 //!    doubles up to `max_readahead` and is refilled when the reader enters the last window, so
-//!    the reader overlaps with the network;
+//!    the reader overlaps with the network.
 //!    A demand miss also fetches a window of the chunks after it (`miss_window`): the tar
 //!    stream is sorted by path, so the next files a program opens (the rest of a package,
 //!    the next modules of an import) usually lie there, and one round trip brings them all.
@@ -20,8 +20,9 @@
 //!    next one, twice as large, before it gets there;
 //! 3. trace prefetch: chunks of a recorded access trace, in trace order, with at most
 //!    `prefetch_requests` requests in flight so demand reads always find a free worker;
-//!    then, with `fill`, every chunk of the stack not yet local, in stream order, one small
-//!    request at a time and only while no demand or read-ahead fetch is queued or running.
+//!    then, with `fill`, every chunk of the stack not yet local, in stream order: `idle`, one
+//!    small request at a time and only while no other fetch is queued or running; `always`,
+//!    beside everything else.
 //!
 //! Several runs in flight at once (over the client's reused connections) and decoding on
 //! several workers is what makes a cold sequential read keep up with the wire.
