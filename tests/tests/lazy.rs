@@ -395,14 +395,13 @@ fn all_chunks(src: &LazySource) -> Vec<(blobfmt::StreamId, usize, lazy::cache::C
         .collect()
 }
 
-#[test]
-fn a_miss_also_fetches_the_window_after_it_and_no_more() -> Result<()> {
-    let env = Env::new()?;
-    let m = env.push("window", &[&small_tree()?])?;
-    let window = 256 << 10;
+/// The small tree pushed as `repo`, opened with a miss window of `window` bytes and no
+/// sequential read-ahead, its metadata fetched.
+fn windowed_source(env: &Env, repo: &str, window: u64) -> Result<LazySource> {
+    let m = env.push(repo, &[&small_tree()?])?;
     let src = env.source_with(
         &m,
-        vec![env.blobs(&env.reg.host, "window")?],
+        vec![env.blobs(&env.reg.host, repo)?],
         &env.tmp.path().join("cache"),
         FetchOptions {
             readahead: 0,
@@ -411,6 +410,14 @@ fn a_miss_also_fetches_the_window_after_it_and_no_more() -> Result<()> {
         },
     )?;
     src.wait_metadata()?;
+    Ok(src)
+}
+
+#[test]
+fn a_miss_also_fetches_the_window_after_it_and_no_more() -> Result<()> {
+    let env = Env::new()?;
+    let window = 256 << 10;
+    let src = windowed_source(&env, "window", window)?;
     // A 4 KiB read inside a chunk in the middle of the layer's stream.
     let layer = blobfmt::StreamId::Layer(0);
     let chunks = src.stack().chunks(layer);
@@ -529,19 +536,8 @@ fn window_end(chunks: &[blobfmt::ChunkEntry], from: usize, bytes: u64) -> usize 
 #[test]
 fn a_reader_going_through_the_window_claims_the_next_one_twice_as_large() -> Result<()> {
     let env = Env::new()?;
-    let m = env.push("stream", &[&small_tree()?])?;
     let window = 128 << 10;
-    let src = env.source_with(
-        &m,
-        vec![env.blobs(&env.reg.host, "stream")?],
-        &env.tmp.path().join("cache"),
-        FetchOptions {
-            readahead: 0,
-            miss_window: window,
-            ..FetchOptions::default()
-        },
-    )?;
-    src.wait_metadata()?;
+    let src = windowed_source(&env, "stream", window)?;
     let layer = blobfmt::StreamId::Layer(0);
     let chunks = src.stack().chunks(layer).to_vec();
     // A chunk a quarter into the stream that backs image bytes, and whose first window has a
