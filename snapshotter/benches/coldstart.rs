@@ -8,7 +8,14 @@
 //! - `cora-fill`: defaults plus the background fill (`fill: always`);
 //! - `cora+trace`: defaults, with an access trace recorded beforehand and pushed with the
 //!   image (`cora trace push`), prefetched from the device's start;
-//! - `nydus`: not run (a row in the report says why).
+//! - `nydus`: containerd's nydus-snapshotter + `nydusd` (FUSE, one daemon per image) with the
+//!   snapshotter's shipped nydusd config (1 MiB per miss, the whole image prefetched in the
+//!   background), `cora rpull --snapshotter nydus` passing the layers' `nydus-*` annotations
+//!   as containerd's unpacker does; the same images converted with `nydus-image` (RAFS v6);
+//! - `nydus-noprefetch`: the same without the background prefetch.
+//!
+//! Nydus runs when `CORA_NYDUS_BIN` names its tools (`cargo xtask bench coldstart` installs
+//! them); otherwise its rows say why not.
 //!
 //! Images (built from Debian packages, PyPI wheels and npm, cached under
 //! `target/cora-fixtures`), each with a workload that prints a line when it starts and one
@@ -25,13 +32,15 @@
 //!
 //! `cargo xtask bench coldstart` (root; `/dev/fuse`). Knobs: `CORA_BENCH_ROUNDS` (default 1),
 //! `CORA_BENCH_PROFILES` (default `lan,wan`), `CORA_BENCH_WORKLOADS` (default all),
-//! `CORA_BENCH_OUT` (where coldstart-host.{md,json,csv} go).
+//! `CORA_BENCH_NYDUS` (default `nydus,nydus-noprefetch`; empty: none), `CORA_BENCH_OUT`
+//! (where coldstart-host.{md,json,csv} go).
 use anyhow::{Context, Result, bail, ensure};
 use cora_api::driver::{DeviceInfo, Ready};
 use cora_tests::containerd::Containerd;
 use cora_tests::daemon::wait_for;
 use cora_tests::fixtures::{self, cora_bin, run};
 use cora_tests::images::Registry;
+use cora_tests::nydus::{self, NydusSnapshotter};
 use cora_tests::shaper::{LinkProfile, ShapedLink};
 use cora_tests::snapshotter::CoraSnapshotter;
 use std::collections::BTreeMap;
@@ -296,27 +305,74 @@ fn ctr_timed(ctrd: &Containerd, args: &[&str], t0: Instant) -> Result<(f64, f64,
     Ok((first.unwrap_or(done), done, out))
 }
 
-struct Cora {
+/// A lazily pulling system: a proxy snapshotter and the processes serving its images.
+struct Lazy {
+    /// The system's name in the report, also its snapshotter's name in containerd.
     name: String,
-    snap: CoraSnapshotter,
-    cache: PathBuf,
+    served: Served,
 }
 
-impl Cora {
-    fn devices(&self) -> Vec<DeviceInfo> {
-        Command::new(cora_bin("cora-driver"))
-            .args(["list", "--json", "--fuse-dir"])
-            .arg(self.snap.root.join("fuse"))
-            .output()
-            .ok()
-            .and_then(|o| DeviceInfo::parse_list(&String::from_utf8_lossy(&o.stdout)).ok())
-            .unwrap_or_default()
+enum Served {
+    /// cora-snapshotter; devices are `cora-driver` processes; chunks in `cache`.
+    Cora {
+        snap: CoraSnapshotter,
+        cache: PathBuf,
+    },
+    Nydus(NydusSnapshotter),
+}
+
+impl Lazy {
+    /// The image tag this system pulls (its converted form).
+    fn tag(&self) -> &'static str {
+        match self.served {
+            Served::Cora { .. } => "cora",
+            Served::Nydus(_) => "nydus",
+        }
+    }
+
+    fn snapshotter_pid(&self) -> u32 {
+        match &self.served {
+            Served::Cora { snap, .. } => snap.daemon.pid(),
+            Served::Nydus(n) => n.daemon.pid(),
+        }
+        .unwrap_or(0)
+    }
+
+    /// The processes serving images now: CORA's devices, Nydus's daemons.
+    fn servers(&self) -> Vec<u32> {
+        match &self.served {
+            Served::Cora { snap, .. } => Command::new(cora_bin("cora-driver"))
+                .args(["list", "--json", "--fuse-dir"])
+                .arg(snap.root.join("fuse"))
+                .output()
+                .ok()
+                .and_then(|o| DeviceInfo::parse_list(&String::from_utf8_lossy(&o.stdout)).ok())
+                .unwrap_or_default()
+                .iter()
+                .map(|d| d.pid as u32)
+                .collect(),
+            Served::Nydus(n) => n.nydusd_pids(),
+        }
+    }
+
+    fn cache(&self) -> PathBuf {
+        match &self.served {
+            Served::Cora { cache, .. } => cache.clone(),
+            Served::Nydus(n) => n.cache(),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        match &self.served {
+            Served::Cora { snap, .. } => snap.daemon.log_text(),
+            Served::Nydus(n) => n.daemon.log_text(),
+        }
     }
 }
 
 struct Bench {
     ctrd: Containerd,
-    coras: Vec<Cora>,
+    systems: Vec<Lazy>,
     /// The registry as pushed to (no shaping): conversion, traces.
     direct: String,
 }
@@ -370,16 +426,18 @@ impl Bench {
         self.ctrd.pid().map_or(0.0, cpu_seconds)
     }
 
-    fn cora(
+    /// A cold start through a lazy system; with `warm`, the same container again with the
+    /// image's data local.
+    fn lazy(
         &self,
-        cora: &Cora,
+        sys: &Lazy,
         reference: &str,
         w: &Workload,
         id: &str,
         link: &ShapedLink,
         warm: Option<&mut f64>,
     ) -> Result<(Start, String)> {
-        let snap_pid = cora.snap.daemon.pid().unwrap_or(0);
+        let snap_pid = sys.snapshotter_pid();
         let (b0, c0, s0) = (
             link.bytes_down(),
             self.containerd_cpu(),
@@ -394,22 +452,22 @@ impl Bench {
                 "--namespace",
                 &self.ctrd.namespace,
                 "--snapshotter",
-                &cora.name,
+                &sys.name,
                 reference,
             ]))?;
         let pull_s = t0.elapsed().as_secs_f64();
-        let mut args = vec!["run", "--rm", "--snapshotter", &cora.name, reference, id];
+        let mut args = vec!["run", "--rm", "--snapshotter", &sys.name, reference, id];
         args.extend(w.cmd.iter().map(String::as_str));
         let (first, done, out) =
-            ctr_timed(&self.ctrd, &args, t0).with_context(|| cora.snap.daemon.log_text())?;
-        let devices = cora.devices();
-        let drivers_cpu: f64 = devices.iter().map(|d| cpu_seconds(d.pid as u32)).sum();
-        let drivers_rss: u64 = devices.iter().map(|d| peak_rss(d.pid as u32)).sum();
-        let drivers_anon: u64 = devices.iter().map(|d| anon_rss(d.pid as u32)).sum();
+            ctr_timed(&self.ctrd, &args, t0).with_context(|| sys.log_text())?;
+        let servers = sys.servers();
+        let drivers_cpu: f64 = servers.iter().map(|&p| cpu_seconds(p)).sum();
+        let drivers_rss: u64 = servers.iter().map(|&p| peak_rss(p)).sum();
+        let drivers_anon: u64 = servers.iter().map(|&p| anon_rss(p)).sum();
         let s = Start {
             profile: link.profile.name.into(),
             workload: w.name.into(),
-            system: cora.name.clone(),
+            system: sys.name.clone(),
             round: 0,
             pull_s,
             first_output_s: first,
@@ -423,24 +481,26 @@ impl Bench {
             // Again, its chunks local: the transport's own cost (after the counters above:
             // the device may be removed and attached again with its last container).
             let again = format!("{id}-warm");
-            let mut args = vec![
-                "run",
-                "--rm",
-                "--snapshotter",
-                &cora.name,
-                reference,
-                &again,
-            ];
+            let mut args = vec!["run", "--rm", "--snapshotter", &sys.name, reference, &again];
             args.extend(w.cmd.iter().map(String::as_str));
             *warm = ctr_timed(&self.ctrd, &args, Instant::now())?.1;
         }
         self.drop_image(reference)?;
-        // Cold again next time: the stack's device gone, then its chunks.
-        wait_for("the stack's devices to go", Duration::from_secs(60), || {
-            cora.devices().is_empty()
+        // Cold again next time: the image's servers gone, then its data.
+        wait_for("the image's servers to go", Duration::from_secs(60), || {
+            sys.servers().is_empty()
         })?;
-        if cora.cache.exists() {
-            std::fs::remove_dir_all(&cora.cache)?;
+        // Emptied, not removed: the snapshotter may hold the directory.
+        let cache = sys.cache();
+        if cache.exists() {
+            for e in std::fs::read_dir(&cache)? {
+                let p = e?.path();
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p)?;
+                } else {
+                    std::fs::remove_file(&p)?;
+                }
+            }
         }
         Ok((s, out))
     }
@@ -576,7 +636,23 @@ fn main() -> Result<()> {
         .map(|p| ShapedLink::start(upstream, *p))
         .collect::<std::io::Result<_>>()?;
 
-    // Images: plain OCI (gzip) and CORA, pushed once through the direct address.
+    // Nydus: its tools, or why it does not run.
+    let mut nydus_not_run: Option<String> = None;
+    let nydus_variants = env_list("CORA_BENCH_NYDUS", "nydus,nydus-noprefetch");
+    let nydus_tools = match nydus::Tools::from_env() {
+        Ok(t) if !nydus_variants.is_empty() => Some(t),
+        Ok(_) => None,
+        Err(why) => {
+            eprintln!("coldstart: Nydus not run: {why}");
+            nydus_not_run = Some(why);
+            None
+        }
+    };
+    if nydus_variants.is_empty() {
+        nydus_not_run = Some("not asked for (CORA_BENCH_NYDUS is empty)".into());
+    }
+
+    // Images: plain OCI (gzip), CORA and Nydus, pushed once through the direct address.
     let mut images: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for w in &work {
         if images.contains_key(w.image) {
@@ -595,6 +671,13 @@ fn main() -> Result<()> {
             .arg(&cora)
             .arg("--work")
             .arg(dir.path().join(format!("convert-{}", w.image))))?;
+        if let Some(tools) = &nydus_tools {
+            let nlayout = dir.path().join(format!("layout-nydus-{}", w.image));
+            let work = dir.path().join(format!("nydus-{}", w.image));
+            nydus::convert(tools, &layers, &work, &nlayout, "nydus")
+                .with_context(|| format!("converting {} for Nydus", w.image))?;
+            registry.push(&nlayout, "nydus", &format!("bench/{}", w.image))?;
+        }
         let tree: u64 = layers
             .iter()
             .map(|l| fixtures::tree_bytes(l))
@@ -610,7 +693,7 @@ fn main() -> Result<()> {
         .map(|l| l.addr.to_string())
         .chain([registry.addr.clone()])
         .collect();
-    let mut coras = Vec::new();
+    let mut systems = Vec::new();
     for (name, extra) in variants {
         let sdir = dir.path().join(&name);
         let cache = sdir.join("cache");
@@ -627,16 +710,39 @@ fn main() -> Result<()> {
         CoraSnapshotter::write_config(&sdir, &cfg)?;
         let snap =
             CoraSnapshotter::start(Path::new(env!("CARGO_BIN_EXE_cora-snapshotter")), &sdir)?;
-        coras.push(Cora { name, snap, cache });
+        systems.push(Lazy {
+            name,
+            served: Served::Cora { snap, cache },
+        });
     }
-    let sockets: Vec<(&str, &Path)> = coras
+    if let Some(tools) = &nydus_tools {
+        for name in &nydus_variants {
+            let prefetch_all = match name.as_str() {
+                "nydus" => true,
+                "nydus-noprefetch" => false,
+                other => bail!("no Nydus variant {other:?} (nydus, nydus-noprefetch)"),
+            };
+            let snap = NydusSnapshotter::start(tools, &dir.path().join(name), prefetch_all)?;
+            systems.push(Lazy {
+                name: name.clone(),
+                served: Served::Nydus(snap),
+            });
+        }
+    }
+    let sockets: Vec<(&str, &Path)> = systems
         .iter()
-        .map(|c| (c.name.as_str(), c.snap.socket.as_path()))
+        .map(|c| {
+            let socket = match &c.served {
+                Served::Cora { snap, .. } => snap.socket.as_path(),
+                Served::Nydus(n) => n.socket.as_path(),
+            };
+            (c.name.as_str(), socket)
+        })
         .collect();
     let ctrd = Containerd::start(&dir.path().join("containerd"), &sockets)?;
     let bench = Bench {
         ctrd,
-        coras,
+        systems,
         direct: registry.addr.clone(),
     };
 
@@ -654,7 +760,6 @@ fn main() -> Result<()> {
             for w in &work {
                 let host = link.addr.to_string();
                 let oci = format!("{host}/bench/{}:v1", w.image);
-                let cora_ref = format!("{host}/bench/{}:cora", w.image);
                 let (mut s, out) = bench.oci(&oci, w, &id(), link)?;
                 s.round = round;
                 let want = out.lines().last().unwrap_or_default().to_string();
@@ -673,12 +778,13 @@ fn main() -> Result<()> {
                     link.profile.name, w.name, s.done_s
                 );
                 starts.push(s);
-                for cora in &bench.coras {
+                for sys in &bench.systems {
                     let mut warm_s = f64::NAN;
-                    let measure_warm = round == 0 && cora.name == "cora";
-                    let (mut s, out) = bench.cora(
-                        cora,
-                        &cora_ref,
+                    let measure_warm = round == 0 && sys.name == "cora";
+                    let reference = format!("{host}/bench/{}:{}", w.image, sys.tag());
+                    let (mut s, out) = bench.lazy(
+                        sys,
+                        &reference,
                         w,
                         &id(),
                         link,
@@ -692,12 +798,12 @@ fn main() -> Result<()> {
                     ensure!(
                         out.lines().last() == Some(want.as_str()),
                         "{} {} printed {out:?}, OCI {want:?}",
-                        cora.name,
+                        sys.name,
                         w.name
                     );
                     eprintln!(
                         "coldstart: {} {} {} {:.2}s",
-                        link.profile.name, w.name, cora.name, s.done_s
+                        link.profile.name, w.name, sys.name, s.done_s
                     );
                     starts.push(s);
                 }
@@ -716,7 +822,7 @@ fn main() -> Result<()> {
         traced.insert(w.image, bench.record_trace(&reference, w, &tdir)?);
     }
     let default = bench
-        .coras
+        .systems
         .iter()
         .find(|c| c.name == "cora")
         .context("no default CORA snapshotter")?;
@@ -724,7 +830,7 @@ fn main() -> Result<()> {
         for link in &links {
             for w in &work {
                 let cora_ref = format!("{}/bench/{}:cora", link.addr, w.image);
-                let (mut s, _) = bench.cora(default, &cora_ref, w, &id(), link, None)?;
+                let (mut s, _) = bench.lazy(default, &cora_ref, w, &id(), link, None)?;
                 s.round = round;
                 s.system = "cora+trace".into();
                 eprintln!(
@@ -736,8 +842,13 @@ fn main() -> Result<()> {
         }
     }
 
+    let nydus_version = nydus_tools.as_ref().map(nydus::Tools::version);
+    let peers = Peers {
+        nydus_version: nydus_version.clone(),
+        nydus_not_run: nydus_not_run.clone(),
+    };
     let report = render(
-        &starts, &warm, &warm_cora, &profiles, &work, &images, &traced, rounds,
+        &starts, &warm, &warm_cora, &profiles, &work, &images, &traced, rounds, &peers,
     )?;
     print!("{report}");
     let out = cora_tests::bench::out_dir()?;
@@ -774,7 +885,7 @@ fn main() -> Result<()> {
             "warm_s": warm.iter().map(|((p, w), s)| serde_json::json!({"profile": p, "workload": w, "seconds": s})).collect::<Vec<_>>(),
             "warm_cora_s": warm_cora.iter().map(|((p, w), s)| serde_json::json!({"profile": p, "workload": w, "seconds": s})).collect::<Vec<_>>(),
             "traced_chunks": traced,
-            "nydus": NYDUS_NOT_RUN,
+            "nydus": {"version": nydus_version, "not_run": nydus_not_run},
         }),
     )?;
     // containerd stops (and unmounts) before the snapshotters.
@@ -783,10 +894,12 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Why the Nydus column is empty in this run.
-const NYDUS_NOT_RUN: &str = "not run: nydusd/nydus-image (crates.io nydus-rs 2.2.0) and sid's \
-    nydus-snapshotter are not wired into this bench yet, and Nydus images need a converter \
-    (nydusify is Go, not packaged here) to build the bootstrap + blob OCI form";
+/// The peers of this run, as the report states them.
+struct Peers {
+    nydus_version: Option<String>,
+    /// Why Nydus has no rows, when it has none.
+    nydus_not_run: Option<String>,
+}
 
 /// `{:.2}` of `v`, or `–` when it could not be measured in this run (NaN).
 fn fmt2(v: f64, suffix: &str) -> String {
@@ -815,6 +928,7 @@ fn render(
     images: &BTreeMap<&str, (u64, u64)>,
     traced: &BTreeMap<&str, usize>,
     rounds: usize,
+    peers: &Peers,
 ) -> Result<String> {
     use std::fmt::Write;
     let mut r = String::new();
@@ -851,7 +965,7 @@ fn render(
         writeln!(r, "\n## `{}`: {}\n", p.name, p.describe())?;
         writeln!(
             r,
-            "| workload | system | pulled s | first output s | done s | MB fetched | CPU s | peak RSS MB | anon MB | OCI/this (done) | this/limit |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| workload | system | pulled s | first output s | done s | MB fetched | CPU s | peak RSS MB | anon MB | OCI/this (done) | Nydus/this | this/limit |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         )?;
         for w in work {
             let pick = |sys: &str| -> Vec<&Start> {
@@ -862,6 +976,7 @@ fn render(
             };
             let done = |sys: &str| mean(pick(sys).iter().map(|s| s.done_s));
             let oci_done = done("oci");
+            let nydus_done = done("nydus");
             let read_bytes = mean(pick("cora-w0").iter().map(|s| s.bytes as f64));
             let warm_s = warm
                 .get(&(p.name.to_string(), w.name.to_string()))
@@ -876,7 +991,7 @@ fn render(
                 let d = done(sys);
                 writeln!(
                     r,
-                    "| {} | {sys} | {:.2} | {:.2} | {d:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2}x | {} |",
+                    "| {} | {sys} | {:.2} | {:.2} | {d:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2}x | {} | {} |",
                     w.name,
                     mean(ss.iter().map(|s| s.pull_s)),
                     mean(ss.iter().map(|s| s.first_output_s)),
@@ -885,14 +1000,21 @@ fn render(
                     mean(ss.iter().map(|s| s.rss_bytes as f64)) / 1e6,
                     mean(ss.iter().map(|s| s.anon_bytes as f64)) / 1e6,
                     oci_done / d,
+                    fmt2(nydus_done / d, "x"),
                     fmt2(d / limit, "x"),
                 )?;
             }
-            writeln!(r, "| {} | nydus | – | – | – | – | – | – | – | – |", w.name)?;
+            if peers.nydus_not_run.is_some() {
+                writeln!(
+                    r,
+                    "| {} | nydus | – | – | – | – | – | – | – | – | – | – |",
+                    w.name
+                )?;
+            }
             if limit.is_finite() {
                 writeln!(
                     r,
-                    "| {} | *limit* |  |  | {limit:.2} | {:.1} |  |  |  | {:.2}x |  |",
+                    "| {} | *limit* |  |  | {limit:.2} | {:.1} |  |  |  | {:.2}x |  |  |",
                     w.name,
                     read_bytes / 1e6,
                     oci_done / limit
@@ -900,7 +1022,14 @@ fn render(
             }
         }
     }
-    writeln!(r, "\nNydus: {NYDUS_NOT_RUN}.")?;
+    match (&peers.nydus_not_run, &peers.nydus_version) {
+        (Some(why), _) => writeln!(r, "\nNydus: not run: {why}.")?,
+        (None, v) => writeln!(
+            r,
+            "\nNydus: {}: FUSE, one nydusd per image; images converted with `nydus-image create` (RAFS v6, 1 MiB chunks, zstd). `nydus`: the snapshotter's shipped nydusd config (1 MiB per miss, whole image prefetched in the background); `nydus-noprefetch`: no background prefetch.",
+            v.as_deref().unwrap_or("version unknown")
+        )?,
+    }
     writeln!(
         r,
         "\nWarm starts (image local), OCI vs CORA (chunks cached; the transport's own cost): {}.",

@@ -176,6 +176,17 @@ fn unique_suffix(dir: &Path) -> String {
 
 /// PIDs of processes whose command line contains `needle` as one argument.
 pub fn pids_with_arg(needle: &str) -> Vec<u32> {
+    pids_where(|arg| arg == needle.as_bytes())
+}
+
+/// PIDs of processes with an argument naming a path below `dir` (daemons a service started
+/// under its state directory).
+pub fn pids_with_arg_under(dir: &Path) -> Vec<u32> {
+    let prefix = [dir.as_os_str().as_encoded_bytes(), b"/"].concat();
+    pids_where(|arg| arg.starts_with(&prefix))
+}
+
+fn pids_where(matches: impl Fn(&[u8]) -> bool) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -184,7 +195,7 @@ pub fn pids_with_arg(needle: &str) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(&matches))
         })
         .collect()
 }

@@ -64,4 +64,5 @@ pub mod containerd;
 pub mod cri;
 pub mod daemon;
 pub mod images;
+pub mod nydus;
 pub mod snapshotter;

@@ -66,9 +66,11 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 "xtask: cargo bench -p cora-snapshotter --bench coldstart (results into {})",
                 out.display()
             );
-            let st = Command::new("cargo")
+            let mut bench = Command::new("cargo");
+            bench
                 .args(["bench", "-p", "cora-snapshotter", "--bench", "coldstart"])
-                .env("CORA_BENCH_OUT", &out)
+                .env("CORA_BENCH_OUT", &out);
+            let st = with_nydus(&mut bench)
                 .status()
                 .context("running cargo bench")?;
             if !st.success() {
@@ -79,6 +81,20 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::ColdstartVm => coldstart_vm(&out),
         BenchCmd::Report => report(&out),
         BenchCmd::All => all(&out),
+    }
+}
+
+/// Points the cold-start bench at Nydus (`CORA_NYDUS_BIN`), installing it first; when that
+/// fails the bench still runs and its report says why (`CORA_NYDUS_UNAVAILABLE`).
+pub fn with_nydus(bench: &mut Command) -> &mut Command {
+    match crate::tools::ensure_nydus() {
+        Ok((bin, versions)) => bench
+            .env("CORA_NYDUS_BIN", bin)
+            .env("CORA_NYDUS_VERSION", versions),
+        Err(e) => {
+            eprintln!("xtask: Nydus not available, its column stays empty: {e:#}");
+            bench.env("CORA_NYDUS_UNAVAILABLE", format!("{e:#}"))
+        }
     }
 }
 

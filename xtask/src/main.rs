@@ -161,7 +161,8 @@ fn demo(with_vm: bool) -> Result<()> {
     // CORA and CORA with a stored trace beside OCI.
     let out = repo.join("target/demo/host");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let st = std::process::Command::new("cargo")
+    let mut bench = std::process::Command::new("cargo");
+    let st = benches::with_nydus(&mut bench)
         .args(["bench", "-p", "cora-snapshotter", "--bench", "coldstart"])
         .env("CORA_BENCH_OUT", &out)
         .env("CORA_BENCH_WORKLOADS", "base,python,node")

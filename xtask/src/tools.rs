@@ -1,6 +1,7 @@
-//! Host-built tools the guest uses, installed into `target/tools/` (on the guest's PATH).
+//! Host-built tools the guest uses and peers the benches run, installed into `target/tools/`
+//! (`bin/` is on the guest's PATH). Nothing here touches the host's own packages.
 use anyhow::{Context, Result, bail};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// rublk: a ublk server CLI (`rublk features`, `rublk list`) from the ublk-org project.
@@ -12,6 +13,102 @@ pub fn root() -> PathBuf {
 
 pub fn bin_dir() -> PathBuf {
     root().join("bin")
+}
+
+/// Nydus's daemon and builder: crates.io `nydus-rs`. 2.2.0 builds only with its own lock file.
+pub const NYDUS_RS_VERSION: &str = "2.2.0";
+
+/// Installs `nydusd` and `nydus-image` (crates.io `nydus-rs`) and containerd's
+/// `containerd-nydus-grpc` (Debian sid's `nydus-snapshotter`, extracted, never installed) into
+/// `target/tools/bin`. Returns that directory and the versions installed.
+pub fn ensure_nydus() -> Result<(PathBuf, String)> {
+    let bin = bin_dir();
+    let stamp = root().join(format!(".nydus-rs-{NYDUS_RS_VERSION}"));
+    if !(stamp.exists() && bin.join("nydusd").exists() && bin.join("nydus-image").exists()) {
+        // Its build compiles C dependencies with cmake.
+        crate::deps::ensure(&["cmake"])?;
+        eprintln!(
+            "xtask: installing nydus-rs {NYDUS_RS_VERSION} into {}",
+            root().display()
+        );
+        let status = Command::new("cargo")
+            .args(["install", "nydus-rs", "--locked"])
+            .args(["--version", NYDUS_RS_VERSION, "--root"])
+            .arg(root())
+            .status()
+            .context("running cargo install nydus-rs")?;
+        if !status.success() {
+            bail!("cargo install nydus-rs {NYDUS_RS_VERSION} failed: {status}");
+        }
+        std::fs::write(&stamp, "").context("writing nydus-rs stamp")?;
+    }
+    let grpc = bin.join("containerd-nydus-grpc");
+    let deb_stamp = root().join(".nydus-snapshotter");
+    if !(grpc.exists() && deb_stamp.exists()) {
+        let deb = sid_download("nydus-snapshotter")?;
+        let tree = root().join("nydus-snapshotter");
+        crate::deps::run(
+            "dpkg",
+            &["-x", &deb.to_string_lossy(), &tree.to_string_lossy()],
+        )?;
+        std::fs::copy(tree.join("usr/bin/containerd-nydus-grpc"), &grpc)
+            .context("copying containerd-nydus-grpc")?;
+        // nydus-snapshotter_VERSION_amd64.deb
+        let name = deb.file_name().unwrap_or_default().to_string_lossy();
+        let version = name.split('_').nth(1).unwrap_or("unknown");
+        std::fs::write(&deb_stamp, version).context("writing nydus-snapshotter stamp")?;
+    }
+    let snapshotter = std::fs::read_to_string(&deb_stamp).unwrap_or_default();
+    Ok((
+        bin,
+        format!("nydus-rs {NYDUS_RS_VERSION}, nydus-snapshotter {snapshotter} (Debian sid)"),
+    ))
+}
+
+/// Downloads `package`'s .deb from Debian sid into `target/tools/sid`, with an apt list and
+/// cache of its own there (the host's apt state and packages stay bookworm's).
+fn sid_download(package: &str) -> Result<PathBuf> {
+    let dir = root().join("sid");
+    let debs = dir.join("debs");
+    std::fs::create_dir_all(dir.join("lists/partial"))?;
+    std::fs::create_dir_all(dir.join("cache/archives/partial"))?;
+    std::fs::create_dir_all(&debs)?;
+    let sources = dir.join("sources.list");
+    std::fs::write(
+        &sources,
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main\n",
+    )?;
+    let apt = |args: &[&str], cwd: &Path| -> Result<()> {
+        let opt = |k: &str, v: &Path| format!("{k}={}", v.display());
+        let status = Command::new("apt-get")
+            .args(["-q", "-o"])
+            .arg(opt("Dir::Etc::sourcelist", &sources))
+            .args(["-o", "Dir::Etc::sourceparts=-", "-o"])
+            .arg(opt("Dir::State::Lists", &dir.join("lists")))
+            .arg("-o")
+            .arg(opt("Dir::Cache", &dir.join("cache")))
+            .args(["-o", "APT::Sandbox::User=root"])
+            .args(args)
+            .current_dir(cwd)
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} (Debian sid) failed: {status}", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update"], &dir)?;
+    apt(&["download", package], &debs)?;
+    let prefix = format!("{package}_");
+    std::fs::read_dir(&debs)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(&prefix) && f.ends_with(".deb"))
+        })
+        .max()
+        .with_context(|| format!("no {package} .deb after apt-get download"))
 }
 
 /// Installs the pinned rublk into `target/tools/bin` unless that exact version is there.

@@ -7,13 +7,14 @@
 //! 1. the manifest and config blobs are written to the content store with the garbage-collection
 //!    labels containerd's pull sets;
 //! 2. each layer, bottom first, is `Stat`ed (present: nothing to do), then `Prepare`d with the
-//!    CRI labels plus the layer's `containerd.io/snapshot/cora/*` annotations. AlreadyExists
+//!    CRI labels plus the layer's `containerd.io/snapshot/*` annotations. AlreadyExists
 //!    means the snapshotter committed it as a remote layer. Success means it wants the data: the
 //!    layer blob is fetched into the content store, applied with the diff service onto the
 //!    returned mounts and committed as its chainID (containerd's unpack);
 //! 3. only then the image record is created (or updated), so a failed pull leaves no image.
 use containerd_api::labels::{
-    CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, MAX_LABEL, TARGET_REF,
+    CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, INHERITED_PREFIX,
+    MAX_LABEL, TARGET_REF,
 };
 use containerd_api::proto::{content, diff, images, leases, snapshots, types};
 use cora_api::{error_chain, rfc3339};
@@ -323,7 +324,7 @@ impl Plan<'_> {
             ),
         ]);
         for (k, v) in layer.annotations.iter().flatten() {
-            if k.starts_with(blobfmt::oci::annotation::PREFIX) {
+            if k.starts_with(INHERITED_PREFIX) {
                 labels.insert(k.clone(), v.clone());
             }
         }

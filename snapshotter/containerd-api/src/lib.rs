@@ -63,6 +63,10 @@ pub mod labels {
     pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
     /// Comma-separated digests of this layer and the layers above it.
     pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+    /// Layer annotations under this prefix become Prepare labels (containerd's unpacker keeps
+    /// exactly these: `snapshots.FilterInheritedLabels`); remote snapshotters read their own
+    /// keys from them (`cora/*`, Nydus's `nydus-blob`, stargz's TOC digest).
+    pub const INHERITED_PREFIX: &str = "containerd.io/snapshot/";
     /// containerd refuses labels longer than this (key + value).
     pub const MAX_LABEL: usize = 4096;
 }
