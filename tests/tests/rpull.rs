@@ -378,8 +378,11 @@ async fn remote_layers_are_not_downloaded_and_get_the_label_contract() -> Result
     for (i, l) in specs.iter_mut().enumerate() {
         l.annotations
             .insert(INDEX_LABEL.into(), format!("idx-{}", i + 1));
-        // Not a CORA annotation: must not reach the snapshotter.
+        // Outside containerd.io/snapshot/: must not reach the snapshotter; inside it (another
+        // remote snapshotter's key, e.g. Nydus's): must, as containerd's unpacker passes it.
         l.annotations.insert("org.example/other".into(), "x".into());
+        l.annotations
+            .insert("containerd.io/snapshot/peer-key".into(), "y".into());
     }
     let layout = dir.path().join("img/layout");
     let manifest_digest = write_oci_layout(&layout, "v1", &specs, Compression::Zstd, &["/bin/sh"])?;
@@ -484,6 +487,10 @@ async fn remote_layers_are_not_downloaded_and_get_the_label_contract() -> Result
         assert_eq!(l.get(INDEX_LABEL), Some(&format!("idx-{}", i + 1)));
         assert!(l.contains_key("containerd.io/snapshot.ref"), "{l:?}");
         assert!(!l.contains_key("org.example/other"), "{l:?}");
+        assert_eq!(
+            l.get("containerd.io/snapshot/peer-key").map(String::as_str),
+            Some("y")
+        );
     }
 
     let out = ctr_run(
