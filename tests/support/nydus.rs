@@ -131,11 +131,17 @@ pub fn convert(
             platform: None,
         });
     }
+    // As nydus-snapshotter's converter packs it: the directory, then the bootstrap read-only.
     let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o755);
+    h.set_entry_type(tar::EntryType::Directory);
+    tar.append_data(&mut h, "image/", std::io::empty())?;
     let boot = std::fs::read(&bootstrap)?;
     let mut h = tar::Header::new_ustar();
     h.set_size(boot.len() as u64);
-    h.set_mode(0o644);
+    h.set_mode(0o444);
     h.set_entry_type(tar::EntryType::Regular);
     tar.append_data(&mut h, BOOTSTRAP_PATH, boot.as_slice())?;
     let tar = tar.into_inner()?;
@@ -240,6 +246,8 @@ address = {socket}
 daemon_mode = \"dedicated\"
 cleanup_on_close = false
 [system]
+enable = false
+[cgroup]
 enable = false
 [daemon]
 nydusd_path = {nydusd}
