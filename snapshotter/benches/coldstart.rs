@@ -33,7 +33,8 @@
 //! `cargo xtask bench coldstart` (root; `/dev/fuse`). Knobs: `CORA_BENCH_ROUNDS` (default 1),
 //! `CORA_BENCH_PROFILES` (default `lan,wan`), `CORA_BENCH_WORKLOADS` (default all),
 //! `CORA_BENCH_NYDUS` (default `nydus,nydus-noprefetch`; empty: none), `CORA_BENCH_OUT`
-//! (where coldstart-host.{md,json,csv} go).
+//! (where coldstart-host.{md,json,csv} go), `CORA_BENCH_KEEP` (keep the work directory:
+//! snapshotter and driver logs).
 use anyhow::{Context, Result, bail, ensure};
 use cora_api::driver::{DeviceInfo, Ready};
 use cora_tests::containerd::Containerd;
@@ -891,6 +892,9 @@ fn main() -> Result<()> {
     // containerd stops (and unmounts) before the snapshotters.
     drop(bench);
     drop(links);
+    if std::env::var_os("CORA_BENCH_KEEP").is_some() {
+        eprintln!("coldstart: kept {}", dir.keep().display());
+    }
     Ok(())
 }
 

@@ -16,6 +16,7 @@
 //!    A demand miss also fetches a window of the chunks after it (`miss_window`): the tar
 //!    stream is sorted by path, so the next files a program opens (the rest of a package,
 //!    the next modules of an import) usually lie there, and one round trip brings them all.
+//!    Not while a stored trace is being prefetched: the trace already says what comes next.
 //!    A reader that goes on through the window (a large file read front to back) claims the
 //!    next one, twice as large, before it gets there;
 //! 3. trace prefetch: chunks of a recorded access trace, in trace order, with at most
@@ -34,10 +35,10 @@ use blobfmt::{ChunkEntry, Footer, Piece, Stack, StreamId, Trailer, decode_chunk,
 use cora_api::driver::{DriverStats, Fill, LatencyHistogram};
 use cora_read::{BlockSource, Lend, Miss, Outcome, PendingRead};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -285,13 +286,16 @@ pub struct FetchOptions {
 
 /// Trace chunks this close in a blob are prefetched in one request, the bytes between them
 /// read and dropped: a trace is scattered (2392 chunks of a Python start lie in ~1000 runs
-/// with a 16 KiB gap), and on a 25 ms link a round trip costs more than 256 KiB of transfer.
-const PREFETCH_GAP: u64 = 256 << 10;
+/// with a 16 KiB gap). 128 KiB rather than 256 KiB: with 16 requests in flight, gap bytes cost
+/// more than requests (wan, 2 rounds: Python + trace 5.35 s -> 4.99 s, Node 1.71 s -> 1.52 s
+/// together with 16 instead of 8 requests in flight).
+const PREFETCH_GAP: u64 = 128 << 10;
 
 /// One prefetch or fill request: small, so that a demand fetch that arrives while prefetch
-/// requests are on the wire waits for little on a slow link: with `prefetch_requests` of them
-/// in flight (8), 4 MiB is 80 ms at 50 MB/s. Many in flight because a trace is scattered: a
-/// Node start's ~1000 chunks lie in hundreds of runs, and 2 at a time cost a round trip each.
+/// requests are on the wire waits for little on a slow link: runs are mostly far smaller
+/// (a Python trace: 400 requests for 70 MB), so 16 in flight are ~3 MiB, 60 ms at 50 MB/s.
+/// Many in flight because a trace is scattered: a Node start's ~1000 chunks lie in hundreds of
+/// runs, and 2 at a time cost a round trip each.
 const PREFETCH_REQUEST: u64 = 512 << 10;
 
 impl Default for FetchOptions {
@@ -301,8 +305,8 @@ impl Default for FetchOptions {
             max_request: 2 << 20,
             readahead: 2 << 20,
             max_readahead: 16 << 20,
-            fetch_threads: 16,
-            prefetch_requests: 8,
+            fetch_threads: 24,
+            prefetch_requests: 16,
             miss_window: 0,
             fill: Fill::Off,
         }
@@ -355,6 +359,10 @@ struct Inner {
     readahead: Mutex<HashMap<StreamId, Readahead>>,
     trace: OnceLock<Mutex<TraceRecorder>>,
     stats: Arc<SourceStats>,
+    /// A stored trace is being prefetched: it says what the start reads next, so demand
+    /// misses fetch no miss window meanwhile (on a Python start the windows were 40 % of the
+    /// bytes fetched and delayed the trace's own requests on a 50 MB/s link).
+    trace_prefetching: AtomicBool,
 }
 
 /// A layer stack of an image, readable at any byte offset.
@@ -414,6 +422,7 @@ impl LazySource {
                 opts,
                 readahead: Mutex::new(HashMap::new()),
                 trace: OnceLock::new(),
+                trace_prefetching: AtomicBool::new(false),
                 stats: stats.clone(),
             }),
             pool,
@@ -564,7 +573,7 @@ impl LazySource {
     /// them, so the reader waits for its own chunks only).
     fn widen_miss(&self, claimed: &[Claim]) {
         let inner = &self.inner;
-        if inner.opts.miss_window == 0 {
+        if inner.opts.miss_window == 0 || inner.trace_prefetching.load(Ordering::Relaxed) {
             return;
         }
         let mut last: Vec<(StreamId, usize)> = Vec::new();
@@ -604,7 +613,7 @@ impl LazySource {
     /// first), its trigger at its start.
     fn advance_miss_window(&self, plan: &[Piece]) {
         let inner = &self.inner;
-        if inner.opts.miss_window == 0 {
+        if inner.opts.miss_window == 0 || inner.trace_prefetching.load(Ordering::Relaxed) {
             return;
         }
         let mut issue: Vec<(StreamId, usize, u64)> = Vec::new();
@@ -859,6 +868,8 @@ impl Drop for LazySource {
 /// long queue of prefetch work for a chunk the prefetch has claimed; then, with `fill`, the
 /// whole stack in stream order, one small request at a time while the source is otherwise idle.
 fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>) {
+    let started = std::time::Instant::now();
+    let traced_chunks = trace.len();
     if !trace.is_empty() {
         let index = inner.chunk_index();
         let unknown = trace.iter().filter(|d| !index.contains_key(*d)).count();
@@ -866,7 +877,10 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
             debug!(unknown, "trace chunks not in this stack are skipped");
         }
         let traced = trace.iter().filter_map(|d| index.get(d).copied());
-        if !feed(inner, pool, traced, PREFETCH_REQUEST, false) {
+        inner.trace_prefetching.store(true, Ordering::Relaxed);
+        let fed = feed(inner, pool, traced, PREFETCH_REQUEST, false);
+        inner.trace_prefetching.store(false, Ordering::Relaxed);
+        if !fed {
             return;
         }
     }
@@ -884,6 +898,19 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
         }
     }
     pool.wait_prefetch_idle();
+    // Where a start's time goes: how long the trace prefetch (and fill) took, against the
+    // demand fetches that happened meanwhile.
+    let s = inner.stats.snapshot();
+    info!(
+        seconds = started.elapsed().as_secs_f64(),
+        traced_chunks,
+        prefetched = s.prefetched,
+        readahead = s.readahead,
+        misses = s.misses,
+        requests = s.requests,
+        fetched_bytes = s.fetched_bytes,
+        "prefetch done"
+    );
 }
 
 /// Submits prefetch jobs for `chunks` (those neither cached nor in flight), `batch_bytes` per
