@@ -150,13 +150,18 @@ fn distinct<'a>(it: impl IntoIterator<Item = &'a str>) -> Vec<String> {
 
 // ---------- charts ----------
 
-const PALETTE: [RGBColor; 6] = [
+const PALETTE: [RGBColor; 10] = [
     RGBColor(0x2e, 0x8b, 0x57),
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0xff, 0x7f, 0x0e),
     RGBColor(0x94, 0x67, 0xbd),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x7f, 0x7f, 0x7f),
+    // Enough for the host cold start's seven systems (OCI, four CORA, two Nydus).
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
 ];
 
 fn color(mode: &str, i: usize) -> RGBColor {
