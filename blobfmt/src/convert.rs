@@ -36,6 +36,8 @@ pub struct LayerBlob {
     pub trailer_length: u64,
     pub trailer_digest: Sha256Digest,
     pub stats: LayerStats,
+    /// The regular files this layer adds, where their content lies in its tar stream.
+    pub files: Vec<FileContent>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -121,7 +123,8 @@ pub fn convert_layers(
         let (chunked, imaged) = std::thread::scope(|scope| {
             let imaging = scope.spawn(|| -> Result<_, Error> {
                 let t1 = Instant::now();
-                contents.extend(staging.apply_layer(tar_path, layer)?);
+                let added = staging.apply_layer(tar_path, layer)?;
+                contents.extend(added.iter().cloned());
                 staging.finalize_times()?;
                 image::build(opts.fs, staging.root(), &image_path)?;
                 let image_size = std::fs::metadata(&image_path)
@@ -129,7 +132,7 @@ pub fn convert_layers(
                     .len();
                 let described = image::describe(&image_path, &open_tars, &contents)?;
                 std::fs::remove_file(&image_path).ctx(|| "removing image".into())?;
-                Ok((image_size, described, t1.elapsed().as_secs_f64()))
+                Ok((image_size, described, t1.elapsed().as_secs_f64(), added))
             });
             let t0 = Instant::now();
             let chunked = File::open(tar_path)
@@ -153,7 +156,7 @@ pub fn convert_layers(
             (chunked, imaged)
         });
         let (data, chunk_secs) = chunked?;
-        let (image_size, described, image_secs) = imaged?;
+        let (image_size, described, image_secs, files) = imaged?;
 
         let meta = write_chunked(
             described.meta.as_slice(),
@@ -210,9 +213,49 @@ pub fn convert_layers(
                 chunk_secs,
                 image_secs,
             },
+            files,
         });
     }
     Ok(out)
+}
+
+/// The chunks that hold the content of `paths` in the stack of `layers` (bottom first), for a
+/// prefetch list given at convert time: in the order of `paths`, each path a regular file or
+/// a directory (every file below it, in tar order), the topmost layer's copy of a file; each
+/// chunk once. Symlinks are not followed. Also returns the paths that matched no file.
+pub fn file_chunks(layers: &[&LayerBlob], paths: &[PathBuf]) -> (Vec<Sha256Digest>, Vec<PathBuf>) {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut unmatched = Vec::new();
+    for wanted in paths {
+        let rel: PathBuf = wanted
+            .components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .collect();
+        let mut matched = false;
+        // Files already taken from a higher layer hide the lower layers' copies.
+        let mut taken = std::collections::HashSet::new();
+        for layer in layers.iter().rev() {
+            for f in layer.files.iter().filter(|f| f.path.starts_with(&rel)) {
+                if !taken.insert(f.path.clone()) {
+                    continue;
+                }
+                matched = true;
+                let chunks = &layer.trailer.chunks;
+                let end = f.offset + f.size;
+                let first = chunks.partition_point(|c| c.stream_end() <= f.offset);
+                for c in chunks[first..].iter().take_while(|c| c.stream_offset < end) {
+                    if f.size > 0 && seen.insert(c.digest) {
+                        out.push(c.digest);
+                    }
+                }
+            }
+        }
+        if !matched {
+            unmatched.push(wanted.clone());
+        }
+    }
+    (out, unmatched)
 }
 
 /// One layer of a converted image, with its source for comparison.

@@ -11,11 +11,13 @@ use std::path::{Component, Path, PathBuf};
 use tar::EntryType;
 
 /// Where a regular file's content sits in a layer's tar stream.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FileContent {
     pub layer: u32,
     pub offset: u64,
     pub size: u64,
+    /// Its path in the tree, relative to the root.
+    pub path: PathBuf,
 }
 
 pub struct Staging {
@@ -115,6 +117,7 @@ impl Staging {
                     layer,
                     offset: entry.raw_file_position(),
                     size: entry.size(),
+                    path: rel.clone(),
                 }),
                 EntryType::Char | EntryType::Block | EntryType::Fifo => {
                     make_node(&entry, &dst, kind)?;

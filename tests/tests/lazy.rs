@@ -2,7 +2,7 @@
 //! fault-injecting proxy: concurrency, corruption, faults, a dead registry, and node-level
 //! dedup through the shared chunk cache.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use cora_read::{BlockSource, Outcome};
 use cora_tests::faults::{Fault, FaultProxy};
 use cora_tests::fixtures::{self, cora_bin, run};
@@ -465,6 +465,68 @@ fn a_miss_also_fetches_the_window_after_it_and_no_more() -> Result<()> {
             "a chunk outside the window was fetched"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn no_miss_window_while_a_stored_trace_is_prefetched() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("traced", &[&small_tree()?])?;
+    let proxy = env.rt.block_on(FaultProxy::start(env.reg.addr))?;
+    let src = env.source_with(
+        &m,
+        vec![env.blobs(&proxy.host, "traced")?],
+        &env.tmp.path().join("cache"),
+        FetchOptions {
+            readahead: 0,
+            miss_window: 256 << 10,
+            ..FetchOptions::default()
+        },
+    )?;
+    src.wait_metadata()?;
+    let layer = blobfmt::StreamId::Layer(0);
+    let chunks = src.stack().chunks(layer).to_vec();
+    ensure!(chunks.len() >= 8, "the test tree has too few chunks");
+    // Every request from now on takes a while: the trace's fetch is still on the wire when
+    // the demand read below misses.
+    let before = proxy.count("/blobs/");
+    proxy.inject("/blobs/", Fault::Delay(Duration::from_millis(1500)), 1000);
+    let trace: Vec<_> = chunks[..2].iter().map(|c| c.digest).collect();
+    src.start_prefetch(move || trace);
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        Ok(proxy.count("/blobs/") > before)
+    })?;
+    // A demand miss in the second half of the stream, far from the trace.
+    let index = (chunks.len() / 2..chunks.len())
+        .find(|&i| offset_of_chunk(&src, layer, i).ok().flatten().is_some())
+        .context("no served chunk in the second half of the stream")?;
+    let offset = offset_of_chunk(&src, layer, index)?.context("chunk not served")?;
+    let mut buf = vec![0u8; 512];
+    src.read_at(offset, &mut buf)?;
+    src.wait_prefetch();
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        Ok(src.cache().contains(&chunks[index].digest))
+    })?;
+    let st = src.stats.snapshot();
+    let meta = src.stack().chunks(blobfmt::StreamId::Meta).len() as u64;
+    assert_eq!(st.readahead, meta, "a miss window was fetched: {st:?}");
+    if let Some(next) = chunks.get(index + 1) {
+        assert!(
+            !src.cache().contains(&next.digest),
+            "the chunk after the miss was fetched"
+        );
+    }
+    // Once the trace is in, a miss fetches its window again (a chunk between the trace and
+    // the first miss).
+    proxy.clear();
+    let again = (2..chunks.len() / 2 - 1)
+        .find(|&i| offset_of_chunk(&src, layer, i).ok().flatten().is_some())
+        .context("no served chunk in the first half of the stream")?;
+    let offset = offset_of_chunk(&src, layer, again)?.context("chunk not served")?;
+    src.read_at(offset, &mut buf)?;
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        Ok(src.stats.snapshot().readahead > meta)
+    })?;
     Ok(())
 }
 

@@ -259,6 +259,134 @@ fn recorded_trace_is_pushed_found_and_prefetched() -> Result<()> {
     Ok(())
 }
 
+/// Regular files under `dir` (not following symlinks).
+fn regular_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let m = p.symlink_metadata()?;
+        if m.is_dir() {
+            regular_files(&p, out)?;
+        } else if m.is_file() {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_prefetch_list_given_at_convert_is_stored_as_the_trace() -> Result<()> {
+    let env = Env::new()?;
+    let tmp = env.tmp.path();
+    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
+    let mut bins = Vec::new();
+    regular_files(&tree.join("bin"), &mut bins)?;
+    let binary = bins
+        .iter()
+        .max_by_key(|p| p.metadata().map(|m| m.len()).unwrap_or(0))
+        .context("no file in bin")?
+        .clone();
+    let rel = binary.strip_prefix(&tree)?;
+    let list = tmp.join("prefetch.list");
+    std::fs::write(
+        &list,
+        format!(
+            "# what the entrypoint reads\n/{}\n\n/etc\n/no/such/file\n",
+            rel.display()
+        ),
+    )?;
+    let src = tmp.join("src-listed");
+    blobfmt::dirsrc::layout_from_dirs(&[&tree], &src, "v1", true)?;
+    let src_ref = format!("oci:{}:v1", src.display());
+
+    // `cora convert SRC DST --prefetch-files LIST`: success and stderr.
+    let convert = |dst: &str, list: &Path| -> Result<(bool, String)> {
+        let out = env
+            .cora()
+            .args(["convert", &src_ref, dst, "--prefetch-files"])
+            .arg(list)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+
+    // Bad lists and destinations that cannot hold a trace are refused before converting.
+    let relative = tmp.join("relative.list");
+    std::fs::write(&relative, "/etc\netc/passwd\n")?;
+    let dst = format!("{}/listed:v1", env.reg.host);
+    let (ok, stderr) = convert(&dst, &relative)?;
+    assert!(!ok);
+    assert!(
+        stderr.contains("relative.list:2") && stderr.contains("not an absolute path"),
+        "{stderr}"
+    );
+    let layout = format!("oci:{}:v1", tmp.join("dst-layout").display());
+    let (ok, stderr) = convert(&layout, &list)?;
+    assert!(!ok);
+    assert!(stderr.contains("is not one"), "{stderr}");
+
+    let (ok, stderr) = convert(&dst, &list)?;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("/no/such/file is no file of the image"),
+        "{stderr}"
+    );
+
+    // The stored trace: the listed files' content, each chunk once, not the whole image.
+    let client = env.client()?;
+    let r: Reference = dst.parse()?;
+    let (subject, _, _) = env
+        .rt
+        .block_on(lazy::trace::resolve_manifest(&client, &r))?;
+    let trace = env
+        .rt
+        .block_on(lazy::trace::find(&client, &r, &subject))?
+        .context("no trace stored with the image")?;
+    let unique: HashSet<_> = trace.chunks.iter().collect();
+    assert_eq!(unique.len(), trace.chunks.len(), "a chunk listed twice");
+    let cold = env.source(&dst, &tmp.join("cache-listed"))?;
+    let layer_chunks = cold.stack().chunks(blobfmt::StreamId::Layer(0)).len();
+    assert!(
+        !trace.chunks.is_empty() && trace.chunks.len() < layer_chunks,
+        "{} of {layer_chunks} chunks",
+        trace.chunks.len()
+    );
+    let chunks = trace.chunks.clone();
+    cold.start_prefetch(move || chunks);
+    cold.wait_prefetch();
+    let mut bytes = Vec::new();
+    for d in &trace.chunks {
+        bytes.extend(
+            cold.cache()
+                .get(d)?
+                .context("a trace chunk was not prefetched")?,
+        );
+    }
+    let holds =
+        |needle: &[u8]| needle.is_empty() || bytes.windows(needle.len()).any(|w| w == needle);
+    let mut listed = vec![binary.clone()];
+    regular_files(&tree.join("etc"), &mut listed)?;
+    for f in &listed {
+        assert!(
+            holds(&std::fs::read(f)?),
+            "{} not in the trace",
+            f.display()
+        );
+    }
+    // The first listed file comes first.
+    let head = std::fs::read(&binary)?;
+    let first = cold.cache().get(&trace.chunks[0])?.context("first chunk")?;
+    let probe = &head[..head.len().min(64)];
+    let at = bytes.windows(probe.len()).position(|w| w == probe);
+    assert!(
+        at.is_some_and(|at| at < first.len()),
+        "the trace does not start with {}",
+        binary.display()
+    );
+    Ok(())
+}
+
 #[test]
 fn garbage_trace_is_a_warning_not_a_failure() -> Result<()> {
     let env = Env::new()?;

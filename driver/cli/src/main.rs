@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use lazy::imageref::ImageRef;
 use lazy::source::{FetchOptions, LazySource};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(name = "cora", version, about = "CORA lazily loaded container images")]
@@ -113,6 +113,12 @@ enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// What a container reads first: one absolute path per line (a directory means every
+        /// file below it; `#` comments). Their chunks are stored with the image as its access
+        /// trace and prefetched from the start of every device (like Nydus's prefetch list;
+        /// a trace recorded later with `cora trace push` replaces it). Registry destinations.
+        #[arg(long, value_name = "FILE")]
+        prefetch_files: Option<PathBuf>,
     },
     /// Show an image's layers, chunks and sizes.
     Inspect {
@@ -219,13 +225,18 @@ fn run(cli: Cli) -> Result<()> {
             zstd_level,
             work,
             json,
+            prefetch_files,
         } => {
+            let prefetch = prefetch_files.map(|f| read_prefetch_list(&f)).transpose()?;
+            if prefetch.is_some() && !matches!(dst, ImageRef::Registry(_)) {
+                bail!("--prefetch-files stores a trace in a registry: {dst} is not one");
+            }
             let mut params = ChunkParams::from_avg(chunk_avg, zstd_level)?;
             params.min = chunk_min.unwrap_or(params.min);
             params.max = chunk_max.unwrap_or(params.max);
             params.validate()?;
             let opts = Options { fs, params };
-            cmd_convert(&net, &src, &dst, &opts, work, json)
+            cmd_convert(&net, &src, &dst, &opts, work, json, prefetch.as_deref())
         }
         Cmd::Inspect {
             image,
@@ -317,6 +328,7 @@ fn cmd_convert(
     opts: &Options,
     work: Option<PathBuf>,
     json: bool,
+    prefetch: Option<&[PathBuf]>,
 ) -> Result<()> {
     let work = work_dir(work)?;
     let src_image = match src {
@@ -382,6 +394,23 @@ fn cmd_convert(
                 &client, &dst_root, &dst_tag, &reference,
             ))
             .with_context(|| format!("pushing {dst}"))?;
+        if let Some(paths) = prefetch {
+            let blobs: Vec<&convert::LayerBlob> = report.layers.iter().map(|l| &l.blob).collect();
+            let (chunks, unmatched) = convert::file_chunks(&blobs, paths);
+            for p in &unmatched {
+                eprintln!("prefetch list: {} is no file of the image", p.display());
+            }
+            let n = chunks.len();
+            let trace = lazy::trace::Trace { chunks };
+            let digest = net
+                .rt
+                .block_on(lazy::trace::push(&client, &reference, &trace.encode()))
+                .with_context(|| format!("storing the prefetch list's trace with {dst}"))?;
+            eprintln!(
+                "prefetch list: {} paths, {n} chunks; trace manifest {digest}",
+                paths.len()
+            );
+        }
     }
     if json {
         let layers: Vec<_> = report
@@ -429,6 +458,28 @@ fn cmd_convert(
         println!("manifest {}", report.manifest_digest);
     }
     Ok(())
+}
+
+/// `--prefetch-files`: absolute paths, one per line; blank lines and `#` comments skipped.
+fn read_prefetch_list(file: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the prefetch list {}", file.display()))?;
+    let mut paths = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with('/') {
+            bail!(
+                "{}:{}: {line:?} is not an absolute path",
+                file.display(),
+                n + 1
+            );
+        }
+        paths.push(PathBuf::from(line));
+    }
+    Ok(paths)
 }
 
 fn open_image(net: &Net, image: &ImageRef) -> Result<lazy::remote::OpenedImage> {

@@ -877,8 +877,12 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
             debug!(unknown, "trace chunks not in this stack are skipped");
         }
         let traced = trace.iter().filter_map(|d| index.get(d).copied());
+        // No miss windows until the trace's own fetches are done, not just submitted.
         inner.trace_prefetching.store(true, Ordering::Relaxed);
         let fed = feed(inner, pool, traced, PREFETCH_REQUEST, false);
+        if fed {
+            pool.wait_prefetch_idle();
+        }
         inner.trace_prefetching.store(false, Ordering::Relaxed);
         if !fed {
             return;
