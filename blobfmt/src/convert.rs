@@ -222,7 +222,8 @@ pub fn convert_layers(
 /// The chunks that hold the content of `paths` in the stack of `layers` (bottom first), for a
 /// prefetch list given at convert time: in the order of `paths`, each path a regular file or
 /// a directory (every file below it, in tar order), the topmost layer's copy of a file; each
-/// chunk once. Symlinks are not followed. Also returns the paths that matched no file.
+/// chunk once. Symlinks are not followed, and a file whited out by a higher layer still counts
+/// (a list names what the entrypoint reads). Also returns the paths that matched no file.
 pub fn file_chunks(layers: &[&LayerBlob], paths: &[PathBuf]) -> (Vec<Sha256Digest>, Vec<PathBuf>) {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
