@@ -178,14 +178,7 @@ pub fn open_layout(root: &Path, tag: Option<&str>) -> Result<LayoutImage, Error>
     }
     let manifest = parse_manifest(&bytes)?;
     let config_bytes = read_blob(root, &manifest.config.digest)?;
-    let config: Config = read_json(&config_bytes, "image config")?;
-    if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(Error::Convert(format!(
-            "config lists {} diff_ids for {} layers",
-            config.rootfs.diff_ids.len(),
-            manifest.layers.len()
-        )));
-    }
+    let config = parse_config(&config_bytes, &manifest)?;
     Ok(LayoutImage {
         root: root.to_path_buf(),
         manifest,
@@ -193,6 +186,23 @@ pub fn open_layout(root: &Path, tag: Option<&str>) -> Result<LayoutImage, Error>
         config_bytes,
         config,
     })
+}
+
+/// The image config of `manifest` (bytes already checked against its digest): one
+/// well-formed diff_id per layer.
+pub fn parse_config(bytes: &[u8], manifest: &Manifest) -> Result<Config, Error> {
+    let config: Config = read_json(bytes, "image config")?;
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(Error::Convert(format!(
+            "config lists {} diff_ids for {} layers",
+            config.rootfs.diff_ids.len(),
+            manifest.layers.len()
+        )));
+    }
+    for d in &config.rootfs.diff_ids {
+        parse_oci_digest(d)?;
+    }
+    Ok(config)
 }
 
 pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, Error> {

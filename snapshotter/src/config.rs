@@ -79,6 +79,10 @@ pub struct Config {
     pub transport: Transport,
     /// What devices fetch beyond the bytes read (`missWindow`, `fill`; unset: the driver's).
     pub fetch: cora_api::driver::FetchArgs,
+    /// Mount ext4 stacks lazily too. Off by default: the image's file system metadata is
+    /// mounted by the kernel as root, and ext4 is not hardened against crafted images (erofs
+    /// is read-only and checks its metadata); off, ext4 layers are unpacked as plain layers.
+    pub allow_ext4: bool,
 }
 
 /// The file as written; enums and sizes stay strings here so their errors can name the field.
@@ -106,6 +110,8 @@ struct RawConfig {
     transport: Option<String>,
     miss_window: Option<String>,
     fill: Option<String>,
+    #[serde(default)]
+    allow_ext4: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +263,7 @@ impl Config {
             insecure_registries: raw.insecure_registries,
             transport,
             fetch: cora_api::driver::FetchArgs { miss_window, fill },
+            allow_ext4: raw.allow_ext4,
         })
     }
 }

@@ -66,6 +66,8 @@ pub struct UblkOptions {
     pub registry: RegistryArgs,
     /// What devices fetch beyond the bytes read.
     pub fetch: contract::FetchArgs,
+    /// Whether ext4 stacks are mounted (config `allowExt4`); erofs always is.
+    pub allow_ext4: bool,
 }
 
 impl UblkOptions {
@@ -91,6 +93,7 @@ impl UblkOptions {
                 ca_files: Vec::new(),
             },
             fetch: c.fetch.clone(),
+            allow_ext4: c.allow_ext4,
         }
     }
 }
@@ -425,6 +428,25 @@ impl UblkLayers {
         Ok(p.mountpoint.clone())
     }
 
+    /// The file system type a stack's labels name, if this snapshotter mounts it: the kernel
+    /// parses that metadata as root, so only erofs unless the config allows ext4.
+    fn mountable_fs<'a>(&self, labels: &'a Labels) -> Result<&'a str, String> {
+        let fs_type = labels
+            .get(LABEL_FS_TYPE)
+            .map(String::as_str)
+            .unwrap_or("erofs");
+        match fs_type {
+            "erofs" => Ok(fs_type),
+            "ext4" if self.opts.allow_ext4 => Ok(fs_type),
+            "ext4" => Err(
+                "ext4 images are mounted only with allowExt4 in the config (ext4 is not \
+                 hardened against crafted images)"
+                    .into(),
+            ),
+            other => Err(format!("unsupported file system {other:?}")),
+        }
+    }
+
     /// Attach a stack; `fallback`: when no device can serve it, download and unpack its layers.
     fn attach_stack(
         &self,
@@ -437,18 +459,12 @@ impl UblkLayers {
                 .get(k)
                 .ok_or_else(|| RemoteError::Failed(format!("stack {stack_key}: no label {k}")))
         };
+        let fs_type = self
+            .mountable_fs(labels)
+            .map_err(|e| RemoteError::Failed(format!("stack {stack_key}: {e}")))?;
         let image_ref = get(LABEL_CRI_IMAGE_REF)?;
         let layer_digest = get(LABEL_CRI_LAYER_DIGEST)?;
         let image = pinned_ref(image_ref, labels.get(LABEL_CRI_MANIFEST_DIGEST))?;
-        let fs_type = labels
-            .get(LABEL_FS_TYPE)
-            .map(String::as_str)
-            .unwrap_or("erofs");
-        if !matches!(fs_type, "erofs" | "ext4") {
-            return Err(RemoteError::Failed(format!(
-                "stack {stack_key}: unsupported file system {fs_type:?}"
-            )));
-        }
         let driver = self.driver()?.to_owned();
         let stack_lock = self.stack_locks.get(stack_key);
         let _g = lock(&stack_lock);
@@ -559,6 +575,11 @@ impl RemoteLayers for UblkLayers {
     }
 
     fn is_remote(&self, labels: &Labels) -> bool {
+        if let Err(e) = self.mountable_fs(labels) {
+            // The layer is still a plain tar+zstd layer: containerd unpacks it.
+            info!("{e}; the layer is unpacked");
+            return false;
+        }
         labels.keys().any(|k| k.starts_with(LABEL_CORA_PREFIX))
             && labels.contains_key(LABEL_CRI_IMAGE_REF)
             && labels.contains_key(LABEL_CRI_LAYER_DIGEST)
@@ -1153,26 +1174,51 @@ mod tests {
             .collect()
     }
 
+    fn layers_in(dir: &Path, allow_ext4: bool) -> UblkLayers {
+        UblkLayers::new(UblkOptions {
+            dir: dir.join("remote"),
+            transport: Transport::Auto,
+            fuse_dir: dir.join("fuse"),
+            driver: None,
+            cache_dir: dir.join("cache"),
+            cache_size: 1 << 30,
+            fetch: Default::default(),
+            allow_ext4,
+            registry: RegistryArgs::default(),
+        })
+    }
+
+    /// CRI labels plus a CORA fs-type annotation of `fs`.
+    fn cora_labels(fs: &str) -> Labels {
+        let mut l = labels(&[LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST]);
+        l.insert(LABEL_FS_TYPE.into(), fs.into());
+        l
+    }
+
     #[test]
     fn is_remote_needs_cora_annotation_and_cri_labels() {
         let dir = tempfile::tempdir().unwrap();
-        let b = UblkLayers::new(UblkOptions {
-            dir: dir.path().join("remote"),
-            transport: Transport::Auto,
-            fuse_dir: dir.path().join("fuse"),
-            driver: None,
-            cache_dir: dir.path().join("cache"),
-            cache_size: 1 << 30,
-            fetch: Default::default(),
-            registry: RegistryArgs::default(),
-        });
-        assert!(b.is_remote(&labels(&[
-            LABEL_FS_TYPE,
-            LABEL_CRI_IMAGE_REF,
-            LABEL_CRI_LAYER_DIGEST
-        ])));
-        assert!(!b.is_remote(&labels(&[LABEL_FS_TYPE, LABEL_CRI_IMAGE_REF])));
+        let b = layers_in(dir.path(), false);
+        assert!(b.is_remote(&cora_labels("erofs")));
+        let mut no_layer = cora_labels("erofs");
+        no_layer.remove(LABEL_CRI_LAYER_DIGEST);
+        assert!(!b.is_remote(&no_layer));
         assert!(!b.is_remote(&labels(&[LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST])));
+    }
+
+    #[test]
+    fn only_erofs_is_mounted_unless_ext4_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let strict = layers_in(dir.path(), false);
+        assert!(!strict.is_remote(&cora_labels("ext4")));
+        assert!(!strict.is_remote(&cora_labels("xfs")));
+        let e = strict
+            .attach_stack("s", &cora_labels("ext4"), false)
+            .unwrap_err();
+        assert!(e.to_string().contains("allowExt4"), "{e}");
+        let lenient = layers_in(dir.path(), true);
+        assert!(lenient.is_remote(&cora_labels("ext4")));
+        assert!(!lenient.is_remote(&cora_labels("xfs")));
     }
 
     #[test]
@@ -1199,6 +1245,7 @@ mod tests {
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
             fetch: Default::default(),
+            allow_ext4: false,
             registry: RegistryArgs {
                 creds_file: Some(PathBuf::from("/creds.json")),
                 insecure_hosts: vec!["127.0.0.1:5000".into()],
@@ -1563,6 +1610,7 @@ mod tests {
             cache_dir: PathBuf::from("/c"),
             cache_size: 4096,
             fetch: Default::default(),
+            allow_ext4: false,
             registry: RegistryArgs::default(),
         };
         std::fs::create_dir_all(&opts.dir).unwrap();

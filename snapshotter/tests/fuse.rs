@@ -45,6 +45,11 @@ struct Env {
 
 impl Env {
     fn start() -> Result<Env> {
+        Self::start_with(serde_json::json!({}))
+    }
+
+    /// As [`Self::start`], with `extra` merged into the snapshotter's config.
+    fn start_with(extra: serde_json::Value) -> Result<Env> {
         if !Path::new("/dev/fuse").exists() {
             bail!("/dev/fuse missing: this test needs FUSE");
         }
@@ -54,13 +59,14 @@ impl Env {
         let registry = Registry::start(&dir.path().join("registry"))?;
         let sdir = dir.path().join("snapshotter");
         // The default transport (auto): FUSE on a host without ublk.
-        CoraSnapshotter::write_config(
-            &sdir,
-            &serde_json::json!({
-                "autoRemoveDev": true,
-                "insecureRegistries": [registry.addr],
-            }),
-        )?;
+        let mut config = serde_json::json!({
+            "autoRemoveDev": true,
+            "insecureRegistries": [registry.addr],
+        });
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        CoraSnapshotter::write_config(&sdir, &config)?;
         let snap = CoraSnapshotter::start(&cora_bin("cora-snapshotter"), &sdir)?;
         let leftovers = FuseLeftovers {
             root: snap.root.clone(),
@@ -452,9 +458,29 @@ fn unservable_cora_annotation_with_fuse_falls_back_to_unpack() -> Result<()> {
     Ok(())
 }
 
+/// The kernel's ext4 is not hardened against crafted images: by default an ext4 CORA layer
+/// is unpacked by containerd like any tar+zstd layer, and never mounted from the image.
+#[test]
+fn ext4_stacks_are_unpacked_unless_allowed() -> Result<()> {
+    let env = Env::start()?;
+    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
+    let image = env.convert(&tree, "ext4", "test/ext4")?;
+    let report = env.rpull(&image)?;
+    assert_eq!(report.matches(": remote").count(), 0, "{report}");
+    assert_eq!(report.matches(": unpacked").count(), 1, "{report}");
+    let (out, id) = env.run(&image, "ext4", &["/bin/busybox", "echo", "unpacked ext4"])?;
+    assert_eq!(out, "unpacked ext4\n");
+    let log = env.log();
+    assert!(log.contains("allowExt4"), "{log}");
+    assert_eq!(env.devices()?, Vec::new());
+    env.ctrd.ctr(&["containers", "rm", &id])?;
+    env.remove_images()?;
+    Ok(())
+}
+
 #[test]
 fn ext4_stack_through_fuse_goes_through_a_loop_device_freed_on_detach() -> Result<()> {
-    let env = Env::start()?;
+    let env = Env::start_with(serde_json::json!({ "allowExt4": true }))?;
     // ext4 never mounts a regular file: the FUSE image file gets a read-only loop device (the
     // path erofs takes on kernels before 6.12).
     let tree = fixtures::debian_tree("small", fixtures::SMALL)?;

@@ -40,7 +40,10 @@ fn main() -> Result<()> {
         ..Default::default()
     })?;
     let r: Reference = dst.parse()?;
-    let (manifest, _) = rt.block_on(lazy::remote::fetch_manifest(&client, &r))?;
+    let lazy::remote::RemoteImage {
+        manifest, config, ..
+    } = rt.block_on(lazy::remote::fetch_image(&client, &r))?;
+    let diff_ids = config.rootfs.diff_ids;
     let blob_bytes: u64 = manifest.layers.iter().map(|l| l.size).sum();
 
     // Reference: curl of the same blobs, whole, to /dev/null.
@@ -84,7 +87,7 @@ fn main() -> Result<()> {
         println!("curl range reads: {:.2}s", t.elapsed().as_secs_f64());
         let t = Instant::now();
         for l in &manifest.layers {
-            rt.block_on(client.get_blob(&r, &l.digest))?;
+            rt.block_on(client.get_blob(&r, &l.digest, l.size))?;
         }
         println!("client whole blobs: {:.2}s", t.elapsed().as_secs_f64());
         for threads in [1usize, 8] {
@@ -120,6 +123,7 @@ fn main() -> Result<()> {
             let t = Instant::now();
             let src = LazySource::open(
                 &manifest,
+                &diff_ids,
                 manifest.layers.len() - 1,
                 remotes,
                 cache,
@@ -153,6 +157,7 @@ fn main() -> Result<()> {
     let cpu0 = cpu_secs();
     let src = LazySource::open(
         &manifest,
+        &diff_ids,
         manifest.layers.len() - 1,
         remotes,
         cache,

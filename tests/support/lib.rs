@@ -5,6 +5,7 @@
 //! * [`faults`]: a fault-injecting reverse proxy (delay, reset, truncate, 5xx, bit flips).
 //! * [`http_proxy`]: a forward proxy (CONNECT + absolute-form) for proxy-env tests.
 //! * [`http_server`]: a scripted HTTP server for auth/redirect corner cases.
+//! * [`hostile`]: a registry from memory serving crafted images and lying bodies.
 //! * [`cold`]: a file source whose reads miss first (the transports' miss path).
 //! * [`shaper`]: a TCP relay with a set RTT and bandwidth (link profiles for benchmarks).
 use anyhow::{Result, bail};
@@ -14,6 +15,7 @@ pub mod bench;
 pub mod cold;
 pub mod faults;
 pub mod fixtures;
+pub mod hostile;
 pub mod http_proxy;
 pub mod http_server;
 pub mod registry;

@@ -10,7 +10,7 @@ use cora_tests::registry::Registry;
 use lazy::blobs::BlobRead;
 use lazy::cache::ChunkCache;
 use lazy::registry::{Client, ClientConfig, Reference};
-use lazy::remote::RegistryBlobs;
+use lazy::remote::{RegistryBlobs, RemoteImage};
 use lazy::source::{FetchOptions, LazySource};
 use std::path::Path;
 use std::process::Command;
@@ -41,7 +41,7 @@ impl Env {
     }
 
     /// Convert `dirs` (as layers) to CORA and push to `repo:v1`; returns the manifest.
-    fn push(&self, repo: &str, dirs: &[&Path]) -> Result<blobfmt::oci::Manifest> {
+    fn push(&self, repo: &str, dirs: &[&Path]) -> Result<RemoteImage> {
         let src = self.tmp.path().join(format!("src-{repo}"));
         blobfmt::dirsrc::layout_from_dirs(dirs, &src, "v1", true)?;
         let dst = format!("{}/{repo}:v1", self.reg.host);
@@ -51,10 +51,7 @@ impl Env {
             .arg(&dst))?;
         let client = self.client(&[&self.reg.host])?;
         let r: Reference = dst.parse()?;
-        Ok(self
-            .rt
-            .block_on(lazy::remote::fetch_manifest(&client, &r))?
-            .0)
+        Ok(self.rt.block_on(lazy::remote::fetch_image(&client, &r))?)
     }
 
     fn client(&self, insecure: &[&str]) -> Result<Client> {
@@ -78,7 +75,7 @@ impl Env {
 
     fn source(
         &self,
-        m: &blobfmt::oci::Manifest,
+        m: &RemoteImage,
         remotes: Vec<Arc<dyn BlobRead>>,
         cache: &Path,
     ) -> Result<LazySource> {
@@ -87,14 +84,15 @@ impl Env {
 
     fn source_with(
         &self,
-        m: &blobfmt::oci::Manifest,
+        m: &RemoteImage,
         remotes: Vec<Arc<dyn BlobRead>>,
         cache: &Path,
         opts: FetchOptions,
     ) -> Result<LazySource> {
         Ok(LazySource::open(
-            m,
-            m.layers.len() - 1,
+            &m.manifest,
+            &m.config.rootfs.diff_ids,
+            m.manifest.layers.len() - 1,
             remotes,
             ChunkCache::open(cache, 10 << 30)?,
             opts,
@@ -120,7 +118,7 @@ fn small_tree() -> Result<std::path::PathBuf> {
 }
 
 /// The image as the converter's own layout says it is, read without the network.
-fn reference_bytes(env: &Env, m: &blobfmt::oci::Manifest, repo: &str) -> Result<Vec<u8>> {
+fn reference_bytes(env: &Env, m: &RemoteImage, repo: &str) -> Result<Vec<u8>> {
     let remotes = vec![env.blobs(&env.reg.host, repo)?];
     let src = env.source(
         m,
@@ -307,7 +305,7 @@ fn successors_fetch_only_what_they_add() -> Result<()> {
     let v2 = env.push("v2", &[&base, &app])?;
     let v2b = env.push("v2b", &[&base_b])?;
     let cache = env.tmp.path().join("cache");
-    let stored = |m: &blobfmt::oci::Manifest| m.layers.iter().map(|l| l.size).sum::<u64>();
+    let stored = |m: &RemoteImage| m.manifest.layers.iter().map(|l| l.size).sum::<u64>();
     let s1 = env.source(&v1, vec![env.blobs(&env.reg.host, "v1")?], &cache)?;
     read_all(&s1, 1 << 20, 0)?;
     for (name, m, limit) in [("v2", &v2, 0.6), ("v2b", &v2b, 0.5)] {

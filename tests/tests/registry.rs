@@ -133,12 +133,18 @@ async fn push_then_pull_round_trips_and_ranges_are_exact() {
         m.bytes
     );
 
-    assert_eq!(client.get_blob(&r, &sha(&layer1)).await.unwrap(), layer1);
+    assert_eq!(
+        client
+            .get_blob(&r, &sha(&layer1), layer1.len() as u64)
+            .await
+            .unwrap(),
+        layer1
+    );
     let out = dir.path().join("out/layer2");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     assert_eq!(
         client
-            .get_blob_to_file(&r, &sha(&layer2), &out)
+            .get_blob_to_file(&r, &sha(&layer2), layer2.len() as u64, &out)
             .await
             .unwrap(),
         layer2.len() as u64
@@ -171,7 +177,7 @@ async fn push_then_pull_round_trips_and_ranges_are_exact() {
         .unwrap_err();
     assert!(matches!(e.kind(), ErrorKind::RangeNotSatisfiable(_)), "{e}");
 
-    let e = client.get_blob(&r, &sha(b"absent")).await.unwrap_err();
+    let e = client.get_blob(&r, &sha(b"absent"), 6).await.unwrap_err();
     assert!(e.is_not_found(), "{e}");
     assert_eq!(e.attempts(), 1, "404 must not be retried");
     assert!(
@@ -210,7 +216,10 @@ async fn tls_custom_ca_and_basic_auth() {
         &[(&reg.host, "alice", "tls-Secret-42")],
     ));
     let no_ca = Client::new(cfg.clone()).unwrap();
-    let e = no_ca.get_blob(&r, &sha(&data)).await.unwrap_err();
+    let e = no_ca
+        .get_blob(&r, &sha(&data), data.len() as u64)
+        .await
+        .unwrap_err();
     assert!(matches!(e.kind(), ErrorKind::Tls(_)), "{e}");
     assert_eq!(e.attempts(), 1);
 
@@ -232,7 +241,13 @@ async fn tls_custom_ca_and_basic_auth() {
         .push_blob(&r, &sha(&data), Bytes::from(data.clone()))
         .await
         .unwrap();
-    assert_eq!(client.get_blob(&r, &sha(&data)).await.unwrap(), data);
+    assert_eq!(
+        client
+            .get_blob(&r, &sha(&data), data.len() as u64)
+            .await
+            .unwrap(),
+        data
+    );
     assert_eq!(
         client
             .get_blob_range(&r, &sha(&data), 10..20)
@@ -251,7 +266,7 @@ async fn tls_custom_ca_and_basic_auth() {
     ));
     let e = Client::new(cfg.clone())
         .unwrap()
-        .get_blob(&r, &sha(&data))
+        .get_blob(&r, &sha(&data), data.len() as u64)
         .await
         .unwrap_err();
     assert!(matches!(e.kind(), ErrorKind::Unauthorized(_)), "{e}");
@@ -262,7 +277,7 @@ async fn tls_custom_ca_and_basic_auth() {
     cfg.creds_file = Some(creds_file(dir.path(), &[]));
     let e = Client::new(cfg)
         .unwrap()
-        .get_blob(&r, &sha(&data))
+        .get_blob(&r, &sha(&data), data.len() as u64)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("no credentials"), "{e}");
@@ -330,7 +345,13 @@ async fn bearer_token_flow_caches_tokens_and_never_logs_secrets() {
     let client = Client::new(cfg.clone()).unwrap();
     let r = reference(&reg.host, "team/app");
     for _ in 0..3 {
-        assert_eq!(client.get_blob(&r, &digest).await.unwrap(), data);
+        assert_eq!(
+            client
+                .get_blob(&r, &digest, data.len() as u64)
+                .await
+                .unwrap(),
+            data
+        );
     }
     assert_eq!(
         client.get_blob_range(&r, &digest, 100..200).await.unwrap(),
@@ -365,7 +386,7 @@ async fn bearer_token_flow_caches_tokens_and_never_logs_secrets() {
     ));
     let e = Client::new(cfg)
         .unwrap()
-        .get_blob(&r, &digest)
+        .get_blob(&r, &digest, data.len() as u64)
         .await
         .unwrap_err();
     assert!(matches!(e.kind(), ErrorKind::Unauthorized(_)), "{e}");
@@ -442,7 +463,10 @@ async fn mirror_is_tried_first_and_falls_through_when_down() {
     })
     .unwrap_or_else(|e| panic!("mirror never stored the blob: {e}\n{}", mirror.log()));
     let before = counter.count("/blobs/");
-    assert_eq!(client.get_blob(&r, &d).await.unwrap(), data);
+    assert_eq!(
+        client.get_blob(&r, &d, data.len() as u64).await.unwrap(),
+        data
+    );
     assert_eq!(
         client
             .get_blob_range(&r, &d, 299_000..300_000)
@@ -512,19 +536,29 @@ async fn faults_are_retried_until_they_stop() {
         assert_eq!(client.stats().retries - retries, 2, "{fault:?}");
 
         proxy.inject("/blobs/sha256:", fault.clone(), 2);
-        assert_eq!(client.get_blob(&r, &d).await.unwrap(), data, "{fault:?}");
+        assert_eq!(
+            client.get_blob(&r, &d, data.len() as u64).await.unwrap(),
+            data,
+            "{fault:?}"
+        );
         assert_eq!(proxy.pending(), 0, "{fault:?}");
     }
 
     // Corruption of a whole blob fails the digest check and is fetched again.
     proxy.inject("/blobs/sha256:", Fault::FlipByte(12345), 1);
     let retries = client.stats().retries;
-    assert_eq!(client.get_blob(&r, &d).await.unwrap(), data);
+    assert_eq!(
+        client.get_blob(&r, &d, data.len() as u64).await.unwrap(),
+        data
+    );
     assert_eq!(client.stats().retries - retries, 1);
     proxy.inject("/blobs/sha256:", Fault::FlipByte(1), 1);
     let out = dir.path().join("blob");
     assert_eq!(
-        client.get_blob_to_file(&r, &d, &out).await.unwrap(),
+        client
+            .get_blob_to_file(&r, &d, data.len() as u64, &out)
+            .await
+            .unwrap(),
         data.len() as u64
     );
     assert_eq!(std::fs::read(&out).unwrap(), data);
@@ -547,7 +581,10 @@ async fn faults_are_retried_until_they_stop() {
     }
     // Client errors are final.
     proxy.inject("/blobs/sha256:", Fault::Status(403), 1);
-    let e = client.get_blob(&r, &d).await.unwrap_err();
+    let e = client
+        .get_blob(&r, &d, data.len() as u64)
+        .await
+        .unwrap_err();
     assert_eq!(e.attempts(), 1, "{e}");
 }
 
@@ -581,7 +618,7 @@ async fn dead_registry_fails_within_the_retry_bound() {
     // Nothing listening: connection refused, retried, fast.
     drop(silent);
     let t = Instant::now();
-    let e = client.get_blob(&r, &d).await.unwrap_err();
+    let e = client.get_blob(&r, &d, 10).await.unwrap_err();
     assert!(matches!(e.kind(), ErrorKind::Connect(_)), "{e}");
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
@@ -623,7 +660,10 @@ async fn redirects_drop_authorization_on_host_change() {
     ));
     let client = Client::new(cfg.clone()).unwrap();
     let r = reference(&reg.host, "redir/app");
-    assert_eq!(client.get_blob(&r, &d).await.unwrap(), data);
+    assert_eq!(
+        client.get_blob(&r, &d, data.len() as u64).await.unwrap(),
+        data
+    );
     assert_eq!(
         client.get_blob_range(&r, &d, 100..200).await.unwrap(),
         data[100..200]
@@ -649,7 +689,7 @@ async fn redirects_drop_authorization_on_host_change() {
     cfg.insecure_hosts = vec![reg.host.clone()];
     let e = Client::new(cfg)
         .unwrap()
-        .get_blob(&r, &d)
+        .get_blob(&r, &d, data.len() as u64)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("refusing redirect"), "{e}");

@@ -99,7 +99,10 @@ async fn proxy_environment_is_honoured() {
         let direct = Client::new(config()).unwrap();
         for reg in [&tls_reg, &plain_reg] {
             let r: Reference = format!("{}/proxied/app:v1", reg.host).parse().unwrap();
-            assert_eq!(direct.get_blob(&r, &d).await.unwrap(), data);
+            assert_eq!(
+                direct.get_blob(&r, &d, data.len() as u64).await.unwrap(),
+                data
+            );
         }
         assert_eq!(
             proxy.request_lines().len(),
@@ -117,7 +120,7 @@ async fn proxy_environment_is_honoured() {
     let r: Reference = format!("{}/proxied/app:v1", tls_reg.host).parse().unwrap();
     let e = Client::new(cfg)
         .unwrap()
-        .get_blob(&r, &d)
+        .get_blob(&r, &d, data.len() as u64)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("proxy"), "{e}");

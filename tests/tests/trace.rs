@@ -58,17 +58,18 @@ impl Env {
 
     fn source(&self, image: &str, cache: &Path) -> Result<LazySource> {
         let r: Reference = image.parse()?;
-        let (m, _) = self
+        let img = self
             .rt
-            .block_on(lazy::remote::fetch_manifest(&self.client()?, &r))?;
+            .block_on(lazy::remote::fetch_image(&self.client()?, &r))?;
         let remotes: Vec<Arc<dyn BlobRead>> = vec![Arc::new(RegistryBlobs::new(
             self.client()?,
             r,
             self.rt.handle().clone(),
         ))];
         Ok(LazySource::open(
-            &m,
-            m.layers.len() - 1,
+            &img.manifest,
+            &img.config.rootfs.diff_ids,
+            img.manifest.layers.len() - 1,
             remotes,
             ChunkCache::open(cache, 10 << 30)?,
             FetchOptions::default(),

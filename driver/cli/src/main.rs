@@ -506,14 +506,22 @@ fn cmd_export(
     let json = opts.json;
     let lazy::remote::OpenedImage {
         manifest,
+        diff_ids,
         sources: remotes,
         client,
     } = open_image(net, image)?;
     let top = layer.unwrap_or(manifest.layers.len() - 1);
     let cache = lazy::cache::ChunkCache::open(&opts.cache_dir, opts.cache_size)?;
     let t0 = std::time::Instant::now();
-    let src = LazySource::open(&manifest, top, remotes, cache, FetchOptions::default())
-        .with_context(|| format!("opening stack {top} of {image}"))?;
+    let src = LazySource::open(
+        &manifest,
+        &diff_ids,
+        top,
+        remotes,
+        cache,
+        FetchOptions::default(),
+    )
+    .with_context(|| format!("opening stack {top} of {image}"))?;
     if opts.record_trace.is_some() {
         src.record_trace();
     }

@@ -19,7 +19,7 @@ use containerd_api::labels::{
 use containerd_api::proto::{content, diff, images, leases, snapshots, types};
 use cora_api::{error_chain, rfc3339};
 use lazy::registry::{Client, ClientConfig, Reference, RegistryError, sha256_digest};
-use lazy::remote::{RemoteError, fetch_manifest};
+use lazy::remote::{RemoteError, RemoteImage, fetch_image};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -144,34 +144,22 @@ pub async fn rpull(
         what: "registry client".into(),
         source: e.into(),
     })?;
-    let (manifest, manifest_bytes) =
-        fetch_manifest(&client, &parsed)
-            .await
-            .map_err(|source| RpullError::Registry {
-                what: format!("fetching the manifest of {reference}"),
-                source,
-            })?;
-    let config_bytes = client
-        .get_blob(&parsed, &manifest.config.digest)
+    let RemoteImage {
+        manifest,
+        manifest_bytes,
+        config_bytes,
+        config,
+    } = fetch_image(&client, &parsed)
         .await
-        .map_err(|e| RpullError::Registry {
-            what: format!("fetching the image config of {reference}"),
-            source: e.into(),
+        .map_err(|source| RpullError::Registry {
+            what: format!("fetching the manifest of {reference} and its config"),
+            source,
         })?;
     let bad_image = |msg: String| RpullError::Image {
         reference: reference.to_owned(),
         msg,
     };
-    let config: blobfmt::oci::Config = serde_json::from_slice(&config_bytes)
-        .map_err(|e| bad_image(format!("image config: {e}")))?;
     let diff_ids = config.rootfs.diff_ids;
-    if diff_ids.len() != manifest.layers.len() {
-        return Err(bad_image(format!(
-            "{} layers but {} diff_ids in the config",
-            manifest.layers.len(),
-            diff_ids.len()
-        )));
-    }
     if manifest.layers.is_empty() {
         return Err(bad_image("the manifest has no layers".into()));
     }
@@ -428,7 +416,7 @@ impl Plan<'_> {
         let path = tmp.path().join("layer");
         let size = self
             .client
-            .get_blob_to_file(self.parsed, &layer.digest, &path)
+            .get_blob_to_file(self.parsed, &layer.digest, layer.size, &path)
             .await
             .map_err(|e| RpullError::Registry {
                 what: format!("fetching layer {} of {}", layer.digest, self.reference),

@@ -285,6 +285,7 @@ impl LazyImage {
             .build()?;
         let crate::remote::OpenedImage {
             manifest,
+            diff_ids,
             sources: remotes,
             client,
         } = crate::remote::open_image(&image, &registry.config(), rt.handle()).map_err(io_other)?;
@@ -298,9 +299,15 @@ impl LazyImage {
         // again would dominate warm reads (chunks written this boot are trusted, see there).
         opts.trust_since_boot = true;
         let cache = crate::cache::ChunkCache::open_with(cache, opts).map_err(io_other)?;
-        let source =
-            crate::source::LazySource::open(&manifest, top, remotes, cache, fetch.options())
-                .map_err(io_other)?;
+        let source = crate::source::LazySource::open(
+            &manifest,
+            &diff_ids,
+            top,
+            remotes,
+            cache,
+            fetch.options(),
+        )
+        .map_err(io_other)?;
         let source = Arc::new(source);
         let trace_writer = match &trace.record {
             Some(path) => {

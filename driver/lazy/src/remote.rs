@@ -109,6 +109,35 @@ pub async fn fetch_manifest(
     Ok((manifest, bytes))
 }
 
+/// A registry image's manifest (as [`fetch_manifest`]) and its image config.
+pub struct RemoteImage {
+    pub manifest: Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub config_bytes: Vec<u8>,
+    pub config: oci::Config,
+}
+
+/// The manifest of `reference` and its config, read whole (no more than the descriptor's
+/// size) and checked against its digest, with one diff_id per layer.
+pub async fn fetch_image(
+    client: &Client,
+    reference: &Reference,
+) -> Result<RemoteImage, RemoteError> {
+    let (manifest, manifest_bytes) = fetch_manifest(client, reference).await?;
+    let config_bytes = client
+        .get_blob(reference, &manifest.config.digest, manifest.config.size)
+        .await?
+        .to_vec();
+    let config = oci::parse_config(&config_bytes, &manifest)
+        .map_err(|e| RemoteError::Image(format!("{reference}: {e}")))?;
+    Ok(RemoteImage {
+        manifest,
+        manifest_bytes,
+        config_bytes,
+        config,
+    })
+}
+
 /// Download a whole image into the OCI layout at `root`, tagged `tag`.
 pub async fn pull_to_layout(
     client: &Client,
@@ -123,7 +152,9 @@ pub async fn pull_to_layout(
     for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
         let path = oci::blob_path(root, &d.digest)?;
         if !path.exists() {
-            client.get_blob_to_file(reference, &d.digest, &path).await?;
+            client
+                .get_blob_to_file(reference, &d.digest, d.size, &path)
+                .await?;
         }
     }
     oci::put_blob(root, &bytes)?;
@@ -179,10 +210,12 @@ impl RegistryAccess {
     }
 }
 
-/// An image opened for lazy reads: its manifest, the blob sources tried in order, and (for a
-/// registry image) the one client every request of this image goes through.
+/// An image opened for lazy reads: its manifest, its config's diff_ids, the blob sources
+/// tried in order, and (for a registry image) the one client every request of this image
+/// goes through.
 pub struct OpenedImage {
     pub manifest: Manifest,
+    pub diff_ids: Vec<String>,
     pub sources: Vec<Arc<dyn BlobRead>>,
     pub client: Option<Client>,
 }
@@ -201,6 +234,7 @@ pub fn open_image(
                 Arc::new(crate::blobs::LayoutBlobs { root: path.clone() });
             Ok(OpenedImage {
                 manifest: img.manifest,
+                diff_ids: img.config.rootfs.diff_ids,
                 sources: vec![blobs],
                 client: None,
             })
@@ -211,10 +245,11 @@ pub fn open_image(
         ImageRef::Registry(r) => {
             let reference: Reference = r.parse()?;
             let client = Client::new(cfg.clone())?;
-            let (manifest, _) = rt.block_on(fetch_manifest(&client, &reference))?;
+            let img = rt.block_on(fetch_image(&client, &reference))?;
             let sources = sources_for(&client, &reference, rt.clone());
             Ok(OpenedImage {
-                manifest,
+                manifest: img.manifest,
+                diff_ids: img.config.rootfs.diff_ids,
                 sources,
                 client: Some(client),
             })

@@ -381,10 +381,16 @@ struct TraceRecorder {
 }
 
 impl LazySource {
-    /// Open stack `top` (0-based layer index) of the image described by `manifest`.
+    /// Open stack `top` (0-based layer index) of the image described by `manifest`, whose
+    /// config lists `diff_ids` (one per layer).
     /// Trailers are read once through the remotes and kept in the cache under their digest.
+    ///
+    /// Each layer's index must name the diff_id the config gives that layer: containerd
+    /// files the snapshot under the chain id of those diff_ids and reuses it for every image
+    /// that claims them, so an index describing some other tar must not be served under them.
     pub fn open(
         manifest: &Manifest,
+        diff_ids: &[String],
         top: usize,
         remotes: Vec<Arc<dyn BlobRead>>,
         cache: ChunkCache,
@@ -399,12 +405,27 @@ impl LazySource {
         if remotes.is_empty() {
             return Err(SourceError::Image("no blob source given".into()));
         }
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(SourceError::Image(format!(
+                "the image config lists {} diff_ids for {} layers",
+                diff_ids.len(),
+                manifest.layers.len()
+            )));
+        }
         let mut trailers = Vec::new();
         let mut digests = Vec::new();
         let mut raw = Vec::new();
         for (i, l) in manifest.layers[..=top].iter().enumerate() {
             let t = load_trailer(l, &remotes, &cache)
                 .map_err(|e| SourceError::Image(format!("layer {i} ({}): {e}", l.digest)))?;
+            let indexed = oci_digest(&t.diff_id);
+            if indexed != diff_ids[i] {
+                return Err(SourceError::Image(format!(
+                    "layer {i} ({}): its index describes the tar {indexed}, but the image config \
+                     says {}; refusing to serve it",
+                    l.digest, diff_ids[i]
+                )));
+            }
             trailers.push(t);
             raw.push(blobfmt::parse_oci_digest(&l.digest)?);
             digests.push(l.digest.clone());
@@ -1393,62 +1414,55 @@ fn stream_key(s: StreamId) -> u64 {
 }
 
 /// A layer's trailer: from the cache by its digest, or through the remotes.
+///
+/// The trailer maps the image to chunk digests, so everything served rests on it: it is
+/// accepted only under the digest the manifest's annotations give (the manifest is what the
+/// user pulled by name or digest). The footer at the end of the blob says the same but is
+/// unauthenticated bytes from a range read, so a layer without the annotations is refused.
 fn load_trailer(
     layer: &blobfmt::oci::Descriptor,
     remotes: &[Arc<dyn BlobRead>],
     cache: &ChunkCache,
 ) -> Result<Trailer, String> {
     let ann = layer.annotations.as_ref();
-    let get = |k: &str| ann.and_then(|a| a.get(k)).cloned();
+    let get = |k: &str| ann.and_then(|a| a.get(k));
     if get(annotation::VERSION).is_none() {
         return Err(format!(
             "not a CORA layer ({}); convert the image with `cora convert`",
             layer.media_type
         ));
     }
-    let parsed = (|| {
-        let offset: u64 = get(annotation::TRAILER_OFFSET)?.parse().ok()?;
-        let length: u64 = get(annotation::TRAILER_LENGTH)?.parse().ok()?;
-        let digest = blobfmt::parse_oci_digest(&get(annotation::TRAILER_DIGEST)?).ok()?;
-        Some(Footer {
-            version: blobfmt::format::VERSION,
-            flags: 0,
-            trailer_offset: offset,
-            trailer_length: length,
-            trailer_digest: digest,
+    let field = |k: &str| {
+        get(k).ok_or_else(|| {
+            format!(
+                "the manifest lacks annotation {k}, which authenticates the layer's index; \
+                 convert the image again with `cora convert`"
+            )
         })
-    })();
+    };
+    let number = |k: &str| {
+        field(k)?
+            .parse::<u64>()
+            .map_err(|e| format!("annotation {k}: {e}"))
+    };
+    let footer = Footer {
+        version: blobfmt::format::VERSION,
+        flags: 0,
+        trailer_offset: number(annotation::TRAILER_OFFSET)?,
+        trailer_length: number(annotation::TRAILER_LENGTH)?,
+        trailer_digest: blobfmt::parse_oci_digest(field(annotation::TRAILER_DIGEST)?)
+            .map_err(|e| format!("annotation {}: {e}", annotation::TRAILER_DIGEST))?,
+    };
+    if footer.trailer_length > blobfmt::format::MAX_TRAILER as u64 {
+        return Err("trailer is implausibly large".into());
+    }
+    if let Ok(Some(frame)) = cache.get(&footer.trailer_digest)
+        && let Ok(t) = Trailer::decode_frame(&frame, &footer)
+    {
+        return Ok(t);
+    }
     let mut last = String::from("no source");
     for remote in remotes {
-        let footer = match &parsed {
-            Some(f) => f.clone(),
-            None => {
-                // Annotations missing or garbled: fall back to the footer in the blob.
-                let size = layer.size;
-                match remote.read(
-                    &layer.digest,
-                    size.saturating_sub(blobfmt::format::FOOTER_FRAME as u64),
-                    blobfmt::format::FOOTER_FRAME as u64,
-                ) {
-                    Ok(b) => match Footer::decode(&b, size) {
-                        Ok(f) => f,
-                        Err(e) => return Err(e.to_string()),
-                    },
-                    Err(e) => {
-                        last = e.to_string();
-                        continue;
-                    }
-                }
-            }
-        };
-        if footer.trailer_length > blobfmt::format::MAX_TRAILER as u64 {
-            return Err("trailer is implausibly large".into());
-        }
-        if let Ok(Some(frame)) = cache.get(&footer.trailer_digest)
-            && let Ok(t) = Trailer::decode_frame(&frame, &footer)
-        {
-            return Ok(t);
-        }
         match remote.read(&layer.digest, footer.trailer_offset, footer.trailer_length) {
             Ok(frame) => match Trailer::decode_frame(&frame, &footer) {
                 Ok(t) => {
@@ -1467,8 +1481,6 @@ fn load_trailer(
     }
     Err(format!(
         "reading trailer {}: {last}",
-        parsed
-            .map(|f| oci_digest(&f.trailer_digest))
-            .unwrap_or_default()
+        oci_digest(&footer.trailer_digest)
     ))
 }

@@ -346,13 +346,17 @@ pub async fn find(
             "trace manifest {manifest_digest}: layer without digest"
         ))
     })?;
-    let size = layer.get("size").and_then(Value::as_u64).unwrap_or(0);
+    let size = layer.get("size").and_then(Value::as_u64).ok_or_else(|| {
+        TraceError::Format(format!(
+            "trace manifest {manifest_digest}: layer without size"
+        ))
+    })?;
     if size > MAX_BYTES {
         return Err(TraceError::Format(format!(
             "trace blob of {size} bytes is too large"
         )));
     }
-    let bytes = client.get_blob(reference, blob).await?;
+    let bytes = client.get_blob(reference, blob, size).await?;
     Trace::parse(&bytes).map(Some)
 }
 

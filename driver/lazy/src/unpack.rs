@@ -5,7 +5,7 @@
 
 use crate::imageref::ImageRef;
 use crate::registry::{Client, Reference};
-use crate::remote::{RegistryAccess, RemoteError, fetch_manifest};
+use crate::remote::{RegistryAccess, RemoteError, fetch_image};
 use blobfmt::format::oci_digest;
 use blobfmt::oci::{self, Manifest};
 use blobfmt::staging::Staging;
@@ -37,16 +37,16 @@ enum Blobs {
 impl Blobs {
     /// The blob as a local file: the layout's own file, or a download into `scratch` whose
     /// sha256 the client checks before it is renamed into place.
-    fn file(&self, digest: &str, scratch: &Path) -> Result<PathBuf, RemoteError> {
+    fn file(&self, blob: &oci::Descriptor, scratch: &Path) -> Result<PathBuf, RemoteError> {
         match self {
-            Blobs::Layout(root) => Ok(oci::blob_path(root, digest)?),
+            Blobs::Layout(root) => Ok(oci::blob_path(root, &blob.digest)?),
             Blobs::Registry {
                 client,
                 reference,
                 rt,
             } => {
                 let path = scratch.join("blob");
-                rt.block_on(client.get_blob_to_file(reference, digest, &path))?;
+                rt.block_on(client.get_blob_to_file(reference, &blob.digest, blob.size, &path))?;
                 Ok(path)
             }
         }
@@ -91,7 +91,7 @@ pub fn unpack_stack(
     let mut blob_bytes = 0;
     for (i, layer) in manifest.layers[..=top].iter().enumerate() {
         let compression = oci::layer_compression(&layer.media_type)?;
-        let blob = blobs.file(&layer.digest, work.path())?;
+        let blob = blobs.file(layer, work.path())?;
         blob_bytes += std::fs::metadata(&blob).map(|m| m.len()).unwrap_or(0);
         let tar = work.path().join("layer.tar");
         let diff_id = oci_digest(&oci::decompress_layer(&blob, compression, &tar)?);
@@ -140,23 +140,10 @@ fn open(
                 .enable_all()
                 .build()
                 .map_err(|e| err(format!("starting a runtime: {e}")))?;
-            let (manifest, config) = rt.block_on(async {
-                let (manifest, _) = fetch_manifest(&client, &reference).await?;
-                let config = client.get_blob(&reference, &manifest.config.digest).await?;
-                Ok::<_, RemoteError>((manifest, config))
-            })?;
-            let config: oci::Config = serde_json::from_slice(&config)
-                .map_err(|e| err(format!("image config of {reference}: {e}")))?;
-            if config.rootfs.diff_ids.len() != manifest.layers.len() {
-                return Err(err(format!(
-                    "{reference}: config lists {} diff_ids for {} layers",
-                    config.rootfs.diff_ids.len(),
-                    manifest.layers.len()
-                )));
-            }
+            let img = rt.block_on(fetch_image(&client, &reference))?;
             Ok((
-                manifest,
-                config.rootfs.diff_ids,
+                img.manifest,
+                img.config.rootfs.diff_ids,
                 Blobs::Registry {
                     client,
                     reference,

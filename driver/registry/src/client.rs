@@ -42,6 +42,9 @@ pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
 
 /// Manifests larger than this are refused (the distribution spec suggests 4 MiB).
 const MAX_MANIFEST: u64 = 4 << 20;
+/// Largest blob read into memory (configs, traces): a descriptor may claim any size, and the
+/// read preallocates it.
+pub const MAX_BLOB_IN_MEMORY: u64 = 64 << 20;
 const MAX_REDIRECTS: usize = 5;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -236,9 +239,13 @@ struct Attempts {
 
 /// What a blob read produces.
 enum BlobRead<'a> {
-    Whole,
+    /// The whole blob into memory; `size` is the descriptor's.
+    Whole {
+        size: u64,
+    },
     Range(u64, u64),
     ToFile {
+        size: u64,
         dir: &'a Path,
         name: &'a str,
         dest: &'a Path,
@@ -513,7 +520,9 @@ impl Client {
         let mut last = None;
         for src in self.blob_sources(r) {
             let op = match how {
-                BlobRead::Whole => format!("GET blob {digest} from {}/{}", src.host, r.repository),
+                BlobRead::Whole { .. } => {
+                    format!("GET blob {digest} from {}/{}", src.host, r.repository)
+                }
                 BlobRead::Range(a, b) => format!(
                     "GET blob {digest} bytes {a}..{b} from {}/{}",
                     src.host, r.repository
@@ -563,13 +572,22 @@ impl Client {
         how: &BlobRead<'_>,
     ) -> Result<BlobOut> {
         match how {
-            BlobRead::Whole => {
+            BlobRead::Whole { size } => {
                 let (cx, url) = blob_target(op, src, r, digest, Access::Pull);
                 let resp = self
                     .send(&cx, Method::GET, url, &[], &Payload::Empty, true)
                     .await?;
                 let resp = self.expect(op, resp, &[200]).await?;
-                let data = self.read_all(op, resp, u64::MAX).await?;
+                let data = self.read_all(op, resp, *size).await?;
+                if data.len() as u64 != *size {
+                    return Err(RegistryError::new(
+                        op,
+                        ErrorKind::ShortBody {
+                            expected: *size,
+                            got: data.len() as u64,
+                        },
+                    ));
+                }
                 let actual = sha256_digest(&data);
                 if actual != digest {
                     return Err(RegistryError::new(
@@ -585,13 +603,18 @@ impl Client {
             BlobRead::Range(a, b) => Ok(BlobOut::Bytes(
                 self.range_once(src, op, r, digest, *a, *b).await?,
             )),
-            BlobRead::ToFile { dir, name, dest } => {
+            BlobRead::ToFile {
+                size,
+                dir,
+                name,
+                dest,
+            } => {
                 let tmp = dir.join(format!(
                     ".{name}.part-{}-{:08x}",
                     std::process::id(),
                     fastrand::u32(..)
                 ));
-                let res = match self.download_once(src, op, r, digest, &tmp).await {
+                let res = match self.download_once(src, op, r, digest, *size, &tmp).await {
                     Ok(n) => tokio::fs::rename(&tmp, dest)
                         .await
                         .map(|()| n)
@@ -1134,9 +1157,18 @@ impl Client {
         }
     }
 
-    /// Fetches a whole blob into memory and checks its sha256. Mirrors first.
-    pub async fn get_blob(&self, r: &Reference, digest: &str) -> Result<Bytes> {
-        match self.read_blob(r, digest, &BlobRead::Whole).await? {
+    /// Fetches a whole blob of `size` bytes (its descriptor's) into memory and checks its
+    /// length and sha256; a body longer than `size` is cut off, not buffered. Mirrors first.
+    pub async fn get_blob(&self, r: &Reference, digest: &str, size: u64) -> Result<Bytes> {
+        if size > MAX_BLOB_IN_MEMORY {
+            return Err(RegistryError::new(
+                format!("GET blob {digest}"),
+                ErrorKind::Protocol(format!(
+                    "its descriptor says {size} bytes, over the {MAX_BLOB_IN_MEMORY}-byte limit for blobs read into memory"
+                )),
+            ));
+        }
+        match self.read_blob(r, digest, &BlobRead::Whole { size }).await? {
             BlobOut::Bytes(b) => Ok(b),
             BlobOut::Size(_) => Err(RegistryError::new(
                 "get blob",
@@ -1145,9 +1177,16 @@ impl Client {
         }
     }
 
-    /// Streams a blob to `path` (via a temporary file in the same directory, renamed when the
-    /// sha256 matches). Returns the blob size. Mirrors first.
-    pub async fn get_blob_to_file(&self, r: &Reference, digest: &str, path: &Path) -> Result<u64> {
+    /// Streams a blob of `size` bytes (its descriptor's) to `path`, via a temporary file in the
+    /// same directory renamed when length and sha256 match; a body longer than `size` is
+    /// cut off, not written. Returns the blob size. Mirrors first.
+    pub async fn get_blob_to_file(
+        &self,
+        r: &Reference,
+        digest: &str,
+        size: u64,
+        path: &Path,
+    ) -> Result<u64> {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -1162,6 +1201,7 @@ impl Client {
                 )
             })?;
         let how = BlobRead::ToFile {
+            size,
             dir: &dir,
             name: &name,
             dest: path,
@@ -1181,6 +1221,7 @@ impl Client {
         op: &str,
         r: &Reference,
         digest: &str,
+        size: u64,
         tmp: &Path,
     ) -> Result<u64> {
         let err = |k| RegistryError::new(op, k);
@@ -1190,6 +1231,13 @@ impl Client {
             .await?;
         let resp = self.expect(op, resp, &[200]).await?;
         let expected = content_length(&resp);
+        if let Some(n) = expected
+            && n != size
+        {
+            return Err(err(ErrorKind::Protocol(format!(
+                "the registry announces {n} bytes, the descriptor says {size}"
+            ))));
+        }
         let mut file = tokio::fs::File::create(tmp)
             .await
             .map_err(|e| err(ErrorKind::Io(e)))?;
@@ -1199,27 +1247,30 @@ impl Client {
         loop {
             match rd.next().await {
                 Ok(Some(c)) => {
-                    hasher.update(&c);
                     n += c.len() as u64;
+                    if n > size {
+                        return Err(err(ErrorKind::Protocol(format!(
+                            "body exceeds the descriptor's {size} bytes"
+                        ))));
+                    }
+                    hasher.update(&c);
                     file.write_all(&c)
                         .await
                         .map_err(|e| err(ErrorKind::Io(e)))?;
                 }
                 Ok(None) => break,
-                Err(ErrorKind::Transport(_)) if expected.is_some() => {
+                Err(ErrorKind::Transport(_)) => {
                     return Err(err(ErrorKind::ShortBody {
-                        expected: expected.unwrap_or(0),
+                        expected: size,
                         got: n,
                     }));
                 }
                 Err(k) => return Err(err(k)),
             }
         }
-        if let Some(e) = expected
-            && n < e
-        {
+        if n < size {
             return Err(err(ErrorKind::ShortBody {
-                expected: e,
+                expected: size,
                 got: n,
             }));
         }
