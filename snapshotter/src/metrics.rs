@@ -140,6 +140,12 @@ impl Metrics {
                 "Chunks fetched by access-trace prefetch (part of the misses).",
                 lazy.prefetched as f64,
             ),
+            (
+                "cora_fetch_worker_panics_total",
+                "counter",
+                "Fetch jobs that panicked (their reads failed; the worker lived on).",
+                lazy.worker_panics as f64,
+            ),
         ];
         for (name, ty, help, v) in simple {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {v}");
@@ -160,47 +166,73 @@ impl Metrics {
     }
 }
 
+/// Scrapes served at once; more connections wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 16;
+/// A connection that has not sent its request head (or taken its reply) by then is dropped:
+/// a client that trickles bytes or never reads holds no task for long.
+pub const CONNECTION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves `render()` output at `uri_prefix` until the listener's task is dropped.
 pub async fn serve<F>(listener: TcpListener, uri_prefix: String, render: F)
 where
     F: Fn() -> String + Send + Sync + Clone + 'static,
 {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of file descriptors, typically: retrying at once would spin.
+                tracing::warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let render = render.clone();
         let prefix = uri_prefix.clone();
         tokio::spawn(async move {
-            // Only the request line matters; 8 KiB is far more than any scraper sends.
-            let mut buf = vec![0u8; 8192];
-            let mut len = 0;
-            while len < buf.len() {
-                match conn.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let mut parts = head.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, body) = if method == "GET" && path == prefix {
-                ("200 OK", render())
-            } else {
-                ("404 Not Found", "not found\n".to_owned())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let _permit = permit;
+            let _ =
+                tokio::time::timeout(CONNECTION_DEADLINE, answer(&mut conn, &prefix, render)).await;
         });
     }
+}
+
+async fn answer<F: Fn() -> String>(
+    conn: &mut tokio::net::TcpStream,
+    prefix: &str,
+    render: F,
+) -> std::io::Result<()> {
+    // Only the request line matters; 8 KiB is far more than any scraper sends.
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while len < buf.len() {
+        match conn.read(&mut buf[len..]).await? {
+            0 => break,
+            n => len += n,
+        }
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, body) = if method == "GET" && path == prefix {
+        ("200 OK", render())
+    } else {
+        ("404 Not Found", "not found\n".to_owned())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(resp.as_bytes()).await?;
+    conn.shutdown().await
 }
 
 #[cfg(test)]
@@ -251,5 +283,34 @@ mod tests {
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"0.0025\"} 0"));
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("cora_fetch_seconds_bucket{le=\"+Inf\"} 2"));
+    }
+
+    /// Clients that connect and send nothing hold every slot; they are dropped at the
+    /// deadline and a real scrape is then answered (without the deadline it waits forever).
+    #[tokio::test(flavor = "current_thread")]
+    async fn silent_clients_do_not_starve_a_scrape() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, "/metrics".into(), || "up 1\n".into()));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 4 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let scrape = async {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let out = tokio::time::timeout(CONNECTION_DEADLINE * 4, scrape)
+            .await
+            .expect("scrape starved by idle connections");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.ends_with("up 1\n"), "{out}");
+        server.abort();
     }
 }

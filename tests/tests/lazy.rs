@@ -648,3 +648,58 @@ fn a_reader_going_through_the_window_claims_the_next_one_twice_as_large() -> Res
     }
     Ok(())
 }
+
+/// A blob source that panics on its next read once armed (a bug in a fetch path).
+struct PanicsWhenArmed {
+    inner: Arc<dyn BlobRead>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl BlobRead for PanicsWhenArmed {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn size(&self, digest: &str) -> Result<u64, lazy::blobs::BlobError> {
+        self.inner.size(digest)
+    }
+    fn read(&self, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>, lazy::blobs::BlobError> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("injected fetch panic");
+        }
+        self.inner.read(digest, offset, len)
+    }
+}
+
+/// A fetch that panics fails its read with an error, is counted, and the pool keeps its
+/// worker: the same read succeeds next time instead of waiting forever.
+#[test]
+fn a_panicking_fetch_fails_its_read_and_is_counted() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("panics", &[&small_tree()?])?;
+    let expect = reference_bytes(&env, &m, "panics")?;
+    let remote = Arc::new(PanicsWhenArmed {
+        inner: env.blobs(&env.reg.host, "panics")?,
+        armed: false.into(),
+    });
+    let src = env.source_with(
+        &m,
+        vec![remote.clone()],
+        &env.tmp.path().join("cache"),
+        FetchOptions {
+            fetch_threads: 1,
+            ..FetchOptions::default()
+        },
+    )?;
+    src.wait_metadata()?;
+    remote
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let off = src.size() / 2;
+    let mut buf = vec![0u8; 4096];
+    src.read_at(off, &mut buf)
+        .expect_err("a read whose fetch panicked succeeded");
+    assert_eq!(src.stats.snapshot().worker_panics, 1);
+    src.read_at(off, &mut buf)?;
+    assert!(buf[..] == expect[off as usize..off as usize + buf.len()]);
+    Ok(())
+}

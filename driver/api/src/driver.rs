@@ -399,6 +399,8 @@ pub struct DriverStats {
     pub readahead: u64,
     /// Of `misses`: chunks fetched by trace prefetch.
     pub prefetched: u64,
+    /// Fetch jobs that panicked; each failed its reads and its worker lived on.
+    pub worker_panics: u64,
 }
 
 impl DriverStats {
@@ -413,6 +415,7 @@ impl DriverStats {
         self.fetch_seconds.add(&o.fetch_seconds);
         self.readahead += o.readahead;
         self.prefetched += o.prefetched;
+        self.worker_panics += o.worker_panics;
     }
 }
 

@@ -494,24 +494,29 @@ impl ChunkCache {
     ///
     /// Returns `Ok(false)` if the chunk is not cached (including when it vanished between
     /// lookup and open, or was found corrupt and removed). A range that does not lie inside
-    /// the chunk is an [`CacheError::OutOfRange`] error and copies nothing.
+    /// the entry means the entry is not that chunk (cut short in place, not verified because
+    /// trusted, see [`CacheOptions::trust_since_boot`]): it is removed and this is a miss, so
+    /// the caller fetches the chunk again. A range that does not fit in `usize` is an
+    /// [`CacheError::OutOfRange`] error.
     pub fn read_at(&self, digest: &ChunkDigest, offset: usize, buf: &mut [u8]) -> Result<bool> {
-        let Some(chunk) = self.lookup(digest)? else {
-            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
-        };
-        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-        let in_range = offset
-            .checked_add(buf.len())
-            .is_some_and(|end| end as u64 <= chunk.size);
-        if !in_range {
+        let Some(end) = offset.checked_add(buf.len()) else {
             return Err(CacheError::OutOfRange {
                 digest: digest_hex(digest),
                 offset,
                 len: buf.len(),
-                size: chunk.size,
+                size: 0,
             });
+        };
+        let Some(chunk) = self.lookup(digest)? else {
+            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        };
+        if end as u64 > chunk.size {
+            self.discard(digest, &chunk, end as u64);
+            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
         }
+        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
         chunk
             .read_exact_at(buf, offset as u64)
             .map_err(|e| io_err("read", &self.entry_path(digest))(e))?;
@@ -545,11 +550,19 @@ impl ChunkCache {
     /// Only pass [`LentChunk::kernel_bytes`] to system calls: a page that cannot be read (an
     /// entry truncated in place by someone else, a disk error) then fails the call with
     /// `EFAULT`, whereas touching it from user space would raise SIGBUS.
-    pub fn lend(&self, digest: &ChunkDigest) -> Result<Option<LentChunk>> {
+    ///
+    /// `len` is the chunk's length by the index: an entry of another size is removed (as in
+    /// [`ChunkCache::read_at`]) and this is a miss.
+    pub fn lend(&self, digest: &ChunkDigest, len: u64) -> Result<Option<LentChunk>> {
         let Some(chunk) = self.lookup(digest)? else {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
+        if chunk.size != len {
+            self.discard(digest, &chunk, len);
+            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         if chunk.lend().is_none() {
             return Ok(None);
         }
@@ -563,6 +576,18 @@ impl ChunkCache {
     pub fn contains(&self, digest: &ChunkDigest) -> bool {
         self.inner.fds.contains(digest)
             || fs::metadata(self.entry_path(digest)).is_ok_and(|m| m.is_file())
+    }
+
+    /// Drops an entry whose size shows it is not the chunk it is named after (`want` bytes
+    /// were needed): from the fd cache, and from disk if the file there is still this one.
+    fn discard(&self, digest: &ChunkDigest, chunk: &OpenChunk, want: u64) {
+        let path = self.entry_path(digest);
+        warn!(path = %path.display(), size = chunk.size, want, "cache entry of the wrong size removed");
+        self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+        self.inner.fds.remove(digest);
+        if let Ok(meta) = chunk.file.metadata() {
+            remove_if_same_inode(&path, &meta);
+        }
     }
 
     /// Find an open fd for the entry, opening (and verifying) it on an fd-cache miss.

@@ -85,31 +85,36 @@ fn round_trip_whole_and_sub_ranges_in(mmap: bool) {
 }
 
 #[test]
-fn out_of_range_is_an_error_and_copies_nothing() {
-    out_of_range_is_an_error_and_copies_nothing_in(false);
+fn a_read_past_the_entry_is_a_miss_and_drops_it() {
+    a_read_past_the_entry_is_a_miss_and_drops_it_in(false);
 }
 
 #[test]
-fn out_of_range_is_an_error_and_copies_nothing_mmap() {
-    out_of_range_is_an_error_and_copies_nothing_in(true);
+fn a_read_past_the_entry_is_a_miss_and_drops_it_mmap() {
+    a_read_past_the_entry_is_a_miss_and_drops_it_in(true);
 }
 
-fn out_of_range_is_an_error_and_copies_nothing_in(mmap: bool) {
+fn a_read_past_the_entry_is_a_miss_and_drops_it_in(mmap: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let cache = ChunkCache::open_with(dir.path(), opts(mmap)).expect("open");
     let (d, data) = entry(2, 1000);
-    cache.insert(&d, &data).expect("insert");
-    for (off, len) in [(999, 2), (1000, 1), (5000, 10), (usize::MAX, 2)] {
+    let mut buf = vec![0xeeu8; 2];
+    let err = cache
+        .read_at(&d, usize::MAX, &mut buf)
+        .expect_err("range overflows");
+    assert!(matches!(err, CacheError::OutOfRange { .. }), "{err}");
+    for (off, len) in [(999, 2), (1000, 1), (5000, 10)] {
+        cache.insert(&d, &data).expect("insert");
+        // An empty read at the very end is in range.
+        assert!(cache.read_at(&d, 1000, &mut []).expect("empty read"));
         let mut buf = vec![0xeeu8; len];
-        let err = cache.read_at(&d, off, &mut buf).expect_err("out of range");
-        assert!(
-            matches!(err, CacheError::OutOfRange { size: 1000, .. }),
-            "{err}"
-        );
+        // The entry cannot be the chunk the caller's index describes: a miss, so the
+        // caller fetches it again, and the entry is gone.
+        assert!(!cache.read_at(&d, off, &mut buf).expect("miss"));
         assert!(buf.iter().all(|&b| b == 0xee));
+        assert!(!cache.contains(&d), "{off}+{len}: entry kept");
     }
-    // An empty read at the very end is in range.
-    assert!(cache.read_at(&d, 1000, &mut []).expect("empty read"));
+    assert_eq!(cache.stats().expect("stats").corrupt, 3);
 }
 
 #[test]
@@ -229,21 +234,22 @@ fn corrupt_entries_are_dropped_on_open_and_by_gc() {
     );
     assert_eq!(reader.stats().expect("stats").corrupt, 1);
 
-    // Without verify-on-open a truncated entry is still caught by gc (and the range check).
+    // Without verify-on-open a truncated entry is still caught by gc, and a read past its
+    // end is a miss that drops it (so the reader fetches the chunk again).
     let mut opts = CacheOptions::new(u64::MAX);
     opts.verify_on_open = false;
     let trusting = ChunkCache::open_with(dir.path(), opts).expect("open");
-    let err = trusting
-        .read_at(&truncated, 7000, &mut buf)
-        .expect_err("short");
-    assert!(
-        matches!(err, CacheError::OutOfRange { size: 4000, .. }),
-        "{err}"
-    );
+    assert!(trusting.read_at(&truncated, 0, &mut buf).expect("read"));
+    assert!(!trusting.read_at(&truncated, 7000, &mut buf).expect("miss"));
+    assert!(!writer.entry_path(&truncated).exists(), "short entry kept");
+    trusting.insert(&truncated, &data_t).expect("insert again");
+    assert!(trusting.read_at(&truncated, 7000, &mut buf).expect("read"));
+    assert_eq!(&buf[..], &data_t[7000..7100]);
     // Zero-length entries are always suspicious (only the empty chunk may be empty).
     assert!(!trusting.read_at(&zeroed, 0, &mut buf).expect("read"));
 
     fs::write(writer.entry_path(&zeroed), b"").expect("zero again");
+    fs::write(writer.entry_path(&truncated), &data_t[..4000]).expect("truncate again");
     let report = reader.gc().expect("gc");
     assert_eq!(report.count(RemovedReason::Corrupt), 2, "{report}");
     assert_eq!(report.verified, 1);
@@ -570,8 +576,7 @@ proptest! {
             prop_assert!(r.expect("in range"));
             prop_assert_eq!(&buf[..], &data[off..end]);
         } else {
-            let out_of_range = matches!(r, Err(CacheError::OutOfRange { .. }));
-            prop_assert!(out_of_range);
+            prop_assert!(!r.expect("a miss"));
         }
     }
 }
@@ -582,15 +587,20 @@ fn lend_maps_cached_chunks_in_either_mode() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open_with(dir.path(), opts(mmap)).unwrap();
         let (d, data) = entry(41, 70_000);
-        assert!(cache.lend(&d).unwrap().is_none());
+        let len = data.len() as u64;
+        assert!(cache.lend(&d, len).unwrap().is_none());
         cache.insert(&d, &data).unwrap();
-        let lent = cache.lend(&d).unwrap().expect("cached chunk lent");
+        let lent = cache.lend(&d, len).unwrap().expect("cached chunk lent");
         assert_eq!(lent.len(), data.len());
         assert!(lent.kernel_bytes() == &data[..]);
         // Reopened from disk (not the write fd): still lent, same bytes.
         let again = ChunkCache::open_with(dir.path(), opts(mmap)).unwrap();
-        let lent = again.lend(&d).unwrap().expect("lent after reopen");
+        let lent = again.lend(&d, len).unwrap().expect("lent after reopen");
         assert!(lent.kernel_bytes() == &data[..]);
+        drop(lent);
+        // An entry of another size than the index says is not that chunk: dropped, a miss.
+        assert!(again.lend(&d, len + 1).unwrap().is_none());
+        assert!(!again.contains(&d));
     }
 }
 

@@ -84,6 +84,8 @@ pub struct SourceStats {
     pub readahead: AtomicU64,
     /// Of `misses`: chunks fetched by trace prefetch.
     pub prefetched: AtomicU64,
+    /// Fetch jobs that panicked (caught: their reads failed, the worker lived on).
+    pub worker_panics: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the fetch latency histogram buckets (Prometheus-style `le`).
@@ -115,6 +117,7 @@ impl SourceStats {
             },
             readahead: self.readahead.load(Ordering::Relaxed),
             prefetched: self.prefetched.load(Ordering::Relaxed),
+            worker_panics: self.worker_panics.load(Ordering::Relaxed),
         }
     }
 
@@ -698,7 +701,7 @@ impl LazySource {
                 Piece::Chunk { stream, index, .. } => {
                     slices += 1;
                     let c = inner.stack.chunk(stream, index);
-                    match inner.cache.lend(&c.digest)? {
+                    match inner.cache.lend(&c.digest, u64::from(c.uncompressed_len))? {
                         Some(chunk) => lent.push(Some(chunk)),
                         None => return Ok(None),
                     }
@@ -1339,9 +1342,11 @@ impl Pool {
                 }
             };
             let prio = job.prio;
+            let stats = job.inner.stats.clone();
             // A panic fails this job's flights (its Drop releases them) and the worker lives
             // on: a pool that counted a dead worker would leave later reads waiting forever.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.execute())).is_err() {
+                stats.worker_panics.fetch_add(1, Ordering::Relaxed);
                 warn!("a fetch worker panicked; its reads fail");
             }
             let mut st = lock(&self.state);

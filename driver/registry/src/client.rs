@@ -258,16 +258,32 @@ enum BlobOut {
 }
 
 /// Reads a response body frame by frame with a stall timeout, counting bytes.
+/// The slowest body a read accepts on average, on top of one stall timeout: a server that
+/// drips a byte now and then never stalls, but it cannot hold a read longer than this allows.
+const MIN_BODY_RATE: f64 = 64.0 * 1024.0;
+
 struct BodyReader {
     body: Incoming,
     stall: Duration,
+    started: tokio::time::Instant,
+    /// The whole body must have arrived by then.
+    deadline: tokio::time::Instant,
     stats: Arc<StatsInner>,
 }
 
 impl BodyReader {
     async fn next(&mut self) -> std::result::Result<Option<Bytes>, ErrorKind> {
         loop {
-            match tokio::time::timeout(self.stall, self.body.frame()).await {
+            let now = tokio::time::Instant::now();
+            let left = self.deadline.saturating_duration_since(now);
+            let wait = self.stall.min(left);
+            match tokio::time::timeout(wait, self.body.frame()).await {
+                Err(_) if wait < self.stall => {
+                    return Err(ErrorKind::Timeout {
+                        phase: "body data (too slow overall)",
+                        after: self.started.elapsed(),
+                    });
+                }
                 Err(_) => {
                     return Err(ErrorKind::Timeout {
                         phase: "body data (stalled)",
@@ -319,6 +335,15 @@ pub fn sha256_digest(data: &[u8]) -> String {
 }
 
 /// `scheme://authority` of an absolute URL, lowercased, for same-origin checks.
+/// `url` for logs: a redirect target's query is often a pre-signed credential
+/// (`X-Amz-Signature=…`), so it is left out.
+fn loggable(url: &str) -> std::borrow::Cow<'_, str> {
+    match url.split_once(['?', '#']) {
+        Some((base, _)) => format!("{base}?…").into(),
+        None => url.into(),
+    }
+}
+
 fn origin(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let auth = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -710,7 +735,7 @@ impl Client {
             .body(body)
             .map_err(|e| err(ErrorKind::Protocol(format!("cannot build request: {e}"))))?;
         self.inner.stats.request();
-        debug!(%method, url, "registry request");
+        debug!(%method, url = %loggable(url), "registry request");
         match tokio::time::timeout(self.inner.timeout, self.inner.http.request(req)).await {
             Err(_) => Err(err(ErrorKind::Timeout {
                 phase: "connection and response headers",
@@ -721,7 +746,7 @@ impl Client {
                 if resp.version() == Version::HTTP_2 {
                     self.inner.stats.h2();
                 }
-                debug!(%method, url, status = resp.status().as_u16(), version = ?resp.version(), "registry response");
+                debug!(%method, url = %loggable(url), status = resp.status().as_u16(), version = ?resp.version(), "registry response");
                 Ok(resp)
             }
         }
@@ -729,11 +754,7 @@ impl Client {
 
     /// Reads and discards a small body so the connection can be reused.
     async fn drain(&self, resp: Response<Incoming>) {
-        let mut r = BodyReader {
-            body: resp.into_body(),
-            stall: self.inner.timeout,
-            stats: self.inner.stats.clone(),
-        };
+        let mut r = self.reader(resp, 64 * 1024);
         let mut n = 0;
         while let Ok(Some(c)) = r.next().await {
             n += c.len();
@@ -980,10 +1001,20 @@ impl Client {
         Err(RegistryError::new(op, kind))
     }
 
-    fn reader(&self, resp: Response<Incoming>) -> BodyReader {
+    /// A reader of a body of up to `expect` bytes: each frame within the stall timeout, the
+    /// whole within one timeout plus `expect` at [`MIN_BODY_RATE`].
+    fn reader(&self, resp: Response<Incoming>, expect: u64) -> BodyReader {
+        let started = tokio::time::Instant::now();
+        let allowance = self
+            .inner
+            .timeout
+            .saturating_add(Duration::from_secs_f64(expect as f64 / MIN_BODY_RATE));
         BodyReader {
             body: resp.into_body(),
             stall: self.inner.timeout,
+            started,
+            // An absurd `expect` must not overflow the clock: a day is the most a body gets.
+            deadline: started + allowance.min(Duration::from_secs(86_400)),
             stats: self.inner.stats.clone(),
         }
     }
@@ -999,7 +1030,7 @@ impl Client {
                 "body of {n} bytes exceeds the {max}-byte limit"
             ))));
         }
-        let mut r = self.reader(resp);
+        let mut r = self.reader(resp, expected.unwrap_or(max).min(max));
         let mut out = BytesMut::with_capacity(expected.unwrap_or(0).min(max) as usize);
         loop {
             match r.next().await {
@@ -1241,7 +1272,7 @@ impl Client {
         let mut file = tokio::fs::File::create(tmp)
             .await
             .map_err(|e| err(ErrorKind::Io(e)))?;
-        let mut rd = self.reader(resp);
+        let mut rd = self.reader(resp, size);
         let mut hasher = Sha256::new();
         let mut n: u64 = 0;
         loop {
@@ -1366,7 +1397,8 @@ impl Client {
             0
         };
         let mut out = BytesMut::with_capacity(len.min(64 << 20) as usize);
-        let mut rd = self.reader(resp);
+        // A 200 answer sends the blob from its start: the bytes before `start` count too.
+        let mut rd = self.reader(resp, end - pos);
         while (out.len() as u64) < len {
             match rd.next().await {
                 Ok(Some(c)) => {
