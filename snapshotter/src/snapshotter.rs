@@ -10,8 +10,9 @@
 //! Crash safety: a new snapshot's directory is built as `snapshots/tmp-<id>`, the metadata
 //! transaction commits, then the directory is renamed to `<id>`. A removed snapshot's directory is
 //! renamed to `rm-<id>` before its record's deletion commits, then deleted. On start (and on
-//! Cleanup) `tmp-<id>` whose record exists is renamed into place, and every other directory without
-//! a record is deleted, so a crash at any point leaves either a whole snapshot or none.
+//! Cleanup) `tmp-<id>` or `rm-<id>` whose record exists is renamed into place (a creation that
+//! committed, a removal that did not), and every other directory without a record is deleted,
+//! so a crash at any point leaves either a whole snapshot or none.
 use crate::metrics::{Metrics, SnapshotCounts};
 use crate::remote::{
     KeyedLocks, LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET_REF,
@@ -671,9 +672,13 @@ impl Snapshotter {
             let entry = entry.map_err(io_err("reading", &snapshots))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            let keep = match name.strip_prefix("tmp-").map(str::parse::<u64>) {
+            let pending = name
+                .strip_prefix("tmp-")
+                .or_else(|| name.strip_prefix("rm-"))
+                .map(str::parse::<u64>);
+            let keep = match pending {
                 Some(Ok(id)) if ids.contains(&id) && !self.dir(id).exists() => {
-                    info!("finishing interrupted creation of snapshot dir {id}");
+                    info!("putting back snapshot dir {name}: its record exists");
                     std::fs::rename(&path, self.dir(id)).map_err(io_err("renaming", &path))?;
                     true
                 }

@@ -336,6 +336,17 @@ async fn restart_and_crash_keep_snapshots_and_drop_orphans() -> Result<()> {
         .into_inner()
         .mounts;
     assert_eq!(m[0].r#type, "overlay");
+
+    // A crash in Remove between the rename and the metadata commit: the record is still
+    // there, so its directory is put back, not deleted as an orphan.
+    std::fs::write(snapshots.join("2/fs/kept"), b"data")?;
+    std::fs::rename(snapshots.join("2"), snapshots.join("rm-2"))?;
+    drop(c);
+    let snap = snap.restart(bin())?;
+    assert_eq!(std::fs::read(snapshots.join("2/fs/kept"))?, b"data");
+    assert!(!snapshots.join("rm-2").exists());
+    let mut c = connect(&snap.socket).await?;
+    assert_eq!(list(&mut c).await?, before);
     Ok(())
 }
 
