@@ -233,18 +233,29 @@ impl UblkLayers {
     /// (remount if only the mount is gone, recover if only a ublk server died). `None` when
     /// the device is gone (a FUSE device whose server died is: it cannot be recovered); stale
     /// leftovers are cleared then.
-    fn reuse(&self, p: &StackPaths, st: &StackState, fs_type: &str) -> Option<PathBuf> {
+    fn reuse(
+        &self,
+        p: &StackPaths,
+        st: &StackState,
+        fs_type: &str,
+    ) -> Result<Option<PathBuf>, RemoteError> {
         if st.unpacked {
             if st.mountpoint.is_dir() {
-                return Some(st.mountpoint.clone());
+                return Ok(Some(st.mountpoint.clone()));
             }
             let _ = std::fs::remove_file(&p.state);
-            return None;
+            return Ok(None);
         }
-        let driver = self.driver().ok()?;
+        let driver = self.driver()?;
         let fuse = st.transport == Transport::Fuse;
         let ns = Namespace::of(st.transport);
         let dev = device_info(driver, st.device_id, self.fuse_dir(), ns)
+            .map_err(|e| {
+                RemoteError::Failed(format!(
+                    "stack {}: cannot tell whether its device {} is alive: {e}",
+                    st.stack_key, st.device_id
+                ))
+            })?
             .filter(|d| d.layer_digest.as_deref() == Some(st.layer_digest.as_str()));
         let Some(dev) = dev else {
             info!(stack = %st.stack_key, id = st.device_id, "device of the recorded stack is gone; attaching anew");
@@ -254,7 +265,7 @@ impl UblkLayers {
                 let _ = unmount(&st.mountpoint);
             }
             let _ = std::fs::remove_file(&p.state);
-            return None;
+            return Ok(None);
         };
         if fuse && dev.state != DeviceState::Live {
             info!(stack = %st.stack_key, id = st.device_id, state = %dev.state, "the FUSE server of the recorded stack died; attaching anew");
@@ -270,7 +281,7 @@ impl UblkLayers {
                 warn!(id = st.device_id, "clearing the dead FUSE device: {e}");
             }
             let _ = std::fs::remove_file(&p.state);
-            return None;
+            return Ok(None);
         }
         if dev.state == DeviceState::Quiesced {
             info!(id = st.device_id, "the device's server died; recovering it");
@@ -280,11 +291,11 @@ impl UblkLayers {
             };
             if let Err(e) = run_driver(driver, &args.to_args(), ADD_TIMEOUT, Namespace::Private) {
                 warn!(id = st.device_id, "recover failed: {e}");
-                return None;
+                return Ok(None);
             }
         }
         if is_mountpoint(&st.mountpoint) {
-            return Some(st.mountpoint.clone());
+            return Ok(Some(st.mountpoint.clone()));
         }
         if fuse {
             // A loop device of the lost mount is of no use any more.
@@ -301,11 +312,11 @@ impl UblkLayers {
                         warn!(id = st.device_id, "recording the remount: {e}");
                     }
                 }
-                Some(st.mountpoint.clone())
+                Ok(Some(st.mountpoint.clone()))
             }
             Err(e) => {
                 warn!(id = st.device_id, "remounting: {e}");
-                None
+                Ok(None)
             }
         }
     }
@@ -471,7 +482,7 @@ impl UblkLayers {
         let p = self.paths(stack_key);
         if let Some(st) = self.read_state(&p.state)
             && st.stack_key == stack_key
-            && let Some(mp) = self.reuse(&p, &st, fs_type)
+            && let Some(mp) = self.reuse(&p, &st, fs_type)?
         {
             info!(stack = %stack_key, unpacked = st.unpacked, "reusing the attached stack");
             return Ok(mp);
@@ -616,7 +627,9 @@ impl RemoteLayers for UblkLayers {
             let ns = Namespace::of(st.transport);
             let id = st.device_id;
             let gone = || match st.transport {
-                Transport::Fuse => device_info(&driver, id, self.fuse_dir(), ns).is_none(),
+                Transport::Fuse => {
+                    matches!(device_info(&driver, id, self.fuse_dir(), ns), Ok(None))
+                }
                 _ => !Path::new(&format!("/sys/block/ublkb{id}")).exists(),
             };
             let args = contract::del_args(id, self.fuse_dir());
@@ -935,24 +948,19 @@ fn wait_exited(pid: u32) -> std::io::Result<()> {
     }
 }
 
-/// Device `id` as `cora-driver list --json` describes it; `None` when it is not listed (or the
-/// list cannot be had: then it is treated as gone, and the stack attached anew).
+/// Device `id` as `cora-driver list --json` describes it; `Ok(None)` when it is not listed.
+/// A list that cannot be had is an error, never "gone": a live device taken for gone would be
+/// forgotten, and a second one started on its mountpoint.
 fn device_info(
     driver: &Path,
     id: u32,
     fuse_dir: Option<&Path>,
     ns: Namespace,
-) -> Option<DeviceInfo> {
-    let list = run_driver(driver, &contract::list_json_args(fuse_dir), DEL_TIMEOUT, ns)
-        .map_err(|e| e.to_string())
-        .and_then(|out| DeviceInfo::parse_list(&out).map_err(|e| e.to_string()));
-    match list {
-        Ok(list) => list.into_iter().find(|d| d.id == id),
-        Err(e) => {
-            warn!(id, "listing devices: {e}");
-            None
-        }
-    }
+) -> Result<Option<DeviceInfo>, RemoteError> {
+    let out = run_driver(driver, &contract::list_json_args(fuse_dir), DEL_TIMEOUT, ns)?;
+    let list = DeviceInfo::parse_list(&out)
+        .map_err(|e| RemoteError::Failed(format!("listing devices: {e}")))?;
+    Ok(list.into_iter().find(|d| d.id == id))
 }
 
 fn cstr(p: &Path) -> Result<CString, RemoteError> {
@@ -1426,9 +1434,15 @@ mod tests {
         // /proc is a mount point, so a live device is reused without mounting anything.
         let st = stack("ns/3/L", Transport::Ublk, 5, Path::new("/proc"));
         fake.lists(&[device(5, Transport::Ublk, "LIVE", D)]);
-        assert_eq!(b.reuse(&p, &st, "erofs"), Some(PathBuf::from("/proc")));
+        assert_eq!(
+            b.reuse(&p, &st, "erofs").unwrap(),
+            Some(PathBuf::from("/proc"))
+        );
         fake.lists(&[device(5, Transport::Ublk, "QUIESCED", D)]);
-        assert_eq!(b.reuse(&p, &st, "erofs"), Some(PathBuf::from("/proc")));
+        assert_eq!(
+            b.reuse(&p, &st, "erofs").unwrap(),
+            Some(PathBuf::from("/proc"))
+        );
         let list = format!("list --json --fuse-dir {}", fuse_dir.display());
         assert_eq!(
             fake.take_calls(),
@@ -1445,12 +1459,18 @@ mod tests {
         // Another stack's device under the recorded id: not ours, the state is dropped.
         let elsewhere = StackState {
             mountpoint: dir.path().join("not-mounted"),
-            ..st
+            ..st.clone()
         };
         write_state(&p.state, &elsewhere).unwrap();
         fake.lists(&[device(5, Transport::Ublk, "LIVE", "sha256:other")]);
-        assert_eq!(b.reuse(&p, &elsewhere, "erofs"), None);
+        assert_eq!(b.reuse(&p, &elsewhere, "erofs").unwrap(), None);
         assert!(!p.state.exists());
+        // No list at all (the driver failed): an error, and the device is not forgotten.
+        write_state(&p.state, &st).unwrap();
+        std::fs::remove_file(&fake.list).unwrap();
+        let e = b.reuse(&p, &st, "erofs").unwrap_err();
+        assert!(e.to_string().contains("cannot tell whether"), "{e}");
+        assert!(p.state.exists(), "a device that may be live was forgotten");
     }
 
     #[test]
@@ -1461,7 +1481,10 @@ mod tests {
         let id = 1 << 24;
         let st = stack("ns/4/L", Transport::Fuse, id, Path::new("/proc"));
         fake.lists(&[device(id, Transport::Fuse, "LIVE", D)]);
-        assert_eq!(b.reuse(&p, &st, "erofs"), Some(PathBuf::from("/proc")));
+        assert_eq!(
+            b.reuse(&p, &st, "erofs").unwrap(),
+            Some(PathBuf::from("/proc"))
+        );
         let list = format!("list --json --fuse-dir {}", fuse_dir.display());
         assert_eq!(fake.take_calls(), std::slice::from_ref(&list));
 
@@ -1473,7 +1496,7 @@ mod tests {
         };
         write_state(&p.state, &unmounted).unwrap();
         fake.lists(&[device(id, Transport::Fuse, "DEAD", D)]);
-        assert_eq!(b.reuse(&p, &unmounted, "erofs"), None);
+        assert_eq!(b.reuse(&p, &unmounted, "erofs").unwrap(), None);
         assert!(!p.state.exists());
         assert_eq!(
             fake.take_calls(),
@@ -1667,13 +1690,13 @@ mod tests {
         write_state(&p.state, &st).unwrap();
         let b2 = UblkLayers::new(opts);
         assert_eq!(b2.attached(), vec![("ns/2/L".to_owned(), p.tree.clone())]);
-        assert_eq!(b2.reuse(&p, &st, "erofs"), Some(p.tree.clone()));
+        assert_eq!(b2.reuse(&p, &st, "erofs").unwrap(), Some(p.tree.clone()));
         b2.detach("ns/2/L", &p.tree).unwrap();
         assert!(!p.tree.exists() && !p.state.exists());
         assert!(b2.attached().is_empty());
         // A state whose tree is gone is dropped, not reused.
         write_state(&p.state, &st).unwrap();
-        assert_eq!(b2.reuse(&p, &st, "erofs"), None);
+        assert_eq!(b2.reuse(&p, &st, "erofs").unwrap(), None);
         assert!(!p.state.exists());
     }
 }
