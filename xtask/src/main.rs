@@ -90,9 +90,20 @@ fn test() -> Result<()> {
     deps::run("cargo", &["test", "--workspace", "--release"])?;
     // The format's parsers once more with overflow checks (debug build): an arithmetic
     // overflow on hostile input must be an error, and release builds would wrap silently.
+    // `fuzz_parsers` mutates the committed corpus (blobfmt/fuzz/corpus) for a bounded number
+    // of cases per parser (CORA_FUZZ_CASES).
     deps::run(
         "cargo",
-        &["test", "-p", "blobfmt", "--lib", "--test", "format_props"],
+        &[
+            "test",
+            "-p",
+            "blobfmt",
+            "--lib",
+            "--test",
+            "format_props",
+            "--test",
+            "fuzz_parsers",
+        ],
     )?;
     vm_test(&vm::VmOpts::default(), None)
 }

@@ -1,0 +1,10 @@
+//! Image manifests, indexes and configs; see `checks::oci`.
+#![no_main]
+
+#[path = "../checks.rs"]
+#[allow(dead_code)] // each target uses one check
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = checks::oci(data);
+});
