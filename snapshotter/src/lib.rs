@@ -39,6 +39,9 @@ fn io(what: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error)
     move |source| ServeError::Io { what, path, source }
 }
 
+/// How often attached devices are checked for a dead server.
+pub const HEAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves the snapshots API on `config.address` (and metrics when enabled) until `shutdown`
 /// resolves. `metrics` is shared with the lazy backend, which updates its device, cache and
 /// fetch counters. Snapshots, mounts and attached stacks are left in place on exit, so running
@@ -106,6 +109,22 @@ pub async fn serve(
         .map_err(io("chmod", address))?;
     tracing::info!("cora-snapshotter serving on {}", address.display());
 
+    // Nothing else notices a device server that died: with ublk, running containers' reads
+    // would wait in the kernel until the stack's next attach. Within about this long of the
+    // death, a new server takes over the device and the reads resume.
+    let watcher = {
+        let sn = sn.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEAL_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let sn = sn.clone();
+                let _ = tokio::task::spawn_blocking(move || sn.heal()).await;
+            }
+        })
+    };
+
     let result = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(service::Service::new(sn)))
         .serve_with_incoming_shutdown(
@@ -113,6 +132,7 @@ pub async fn serve(
             shutdown,
         )
         .await;
+    watcher.abort();
     if let Some(e) = exporter {
         e.abort();
     }

@@ -102,6 +102,13 @@ pub trait RemoteLayers: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Checks the attached stacks' devices and restarts the server of any that died and can be
+    /// recovered (a quiesced ublk device: running containers' reads wait in the kernel and
+    /// resume). Returns the stacks recovered. Called periodically by the snapshotter.
+    fn heal(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Lazy-serving counters summed over all devices, past and present.
     fn stats(&self) -> DriverStats {
         DriverStats::default()

@@ -161,6 +161,14 @@ impl Snapshotter {
         &self.metrics
     }
 
+    /// Recovers attached devices whose server died (see [`RemoteLayers::heal`]).
+    pub fn heal(&self) {
+        let started = std::time::Instant::now();
+        for stack in self.remote.heal() {
+            info!(%stack, took = ?started.elapsed(), "recovered the device of a running stack");
+        }
+    }
+
     /// The lazy backend's counters (cache hits, bytes fetched, fetch latency).
     pub fn lazy_stats(&self) -> crate::remote::DriverStats {
         self.remote.stats()

@@ -283,16 +283,11 @@ impl UblkLayers {
             let _ = std::fs::remove_file(&p.state);
             return Ok(None);
         }
-        if dev.state == DeviceState::Quiesced {
-            info!(id = st.device_id, "the device's server died; recovering it");
-            let args = RecoverArgs {
-                id: st.device_id,
-                run: self.run_args(p),
-            };
-            if let Err(e) = run_driver(driver, &args.to_args(), ADD_TIMEOUT, Namespace::Private) {
-                warn!(id = st.device_id, "recover failed: {e}");
-                return Ok(None);
-            }
+        if dev.state == DeviceState::Quiesced
+            && let Err(e) = self.recover(driver, p, st)
+        {
+            warn!(id = st.device_id, "recover failed: {e}");
+            return Ok(None);
         }
         if is_mountpoint(&st.mountpoint) {
             return Ok(Some(st.mountpoint.clone()));
@@ -319,6 +314,17 @@ impl UblkLayers {
                 Ok(None)
             }
         }
+    }
+
+    /// Starts a new server for a ublk device whose server died (the device is quiesced: the
+    /// kernel holds its I/O, which then resumes with the new server's answers).
+    fn recover(&self, driver: &Path, p: &StackPaths, st: &StackState) -> Result<(), RemoteError> {
+        info!(stack = %st.stack_key, id = st.device_id, "the device's server died; recovering it");
+        let args = RecoverArgs {
+            id: st.device_id,
+            run: self.run_args(p),
+        };
+        run_driver(driver, &args.to_args(), ADD_TIMEOUT, Namespace::Private).map(|_| ())
     }
 
     /// Takes away the erofs mount of a FUSE stack whose device is gone or dead, and its loop
@@ -659,6 +665,69 @@ impl RemoteLayers for UblkLayers {
             })
             .map(|s| (s.stack_key, s.mountpoint))
             .collect()
+    }
+
+    fn heal(&self) -> Vec<String> {
+        let ublk: Vec<StackState> = self
+            .states()
+            .into_iter()
+            .filter(|s| !s.unpacked && s.transport == Transport::Ublk)
+            .collect();
+        if ublk.is_empty() {
+            return Vec::new();
+        }
+        let Ok(driver) = self.driver() else {
+            return Vec::new();
+        };
+        let ns = Namespace::of(Transport::Ublk);
+        let list = run_driver(
+            driver,
+            &contract::list_json_args(self.fuse_dir()),
+            DEL_TIMEOUT,
+            ns,
+        )
+        .and_then(|out| {
+            DeviceInfo::parse_list(&out)
+                .map_err(|e| RemoteError::Failed(format!("listing devices: {e}")))
+        });
+        let list = match list {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("watching devices: {e}");
+                return Vec::new();
+            }
+        };
+        let mut healed = Vec::new();
+        for st in ublk {
+            let quiesced = list.iter().any(|d| {
+                d.id == st.device_id
+                    && d.state == DeviceState::Quiesced
+                    && d.layer_digest.as_deref() == Some(st.layer_digest.as_str())
+            });
+            if !quiesced {
+                continue;
+            }
+            let stack_lock = self.stack_locks.get(&st.stack_key);
+            let _g = lock(&stack_lock);
+            let p = self.paths(&st.stack_key);
+            // Re-read under the stack's lock: a detach or another recover may have won.
+            let Some(now) = self
+                .read_state(&p.state)
+                .filter(|s| s.device_id == st.device_id)
+            else {
+                continue;
+            };
+            let still = device_info(driver, now.device_id, self.fuse_dir(), ns)
+                .is_ok_and(|d| d.is_some_and(|d| d.state == DeviceState::Quiesced));
+            if !still {
+                continue;
+            }
+            match self.recover(driver, &p, &now) {
+                Ok(()) => healed.push(now.stack_key.clone()),
+                Err(e) => warn!(stack = %now.stack_key, id = now.device_id, "recover failed: {e}"),
+            }
+        }
+        healed
     }
 
     fn stats(&self) -> DriverStats {
@@ -1471,6 +1540,41 @@ mod tests {
         let e = b.reuse(&p, &st, "erofs").unwrap_err();
         assert!(e.to_string().contains("cannot tell whether"), "{e}");
         assert!(p.state.exists(), "a device that may be live was forgotten");
+    }
+
+    /// The watcher's check: a quiesced ublk device of an attached stack gets a new server; a
+    /// live one, or one whose list says it serves another stack, is left alone.
+    #[test]
+    fn heal_recovers_quiesced_ublk_devices_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, b, fuse_dir) = with_fake_driver(dir.path());
+        let p = b.paths("ns/3/L");
+        write_state(
+            &p.state,
+            &stack("ns/3/L", Transport::Ublk, 5, Path::new("/proc")),
+        )
+        .unwrap();
+        let list = format!("list --json --fuse-dir {}", fuse_dir.display());
+        fake.lists(&[device(5, Transport::Ublk, "LIVE", D)]);
+        assert!(b.heal().is_empty());
+        assert_eq!(fake.take_calls(), std::slice::from_ref(&list));
+        fake.lists(&[device(5, Transport::Ublk, "QUIESCED", "sha256:other")]);
+        assert!(b.heal().is_empty());
+        fake.take_calls();
+        fake.lists(&[device(5, Transport::Ublk, "QUIESCED", D)]);
+        assert_eq!(b.heal(), ["ns/3/L"]);
+        assert_eq!(
+            fake.take_calls(),
+            [
+                list.clone(),
+                list,
+                format!(
+                    "recover 5 --daemon --ready-json --log {} --stats-file {}",
+                    p.log.display(),
+                    p.stats.display()
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 # rpull` + `ctr run --snapshotter cora` of a CORA image prints the expected output having
 # fetched < 25 % of the image (miss window included); a plain OCI image through the cora
 # snapshotter; the CORA image under containerd's own overlayfs snapshotter; four images
-# cold-started at once; a snapshotter restart keeps snapshots and a running container; `ctr
+# cold-started at once; a snapshotter restart keeps snapshots and a running container, and
+# kill -9 of its device servers is healed by the snapshotter; `ctr
 # snapshots ls/rm`; with ublk gone after the pull, the stack is unpacked instead and the
 # container still starts; nothing left behind.
 # Measures cold start to first output, CORA vs OCI (overlayfs), and CORA again with an access
@@ -410,6 +411,25 @@ sync; echo 3 >/proc/sys/vm/drop_caches
 got=$(sha256sum "$T/containerd/state/io.containerd.runtime.v2.task/cora/keeper/rootfs/usr/bin/openssl" | cut -d" " -f1) \
     || fail "reading the running container's rootfs after the restart"
 [ "$got" = "$base_out" ] || fail "the container's rootfs read '$got' after the restart"
+
+# --- kill -9 of the device servers under the running container: nothing restarts them but the
+# snapshotter's watcher; a read through the container's rootfs waits in the kernel meanwhile
+# and then finishes with the right bytes.
+pids=$("$D" list --json | python3 -c 'import json, sys
+print(" ".join(str(d["pid"]) for d in json.load(sys.stdin) if d["transport"] == "ublk" and d["pid"] > 0))')
+[ -n "$pids" ] || fail "no ublk device server under the running container"
+# shellcheck disable=SC2086
+kill -9 $pids
+for p in $pids; do wait_until 20 "device server $p to die" sh -c "! kill -0 $p"; done
+sync; echo 3 >/proc/sys/vm/drop_caches
+t0=$(now)
+got=$(timeout 120 sha256sum "$T/containerd/state/io.containerd.runtime.v2.task/cora/keeper/rootfs/usr/bin/openssl" | cut -d" " -f1) \
+    || fail "reading the running container's rootfs after kill -9 of its device servers"
+heal_secs=$(awk "BEGIN { print $(now) - $t0 }")
+[ "$got" = "$base_out" ] || fail "the container's rootfs read '$got' after the device servers were killed"
+grep -q "recovered the device of a running stack" "$T/snap.log" || fail "the snapshotter reported no recovery"
+ctr task ls | grep -q "keeper .*RUNNING" || fail "the container stopped when its device servers were killed"
+log "kill -9 of $(echo "$pids" | wc -w) device server(s) under a running container: recovered by the snapshotter; the read finished with the right bytes ${heal_secs}s after it started"
 ctr task kill -s KILL keeper >/dev/null
 wait_until 30 "keeper to stop" sh -c "! ctr task ls | grep -q 'keeper .*RUNNING'"
 ctr task rm keeper >/dev/null 2>&1 || true
