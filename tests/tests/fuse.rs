@@ -270,3 +270,68 @@ fn a_failing_registry_gives_eio_through_fuse_and_reads_recover() -> Result<()> {
     assert!(!running(ready.pid), "the server outlived del");
     Ok(())
 }
+
+/// `add --daemon` killed by whoever started it (e.g. the snapshotter's add timeout) before the
+/// device was ready: the forked server finds nobody to report to when it gets ready, and
+/// removes the device instead of leaving one nobody knows about.
+#[test]
+fn a_server_whose_starter_died_before_ready_removes_its_device() -> Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse missing: this test needs FUSE");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("cora-fuse-orphan-")
+        .tempdir_in("/var/tmp")?;
+    let reg = Registry::start()?;
+    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
+    let image = push_cora(tmp.path(), &reg.host, &tree)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let proxy = rt.block_on(FaultProxy::start(reg.addr))?;
+    let image = image.replacen(&reg.host, &proxy.host, 1);
+    // The manifest is held back: the server has forked and waits for it.
+    proxy.inject("/manifests/", Fault::Delay(Duration::from_secs(3)), 1);
+    let fuse_dir = tmp.path().join("fuse");
+    let mut starter = Command::new(cora_bin("cora-driver"))
+        .args(["add", "--transport", "fuse", "--ready-json", "--daemon"])
+        .args(["--image", &image, "--insecure", &proxy.host])
+        .arg("--cache")
+        .arg(tmp.path().join("cache"))
+        .arg("--fuse-dir")
+        .arg(&fuse_dir)
+        .arg("--log")
+        .arg(tmp.path().join("driver.log"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let needle = fuse_dir.to_string_lossy().into_owned();
+    let mut server = None;
+    cora_tests::wait_until(Duration::from_secs(20), || {
+        server = cora_tests::containerd::pids_with_arg(&needle)
+            .into_iter()
+            .find(|p| *p != starter.id());
+        Ok(server.is_some())
+    })?;
+    let server = server.context("no forked server")? as i32;
+    assert!(
+        proxy.count("/manifests/") <= 1,
+        "the manifest was fetched before the starter was killed"
+    );
+    starter.kill()?;
+    starter.wait()?;
+    cora_tests::wait_until(Duration::from_secs(60), || Ok(!running(server)))?;
+    let log = std::fs::read_to_string(tmp.path().join("driver.log"))?;
+    assert!(
+        proxy.count("/blobs/") > 0,
+        "the server ended before it got ready: {log}"
+    );
+    let list = run(Command::new(cora_bin("cora-driver"))
+        .args(["list", "--json", "--fuse-dir"])
+        .arg(&fuse_dir))?;
+    assert_eq!(
+        list.trim(),
+        "[]",
+        "a device outlived its unreported start: {log}"
+    );
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(!info.contains(&needle), "a mount is left under {needle}");
+    Ok(())
+}

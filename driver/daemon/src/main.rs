@@ -449,6 +449,10 @@ fn start(run: &RunArgs, isolate: bool) -> Result<Notifier> {
             // SAFETY: plain syscalls on descriptors we own; failures leave the defaults.
             unsafe {
                 libc::setsid();
+                // A server reports readiness into a pipe whose reader may be gone (killed on a
+                // timeout): that must be an error it handles by removing the device, not a
+                // SIGPIPE that kills it and leaves a device nobody knows about.
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
                 let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
                 libc::dup2(null, 0);
                 libc::dup2(null, 1);
