@@ -102,6 +102,11 @@ pub trait RemoteLayers: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// At start: deletes devices an earlier run started but never recorded (it was killed
+    /// between a device's start and its state file), so they neither leak nor get a second
+    /// device mounted over them.
+    fn reconcile(&self) {}
+
     /// Checks the attached stacks' devices and restarts the server of any that died and can be
     /// recovered (a quiesced ublk device: running containers' reads wait in the kernel and
     /// resume). Returns the stacks recovered. Called periodically by the snapshotter.

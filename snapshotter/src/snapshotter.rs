@@ -134,6 +134,7 @@ impl Snapshotter {
             pull_attaches: Mutex::new(Vec::new()),
         };
         sn.recover_dirs()?;
+        sn.remote.reconcile();
         for (key, rec) in sn.store.all()? {
             if let Some(stack) = &rec.stack
                 && let Err(e) = sn.acquire(stack)

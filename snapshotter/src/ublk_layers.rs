@@ -26,9 +26,10 @@ use crate::remote::{
 };
 use cora_api::driver::{
     self as contract, DeviceInfo, DeviceState, Mirror, Ready, RecoverArgs, RegistryArgs, RunArgs,
-    Transport, UnpackArgs,
+    TRANSPORT_FUSE, Transport, UnpackArgs,
 };
 use sha2::Digest as _;
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -314,6 +315,18 @@ impl UblkLayers {
                 Ok(None)
             }
         }
+    }
+
+    /// The mount point of the stack a device server works for, if this snapshotter started it:
+    /// its command line names the stack's stats file (`<dir>/<hash>.stats.json`).
+    fn stack_of_server(&self, pid: i32) -> Option<PathBuf> {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        cmdline.split(|b| *b == 0).find_map(|arg| {
+            let name = std::str::from_utf8(arg).ok()?;
+            let path = Path::new(name);
+            let hash = path.file_name()?.to_str()?.strip_suffix(".stats.json")?;
+            (path.parent() == Some(self.opts.dir.as_path())).then(|| self.opts.dir.join(hash))
+        })
     }
 
     /// Starts a new server for a ublk device whose server died (the device is quiesced: the
@@ -665,6 +678,52 @@ impl RemoteLayers for UblkLayers {
             })
             .map(|s| (s.stack_key, s.mountpoint))
             .collect()
+    }
+
+    fn reconcile(&self) {
+        let Ok(driver) = self.driver() else {
+            return;
+        };
+        let recorded: HashSet<u32> = self
+            .states()
+            .iter()
+            .filter(|s| !s.unpacked)
+            .map(|s| s.device_id)
+            .collect();
+        let args = contract::list_json_args(self.fuse_dir());
+        let list = run_driver(driver, &args, DEL_TIMEOUT, Namespace::Private).and_then(|out| {
+            DeviceInfo::parse_list(&out)
+                .map_err(|e| RemoteError::Failed(format!("listing devices: {e}")))
+        });
+        let list = match list {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("reconciling devices at start: {e}");
+                return;
+            }
+        };
+        for d in list {
+            if recorded.contains(&d.id) || d.pid <= 0 {
+                continue;
+            }
+            // Only servers this snapshotter started: their arguments name its stack files.
+            let Some(mountpoint) = self.stack_of_server(d.pid) else {
+                continue;
+            };
+            warn!(id = d.id, mountpoint = %mountpoint.display(), "deleting a device an earlier run started but never recorded");
+            if is_mountpoint(&mountpoint) {
+                let _ = unmount(&mountpoint);
+            }
+            let transport = if d.transport == TRANSPORT_FUSE {
+                Transport::Fuse
+            } else {
+                Transport::Ublk
+            };
+            let del = contract::del_args(d.id, self.fuse_dir());
+            if let Err(e) = run_driver(driver, &del, DEL_TIMEOUT, Namespace::of(transport)) {
+                warn!(id = d.id, "deleting the unrecorded device: {e}");
+            }
+        }
     }
 
     fn heal(&self) -> Vec<String> {
@@ -1540,6 +1599,44 @@ mod tests {
         let e = b.reuse(&p, &st, "erofs").unwrap_err();
         assert!(e.to_string().contains("cannot tell whether"), "{e}");
         assert!(p.state.exists(), "a device that may be live was forgotten");
+    }
+
+    /// At start, a live device whose server works for one of our stacks but that no state file
+    /// records (the snapshotter died between its start and the state write) is deleted;
+    /// recorded devices and other people's devices are left alone.
+    #[test]
+    fn reconcile_deletes_only_our_unrecorded_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, b, fuse_dir) = with_fake_driver(dir.path());
+        let orphan_of = b.paths("ns/9/L");
+        // A process whose arguments look like a server of that stack.
+        let mut ours = Command::new("sh")
+            // `; :` keeps the shell from exec-ing sleep (and losing these arguments).
+            .args(["-c", "sleep 600; :", "cora-driver", "--stats-file"])
+            .arg(&orphan_of.stats)
+            .spawn()
+            .unwrap();
+        let recorded = b.paths("ns/3/L");
+        write_state(
+            &recorded.state,
+            &stack("ns/3/L", Transport::Ublk, 5, Path::new("/proc")),
+        )
+        .unwrap();
+        let mut orphan = device(7, Transport::Ublk, "LIVE", D);
+        orphan.pid = ours.id() as i32;
+        let mut foreign = device(8, Transport::Ublk, "LIVE", D);
+        foreign.pid = std::process::id() as i32;
+        let mut kept = device(5, Transport::Ublk, "LIVE", D);
+        kept.pid = ours.id() as i32;
+        fake.lists(&[kept, orphan, foreign]);
+        b.reconcile();
+        let _ = ours.kill();
+        let _ = ours.wait();
+        let list = format!("list --json --fuse-dir {}", fuse_dir.display());
+        assert_eq!(
+            fake.take_calls(),
+            [list, format!("del 7 --fuse-dir {}", fuse_dir.display())]
+        );
     }
 
     /// The watcher's check: a quiesced ublk device of an attached stack gets a new server; a
