@@ -644,14 +644,6 @@ async fn redirects_drop_authorization_on_host_change() {
     .await
     .unwrap();
     let target = format!("http://{}/blobs/x?sig=ok", storage.host);
-    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let sink = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || LogWriter(sink.clone()))
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
     let reg = HttpServer::start(move |req| {
         if req.headers.get("authorization").is_none() {
             return respond(401, &[("www-authenticate", r#"Basic realm="test""#)], "");
@@ -676,10 +668,6 @@ async fn redirects_drop_authorization_on_host_change() {
         client.get_blob_range(&r, &d, 100..200).await.unwrap(),
         data[100..200]
     );
-    // The redirect target's query (a pre-signed URL's signature) never reaches the logs.
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    assert!(text.contains("/blobs/x?…"), "{text}");
-    assert!(!text.contains("sig=ok"), "{text}");
 
     let reg_reqs = reg.requests();
     assert!(
@@ -786,49 +774,4 @@ async fn range_answers_are_checked() {
         .unwrap_err();
     assert!(matches!(e.kind(), ErrorKind::Protocol(_)), "{e}");
     assert!(e.to_string().contains("100..110"), "{e}");
-}
-
-/// A server that never stalls long enough to trip the stall timeout but sends a byte every
-/// 100 ms: the read still ends, within one timeout plus the body at the minimum rate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_drip_body_cannot_hold_a_read() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let len: u64 = 64 * 1024;
-    let (addr, server) = cora_tests::http_server::serve_loopback(move |mut tcp| async move {
-        let mut head = vec![0u8; 4096];
-        let _ = tcp.read(&mut head).await;
-        let hdr = format!(
-            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{len}\r\nContent-Length: {len}\r\n\r\n",
-            len - 1
-        );
-        if tcp.write_all(hdr.as_bytes()).await.is_err() {
-            return;
-        }
-        for _ in 0..len {
-            if tcp.write_all(b"x").await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .unwrap();
-    let host = addr.to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), &[&host]);
-    cfg.request_timeout = Duration::from_millis(500);
-    cfg.max_retries = 0;
-    let client = Client::new(cfg).unwrap();
-    let r = reference(&host, "drip/app");
-    let t = Instant::now();
-    let e = client
-        .get_blob_range(&r, &sha(b"drip"), 0..len)
-        .await
-        .unwrap_err();
-    let took = t.elapsed();
-    assert!(matches!(e.kind(), ErrorKind::Timeout { .. }), "{e}");
-    assert!(e.to_string().contains("too slow overall"), "{e}");
-    // Allowance: 0.5 s + 64 KiB at 64 KiB/s = 1.5 s; the drip alone would take 109 minutes.
-    assert!(took < Duration::from_secs(10), "{took:?}");
-    server.abort();
 }

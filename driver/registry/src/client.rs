@@ -1745,6 +1745,20 @@ mod tests {
         );
     }
 
+    /// A pre-signed redirect target's query is a credential: logs get the URL without it.
+    #[test]
+    fn logged_urls_leave_out_queries() {
+        assert_eq!(
+            loggable("https://s3.example/bucket/blob?X-Amz-Signature=abc&X-Amz-Credential=k"),
+            "https://s3.example/bucket/blob?…"
+        );
+        assert_eq!(loggable("https://cdn/x#frag"), "https://cdn/x?…");
+        assert_eq!(
+            loggable("http://reg:5000/v2/a/blobs/sha256:0"),
+            "http://reg:5000/v2/a/blobs/sha256:0"
+        );
+    }
+
     #[test]
     fn content_range() {
         assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99)));
