@@ -222,25 +222,50 @@ fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
     Ok(())
 }
 
-/// A registry failing while a container reads: the read through FUSE gets EIO (not a hang,
-/// not wrong bytes) within the registry client's retry bound, and the same read succeeds once
-/// the registry answers again; the device keeps serving throughout.
-#[test]
-fn a_failing_registry_gives_eio_through_fuse_and_reads_recover() -> Result<()> {
+/// The small Debian tree as a CORA image in a registry, and that image as the driver sees
+/// it: through a fault proxy (same repository and tag). Fields drop in order: the proxy, its
+/// runtime, the registry, then the directory.
+struct ProxiedImage {
+    image: String,
+    /// The tree the image was converted from.
+    tree: PathBuf,
+    proxy: FaultProxy,
+    _rt: tokio::runtime::Runtime,
+    _reg: Registry,
+    tmp: tempfile::TempDir,
+}
+
+fn proxied_image(prefix: &str) -> Result<ProxiedImage> {
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse missing: this test needs FUSE");
     }
     let tmp = tempfile::Builder::new()
-        .prefix("cora-fuse-fault-")
+        .prefix(prefix)
         .tempdir_in("/var/tmp")?;
     let reg = Registry::start()?;
     let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
     let image = push_cora(tmp.path(), &reg.host, &tree)?;
     let rt = tokio::runtime::Runtime::new()?;
     let proxy = rt.block_on(FaultProxy::start(reg.addr))?;
-    // The image as the driver sees it: through the proxy (same repository and tag).
-    let image = image.replacen(&reg.host, &proxy.host, 1);
-    let ready = add_fuse(tmp.path(), &image, &proxy.host)?;
+    Ok(ProxiedImage {
+        image: image.replacen(&reg.host, &proxy.host, 1),
+        tree,
+        proxy,
+        _rt: rt,
+        _reg: reg,
+        tmp,
+    })
+}
+
+/// A registry failing while a container reads: the read through FUSE gets EIO (not a hang,
+/// not wrong bytes) within the registry client's retry bound, and the same read succeeds once
+/// the registry answers again; the device keeps serving throughout.
+#[test]
+fn a_failing_registry_gives_eio_through_fuse_and_reads_recover() -> Result<()> {
+    // Kept whole: its runtime and registry must live as long as the proxy is used.
+    let px = proxied_image("cora-fuse-fault-")?;
+    let (tmp, tree, image, proxy) = (&px.tmp, &px.tree, &px.image, &px.proxy);
+    let ready = add_fuse(tmp.path(), image, &proxy.host)?;
     let mnt = tmp.path().join("mnt");
     let m = ErofsMount::new(&ready.path, &mnt)?;
     // Directory entries are file system metadata, fetched at open; file contents are not.
@@ -276,24 +301,14 @@ fn a_failing_registry_gives_eio_through_fuse_and_reads_recover() -> Result<()> {
 /// removes the device instead of leaving one nobody knows about.
 #[test]
 fn a_server_whose_starter_died_before_ready_removes_its_device() -> Result<()> {
-    if !Path::new("/dev/fuse").exists() {
-        bail!("/dev/fuse missing: this test needs FUSE");
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("cora-fuse-orphan-")
-        .tempdir_in("/var/tmp")?;
-    let reg = Registry::start()?;
-    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
-    let image = push_cora(tmp.path(), &reg.host, &tree)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let proxy = rt.block_on(FaultProxy::start(reg.addr))?;
-    let image = image.replacen(&reg.host, &proxy.host, 1);
+    let px = proxied_image("cora-fuse-orphan-")?;
+    let (tmp, image, proxy) = (&px.tmp, &px.image, &px.proxy);
     // The manifest is held back: the server has forked and waits for it.
     proxy.inject("/manifests/", Fault::Delay(Duration::from_secs(3)), 1);
     let fuse_dir = tmp.path().join("fuse");
     let mut starter = Command::new(cora_bin("cora-driver"))
         .args(["add", "--transport", "fuse", "--ready-json", "--daemon"])
-        .args(["--image", &image, "--insecure", &proxy.host])
+        .args(["--image", image, "--insecure", &proxy.host])
         .arg("--cache")
         .arg(tmp.path().join("cache"))
         .arg("--fuse-dir")
