@@ -190,7 +190,9 @@ impl Snapshotter {
         if wants_remote(&labels) {
             match self.remote.available() {
                 Ok(()) if self.remote.is_remote(&labels) => {
-                    return Err(self.commit_remote(key, parent, labels));
+                    if let Some(e) = self.commit_remote(key, parent, labels.clone()) {
+                        return Err(e);
+                    }
                 }
                 Ok(()) => debug!(key, "remote backend declined the layer; unpacking it"),
                 Err(e) => {
@@ -207,26 +209,55 @@ impl Snapshotter {
         self.create(Kind::View, key, parent, labels)
     }
 
-    /// Commits the layer named by the target-ref label as remote; the result is always an error
-    /// for the caller to return (AlreadyExists on success, as containerd's remote snapshotter
-    /// protocol expects).
-    fn commit_remote(&self, key: &str, parent: &str, mut labels: Labels) -> Error {
+    /// Commits the layer named by the target-ref label as remote; the result is an error for
+    /// the caller to return (AlreadyExists on success, as containerd's remote snapshotter
+    /// protocol expects), or `None` when the layer must be unpacked instead.
+    ///
+    /// A remote snapshot of that name is reused only for the same layer blob over the same
+    /// parent, so only for the same stack of blobs. Its diff_id is a claim of the blob's index
+    /// that nothing checks before the whole layer is read, and containerd hands a snapshot found
+    /// by target name to every namespace: an image claiming another image's diff_ids must not
+    /// have its file system served to pulls of the other image. A different blob (the same tar
+    /// recompressed, or a lie) is unpacked, where containerd checks the diff_id.
+    fn commit_remote(&self, key: &str, parent: &str, mut labels: Labels) -> Option<Error> {
         let Some(target) = labels.get(LABEL_TARGET_REF).cloned() else {
-            return Error::InvalidArgument(format!("{key}: missing {LABEL_TARGET_REF}"));
+            return Some(Error::InvalidArgument(format!(
+                "{key}: missing {LABEL_TARGET_REF}"
+            )));
         };
         labels.insert(LABEL_REMOTE.to_owned(), "true".to_owned());
         let top = is_top_layer(&labels);
-        let result = self.insert(&target, Kind::Committed, parent, labels, true);
-        match result {
+        let blob = labels.get(LABEL_CRI_LAYER_DIGEST).cloned();
+        match self.insert(&target, Kind::Committed, parent, labels, true) {
             Ok(_) => {
                 info!(key, %target, "layer committed as remote");
                 if top {
                     self.start_attach_on_pull(&target);
                 }
-                Error::AlreadyExists(format!("target snapshot {target}"))
             }
-            Err(e) => e,
+            Err(Error::AlreadyExists(_)) => match self.store.get(&target) {
+                Ok(Some(rec))
+                    if rec.remote
+                        && (rec.labels.get(LABEL_CRI_LAYER_DIGEST) != blob.as_ref()
+                            || rec.parent.as_deref().unwrap_or("") != parent) =>
+                {
+                    warn!(
+                        key,
+                        %target,
+                        attached_from = rec.labels.get(LABEL_CRI_LAYER_DIGEST).map(String::as_str).unwrap_or("?"),
+                        attached_over = rec.parent.as_deref().unwrap_or(""),
+                        requested = blob.as_deref().unwrap_or("?"),
+                        requested_over = parent,
+                        "the remote snapshot of this chain id was attached from another blob or \
+                         over another parent; not reusing it, unpacking this layer"
+                    );
+                    return None;
+                }
+                _ => {}
+            },
+            Err(e) => return Some(e),
         }
+        Some(Error::AlreadyExists(format!("target snapshot {target}")))
     }
 
     /// From now on, committing the top remote layer of an image (at pull) starts its stack's
@@ -1083,6 +1114,48 @@ mod tests {
         assert!(matches!(err, Error::Unavailable(_)), "{err}");
         assert!(matches!(sn.stat("c5"), Err(Error::NotFound(_))));
         assert_eq!(sn.attachment_refs().get("L3"), None);
+    }
+
+    #[test]
+    fn a_remote_snapshot_is_reused_only_for_the_same_blob_over_the_same_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Recorder {
+            dir: dir.path().join("stack"),
+            calls: Mutex::new(Vec::new()),
+        });
+        std::fs::create_dir_all(&backend.dir).unwrap();
+        let sn = Snapshotter::open(
+            &dir.path().join("root"),
+            backend,
+            false,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let pulled = |key: &str, parent: &str, target: &str, blob: &str| {
+            sn.prepare(key, parent, pull_labels(target, blob, &[]))
+        };
+        let e = pulled("a1", "", "L1", "sha256:a");
+        assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+        let e = pulled("a2", "L1", "L2", "sha256:b");
+        assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+        // The same blobs again (another namespace's pull of the same image): reused.
+        let e = pulled("b1", "", "L1", "sha256:a");
+        assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+        let e = pulled("b2", "L1", "L2", "sha256:b");
+        assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+
+        // Another blob claiming the same chain id: an active snapshot for containerd to unpack
+        // into (and check the diff_id of); the remote one is left as it was.
+        let m = pulled("c1", "", "L1", "sha256:other").unwrap();
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(sn.stat("c1").unwrap().kind, Kind::Active);
+        assert!(sn.store.get("L1").unwrap().unwrap().remote);
+        // containerd commits the unpacked layer under a name of its own; the same blob over it
+        // must not be given the remote snapshot that was attached over another parent.
+        sn.commit("ns/9/L1", "c1", Labels::new()).unwrap();
+        pulled("c2", "ns/9/L1", "L2", "sha256:b").unwrap();
+        assert_eq!(sn.stat("c2").unwrap().kind, Kind::Active);
+        assert_eq!(sn.stat("L2").unwrap().parent.as_deref(), Some("L1"));
     }
 
     #[test]

@@ -112,10 +112,14 @@ impl Env {
 
     /// `cora rpull REF` into this containerd through the cora snapshotter; returns its report.
     fn rpull(&self, reference: &str) -> Result<String> {
+        self.rpull_in(&self.ctrd.namespace, reference)
+    }
+
+    fn rpull_in(&self, namespace: &str, reference: &str) -> Result<String> {
         let out = Command::new(cora_bin("cora"))
             .args(["--insecure", &self.registry.addr, "rpull", "--address"])
             .arg(&self.ctrd.address)
-            .args(["--namespace", &self.ctrd.namespace])
+            .args(["--namespace", namespace])
             .args(["--snapshotter", "cora", reference])
             .output()?;
         ensure!(
@@ -133,15 +137,29 @@ impl Env {
     /// container that exits at once (see tests/tests/rpull.rs): an empty run is repeated under
     /// a new id, twice at most.
     fn run(&self, reference: &str, id: &str, cmd: &[&str]) -> Result<(String, String)> {
+        self.run_in(&self.ctrd.namespace, reference, id, cmd)
+    }
+
+    fn run_in(
+        &self,
+        namespace: &str,
+        reference: &str,
+        id: &str,
+        cmd: &[&str],
+    ) -> Result<(String, String)> {
         let mut last = (String::new(), String::new());
         for attempt in 0..3 {
             if attempt > 0 {
-                self.ctrd.ctr(&["containers", "rm", &last.1])?;
+                self.ctrd
+                    .ctr_in(namespace, &["containers", "rm", &last.1])?;
             }
             let id = format!("{id}-{attempt}");
             let mut args = vec!["run", "--snapshotter", "cora", reference, &id];
             args.extend_from_slice(cmd);
-            let out = self.ctrd.ctr(&args).with_context(|| self.log())?;
+            let out = self
+                .ctrd
+                .ctr_in(namespace, &args)
+                .with_context(|| self.log())?;
             last = (out, id);
             if !last.0.is_empty() {
                 break;
@@ -453,6 +471,114 @@ fn unservable_cora_annotation_with_fuse_falls_back_to_unpack() -> Result<()> {
     );
 
     env.ctrd.ctr(&["containers", "rm", &id])?;
+    env.remove_images()?;
+    env.assert_all_detached().with_context(|| env.log())?;
+    Ok(())
+}
+
+/// Converts the one-layer tree `tree` to a CORA image (erofs) in the OCI layout `layout`, tag v1.
+fn convert_to_layout(env: &Env, tree: &Path, layout: &Path) -> Result<()> {
+    let name = layout.file_name().context("layout path")?.to_string_lossy();
+    let src = env.path(&format!("src-{name}"));
+    blobfmt::dirsrc::layout_from_dirs(&[tree], &src, "v1", true)?;
+    run(Command::new(cora_bin("cora"))
+        .args(["convert", "--fs", "erofs"])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg("--work")
+        .arg(env.path(&format!("work-{name}"))))?;
+    Ok(())
+}
+
+/// Rewrites the one-layer CORA image in `layout` (tag v1) to claim the tar `diff_id`: its
+/// trailer (resealed, with the manifest's trailer annotations to match) and its config say so.
+/// Every check a reader can make without reading the whole layer passes; its file system is
+/// still its own.
+fn claim_diff_id(layout: &Path, diff_id: &str) -> Result<()> {
+    use blobfmt::oci::{annotation, put_blob, read_blob, tag_manifest};
+    let img = blobfmt::oci::open_layout(layout, Some("v1"))?;
+    let mut manifest = img.manifest.clone();
+    ensure!(manifest.layers.len() == 1, "{manifest:?}");
+    let layer = &mut manifest.layers[0];
+    let blob = read_blob(layout, &layer.digest)?;
+    let (footer, mut trailer) = blobfmt::read_trailer(blob.len() as u64, &mut |o, n| {
+        Ok(blob[o as usize..(o + n) as usize].to_vec())
+    })?;
+    trailer.diff_id = blobfmt::parse_oci_digest(diff_id)?;
+    let frame = trailer.encode_frame(3)?;
+    let footer = blobfmt::Footer {
+        trailer_length: frame.len() as u64,
+        trailer_digest: blobfmt::sha256(&frame),
+        ..footer
+    };
+    let mut forged = blob[..footer.trailer_offset as usize].to_vec();
+    forged.extend_from_slice(&frame);
+    forged.extend_from_slice(&footer.encode());
+    layer.digest = put_blob(layout, &forged)?;
+    layer.size = forged.len() as u64;
+    let ann = layer.annotations.get_or_insert_default();
+    ann.insert(annotation::TRAILER_LENGTH.into(), frame.len().to_string());
+    ann.insert(
+        annotation::TRAILER_DIGEST.into(),
+        blobfmt::oci_digest(&footer.trailer_digest),
+    );
+    let mut config: serde_json::Value = serde_json::from_slice(&img.config_bytes)?;
+    config["rootfs"]["diff_ids"] = serde_json::json!([diff_id]);
+    let config = serde_json::to_vec(&config)?;
+    manifest.config.digest = put_blob(layout, &config)?;
+    manifest.config.size = config.len() as u64;
+    let bytes = serde_json::to_vec(&manifest)?;
+    put_blob(layout, &bytes)?;
+    tag_manifest(layout, "v1", &bytes)?;
+    Ok(())
+}
+
+/// containerd finds a remote snapshot by its chain id for every namespace. An image whose
+/// index claims another image's diff_ids (which nothing can check before the whole layer is
+/// read) is served as it is in its own namespace, but a pull of the real image elsewhere gets
+/// the real layer, unpacked and checked by containerd, not the impostor's file system.
+#[test]
+fn an_image_claiming_anothers_diff_ids_is_not_served_to_other_namespaces() -> Result<()> {
+    let env = Env::start()?;
+    let mut layouts = Vec::new();
+    for who in ["honest", "impostor"] {
+        let tree = env.path(&format!("{who}/rootfs"));
+        busybox_rootfs(&tree)?;
+        std::fs::write(tree.join("etc/who"), format!("{who}\n"))?;
+        let layout = env.path(&format!("{who}/cora"));
+        convert_to_layout(&env, &tree, &layout)?;
+        layouts.push(layout);
+    }
+    let honest = blobfmt::oci::open_layout(&layouts[0], Some("v1"))?;
+    let diff_id = honest.config.rootfs.diff_ids[0].clone();
+    claim_diff_id(&layouts[1], &diff_id)?;
+    let honest_ref = env.registry.push(&layouts[0], "v1", "test/honest")?;
+    let impostor_ref = env.registry.push(&layouts[1], "v1", "test/impostor")?;
+
+    // The impostor, pulled first in a namespace of its own, passes every check made before
+    // its layer is read whole: it is lazily served, its own file system.
+    let report = env.rpull_in("tenant", &impostor_ref)?;
+    assert_eq!(report.matches(": remote").count(), 1, "{report}");
+    let (out, impostor_id) =
+        env.run_in("tenant", &impostor_ref, "impostor", &["cat", "/etc/who"])?;
+    assert_eq!(out, "impostor\n");
+
+    // The real image in the default namespace: same chain id, another blob.
+    let report = env.rpull(&honest_ref)?;
+    assert_eq!(report.matches(": unpacked").count(), 1, "{report}");
+    let (out, honest_id) = env.run(&honest_ref, "honest", &["cat", "/etc/who"])?;
+    assert_eq!(out, "honest\n", "the impostor's file system was served");
+    let log = env.log();
+    assert!(
+        log.contains("not reusing it, unpacking this layer"),
+        "{log}"
+    );
+
+    env.ctrd
+        .ctr_in("tenant", &["containers", "rm", &impostor_id])?;
+    env.ctrd.ctr(&["containers", "rm", &honest_id])?;
+    env.ctrd
+        .ctr_in("tenant", &["images", "rm", "--sync", &impostor_ref])?;
     env.remove_images()?;
     env.assert_all_detached().with_context(|| env.log())?;
     Ok(())
