@@ -1005,6 +1005,24 @@ fn run_driver(
             cmd.pre_exec(cora_api::private_mount_namespace);
         }
     }
+    // A driver command dies with the snapshotter: a device start whose result nobody will
+    // record must not finish. (`add --daemon` then exits before its server is ready, and that
+    // server, told so by the broken pipe, removes its device; a server already ready outlives
+    // this, and the next start's reconcile deletes its device.)
+    let snapshotter = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe syscalls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Died between fork and prctl: the signal would never come.
+            if libc::getppid() != snapshotter {
+                return Err(std::io::Error::other("the snapshotter exited"));
+            }
+            Ok(())
+        });
+    }
     let what = format!("{cmd:?}");
     let mut child = cmd
         .spawn()

@@ -97,8 +97,14 @@ impl Env {
     /// Stops the snapshotter (SIGTERM: its devices stay) and starts it again; returns the log
     /// offset where the new run's log starts.
     fn restart_snapshotter(&mut self) -> Result<usize> {
-        let offset = self.log().len();
         self.snap.daemon.stop()?;
+        self.start_snapshotter_again()
+    }
+
+    /// Starts the stopped (or killed) snapshotter again; returns the log offset where the new
+    /// run's log starts.
+    fn start_snapshotter_again(&mut self) -> Result<usize> {
+        let offset = self.log().len();
         let dir = self.dir.path().join("snapshotter");
         self.snap = CoraSnapshotter::start(&cora_bin("cora-snapshotter"), &dir)?;
         // containerd's gRPC client backs off (about 1 s) after the socket refused it.
@@ -116,8 +122,10 @@ impl Env {
     }
 
     fn rpull_in(&self, namespace: &str, reference: &str) -> Result<String> {
+        // The registry part of the reference: the registry itself or a link in front of it.
+        let host = reference.split('/').next().unwrap_or_default();
         let out = Command::new(cora_bin("cora"))
-            .args(["--insecure", &self.registry.addr, "rpull", "--address"])
+            .args(["--insecure", host, "rpull", "--address"])
             .arg(&self.ctrd.address)
             .args(["--namespace", namespace])
             .args(["--snapshotter", "cora", reference])
@@ -473,6 +481,82 @@ fn unservable_cora_annotation_with_fuse_falls_back_to_unpack() -> Result<()> {
     env.ctrd.ctr(&["containers", "rm", &id])?;
     env.remove_images()?;
     env.assert_all_detached().with_context(|| env.log())?;
+    Ok(())
+}
+
+/// `kill -9` of the snapshotter while it attaches a stack: the device start is in flight (a
+/// link with a 400 ms round trip to the registry makes it last seconds). The driver command
+/// dies with the snapshotter, so nothing finishes that start; after a restart no device,
+/// mount or server is left, and the image's next container starts.
+#[test]
+fn a_snapshotter_killed_mid_attach_leaves_nothing_behind() -> Result<()> {
+    use cora_tests::shaper::{LinkProfile, ShapedLink};
+    let mut env = Env::start()?;
+    let slow = LinkProfile {
+        name: "slow",
+        rtt: Duration::from_millis(400),
+        bandwidth: 1_000_000_000,
+    };
+    let link = ShapedLink::start(env.registry.addr.parse()?, slow)?;
+    let link_addr = link.addr.to_string();
+    env.snap.daemon.stop()?;
+    CoraSnapshotter::write_config(
+        &env.path("snapshotter"),
+        &serde_json::json!({
+            "autoRemoveDev": true,
+            "insecureRegistries": [env.registry.addr, link_addr],
+        }),
+    )?;
+    env.start_snapshotter_again()?;
+
+    let tree = env.path("img/rootfs");
+    busybox_rootfs(&tree)?;
+    let layout = env.path("img/cora");
+    convert_to_layout(&env, &tree, &layout)?;
+    env.registry.push(&layout, "v1", "test/slow")?;
+    let image = format!("{link_addr}/test/slow:v1");
+    // The pull commits the layer remote; its attach at pull then starts a device.
+    let report = env.rpull(&image)?;
+    assert_eq!(report.matches(": remote").count(), 1, "{report}");
+    let fuse_dir = env.fuse_dir().to_string_lossy().into_owned();
+    wait_for("a device start", Duration::from_secs(60), || {
+        !pids_with_arg(&fuse_dir).is_empty()
+    })?;
+    env.snap.daemon.kill()?;
+    let log = env.log();
+    assert!(
+        !log.contains("attached at pull"),
+        "the attach ended before the kill; the test needs a slower link:\n{log}"
+    );
+    let in_flight = pids_with_arg(&fuse_dir);
+
+    let offset = env.start_snapshotter_again()?;
+    wait_for(
+        "the interrupted device start to leave nothing",
+        Duration::from_secs(60),
+        || {
+            pids_with_arg(&fuse_dir).is_empty()
+                && env.devices().is_ok_and(|d| d.is_empty())
+                && mounts_under(&env.snap.root).is_empty()
+        },
+    )
+    .with_context(|| {
+        format!(
+            "in flight at the kill: {in_flight:?}; now: {:?} {:?} {:?}\n{}",
+            pids_with_arg(&fuse_dir),
+            env.devices(),
+            mounts_under(&env.snap.root),
+            &env.log()[offset..]
+        )
+    })?;
+
+    let (out, id) = env.run(&image, "after-kill", &["/bin/busybox", "echo", "started"])?;
+    assert_eq!(out, "started\n");
+    assert_eq!(env.devices()?.len(), 1);
+    env.ctrd.ctr(&["containers", "rm", &id])?;
+    env.remove_images()?;
+    env.assert_all_detached().with_context(|| env.log())?;
+    drop(link);
     Ok(())
 }
 

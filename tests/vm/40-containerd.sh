@@ -5,8 +5,8 @@
 # fetched < 25 % of the image (miss window included); a plain OCI image through the cora
 # snapshotter; the CORA image under containerd's own overlayfs snapshotter; four images
 # cold-started at once; a snapshotter restart keeps snapshots and a running container, and
-# kill -9 of its device servers is healed by the snapshotter; `ctr
-# snapshots ls/rm`; with ublk gone after the pull, the stack is unpacked instead and the
+# kill -9 of its device servers is healed by the snapshotter; `ctr snapshots ls/rm`; kill -9
+# of the snapshotter mid-attach leaves nothing behind after a restart; with ublk gone after the pull, the stack is unpacked instead and the
 # container still starts; nothing left behind.
 # Measures cold start to first output, CORA vs OCI (overlayfs), and CORA again with an access
 # trace recorded, pushed with the image and prefetched; with CORA_BENCH_OUT set writes
@@ -446,6 +446,38 @@ if ctr snapshots --snapshotter cora rm "$top" >/dev/null 2>&1; then fail "remove
 ctr snapshots --snapshotter cora rm probe || fail "snapshots rm probe"
 ctr snapshots --snapshotter cora ls | grep -q "^probe " && fail "probe still listed after rm"
 log "ctr snapshots ls/prepare/mounts/rm behave"
+
+# --- kill -9 of the snapshotter mid-attach: python's pull commits its top layer remote and the
+# attach at pull starts the stack's device; the snapshotter is killed while that driver command
+# runs. The command dies with it (so the start is abandoned, and its server removes the device);
+# after a restart no device, mount or server is left that no state file records, and the image's
+# next container starts.
+gc_now
+wait_until 120 "devices to go" test "$(devices)" -eq 0
+attaches=$(grep -c "attached at pull" "$T/snap.log" || true)
+states() { ls "$SNAPDIR/root/remote" | grep '\.json$' | grep -v '\.stats\.json$' || true; }
+states_before=$(states)
+"$C" rpull --address "$CSOCK" --namespace cora --snapshotter cora --insecure "$H" "$H/python:cora" \
+    >"$T/rpull-python-kill.out" 2>&1 || fail "rpull python: $(tail -5 "$T/rpull-python-kill.out")"
+wait_until 120 "the attach at pull to start a device" pgrep -f "$SNAPDIR/root/remote/"
+kill -9 "$SNAP"; wait "$SNAP" 2>/dev/null || true
+in_flight=$(pgrep -f "$SNAPDIR/root/remote/" | wc -l)
+if [ "$(grep -c "attached at pull" "$T/snap.log" || true)" -gt "$attaches" ]; then
+    mid="after the attach had finished (not mid-attach this time)"
+else
+    mid="mid-attach ($in_flight driver processes in flight)"
+fi
+start_snapshotter
+wait_until 60 "containerd to reach the restarted snapshotter" ctr snapshots --snapshotter cora ls
+wait_until 60 "the interrupted attach to leave no device" test "$(devices)" -eq 0
+wait_until 60 "the interrupted attach to leave no server" sh -c "! pgrep -f '$SNAPDIR/root/remote/'"
+grep -q ublkb /proc/self/mountinfo && fail "a ublk device is mounted after the restart: $(grep ublkb /proc/self/mountinfo)"
+[ "$(states)" = "$states_before" ] || fail "stack state files changed by the interrupted attach: $(states)"
+START=$(now)
+# shellcheck disable=SC2086
+run_first afterkill python "$H/python:cora" cora $python_cmd
+expect python afterkill
+log "kill -9 of the snapshotter $mid: nothing left after the restart; the next start took ${RUN_SECS}s"
 
 # --- a device that cannot start (ublk control gone after the layers were committed as remote):
 # the snapshotter unpacks the stack instead, and the container still starts. (basessl: small's
