@@ -272,6 +272,7 @@ pub struct LayerReport {
 pub struct ImageReport {
     pub layers: Vec<LayerReport>,
     pub manifest_digest: String,
+    pub manifest_size: u64,
     pub manifest: crate::oci::Manifest,
     pub secs: f64,
 }
@@ -285,6 +286,71 @@ pub fn convert_layout(
     work: &Path,
     progress: Progress<'_>,
 ) -> Result<ImageReport, Error> {
+    let report = convert_image(src, dst_root, opts, work, progress)?;
+    let bytes = crate::oci::read_blob(dst_root, &report.manifest_digest)?;
+    crate::oci::tag_manifest(dst_root, dst_tag, &bytes)?;
+    Ok(report)
+}
+
+/// Tags the converted images of `sources` (one report each, in order) as `dst_tag` in the
+/// layout at `dst_root`: a single image as itself, the images of an index as an OCI index
+/// whose descriptors keep the source descriptors' platform and annotations. Returns the
+/// tagged manifest's or index's digest.
+pub fn tag_converted(
+    sources: &[crate::oci::PlatformImage],
+    reports: &[ImageReport],
+    dst_root: &Path,
+    dst_tag: &str,
+) -> Result<String, Error> {
+    use crate::oci::{self, Descriptor, Index};
+    if let ([only], [report]) = (sources, reports)
+        && only.descriptor.is_none()
+    {
+        let bytes = oci::read_blob(dst_root, &report.manifest_digest)?;
+        oci::tag_manifest(dst_root, dst_tag, &bytes)?;
+        return Ok(report.manifest_digest.clone());
+    }
+    if sources.len() != reports.len() {
+        return Err(Error::Convert(format!(
+            "{} images converted of {}",
+            reports.len(),
+            sources.len()
+        )));
+    }
+    let manifests = sources
+        .iter()
+        .zip(reports)
+        .map(|(src, report)| {
+            let from = src.descriptor.as_ref();
+            Descriptor {
+                media_type: oci::MT_OCI_MANIFEST.into(),
+                digest: report.manifest_digest.clone(),
+                size: report.manifest_size,
+                annotations: from.and_then(|d| d.annotations.clone()),
+                platform: from.and_then(|d| d.platform.clone()),
+            }
+        })
+        .collect();
+    let index = Index {
+        schema_version: 2,
+        media_type: Some(oci::MT_OCI_INDEX.into()),
+        manifests,
+    };
+    let bytes = serde_json::to_vec(&index).map_err(|e| Error::Convert(e.to_string()))?;
+    let digest = oci::put_blob(dst_root, &bytes)?;
+    oci::tag_blob(dst_root, dst_tag, oci::MT_OCI_INDEX, &bytes)?;
+    Ok(digest)
+}
+
+/// Convert the image `src` into a CORA image in the layout at `dst_root` (untagged: see
+/// [`convert_layout`] and [`tag_converted`]).
+pub fn convert_image(
+    src: &crate::oci::LayoutImage,
+    dst_root: &Path,
+    opts: &Options,
+    work: &Path,
+    progress: Progress<'_>,
+) -> Result<ImageReport, Error> {
     use crate::oci::{self, Descriptor, Manifest, annotation};
     use std::collections::BTreeMap;
     let t0 = Instant::now();
@@ -292,6 +358,13 @@ pub fn convert_layout(
     std::fs::create_dir_all(&blob_dir).ctx(|| format!("creating {}", blob_dir.display()))?;
     let mut tars = Vec::new();
     for (i, l) in src.manifest.layers.iter().enumerate() {
+        if l.media_type.contains("nondistributable") || l.media_type.contains("foreign") {
+            return Err(Error::Convert(format!(
+                "layer {i} ({}) is non-distributable ({}): its content may not be pushed \
+                 elsewhere, so it cannot be converted",
+                l.digest, l.media_type
+            )));
+        }
         let compression = oci::layer_compression(&l.media_type)
             .map_err(|e| Error::Convert(format!("layer {i} ({}): {e}", l.digest)))?;
         progress(i, Step::Phase("decompressing source layer"));
@@ -370,10 +443,10 @@ pub fn convert_layout(
     };
     let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Convert(e.to_string()))?;
     let manifest_digest = oci::put_blob(dst_root, &bytes)?;
-    oci::tag_manifest(dst_root, dst_tag, &bytes)?;
     Ok(ImageReport {
         layers,
         manifest_digest,
+        manifest_size: bytes.len() as u64,
         manifest,
         secs: t0.elapsed().as_secs_f64(),
     })

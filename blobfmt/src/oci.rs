@@ -155,27 +155,87 @@ pub fn read_blob(root: &Path, digest: &str) -> Result<Vec<u8>, Error> {
     Ok(bytes)
 }
 
-/// Open the image tagged `tag` (or the only image) in the layout at `root`.
+/// Open the image tagged `tag` (or the only image) in the layout at `root`; of a
+/// multi-platform image, this process's platform.
 pub fn open_layout(root: &Path, tag: Option<&str>) -> Result<LayoutImage, Error> {
+    let desc = layout_entry(root, tag)?;
+    if is_index(&desc.media_type) {
+        let index: Index = read_json(&read_blob(root, &desc.digest)?, "image index")?;
+        return open_manifest(root, select_platform(&index.manifests)?);
+    }
+    open_manifest(root, &desc)
+}
+
+/// An image of a layout entry, with its descriptor in the index it came from (platform fields
+/// kept), or none for a tag that names one manifest.
+#[derive(Debug, Clone)]
+pub struct PlatformImage {
+    pub descriptor: Option<Descriptor>,
+    pub image: LayoutImage,
+}
+
+/// The images tagged `tag` (or the only entry) in the layout at `root`: the one image, or an
+/// index's images of `platforms` (every image when empty; see
+/// [`crate::platform::select_all`]).
+pub fn open_layout_platforms(
+    root: &Path,
+    tag: Option<&str>,
+    platforms: &[crate::platform::Platform],
+) -> Result<Vec<PlatformImage>, Error> {
+    let desc = layout_entry(root, tag)?;
+    if !is_index(&desc.media_type) {
+        return Ok(vec![PlatformImage {
+            descriptor: None,
+            image: open_manifest(root, &desc)?,
+        }]);
+    }
+    let index: Index = read_json(&read_blob(root, &desc.digest)?, "image index")?;
+    crate::platform::select_all(&index.manifests, platforms)?
+        .into_iter()
+        .map(|d| {
+            Ok(PlatformImage {
+                descriptor: Some(d.clone()),
+                image: open_manifest(root, d)?,
+            })
+        })
+        .collect()
+}
+
+/// The media type and bytes of what `tag` names in the layout at `root` (a manifest or an
+/// index), checked against its digest.
+pub fn tagged_blob(root: &Path, tag: &str) -> Result<(String, Vec<u8>), Error> {
+    let desc = layout_entry(root, Some(tag))?;
+    Ok((desc.media_type.clone(), read_blob(root, &desc.digest)?))
+}
+
+/// Whether a manifest media type is a multi-platform index (OCI or Docker).
+pub fn is_index(media_type: &str) -> bool {
+    matches!(media_type, MT_OCI_INDEX | MT_DOCKER_LIST)
+}
+
+fn layout_entry(root: &Path, tag: Option<&str>) -> Result<Descriptor, Error> {
     let index_bytes = fs::read(root.join("index.json"))
         .ctx(|| format!("{} is not an OCI layout (index.json)", root.display()))?;
     let index: Index = read_json(&index_bytes, "index.json")?;
-    let desc = pick_manifest(&index.manifests, tag)
+    pick_manifest(&index.manifests, tag)
+        .cloned()
         .ok_or_else(|| {
             Error::Convert(format!(
                 "no image {} in {}",
                 tag.unwrap_or("(untagged)"),
                 root.display()
             ))
-        })?
-        .clone();
-    let mut bytes = read_blob(root, &desc.digest)?;
-    // Follow one level of index (a multi-platform image) to this process's platform.
-    if matches!(desc.media_type.as_str(), MT_OCI_INDEX | MT_DOCKER_LIST) {
-        let inner: Index = read_json(&bytes, "image index")?;
-        let d = select_platform(&inner.manifests)?;
-        bytes = read_blob(root, &d.digest)?;
+        })
+}
+
+fn open_manifest(root: &Path, desc: &Descriptor) -> Result<LayoutImage, Error> {
+    if is_index(&desc.media_type) {
+        return Err(Error::Convert(format!(
+            "{} is an index inside an index; only one level is supported",
+            desc.digest
+        )));
     }
+    let bytes = read_blob(root, &desc.digest)?;
     let manifest = parse_manifest(&bytes)?;
     let config_bytes = read_blob(root, &manifest.config.digest)?;
     let config = parse_config(&config_bytes, &manifest)?;
@@ -249,6 +309,13 @@ pub fn put_blob(root: &Path, bytes: &[u8]) -> Result<String, Error> {
 
 /// Record `manifest_bytes` (already stored as a blob) in index.json under `tag`.
 pub fn tag_manifest(root: &Path, tag: &str, manifest_bytes: &[u8]) -> Result<(), Error> {
+    tag_blob(root, tag, MT_OCI_MANIFEST, manifest_bytes)
+}
+
+/// Record the manifest or index `bytes` of `media_type` (already stored as a blob) in
+/// index.json under `tag`.
+pub fn tag_blob(root: &Path, tag: &str, media_type: &str, bytes: &[u8]) -> Result<(), Error> {
+    let manifest_bytes = bytes;
     fs::create_dir_all(root).ctx(|| format!("creating {}", root.display()))?;
     let layout = root.join("oci-layout");
     if !layout.exists() {
@@ -274,7 +341,7 @@ pub fn tag_manifest(root: &Path, tag: &str, manifest_bytes: &[u8]) -> Result<(),
     let mut ann = BTreeMap::new();
     ann.insert(annotation::REF_NAME.to_string(), tag.to_string());
     index.manifests.push(Descriptor {
-        media_type: MT_OCI_MANIFEST.into(),
+        media_type: media_type.into(),
         digest: oci_digest(&sha256(manifest_bytes)),
         size: manifest_bytes.len() as u64,
         annotations: Some(ann),

@@ -48,7 +48,8 @@ impl Platform {
         have == Some(want.as_str())
     }
 
-    fn describe(p: &serde_json::Value) -> String {
+    /// `os/arch[/variant]` of a descriptor's `platform` object.
+    pub fn describe(p: &serde_json::Value) -> String {
         let field = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("?");
         match p.get("variant").and_then(|v| v.as_str()) {
             Some(v) if !v.is_empty() => format!("{}/{}/{v}", field("os"), field("architecture")),
@@ -127,6 +128,34 @@ pub fn select<'a>(manifests: &'a [Descriptor], want: &Platform) -> Result<&'a De
         })
 }
 
+/// The manifests of an index to convert: those of `wants` (each must be there), or with
+/// `wants` empty every image's, skipping attestation manifests (platform `unknown/unknown`,
+/// as BuildKit writes them), which are not runnable images.
+pub fn select_all<'a>(
+    manifests: &'a [Descriptor],
+    wants: &[Platform],
+) -> Result<Vec<&'a Descriptor>, Error> {
+    if wants.is_empty() {
+        return Ok(manifests
+            .iter()
+            .filter(|d| {
+                !d.platform.as_ref().is_some_and(|p| {
+                    p.get("os").and_then(|v| v.as_str()) == Some("unknown")
+                        && p.get("architecture").and_then(|v| v.as_str()) == Some("unknown")
+                })
+            })
+            .collect());
+    }
+    let mut picked: Vec<&Descriptor> = Vec::new();
+    for want in wants {
+        let d = select(manifests, want)?;
+        if !picked.iter().any(|p| p.digest == d.digest) {
+            picked.push(d);
+        }
+    }
+    Ok(picked)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +208,34 @@ mod tests {
         );
         let e = select(&[], &Platform::host()).unwrap_err().to_string();
         assert!(e.contains("no platform-tagged manifests"), "{e}");
+    }
+
+    #[test]
+    fn selects_every_image_or_the_named_platforms() {
+        let attestation = desc(serde_json::json!({"os": "unknown", "architecture": "unknown"}));
+        let mut all = [
+            desc(serde_json::json!({"os": "linux", "architecture": "amd64"})),
+            attestation,
+            desc(serde_json::json!({"os": "linux", "architecture": "arm64"})),
+        ];
+        for (i, d) in all.iter_mut().enumerate() {
+            d.digest = format!("sha256:{i:064}");
+        }
+        let digests = |wants: &[&str]| {
+            let wants: Vec<Platform> = wants.iter().map(|w| w.parse().unwrap()).collect();
+            select_all(&all, &wants).map(|v| v.iter().map(|d| d.digest.clone()).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            digests(&[]).unwrap(),
+            [all[0].digest.clone(), all[2].digest.clone()]
+        );
+        assert_eq!(
+            digests(&["linux/arm64", "linux/arm64/v8"]).unwrap(),
+            [all[2].digest.clone()]
+        );
+        let e = digests(&["linux/amd64", "linux/s390x"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no manifest for linux/s390x"), "{e}");
     }
 }

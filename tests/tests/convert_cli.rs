@@ -500,10 +500,11 @@ fn driver_unpack_gives_the_tree_of_the_stack() -> Result<()> {
 }
 
 /// A multi-platform source (an OCI index of linux/amd64 and linux/arm64/v8): `cora convert`
-/// takes the host's manifest, or the one `--platform` names; a platform the index lacks is a
-/// clear error naming those it has.
+/// converts every platform into an index that keeps each descriptor's platform, or those
+/// `--platform` names (repeatable); a platform the index lacks is a clear error naming those
+/// it has. Pushed to a registry, the index and each platform's CORA manifest are there.
 #[test]
-fn the_platform_is_picked_from_an_index() -> Result<()> {
+fn every_platform_of_an_index_is_converted_or_those_named() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let multi = tmp.path().join("multi");
     std::fs::create_dir_all(&multi)?;
@@ -559,32 +560,145 @@ fn the_platform_is_picked_from_an_index() -> Result<()> {
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
 
-    let source_layer = |platform: Option<&str>, tag: &str| -> Result<String> {
+    // The converted platforms: (platform, source layer digest, manifest digest, layer digest).
+    type Converted = Vec<(String, String, String, String)>;
+    let converted = |platforms: &[&str], tag: &str| -> Result<Converted> {
         let mut cmd = cora();
-        if let Some(p) = platform {
+        for p in platforms {
             cmd.args(["--platform", p]);
         }
+        let out_dir = tmp.path().join("out");
         let out = run(cmd
             .args(["convert", "--json"])
             .arg(format!("oci:{}:v1", multi.display()))
-            .arg(format!("oci:{}:{tag}", tmp.path().join("out").display())))?;
+            .arg(format!("oci:{}:{tag}", out_dir.display())))?;
         let report: serde_json::Value = serde_json::from_str(&out)?;
-        Ok(report["layers"][0]["source_digest"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned())
+        let mut got = Vec::new();
+        for p in report["platforms"].as_array().into_iter().flatten() {
+            got.push((
+                p["platform"].as_str().unwrap_or_default().to_owned(),
+                p["layers"][0]["source_digest"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                p["manifest_digest"].as_str().unwrap_or_default().to_owned(),
+                p["layers"][0]["digest"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ));
+        }
+        // The layout's tag names an index of exactly those manifests, platforms kept.
+        let index_digest = report["index_digest"].as_str().unwrap_or_default();
+        let index: serde_json::Value =
+            serde_json::from_slice(&blobfmt::oci::read_blob(&out_dir, index_digest)?)?;
+        let listed: Vec<(String, String)> = index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                let p = blobfmt::platform::Platform::describe(&d["platform"]);
+                (p, d["digest"].as_str().unwrap_or_default().to_owned())
+            })
+            .collect();
+        let want: Vec<(String, String)> = got
+            .iter()
+            .map(|(p, _, m, _)| (p.clone(), m.clone()))
+            .collect();
+        assert_eq!(listed, want, "{index}");
+        let img = blobfmt::oci::open_layout_platforms(&out_dir, Some(tag), &[])?;
+        assert_eq!(img.len(), got.len());
+        for i in &img {
+            let ann = i.image.manifest.layers[0]
+                .annotations
+                .clone()
+                .unwrap_or_default();
+            assert!(
+                ann.contains_key(blobfmt::oci::annotation::TRAILER_DIGEST),
+                "{ann:?}"
+            );
+        }
+        Ok(got)
     };
-    let host = blobfmt::platform::Platform::host();
-    let (amd64, arm64) = (&manifests[0].1, &manifests[1].1);
-    if host.architecture == "amd64" {
-        assert_eq!(source_layer(None, "host")?, *amd64);
+    let (amd64, arm64) = (
+        manifests[0].1.as_str().unwrap_or_default(),
+        manifests[1].1.as_str().unwrap_or_default(),
+    );
+    let sources = |got: &Converted| -> Vec<(String, String)> {
+        got.iter()
+            .map(|(p, s, _, _)| (p.clone(), s.clone()))
+            .collect()
+    };
+    let every = converted(&[], "all")?;
+    assert_eq!(
+        sources(&every),
+        [
+            ("linux/amd64".to_owned(), amd64.to_owned()),
+            ("linux/arm64/v8".to_owned(), arm64.to_owned())
+        ]
+    );
+    let arm = converted(&["linux/arm64"], "arm")?;
+    assert_eq!(
+        sources(&arm),
+        [("linux/arm64/v8".to_owned(), arm64.to_owned())]
+    );
+    let both = converted(&["linux/arm64/v8", "linux/amd64"], "both")?;
+    assert_eq!(both.len(), 2, "{both:?}");
+    // Conversion is reproducible: the same manifests whichever platforms are asked for.
+    assert_eq!(arm[0].2, every[1].2);
+
+    // Through a registry: the index and every platform's manifest arrive, and consumers
+    // pick their platform from it.
+    let reg = Registry::start()?;
+    let host = reg.host.clone();
+    let image = format!("{host}/multi:cora");
+    run(cora()
+        .args(["convert", "--insecure", &host])
+        .arg(format!("oci:{}:v1", multi.display()))
+        .arg(&image))?;
+    let raw = run(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}")))?;
+    let index: serde_json::Value = serde_json::from_str(&raw)?;
+    assert_eq!(index["mediaType"], blobfmt::oci::MT_OCI_INDEX, "{raw}");
+    let pushed: Vec<(String, String)> = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            (
+                blobfmt::platform::Platform::describe(&d["platform"]),
+                d["digest"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = every
+        .iter()
+        .map(|(p, _, m, _)| (p.clone(), m.clone()))
+        .collect();
+    assert_eq!(pushed, want);
+    for (platform, _, _, layer) in &every {
+        let out = run(cora()
+            .args([
+                "--insecure",
+                &host,
+                "--platform",
+                platform,
+                "inspect",
+                "--json",
+            ])
+            .arg(&image))?;
+        assert!(out.contains(layer.as_str()), "{platform}: {out}");
     }
-    assert_eq!(source_layer(Some("linux/arm64"), "arm")?, *arm64);
-    assert_eq!(source_layer(Some("linux/arm64/v8"), "arm8")?, *arm64);
-    assert_eq!(source_layer(Some("linux/amd64"), "amd")?, *amd64);
 
     let out = cora()
-        .args(["--platform", "linux/riscv64", "convert"])
+        .args([
+            "--platform",
+            "linux/amd64",
+            "--platform",
+            "linux/riscv64",
+            "convert",
+        ])
         .arg(format!("oci:{}:v1", multi.display()))
         .arg(format!("oci:{}:rv", tmp.path().join("out").display()))
         .output()?;

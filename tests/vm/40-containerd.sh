@@ -459,9 +459,13 @@ states() { ls "$SNAPDIR/root/remote" | grep '\.json$' | grep -v '\.stats\.json$'
 states_before=$(states)
 "$C" rpull --address "$CSOCK" --namespace cora --snapshotter cora --insecure "$H" "$H/python:cora" \
     >"$T/rpull-python-kill.out" 2>&1 || fail "rpull python: $(tail -5 "$T/rpull-python-kill.out")"
-wait_until 120 "the attach at pull to start a device" pgrep -f "$SNAPDIR/root/remote/"
+# Driver processes of our stacks (their arguments name a stats file). A function, so that no
+# `sh -c` whose own arguments hold the pattern is found.
+drivers() { pgrep -f "$SNAPDIR/root/remote/.*[.]stats[.]json"; }
+no_drivers() { ! drivers; }
+wait_until 120 "the attach at pull to start a device" drivers
 kill -9 "$SNAP"; wait "$SNAP" 2>/dev/null || true
-in_flight=$(pgrep -f "$SNAPDIR/root/remote/" | wc -l)
+in_flight=$(drivers | wc -l)
 if [ "$(grep -c "attached at pull" "$T/snap.log" || true)" -gt "$attaches" ]; then
     mid="after the attach had finished (not mid-attach this time)"
 else
@@ -470,7 +474,7 @@ fi
 start_snapshotter
 wait_until 60 "containerd to reach the restarted snapshotter" ctr snapshots --snapshotter cora ls
 wait_until 60 "the interrupted attach to leave no device" test "$(devices)" -eq 0
-wait_until 60 "the interrupted attach to leave no server" sh -c "! pgrep -f '$SNAPDIR/root/remote/'"
+wait_until 60 "the interrupted attach to leave no server" no_drivers
 grep -q ublkb /proc/self/mountinfo && fail "a ublk device is mounted after the restart: $(grep ublkb /proc/self/mountinfo)"
 [ "$(states)" = "$states_before" ] || fail "stack state files changed by the interrupted attach: $(states)"
 START=$(now)

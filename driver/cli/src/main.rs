@@ -19,8 +19,9 @@ struct Cli {
     #[command(flatten)]
     registry: RegistryOpts,
     /// Platform picked from multi-platform images: os/arch[/variant] (default: this host's).
+    /// `convert` takes it repeated, for the platforms to convert (default: every one).
     #[arg(long, global = true, value_name = "PLATFORM")]
-    platform: Option<blobfmt::platform::Platform>,
+    platform: Vec<blobfmt::platform::Platform>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -210,8 +211,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(p) = cli.platform.clone() {
-        blobfmt::platform::set_selected(p);
+    match (cli.platform.as_slice(), &cli.cmd) {
+        (_, Cmd::Convert { .. }) | ([], _) => {}
+        ([p], _) => {
+            blobfmt::platform::set_selected(p.clone());
+        }
+        _ => bail!("--platform is given more than once; only convert takes several"),
     }
     let net = Net::new(&cli.registry)?;
     match cli.cmd {
@@ -236,7 +241,16 @@ fn run(cli: Cli) -> Result<()> {
             params.max = chunk_max.unwrap_or(params.max);
             params.validate()?;
             let opts = Options { fs, params };
-            cmd_convert(&net, &src, &dst, &opts, work, json, prefetch.as_deref())
+            cmd_convert(
+                &net,
+                &src,
+                &dst,
+                &opts,
+                work,
+                json,
+                prefetch.as_deref(),
+                &cli.platform,
+            )
         }
         Cmd::Inspect {
             image,
@@ -321,6 +335,7 @@ fn work_dir(work: Option<PathBuf>) -> Result<tempfile::TempDir> {
         .with_context(|| format!("creating a work directory in {}", base.display()))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cmd_convert(
     net: &Net,
     src: &ImageRef,
@@ -329,16 +344,19 @@ fn cmd_convert(
     work: Option<PathBuf>,
     json: bool,
     prefetch: Option<&[PathBuf]>,
+    platforms: &[blobfmt::platform::Platform],
 ) -> Result<()> {
     let work = work_dir(work)?;
-    let src_image = match src {
-        ImageRef::Layout { path, tag } => blobfmt::oci::open_layout(path, tag.as_deref())
-            .with_context(|| format!("opening {src}"))?,
+    let sources = match src {
+        ImageRef::Layout { path, tag } => {
+            blobfmt::oci::open_layout_platforms(path, tag.as_deref(), platforms)
+                .with_context(|| format!("opening {src}"))?
+        }
         ImageRef::Dir(path) => {
             let layout = work.path().join("src-layout");
             blobfmt::dirsrc::layout_from_dir(path, &layout, "latest")
                 .with_context(|| format!("packing {src}"))?;
-            blobfmt::oci::open_layout(&layout, Some("latest"))?
+            blobfmt::oci::open_layout_platforms(&layout, Some("latest"), platforms)?
         }
         ImageRef::Registry(r) => {
             let layout = work.path().join("src-layout");
@@ -346,10 +364,10 @@ fn cmd_convert(
             let client = net.client()?;
             net.rt
                 .block_on(lazy::remote::pull_to_layout(
-                    &client, &reference, &layout, "latest",
+                    &client, &reference, &layout, "latest", platforms,
                 ))
                 .with_context(|| format!("pulling {src}"))?;
-            blobfmt::oci::open_layout(&layout, Some("latest"))?
+            blobfmt::oci::open_layout_platforms(&layout, Some("latest"), platforms)?
         }
     };
     let (dst_root, dst_tag) = match dst {
@@ -359,33 +377,20 @@ fn cmd_convert(
     };
     let scratch = work.path().join("convert");
     std::fs::create_dir_all(&scratch)?;
-    let n = src_image.manifest.layers.len();
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(|| indicatif::ProgressBar::new(0).with_style(progress_style()));
-    let progress = |i: usize, step: convert::Step<'_>| match (&bar, step) {
-        (Some(bar), convert::Step::Phase(msg)) => {
-            bar.set_prefix(format!("layer {}/{n}", i + 1));
-            bar.set_message(msg.to_string());
-        }
-        (Some(bar), convert::Step::Chunked { done, total }) => {
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-        (Some(bar), convert::Step::Done(digest)) => {
-            bar.println(format!("layer {}/{n}: {digest}", i + 1));
-            bar.reset();
-        }
-        (None, convert::Step::Phase(msg)) => eprintln!("layer {}/{n}: {msg}", i + 1),
-        (None, convert::Step::Done(digest)) => eprintln!("layer {}/{n}: done {digest}", i + 1),
-        (None, convert::Step::Chunked { .. }) => {}
-    };
-    let report =
-        convert::convert_layout(&src_image, &dst_root, &dst_tag, opts, &scratch, &progress)
-            .with_context(|| format!("converting {src} to {dst}"))?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
+    let mut reports = Vec::new();
+    for source in &sources {
+        let platform = source
+            .descriptor
+            .as_ref()
+            .and_then(|d| d.platform.as_ref())
+            .map(|p| format!("{}: ", blobfmt::platform::Platform::describe(p)))
+            .unwrap_or_default();
+        let report = convert_one(&source.image, &dst_root, opts, &scratch, &platform)
+            .with_context(|| format!("converting {platform}{src} to {dst}"))?;
+        reports.push((platform, report));
     }
+    let only_reports: Vec<convert::ImageReport> = reports.iter().map(|r| r.1.clone()).collect();
+    let tagged = convert::tag_converted(&sources, &only_reports, &dst_root, &dst_tag)?;
     if let ImageRef::Registry(r) = dst {
         let reference = parse_reference(r)?;
         let client = net.client()?;
@@ -395,69 +400,136 @@ fn cmd_convert(
             ))
             .with_context(|| format!("pushing {dst}"))?;
         if let Some(paths) = prefetch {
-            let blobs: Vec<&convert::LayerBlob> = report.layers.iter().map(|l| &l.blob).collect();
-            let (chunks, unmatched) = convert::file_chunks(&blobs, paths);
-            for p in &unmatched {
-                eprintln!("prefetch list: {} is no file of the image", p.display());
+            for (platform, report) in &reports {
+                let blobs: Vec<&convert::LayerBlob> =
+                    report.layers.iter().map(|l| &l.blob).collect();
+                let (chunks, unmatched) = convert::file_chunks(&blobs, paths);
+                for p in &unmatched {
+                    eprintln!(
+                        "{platform}prefetch list: {} is no file of the image",
+                        p.display()
+                    );
+                }
+                let n = chunks.len();
+                let trace = lazy::trace::Trace { chunks };
+                // The trace refers to the platform's own manifest.
+                let mut image = reference.clone();
+                image.digest = Some(report.manifest_digest.clone());
+                let digest = net
+                    .rt
+                    .block_on(lazy::trace::push(&client, &image, &trace.encode()))
+                    .with_context(|| format!("storing the prefetch list's trace with {dst}"))?;
+                eprintln!(
+                    "{platform}prefetch list: {} paths, {n} chunks; trace manifest {digest}",
+                    paths.len()
+                );
             }
-            let n = chunks.len();
-            let trace = lazy::trace::Trace { chunks };
-            let digest = net
-                .rt
-                .block_on(lazy::trace::push(&client, &reference, &trace.encode()))
-                .with_context(|| format!("storing the prefetch list's trace with {dst}"))?;
-            eprintln!(
-                "prefetch list: {} paths, {n} chunks; trace manifest {digest}",
-                paths.len()
-            );
         }
     }
     if json {
-        let layers: Vec<_> = report
-            .layers
-            .iter()
-            .map(|l| {
-                serde_json::json!({
-                    "source_digest": l.source_digest,
-                    "source_size": l.source_size,
-                    "tar_size": l.tar_size,
-                    "digest": blobfmt::oci_digest(&l.blob.digest),
-                    "size": l.blob.size,
-                    "chunks": l.blob.trailer.chunks.len(),
-                    "image_size": l.blob.trailer.image_size,
-                    "data_blocks": l.blob.stats.data_blocks,
-                    "meta_blocks": l.blob.stats.meta_blocks,
-                    "zero_blocks": l.blob.stats.zero_blocks,
-                    "chunk_secs": l.blob.stats.chunk_secs,
-                    "image_secs": l.blob.stats.image_secs,
+        let image_json = |report: &convert::ImageReport| {
+            let layers: Vec<_> = report
+                .layers
+                .iter()
+                .map(|l| {
+                    serde_json::json!({
+                        "source_digest": l.source_digest,
+                        "source_size": l.source_size,
+                        "tar_size": l.tar_size,
+                        "digest": blobfmt::oci_digest(&l.blob.digest),
+                        "size": l.blob.size,
+                        "chunks": l.blob.trailer.chunks.len(),
+                        "image_size": l.blob.trailer.image_size,
+                        "data_blocks": l.blob.stats.data_blocks,
+                        "meta_blocks": l.blob.stats.meta_blocks,
+                        "zero_blocks": l.blob.stats.zero_blocks,
+                        "chunk_secs": l.blob.stats.chunk_secs,
+                        "image_secs": l.blob.stats.image_secs,
+                    })
                 })
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
+                .collect();
+            serde_json::json!({
                 "manifest_digest": report.manifest_digest,
                 "secs": report.secs,
                 "layers": layers,
-            }))?
-        );
+            })
+        };
+        let out = match reports.as_slice() {
+            [(p, report)] if p.is_empty() => image_json(report),
+            _ => serde_json::json!({
+                "index_digest": tagged,
+                "platforms": reports
+                    .iter()
+                    .map(|(p, r)| {
+                        let mut j = image_json(r);
+                        j["platform"] = p.trim_end_matches(": ").into();
+                        j
+                    })
+                    .collect::<Vec<_>>(),
+            }),
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        let tar: u64 = report.layers.iter().map(|l| l.tar_size).sum();
-        let src_size: u64 = report.layers.iter().map(|l| l.source_size).sum();
-        let stored: u64 = report.layers.iter().map(|l| l.blob.size).sum();
-        println!(
-            "{dst}: {} layers, {} -> {} bytes stored (source {} compressed, {} tar) in {:.1}s, {:.1} MB/s of tar",
-            report.layers.len(),
-            src_size,
-            stored,
-            src_size,
-            tar,
-            report.secs,
-            tar as f64 / report.secs / 1e6
-        );
-        println!("manifest {}", report.manifest_digest);
+        for (platform, report) in &reports {
+            let tar: u64 = report.layers.iter().map(|l| l.tar_size).sum();
+            let src_size: u64 = report.layers.iter().map(|l| l.source_size).sum();
+            let stored: u64 = report.layers.iter().map(|l| l.blob.size).sum();
+            println!(
+                "{platform}{dst}: {} layers, {} -> {} bytes stored (source {} compressed, {} tar) in {:.1}s, {:.1} MB/s of tar",
+                report.layers.len(),
+                src_size,
+                stored,
+                src_size,
+                tar,
+                report.secs,
+                tar as f64 / report.secs / 1e6
+            );
+            println!("{platform}manifest {}", report.manifest_digest);
+        }
+        if reports.len() > 1 || reports.iter().any(|(p, _)| !p.is_empty()) {
+            println!("index {tagged}");
+        }
     }
     Ok(())
+}
+
+/// Converts one image into the layout at `dst_root` with a progress bar (or lines) on stderr;
+/// `platform` prefixes its lines.
+fn convert_one(
+    image: &blobfmt::oci::LayoutImage,
+    dst_root: &Path,
+    opts: &Options,
+    scratch: &Path,
+    platform: &str,
+) -> Result<convert::ImageReport> {
+    let n = image.manifest.layers.len();
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| indicatif::ProgressBar::new(0).with_style(progress_style()));
+    let progress = |i: usize, step: convert::Step<'_>| match (&bar, step) {
+        (Some(bar), convert::Step::Phase(msg)) => {
+            bar.set_prefix(format!("{platform}layer {}/{n}", i + 1));
+            bar.set_message(msg.to_string());
+        }
+        (Some(bar), convert::Step::Chunked { done, total }) => {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        (Some(bar), convert::Step::Done(digest)) => {
+            bar.println(format!("{platform}layer {}/{n}: {digest}", i + 1));
+            bar.reset();
+        }
+        (None, convert::Step::Phase(msg)) => eprintln!("{platform}layer {}/{n}: {msg}", i + 1),
+        (None, convert::Step::Done(digest)) => {
+            eprintln!("{platform}layer {}/{n}: done {digest}", i + 1)
+        }
+        (None, convert::Step::Chunked { .. }) => {}
+    };
+    let report = convert::convert_image(image, dst_root, opts, scratch, &progress)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(report)
 }
 
 /// `--prefetch-files`: absolute paths, one per line; blank lines and `#` comments skipped.

@@ -138,14 +138,53 @@ pub async fn fetch_image(
     })
 }
 
-/// Download a whole image into the OCI layout at `root`, tagged `tag`.
+/// Download the image `reference` into the OCI layout at `root`, tagged `tag`. Of a
+/// multi-platform image (OCI index or Docker manifest list) the images of `platforms` are
+/// fetched (every image's when empty, see [`blobfmt::platform::select_all`]) and the index is
+/// tagged as it is; [`oci::open_layout_platforms`] with the same `platforms` opens them.
 pub async fn pull_to_layout(
     client: &Client,
     reference: &Reference,
     root: &Path,
     tag: &str,
+    platforms: &[blobfmt::platform::Platform],
 ) -> Result<(), RemoteError> {
-    let (manifest, bytes) = fetch_manifest(client, reference).await?;
+    let top = client.get_manifest(reference).await?;
+    if !oci::is_index(&top.media_type) {
+        let manifest = oci::parse_manifest(&top.bytes)?;
+        pull_image(client, reference, root, &manifest, &top.bytes).await?;
+        oci::put_blob(root, &top.bytes)?;
+        oci::tag_manifest(root, tag, &top.bytes)?;
+        return Ok(());
+    }
+    let index: oci::Index = serde_json::from_slice(&top.bytes)
+        .map_err(|e| RemoteError::Image(format!("image index of {reference}: {e}")))?;
+    for d in blobfmt::platform::select_all(&index.manifests, platforms)? {
+        let mut r = reference.clone();
+        r.digest = Some(d.digest.clone());
+        let m = client.get_manifest(&r).await?;
+        if oci::is_index(&m.media_type) {
+            return Err(RemoteError::Image(format!(
+                "{reference}: {} is an index inside an index; only one level is supported",
+                d.digest
+            )));
+        }
+        let manifest = oci::parse_manifest(&m.bytes)?;
+        pull_image(client, reference, root, &manifest, &m.bytes).await?;
+    }
+    oci::put_blob(root, &top.bytes)?;
+    oci::tag_blob(root, tag, &top.media_type, &top.bytes)?;
+    Ok(())
+}
+
+/// The blobs of one image, then its manifest, into the layout at `root`.
+async fn pull_image(
+    client: &Client,
+    reference: &Reference,
+    root: &Path,
+    manifest: &Manifest,
+    manifest_bytes: &[u8],
+) -> Result<(), RemoteError> {
     let blobs = root.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)
         .map_err(|e| RemoteError::Image(format!("creating {}: {e}", blobs.display())))?;
@@ -157,31 +196,46 @@ pub async fn pull_to_layout(
                 .await?;
         }
     }
-    oci::put_blob(root, &bytes)?;
-    oci::tag_manifest(root, tag, &bytes)?;
+    oci::put_blob(root, manifest_bytes)?;
     Ok(())
 }
 
-/// Upload the image `tag` of the layout at `root` to `reference`; returns the manifest digest.
+/// Upload the image `tag` of the layout at `root` to `reference`: a single image, or each
+/// image of an index (by digest) and then the index. Returns the tagged manifest's digest.
 pub async fn push_layout(
     client: &Client,
     root: &Path,
     tag: &str,
     reference: &Reference,
 ) -> Result<String, RemoteError> {
-    let img = oci::open_layout(root, Some(tag))?;
-    for d in std::iter::once(&img.manifest.config).chain(&img.manifest.layers) {
-        client
-            .push_blob_file(reference, &d.digest, &img.blob_path(&d.digest)?)
+    let entries = oci::open_layout_platforms(root, Some(tag), &[])?;
+    let single = matches!(entries.as_slice(), [e] if e.descriptor.is_none());
+    for e in &entries {
+        let img = &e.image;
+        for d in std::iter::once(&img.manifest.config).chain(&img.manifest.layers) {
+            client
+                .push_blob_file(reference, &d.digest, &img.blob_path(&d.digest)?)
+                .await?;
+        }
+        let media_type = img
+            .manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| oci::MT_OCI_MANIFEST.to_string());
+        let mut r = reference.clone();
+        if !single {
+            r.digest = e.descriptor.as_ref().map(|d| d.digest.clone());
+        }
+        let digest = client
+            .put_manifest(&r, &media_type, img.manifest_bytes.clone().into())
             .await?;
+        if single {
+            return Ok(digest);
+        }
     }
-    let media_type = img
-        .manifest
-        .media_type
-        .clone()
-        .unwrap_or_else(|| oci::MT_OCI_MANIFEST.to_string());
+    let (media_type, bytes) = oci::tagged_blob(root, tag)?;
     Ok(client
-        .put_manifest(reference, &media_type, img.manifest_bytes.clone().into())
+        .put_manifest(reference, &media_type, bytes.into())
         .await?)
 }
 
