@@ -6,6 +6,7 @@ mod benches;
 mod deps;
 mod fio_bench;
 mod initramfs;
+mod install;
 mod report;
 mod tools;
 mod vm;
@@ -49,6 +50,19 @@ enum Cmd {
         #[arg(long)]
         vm: bool,
     },
+    /// Build and install the binaries, the snapshotter's systemd unit, a default config
+    /// (kept if one exists) and the docs under ROOT/PREFIX; listed for uninstall.
+    Install {
+        #[command(flatten)]
+        opts: install::InstallOpts,
+    },
+    /// Remove what install wrote (a config changed since stays, unless --purge).
+    Uninstall {
+        #[command(flatten)]
+        opts: install::InstallOpts,
+        #[arg(long)]
+        purge: bool,
+    },
     /// Benchmarks and the report: results into $CORA_BENCH_OUT (default bench/results/latest).
     Bench {
         #[command(subcommand)]
@@ -68,6 +82,15 @@ fn main() -> Result<()> {
         Cmd::Tools => tools::ensure_rublk().map(drop),
         Cmd::Demo { vm } => demo(vm),
         Cmd::Bench { which } => benches::run(which),
+        Cmd::Install { opts } => {
+            let mut args = vec!["build", "--release"];
+            for b in ["cora-cli", "cora-driver", "cora-snapshotter"] {
+                args.extend(["-p", b]);
+            }
+            deps::run("cargo", &args)?;
+            install::install(&vm::repo_root().join("target/release"), &opts)
+        }
+        Cmd::Uninstall { opts, purge } => install::uninstall(&opts, purge),
     }
 }
 
