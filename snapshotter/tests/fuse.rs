@@ -50,6 +50,11 @@ impl Env {
 
     /// As [`Self::start`], with `extra` merged into the snapshotter's config.
     fn start_with(extra: serde_json::Value) -> Result<Env> {
+        Self::start_on(extra, false)
+    }
+
+    /// As [`Self::start_with`]; `containerd2`: Debian sid's containerd 2.1 instead of 1.6.
+    fn start_on(extra: serde_json::Value, containerd2: bool) -> Result<Env> {
         if !Path::new("/dev/fuse").exists() {
             bail!("/dev/fuse missing: this test needs FUSE");
         }
@@ -72,7 +77,13 @@ impl Env {
             root: snap.root.clone(),
             fuse_dir: snap.root.join("fuse"),
         };
-        let ctrd = Containerd::start(&dir.path().join("containerd"), &[("cora", &snap.socket)])?;
+        let ctrd_dir = dir.path().join("containerd");
+        let proxies = [("cora", snap.socket.as_path())];
+        let ctrd = if containerd2 {
+            Containerd::start_v2(&ctrd_dir, &proxies)?
+        } else {
+            Containerd::start(&ctrd_dir, &proxies)?
+        };
         Ok(Env {
             ctrd,
             snap,
@@ -557,6 +568,62 @@ fn a_snapshotter_killed_mid_attach_leaves_nothing_behind() -> Result<()> {
     env.remove_images()?;
     env.assert_all_detached().with_context(|| env.log())?;
     drop(link);
+    Ok(())
+}
+
+/// containerd 2.1 (Debian sid's; 1.6 is out of upstream support): `cora rpull` commits a CORA
+/// layer remote and `ctr run` starts it from the lazily served stack. `ctr image pull` goes
+/// through 2.x's transfer service, which gives snapshotters no layer annotations, so the cora
+/// snapshotter cannot tell a CORA layer there: that image is downloaded and unpacked, and
+/// starts too.
+#[test]
+fn containerd_2_serves_rpull_lazily_and_unpacks_transfer_service_pulls() -> Result<()> {
+    let env = Env::start_on(serde_json::json!({}), true)?;
+    let version = env.ctrd.ctr(&["version"])?;
+    assert!(version.contains("Version:  2."), "{version}");
+    let mut images = Vec::new();
+    for who in ["lazy", "pulled"] {
+        let tree = env.path(&format!("{who}/rootfs"));
+        busybox_rootfs(&tree)?;
+        std::fs::write(tree.join("etc/who"), format!("{who}\n"))?;
+        let layout = env.path(&format!("{who}/cora"));
+        convert_to_layout(&env, &tree, &layout)?;
+        images.push(env.registry.push(&layout, "v1", &format!("test/{who}"))?);
+    }
+
+    let report = env.rpull(&images[0])?;
+    assert_eq!(
+        report.matches(": remote, fetched 0 of ").count(),
+        1,
+        "{report}"
+    );
+    env.wait_attach_at_pull()?;
+    let (out, lazy_id) = env.run(&images[0], "lazy", &["cat", "/etc/who"])?;
+    assert_eq!(out, "lazy\n");
+    let devices = env.devices()?;
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert_eq!(devices[0].transport, TRANSPORT_FUSE);
+
+    let pulled = env.ctrd.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "cora",
+        &images[1],
+    ])?;
+    assert!(pulled.contains("Completed pull"), "{pulled}");
+    let (out, pulled_id) = env.run(&images[1], "pulled", &["cat", "/etc/who"])?;
+    assert_eq!(out, "pulled\n");
+    let log = env.log();
+    assert_eq!(log.matches("layer committed as remote").count(), 1, "{log}");
+    assert_eq!(env.devices()?.len(), 1);
+
+    for id in [&lazy_id, &pulled_id] {
+        env.ctrd.ctr(&["containers", "rm", id])?;
+    }
+    env.remove_images()?;
+    env.assert_all_detached().with_context(|| env.log())?;
     Ok(())
 }
 

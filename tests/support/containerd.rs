@@ -12,6 +12,8 @@ const RUNC_ROOT: &str = "/run/containerd/runc";
 
 pub struct Containerd {
     daemon: Daemon,
+    /// Where containerd, ctr and the runc shim come from (`None`: Debian's, on PATH).
+    bin_dir: Option<PathBuf>,
     pub dir: PathBuf,
     pub address: PathBuf,
     /// Unique per instance so runc state never collides with other instances or the system's.
@@ -66,13 +68,80 @@ state = "{state}"
                 socket.display()
             ));
         }
+        Self::spawn(dir, address, config, None)
+    }
+
+    /// containerd 2.1 (Debian sid's, extracted into `target/tools/containerd2` by `cargo xtask
+    /// test`, never installed over bookworm's) with a version 3 config: CRI disabled, and the
+    /// transfer service told to unpack for each proxy snapshotter as for overlayfs.
+    pub fn start_v2(dir: &Path, proxy_snapshotters: &[(&str, &Path)]) -> Result<Containerd> {
+        let bin_dir = containerd2_bin_dir();
+        if !bin_dir.join("containerd").exists() {
+            bail!(
+                "{} has no containerd 2.x: `cargo xtask test` (or `cargo xtask tools`) extracts \
+                 Debian sid's there",
+                bin_dir.display()
+            );
+        }
+        std::fs::create_dir_all(dir)?;
+        let address = dir.join("containerd.sock");
+        let mut config = format!(
+            r#"version = 3
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{sock}"
+
+[ttrpc]
+  address = "{sock}.ttrpc"
+
+[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "overlayfs"
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = address.display(),
+        );
+        for (name, socket) in proxy_snapshotters {
+            config.push_str(&format!(
+                "  [[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n    \
+                 platform = \"linux/amd64\"\n    snapshotter = \"{name}\"\n"
+            ));
+            config.push_str(&format!(
+                "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                socket.display()
+            ));
+        }
+        Self::spawn(dir, address, config, Some(bin_dir))
+    }
+
+    fn spawn(
+        dir: &Path,
+        address: PathBuf,
+        config: String,
+        bin_dir: Option<PathBuf>,
+    ) -> Result<Containerd> {
         let config_path = dir.join("containerd.toml");
         std::fs::write(&config_path, config)?;
-        let mut cmd = Command::new("containerd");
+        let mut cmd = match &bin_dir {
+            Some(b) => {
+                let mut cmd = Command::new(b.join("containerd"));
+                // Its runc shim is found on PATH.
+                let path = std::env::var("PATH").unwrap_or_default();
+                cmd.env("PATH", format!("{}:{path}", b.display()));
+                cmd
+            }
+            None => Command::new("containerd"),
+        };
         cmd.arg("--config").arg(&config_path);
         let daemon = Daemon::spawn("containerd", cmd, &dir.join("containerd.log"))?;
         let mut c = Containerd {
             daemon,
+            bin_dir,
             dir: dir.to_owned(),
             address,
             namespace: format!("cora-test-{}", std::process::id()) + &unique_suffix(dir),
@@ -93,7 +162,11 @@ state = "{state}"
 
     /// `ctr` in another containerd namespace (e.g. CRI's `k8s.io`).
     pub fn ctr_output_in(&self, namespace: &str, args: &[&str]) -> Result<Output> {
-        Command::new("ctr")
+        let ctr = match &self.bin_dir {
+            Some(b) => b.join("ctr"),
+            None => PathBuf::from("ctr"),
+        };
+        Command::new(ctr)
             .arg("--address")
             .arg(&self.address)
             .args(["--namespace", namespace])
@@ -164,6 +237,18 @@ impl Drop for Containerd {
             }
         }
     }
+}
+
+/// `target/tools/containerd2/usr/bin`, beside the running test's target directory.
+pub fn containerd2_bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .map(Path::to_owned)
+        .unwrap_or_default();
+    target.join("tools/containerd2/usr/bin")
 }
 
 /// A short suffix derived from the instance directory (distinct directories, distinct names).

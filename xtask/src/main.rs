@@ -38,7 +38,8 @@ enum Cmd {
         #[command(flatten)]
         opts: vm::VmOpts,
     },
-    /// Install the pinned rublk into target/tools/bin (the guest's PATH).
+    /// Install the pinned rublk into target/tools/bin (the guest's PATH) and extract Debian
+    /// sid's containerd 2.x into target/tools/containerd2.
     Tools,
     /// The main job: images built from Debian packages, PyPI and npm (Debian base, Python data
     /// stack, Node app), pushed to a local registry as plain OCI and converted to CORA, then
@@ -79,7 +80,10 @@ fn main() -> Result<()> {
             std::process::exit(code);
         }
         Cmd::VmTest { filter, opts } => vm_test(&opts, filter.as_deref()),
-        Cmd::Tools => tools::ensure_rublk().map(drop),
+        Cmd::Tools => {
+            tools::ensure_rublk()?;
+            tools::ensure_containerd2().map(drop)
+        }
         Cmd::Demo { vm } => demo(vm),
         Cmd::Bench { which } => benches::run(which),
         Cmd::Install { opts } => {
@@ -108,6 +112,8 @@ fn test() -> Result<()> {
             "warnings",
         ],
     )?;
+    // containerd 2.x beside bookworm's 1.6, for the tests that run both.
+    tools::ensure_containerd2()?;
     // Integration tests run the binaries; build them with the same profile first.
     deps::run("cargo", &["build", "--workspace", "--release", "--bins"])?;
     deps::run("cargo", &["test", "--workspace", "--release"])?;

@@ -65,6 +65,30 @@ pub fn ensure_nydus() -> Result<(PathBuf, String)> {
     ))
 }
 
+/// Extracts Debian sid's `containerd` (2.x: containerd, ctr, the runc shim) into
+/// `target/tools/containerd2` (`dpkg -x`, never installed: the host keeps bookworm's 1.6),
+/// for the tests that run both. Returns its `usr/bin`.
+pub fn ensure_containerd2() -> Result<PathBuf> {
+    let tree = root().join("containerd2");
+    let bin = tree.join("usr/bin");
+    let stamp = root().join(".containerd2");
+    if bin.join("containerd").exists() && stamp.exists() {
+        return Ok(bin);
+    }
+    let deb = sid_download("containerd")?;
+    if tree.exists() {
+        std::fs::remove_dir_all(&tree).with_context(|| format!("clearing {}", tree.display()))?;
+    }
+    crate::deps::run(
+        "dpkg",
+        &["-x", &deb.to_string_lossy(), &tree.to_string_lossy()],
+    )?;
+    let name = deb.file_name().unwrap_or_default().to_string_lossy();
+    std::fs::write(&stamp, name.split('_').nth(1).unwrap_or("unknown"))
+        .context("writing the containerd2 stamp")?;
+    Ok(bin)
+}
+
 /// Downloads `package`'s .deb from Debian sid into `target/tools/sid`, with an apt list and
 /// cache of its own there (the host's apt state and packages stay bookworm's).
 fn sid_download(package: &str) -> Result<PathBuf> {
