@@ -8,6 +8,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use cora_api::driver::{DeviceInfo, DeviceState, DriverStats, TRANSPORT_FUSE};
 use cora_tests::containerd::{Containerd, mounts_under, pids_with_arg, unmount_under};
+use cora_tests::cri::{CRI_NAMESPACE, cri_config_v3, pull_image};
 use cora_tests::daemon::{signal, wait_for};
 use cora_tests::fixtures::{self, cora_bin, run};
 use cora_tests::images::{Compression, LayerSpec, Registry, busybox_rootfs, write_oci_layout};
@@ -33,6 +34,17 @@ impl Drop for FuseLeftovers {
     }
 }
 
+/// Which containerd a test runs against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Runtime {
+    /// Debian bookworm's 1.6, installed.
+    Containerd1,
+    /// Debian sid's 2.1, extracted (CRI off).
+    Containerd2,
+    /// Debian sid's 2.1 with its CRI plugins.
+    Containerd2Cri,
+}
+
 /// Field order matters: containerd stops (and unmounts container roots) first, then the
 /// snapshotter, then whatever is left of its devices; the directory goes last.
 struct Env {
@@ -50,11 +62,11 @@ impl Env {
 
     /// As [`Self::start`], with `extra` merged into the snapshotter's config.
     fn start_with(extra: serde_json::Value) -> Result<Env> {
-        Self::start_on(extra, false)
+        Self::start_on(extra, Runtime::Containerd1)
     }
 
-    /// As [`Self::start_with`]; `containerd2`: Debian sid's containerd 2.1 instead of 1.6.
-    fn start_on(extra: serde_json::Value, containerd2: bool) -> Result<Env> {
+    /// As [`Self::start_with`], on the containerd `runtime` says.
+    fn start_on(extra: serde_json::Value, runtime: Runtime) -> Result<Env> {
         if !Path::new("/dev/fuse").exists() {
             bail!("/dev/fuse missing: this test needs FUSE");
         }
@@ -79,10 +91,13 @@ impl Env {
         };
         let ctrd_dir = dir.path().join("containerd");
         let proxies = [("cora", snap.socket.as_path())];
-        let ctrd = if containerd2 {
-            Containerd::start_v2(&ctrd_dir, &proxies)?
-        } else {
-            Containerd::start(&ctrd_dir, &proxies)?
+        let ctrd = match runtime {
+            Runtime::Containerd1 => Containerd::start(&ctrd_dir, &proxies)?,
+            Runtime::Containerd2 => Containerd::start_v2(&ctrd_dir, &proxies)?,
+            Runtime::Containerd2Cri => {
+                let cri = cri_config_v3("cora", &[&registry.addr], &dir.path().join("certs.d"))?;
+                Containerd::start_v2_with(&ctrd_dir, &proxies, Some(&cri))?
+            }
         };
         Ok(Env {
             ctrd,
@@ -578,7 +593,7 @@ fn a_snapshotter_killed_mid_attach_leaves_nothing_behind() -> Result<()> {
 /// starts too.
 #[test]
 fn containerd_2_serves_rpull_lazily_and_unpacks_transfer_service_pulls() -> Result<()> {
-    let env = Env::start_on(serde_json::json!({}), true)?;
+    let env = Env::start_on(serde_json::json!({}), Runtime::Containerd2)?;
     let version = env.ctrd.ctr(&["version"])?;
     assert!(version.contains("Version:  2."), "{version}");
     let mut images = Vec::new();
@@ -623,6 +638,43 @@ fn containerd_2_serves_rpull_lazily_and_unpacks_transfer_service_pulls() -> Resu
         env.ctrd.ctr(&["containers", "rm", id])?;
     }
     env.remove_images()?;
+    env.assert_all_detached().with_context(|| env.log())?;
+    Ok(())
+}
+
+/// containerd 2.1's CRI (`use_local_image_pull`, snapshot annotations on): `PullImage` of a
+/// CORA image commits its layer remote without downloading it, and a container of the pulled
+/// image (started with `ctr` in CRI's namespace: no CNI here for a pod) reads the lazily served
+/// stack.
+#[test]
+fn containerd_2_cri_pulls_cora_layers_lazily() -> Result<()> {
+    let env = Env::start_on(serde_json::json!({}), Runtime::Containerd2Cri)?;
+    let tree = env.path("cri/rootfs");
+    busybox_rootfs(&tree)?;
+    std::fs::write(tree.join("etc/who"), "cri\n")?;
+    let layout = env.path("cri/cora");
+    convert_to_layout(&env, &tree, &layout)?;
+    let image = env.registry.push(&layout, "v1", "test/cri")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(pull_image(&env.ctrd.address, &image))
+        .with_context(|| env.ctrd.log_text())?;
+    let log = env.log();
+    assert_eq!(log.matches("layer committed as remote").count(), 1, "{log}");
+    let (out, id) = env.run_in(CRI_NAMESPACE, &image, "cri", &["cat", "/etc/who"])?;
+    assert_eq!(out, "cri\n");
+    let devices = env.devices()?;
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    env.ctrd.ctr_in(CRI_NAMESPACE, &["containers", "rm", &id])?;
+    for name in env
+        .ctrd
+        .ctr_in(CRI_NAMESPACE, &["images", "ls", "-q"])?
+        .lines()
+    {
+        env.ctrd
+            .ctr_in(CRI_NAMESPACE, &["images", "rm", "--sync", name.trim()])?;
+    }
     env.assert_all_detached().with_context(|| env.log())?;
     Ok(())
 }

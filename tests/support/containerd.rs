@@ -75,6 +75,16 @@ state = "{state}"
     /// test`, never installed over bookworm's) with a version 3 config: CRI disabled, and the
     /// transfer service told to unpack for each proxy snapshotter as for overlayfs.
     pub fn start_v2(dir: &Path, proxy_snapshotters: &[(&str, &Path)]) -> Result<Containerd> {
+        Self::start_v2_with(dir, proxy_snapshotters, None)
+    }
+
+    /// Like [`Self::start_v2`]; with `cri = Some(toml)` (from [`crate::cri::cri_config_v3`])
+    /// the CRI plugins are enabled and `toml` is appended to the config.
+    pub fn start_v2_with(
+        dir: &Path,
+        proxy_snapshotters: &[(&str, &Path)],
+        cri: Option<&str>,
+    ) -> Result<Containerd> {
         let bin_dir = containerd2_bin_dir();
         if !bin_dir.join("containerd").exists() {
             bail!(
@@ -89,7 +99,7 @@ state = "{state}"
             r#"version = 3
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.grpc.v1.cri"]
+{disabled}
 
 [grpc]
   address = "{sock}"
@@ -105,6 +115,11 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             sock = address.display(),
+            disabled = if cri.is_some() {
+                ""
+            } else {
+                r#"disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.grpc.v1.cri"]"#
+            },
         );
         for (name, socket) in proxy_snapshotters {
             config.push_str(&format!(
@@ -116,6 +131,7 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
                 socket.display()
             ));
         }
+        config.push_str(cri.unwrap_or_default());
         Self::spawn(dir, address, config, Some(bin_dir))
     }
 

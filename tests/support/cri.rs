@@ -26,6 +26,37 @@ pub fn cri_config(snapshotter: &str, plain_http_registries: &[&str]) -> String {
     s
 }
 
+/// containerd 2.x (config version 3): the CRI image plugin pulls with `snapshotter`, passing
+/// snapshot annotations (2.1's CRI passes them with `use_local_image_pull` on or off; checked);
+/// `plain_http_registries` are reached over plain HTTP through host files written under
+/// `hosts_dir` (2.x has no `registry.mirrors`).
+pub fn cri_config_v3(
+    snapshotter: &str,
+    plain_http_registries: &[&str],
+    hosts_dir: &Path,
+) -> Result<String> {
+    for r in plain_http_registries {
+        let dir = hosts_dir.join(r);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{r}\"\n\n[host.\"http://{r}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )?;
+    }
+    Ok(format!(
+        r#"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "{snapshotter}"
+  disable_snapshot_annotations = false
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{hosts}"
+"#,
+        hosts = hosts_dir.display()
+    ))
+}
+
 /// CRI `PullImage` on containerd's socket; returns the image ref containerd reports.
 pub async fn pull_image(containerd_socket: &Path, image: &str) -> Result<String> {
     let channel = containerd_api::connect(containerd_socket)
