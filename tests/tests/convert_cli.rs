@@ -647,6 +647,29 @@ fn every_platform_of_an_index_is_converted_or_those_named() -> Result<()> {
     // Conversion is reproducible: the same manifests whichever platforms are asked for.
     assert_eq!(arm[0].2, every[1].2);
 
+    // The same platforms as a Docker manifest list (what Docker Hub serves for multi-arch
+    // images): the same converted manifests, in an OCI index.
+    let list = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": blobfmt::oci::MT_DOCKER_LIST,
+        "manifests": manifests.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+    }))?;
+    blobfmt::oci::put_blob(&multi, &list)?;
+    blobfmt::oci::tag_blob(&multi, "docker", blobfmt::oci::MT_DOCKER_LIST, &list)?;
+    let out = run(cora()
+        .args(["convert", "--json"])
+        .arg(format!("oci:{}:docker", multi.display()))
+        .arg(format!("oci:{}:docker", tmp.path().join("out").display())))?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    let from_list: Vec<&str> = report["platforms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["manifest_digest"].as_str())
+        .collect();
+    let from_index: Vec<&str> = every.iter().map(|c| c.2.as_str()).collect();
+    assert_eq!(from_list, from_index, "{out}");
+
     // Through a registry: the index and every platform's manifest arrive, and consumers
     // pick their platform from it.
     let reg = Registry::start()?;

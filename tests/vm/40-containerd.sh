@@ -13,7 +13,14 @@
 # coldstart.csv, coldstart_usage.csv and coldstart.json there. CORA_ATTACH_ON_PULL=false turns
 # the snapshotter's attachOnPull off (for comparisons).
 set -eu
-N=40-containerd
+N=${CORA_VM_TEST_NAME:-40-containerd}
+# containerd to run: Debian's installed 1.6, or (CORA_CONTAINERD_BIN, see 41-containerd2.sh) the
+# directory of another one's containerd, ctr and runc shim.
+if [ -n "${CORA_CONTAINERD_BIN:-}" ]; then
+    [ -x "$CORA_CONTAINERD_BIN/containerd" ] || { echo "$N: FAIL: no containerd in $CORA_CONTAINERD_BIN" >&2; exit 1; }
+    PATH=$CORA_CONTAINERD_BIN:$PATH
+    export PATH
+fi
 fail() {
     echo "$N: FAIL: $*" >&2
     for f in "$T"/snap.log "$T"/containerd.log; do
@@ -144,7 +151,31 @@ start_snapshotter
 grep -q "served by cora-driver ublk devices" "$T/snap.log" || fail "the snapshotter did not pick the ublk backend"
 CSOCK=$T/containerd/containerd.sock
 mkdir -p "$T/containerd"
-cat >"$T/containerd/config.toml" <<TOML
+if [ -n "${CORA_CONTAINERD_BIN:-}" ]; then
+    # containerd 2.x: config version 3; the transfer service (ctr image pull) needs an unpack
+    # platform for each snapshotter it pulls with.
+    cat >"$T/containerd/config.toml" <<TOML
+version = 3
+root = "$T/containerd/root"
+state = "$T/containerd/state"
+disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$CSOCK"
+[ttrpc]
+  address = "$CSOCK.ttrpc"
+[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "overlayfs"
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "cora"
+[proxy_plugins.cora]
+  type = "snapshot"
+  address = "$SOCK"
+TOML
+else
+    cat >"$T/containerd/config.toml" <<TOML
 version = 2
 root = "$T/containerd/root"
 state = "$T/containerd/state"
@@ -159,6 +190,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   type = "snapshot"
   address = "$SOCK"
 TOML
+fi
 containerd --config "$T/containerd/config.toml" >"$T/containerd.log" 2>&1 &
 CTRD=$!
 export CONTAINERD_ADDRESS=$CSOCK CONTAINERD_NAMESPACE=cora
