@@ -272,6 +272,12 @@ struct Start {
     rss_bytes: u64,
     /// Their anonymous memory at the workload's end.
     anon_bytes: u64,
+    /// CORA: reads that waited for a fetch, and their waits summed (the drivers' counters).
+    stalls: u64,
+    stall_s: f64,
+    /// CPU seconds of the registry during the start: it runs on this host's cores, so each
+    /// range request it serves takes CPU from the workload (not so with a remote registry).
+    registry_cpu_s: f64,
 }
 
 /// Runs `ctr ARGS` and times, from `t0`, its first line of output and its end.
@@ -318,6 +324,8 @@ enum Served {
     Cora {
         snap: CoraSnapshotter,
         cache: PathBuf,
+        /// Its metrics endpoint (127.0.0.1): the drivers' counters, retired ones included.
+        metrics_port: u16,
     },
     Nydus(NydusSnapshotter),
 }
@@ -363,6 +371,23 @@ impl Lazy {
         }
     }
 
+    /// The drivers' read stalls so far (count, seconds summed); zeros for other systems.
+    fn stalls(&self) -> Result<(u64, f64)> {
+        let Served::Cora { metrics_port, .. } = &self.served else {
+            return Ok((0, 0.0));
+        };
+        let page = cora_tests::http_get(*metrics_port, "/metrics")?;
+        let value = |name: &str| -> Result<f64> {
+            page.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .with_context(|| format!("{name} not in the metrics page:\n{page}"))
+        };
+        Ok((
+            value("cora_read_stalls_total")? as u64,
+            value("cora_read_stall_seconds_total")?,
+        ))
+    }
+
     fn log_text(&self) -> String {
         match &self.served {
             Served::Cora { snap, .. } => snap.daemon.log_text(),
@@ -374,6 +399,8 @@ impl Lazy {
 struct Bench {
     ctrd: Containerd,
     systems: Vec<Lazy>,
+    /// The registry process, for its CPU time.
+    registry_pid: u32,
     /// The registry as pushed to (no shaping): conversion, traces.
     direct: String,
 }
@@ -387,7 +414,11 @@ impl Bench {
         id: &str,
         link: &ShapedLink,
     ) -> Result<(Start, String)> {
-        let (b0, c0) = (link.bytes_down(), self.containerd_cpu());
+        let (b0, c0, r0) = (
+            link.bytes_down(),
+            self.containerd_cpu(),
+            cpu_seconds(self.registry_pid),
+        );
         let t0 = Instant::now();
         self.ctrd
             .ctr(&["images", "pull", "--plain-http", reference])?;
@@ -395,6 +426,7 @@ impl Bench {
         let mut args = vec!["run", "--rm", reference, id];
         args.extend(w.cmd.iter().map(String::as_str));
         let (first, done, out) = ctr_timed(&self.ctrd, &args, t0)?;
+        let registry_cpu_s = cpu_seconds(self.registry_pid) - r0;
         let s = Start {
             profile: link.profile.name.into(),
             workload: w.name.into(),
@@ -407,6 +439,9 @@ impl Bench {
             cpu_s: self.containerd_cpu() - c0,
             rss_bytes: 0,
             anon_bytes: 0,
+            stalls: 0,
+            stall_s: 0.0,
+            registry_cpu_s,
         };
         Ok((s, out))
     }
@@ -439,10 +474,12 @@ impl Bench {
         warm: Option<&mut f64>,
     ) -> Result<(Start, String)> {
         let snap_pid = sys.snapshotter_pid();
-        let (b0, c0, s0) = (
+        let stalls0 = sys.stalls()?;
+        let (b0, c0, s0, r0) = (
             link.bytes_down(),
             self.containerd_cpu(),
             cpu_seconds(snap_pid),
+            cpu_seconds(self.registry_pid),
         );
         let t0 = Instant::now();
         let host = reference.split('/').next().unwrap_or_default();
@@ -461,11 +498,12 @@ impl Bench {
         args.extend(w.cmd.iter().map(String::as_str));
         let (first, done, out) =
             ctr_timed(&self.ctrd, &args, t0).with_context(|| sys.log_text())?;
+        let registry_cpu_s = cpu_seconds(self.registry_pid) - r0;
         let servers = sys.servers();
         let drivers_cpu: f64 = servers.iter().map(|&p| cpu_seconds(p)).sum();
         let drivers_rss: u64 = servers.iter().map(|&p| peak_rss(p)).sum();
         let drivers_anon: u64 = servers.iter().map(|&p| anon_rss(p)).sum();
-        let s = Start {
+        let mut s = Start {
             profile: link.profile.name.into(),
             workload: w.name.into(),
             system: sys.name.clone(),
@@ -477,6 +515,9 @@ impl Bench {
             cpu_s: self.containerd_cpu() - c0 + cpu_seconds(snap_pid) - s0 + drivers_cpu,
             rss_bytes: peak_rss(snap_pid) + drivers_rss,
             anon_bytes: anon_rss(snap_pid) + drivers_anon,
+            stalls: 0,
+            stall_s: 0.0,
+            registry_cpu_s,
         };
         if let Some(warm) = warm {
             // Again, its chunks local: the transport's own cost (after the counters above:
@@ -491,6 +532,10 @@ impl Bench {
         wait_for("the image's servers to go", Duration::from_secs(60), || {
             sys.servers().is_empty()
         })?;
+        // Now that the devices are gone their final counters are in the snapshotter's totals
+        // (the warm start's reads never wait: its chunks are local).
+        let stalls1 = sys.stalls()?;
+        (s.stalls, s.stall_s) = (stalls1.0 - stalls0.0, stalls1.1 - stalls0.1);
         // Emptied, not removed: the snapshotter may hold the directory.
         let cache = sys.cache();
         if cache.exists() {
@@ -698,7 +743,9 @@ fn main() -> Result<()> {
     for (name, extra) in variants {
         let sdir = dir.path().join(&name);
         let cache = sdir.join("cache");
+        let metrics = cora_tests::reserve_port()?;
         let mut cfg = serde_json::json!({
+            "exporterConfig": {"enable": true, "uriPrefix": "/metrics", "port": metrics.port},
             "insecureRegistries": insecure,
             "cacheDir": cache,
             "autoRemoveDev": true,
@@ -713,7 +760,11 @@ fn main() -> Result<()> {
             CoraSnapshotter::start(Path::new(env!("CARGO_BIN_EXE_cora-snapshotter")), &sdir)?;
         systems.push(Lazy {
             name,
-            served: Served::Cora { snap, cache },
+            served: Served::Cora {
+                snap,
+                cache,
+                metrics_port: metrics.port,
+            },
         });
     }
     if let Some(tools) = &nydus_tools {
@@ -744,6 +795,7 @@ fn main() -> Result<()> {
     let bench = Bench {
         ctrd,
         systems,
+        registry_pid: registry.pid().unwrap_or(0),
         direct: registry.addr.clone(),
     };
 
@@ -855,11 +907,11 @@ fn main() -> Result<()> {
     let out = cora_tests::bench::out_dir()?;
     std::fs::write(out.join("coldstart-host.md"), &report)?;
     let mut csv = String::from(
-        "profile,workload,system,round,pull_s,first_output_s,done_s,bytes,cpu_s,rss_bytes,anon_bytes\n",
+        "profile,workload,system,round,pull_s,first_output_s,done_s,bytes,cpu_s,rss_bytes,anon_bytes,stalls,stall_s,registry_cpu_s\n",
     );
     for s in &starts {
         csv.push_str(&format!(
-            "{},{},{},{},{:.3},{:.3},{:.3},{},{:.2},{},{}\n",
+            "{},{},{},{},{:.3},{:.3},{:.3},{},{:.2},{},{},{},{:.3},{:.2}\n",
             s.profile,
             s.workload,
             s.system,
@@ -870,7 +922,10 @@ fn main() -> Result<()> {
             s.bytes,
             s.cpu_s,
             s.rss_bytes,
-            s.anon_bytes
+            s.anon_bytes,
+            s.stalls,
+            s.stall_s,
+            s.registry_cpu_s
         ));
     }
     std::fs::write(out.join("coldstart-host.csv"), csv)?;
@@ -914,6 +969,15 @@ fn fmt2(v: f64, suffix: &str) -> String {
     }
 }
 
+/// A CORA-only counter: "–" in other systems' rows (no such counter there).
+fn stall_cell(system: &str, v: f64, suffix: &str, decimals: usize) -> String {
+    if system.starts_with("cora") && v.is_finite() {
+        format!("{v:.decimals$}{suffix}")
+    } else {
+        "–".into()
+    }
+}
+
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
     let v: Vec<f64> = xs.collect();
     if v.is_empty() {
@@ -944,7 +1008,7 @@ fn render(
     )?;
     writeln!(
         r,
-        "Mean of {rounds} round(s); every start cold. Seconds from the pull's start to the pull's end / the workload's first line / its end; MB over the link; CPU s of containerd + our processes; peak RSS of our processes (snapshotter + drivers; it counts cached chunks mapped to be lent to the kernel) and their anonymous memory at the end.\n"
+        "Mean of {rounds} round(s); every start cold. Seconds from the pull's start to the pull's end / the workload's first line / its end; MB over the link; CPU s of containerd + our processes, and of the registry (it shares this host's two cores with the workload: every range request it serves costs CPU here, as a remote registry's would not); peak RSS of our processes (snapshotter + drivers; it counts cached chunks mapped to be lent to the kernel) and their anonymous memory at the end; stalls: reads of a CORA device that waited for a fetch (kernel read-ahead included), and their waits summed.\n"
     )?;
     writeln!(
         r,
@@ -969,7 +1033,7 @@ fn render(
         writeln!(r, "\n## `{}`: {}\n", p.name, p.describe())?;
         writeln!(
             r,
-            "| workload | system | pulled s | first output s | done s | MB fetched | CPU s | peak RSS MB | anon MB | OCI/this (done) | Nydus/this | this/limit |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| workload | system | pulled s | first output s | done s | MB fetched | CPU s | registry CPU s | peak RSS MB | anon MB | stalls | stall s | OCI/this (done) | Nydus/this | this/limit |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         )?;
         for w in work {
             let pick = |sys: &str| -> Vec<&Start> {
@@ -995,14 +1059,17 @@ fn render(
                 let d = done(sys);
                 writeln!(
                     r,
-                    "| {} | {sys} | {:.2} | {:.2} | {d:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2}x | {} | {} |",
+                    "| {} | {sys} | {:.2} | {:.2} | {d:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {} | {} | {:.2}x | {} | {} |",
                     w.name,
                     mean(ss.iter().map(|s| s.pull_s)),
                     mean(ss.iter().map(|s| s.first_output_s)),
                     mean(ss.iter().map(|s| s.bytes as f64)) / 1e6,
                     mean(ss.iter().map(|s| s.cpu_s)),
+                    mean(ss.iter().map(|s| s.registry_cpu_s)),
                     mean(ss.iter().map(|s| s.rss_bytes as f64)) / 1e6,
                     mean(ss.iter().map(|s| s.anon_bytes as f64)) / 1e6,
+                    stall_cell(sys, mean(ss.iter().map(|s| s.stalls as f64)), "", 0),
+                    stall_cell(sys, mean(ss.iter().map(|s| s.stall_s)), "", 2),
                     oci_done / d,
                     fmt2(nydus_done / d, "x"),
                     fmt2(d / limit, "x"),
@@ -1011,14 +1078,14 @@ fn render(
             if peers.nydus_not_run.is_some() {
                 writeln!(
                     r,
-                    "| {} | nydus | – | – | – | – | – | – | – | – | – | – |",
+                    "| {} | nydus | – | – | – | – | – | – | – | – | – | – | – | – | – |",
                     w.name
                 )?;
             }
             if limit.is_finite() {
                 writeln!(
                     r,
-                    "| {} | *limit* |  |  | {limit:.2} | {:.1} |  |  |  | {:.2}x |  |  |",
+                    "| {} | *limit* |  |  | {limit:.2} | {:.1} |  |  |  |  |  |  | {:.2}x |  |  |",
                     w.name,
                     read_bytes / 1e6,
                     oci_done / limit

@@ -146,6 +146,18 @@ impl Metrics {
                 "Fetch jobs that panicked (their reads failed; the worker lived on).",
                 lazy.worker_panics as f64,
             ),
+            (
+                "cora_read_stalls_total",
+                "counter",
+                "Reads that waited for a registry fetch.",
+                lazy.stalls as f64,
+            ),
+            (
+                "cora_read_stall_seconds_total",
+                "counter",
+                "Seconds reads waited for registry fetches, summed.",
+                lazy.stall_seconds,
+            ),
         ];
         for (name, ty, help, v) in simple {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {ty}\n{name} {v}");

@@ -8,7 +8,8 @@
 //!                               layer digest, loop device (FUSE on kernels without file-backed
 //!                               erofs)
 //! <root>/remote/<h>.stats.json  the driver's counters (rewritten by it every second)
-//! <root>/remote/<h>.log         the driver's log
+//! <root>/remote/<h>.log         the driver's log (`<h>.last.log` once detached: the last
+//!                               device's, for what it fetched and any errors)
 //! <root>/fuse/                  the drivers' FUSE mounts and their records (`--fuse-dir`)
 //! ```
 //!
@@ -660,7 +661,7 @@ impl RemoteLayers for UblkLayers {
             }
             self.retire_stats(&p);
             let _ = std::fs::remove_file(&p.state);
-            let _ = std::fs::remove_file(&p.log);
+            let _ = std::fs::rename(&p.log, p.log.with_extension("last.log"));
         }
         let _ = std::fs::remove_dir(mountpoint);
         Ok(())

@@ -7,7 +7,6 @@ use cora_tests::images::{
     Compression, LayerSpec, Registry, busybox_rootfs, whiteout, write_oci_layout,
 };
 use cora_tests::snapshotter::CoraSnapshotter;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -108,14 +107,6 @@ fn parse_ls(text: &str) -> Vec<(String, String, String)> {
         .collect();
     rows.sort();
     rows
-}
-
-fn http_get(port: u16, path: &str) -> Result<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 fn task_status(ctrd: &Containerd, id: &str) -> String {
@@ -243,7 +234,7 @@ fn plain_oci_images_pull_run_and_survive_restart() -> Result<()> {
     );
 
     // Metrics see the snapshots and the RPCs.
-    let page = http_get(metrics_port, "/metrics")?;
+    let page = cora_tests::http_get(metrics_port, "/metrics")?;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(
         page.contains("cora_snapshots{kind=\"committed\"} 2"),
@@ -253,7 +244,7 @@ fn plain_oci_images_pull_run_and_survive_restart() -> Result<()> {
         !page.contains("cora_snapshotter_rpc_total{method=\"Prepare\"} 0"),
         "{page}"
     );
-    assert!(http_get(metrics_port, "/other")?.starts_with("HTTP/1.1 404"));
+    assert!(cora_tests::http_get(metrics_port, "/other")?.starts_with("HTTP/1.1 404"));
 
     // A container keeps running while the snapshotter restarts; snapshots survive it.
     let c = &env.ctrd;

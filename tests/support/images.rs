@@ -208,6 +208,11 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The registry process (a benchmark counts its CPU: it shares the host with the work).
+    pub fn pid(&self) -> Option<u32> {
+        self._daemon.pid()
+    }
+
     pub fn start(dir: &Path) -> Result<Registry> {
         std::fs::create_dir_all(dir)?;
         let port = crate::reserve_port()?;

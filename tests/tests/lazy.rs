@@ -176,6 +176,14 @@ fn sixteen_readers_fetch_each_chunk_once() -> Result<()> {
         "a chunk was fetched twice: {st:?}, {total_chunks} chunks"
     );
     assert_eq!(st.corrupt, 0);
+    // Cold readers waited for fetches, and that wait is counted; a warm read never waits.
+    assert!(st.stalls > 0 && st.stall_seconds > 0.0, "{st:?}");
+    assert!(read_all(&src, 128 << 10, 0)? == expect);
+    let warm = src.stats.snapshot();
+    assert_eq!(
+        (warm.stalls, warm.stall_seconds),
+        (st.stalls, st.stall_seconds)
+    );
     Ok(())
 }
 

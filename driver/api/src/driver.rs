@@ -401,6 +401,10 @@ pub struct DriverStats {
     pub prefetched: u64,
     /// Fetch jobs that panicked; each failed its reads and its worker lived on.
     pub worker_panics: u64,
+    /// Reads that had to wait for a fetch (a transport's reads; kernel read-ahead included).
+    pub stalls: u64,
+    /// Seconds those reads waited, summed: where a cold start's time goes beyond its work.
+    pub stall_seconds: f64,
 }
 
 impl DriverStats {
@@ -416,6 +420,8 @@ impl DriverStats {
         self.readahead += o.readahead;
         self.prefetched += o.prefetched;
         self.worker_panics += o.worker_panics;
+        self.stalls += o.stalls;
+        self.stall_seconds += o.stall_seconds;
     }
 }
 

@@ -108,7 +108,7 @@ impl FetchTuning {
 pub const DEVICE_MISS_WINDOW: u64 = 1 << 20;
 
 /// Background fill of a device: off. `idle` runs only while no demand fetch is queued or on
-/// the wire, one 512 KiB request at a time, so a start pays at most one such request per
+/// the wire, one 1 MiB request at a time, so a start pays at most one such request per
 /// miss; `always` fetches beside the start. See `cargo xtask bench coldstart` for what each
 /// costs and buys.
 pub const DEVICE_FILL: Fill = Fill::Off;

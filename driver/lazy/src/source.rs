@@ -86,6 +86,9 @@ pub struct SourceStats {
     pub prefetched: AtomicU64,
     /// Fetch jobs that panicked (caught: their reads failed, the worker lived on).
     pub worker_panics: AtomicU64,
+    /// Reads that waited for a fetch, and for how long in all (µs).
+    pub stalls: AtomicU64,
+    pub stall_us: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the fetch latency histogram buckets (Prometheus-style `le`).
@@ -118,6 +121,8 @@ impl SourceStats {
             readahead: self.readahead.load(Ordering::Relaxed),
             prefetched: self.prefetched.load(Ordering::Relaxed),
             worker_panics: self.worker_panics.load(Ordering::Relaxed),
+            stalls: self.stalls.load(Ordering::Relaxed),
+            stall_seconds: self.stall_us.load(Ordering::Relaxed) as f64 / 1e6,
         }
     }
 
@@ -202,6 +207,7 @@ struct PendingChunks {
     inner: Arc<Inner>,
     missing: Vec<MissingPiece>,
     flights: Vec<((StreamId, usize), Arc<Flight>)>,
+    since: std::time::Instant,
 }
 
 impl PendingRead for PendingChunks {
@@ -230,6 +236,9 @@ impl PendingRead for PendingChunks {
         // A failed flight fails this read; the flight is forgotten, so the next read of the
         // chunk fetches it again (the registry client has already retried within its budget).
         let inner = &self.inner;
+        let waited = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        inner.stats.stalls.fetch_add(1, Ordering::Relaxed);
+        inner.stats.stall_us.fetch_add(waited, Ordering::Relaxed);
         for m in &self.missing {
             let flight = self
                 .flights
@@ -258,6 +267,18 @@ impl PendingRead for PendingChunks {
         }
         Ok(())
     }
+}
+
+/// The last chunk claimed in each stream.
+fn last_per_stream(claimed: &[Claim]) -> Vec<(StreamId, usize)> {
+    let mut last: Vec<(StreamId, usize)> = Vec::new();
+    for &(s, i, _) in claimed {
+        match last.iter_mut().find(|(t, _)| *t == s) {
+            Some(l) => l.1 = l.1.max(i),
+            None => last.push((s, i)),
+        }
+    }
+    last
 }
 
 /// A poisoned lock only means another reader panicked; the data behind it stays consistent.
@@ -289,17 +310,18 @@ pub struct FetchOptions {
 
 /// Trace chunks this close in a blob are prefetched in one request, the bytes between them
 /// read and dropped: a trace is scattered (2392 chunks of a Python start lie in ~1000 runs
-/// with a 16 KiB gap). 128 KiB rather than 256 KiB: with 16 requests in flight, gap bytes cost
-/// more than requests (wan, 2 rounds: Python + trace 5.35 s -> 4.99 s, Node 1.71 s -> 1.52 s
-/// together with 16 instead of 8 requests in flight).
-const PREFETCH_GAP: u64 = 128 << 10;
+/// with a 16 KiB gap). Fewer, larger requests won once the registry's CPU was counted: a
+/// docker-registry range request costs ~3.8 ms of its CPU whatever its size (it reads 4 MiB
+/// ahead), and on the bench host that CPU is the workload's. wan, 2 rounds each, gap/request:
+/// 128 KiB/512 KiB: Python + trace 5.64 s (registry 2.3 CPU s), Node + trace 1.86 s;
+/// 512 KiB/1 MiB: 4.93 s (1.5 CPU s, 96 MB fetched instead of 81), 1.71 s;
+/// 1 MiB/2 MiB: 5.12 s (130 MB), 1.78 s.
+const PREFETCH_GAP: u64 = 512 << 10;
 
-/// One prefetch or fill request: small, so that a demand fetch that arrives while prefetch
-/// requests are on the wire waits for little on a slow link: runs are mostly far smaller
-/// (a Python trace: 400 requests for 70 MB), so 16 in flight are ~3 MiB, 60 ms at 50 MB/s.
-/// Many in flight because a trace is scattered: a Node start's ~1000 chunks lie in hundreds of
-/// runs, and 2 at a time cost a round trip each.
-const PREFETCH_REQUEST: u64 = 512 << 10;
+/// One prefetch or fill request (see [`PREFETCH_GAP`] for the size). Many in flight because a
+/// trace is scattered: a Node start's ~1000 chunks lie in hundreds of runs, and 2 at a time
+/// cost a round trip each.
+const PREFETCH_REQUEST: u64 = 1 << 20;
 
 impl Default for FetchOptions {
     fn default() -> Self {
@@ -563,8 +585,10 @@ impl LazySource {
         keys.sort_by_key(|&(s, i)| (stream_key(s), i));
         keys.dedup();
         let (mine, mut flights, cached) = inner.claim(&keys, true);
-        self.widen_miss(&mine);
+        // The demand runs first, so that they reach the link before their window.
+        let last = last_per_stream(&mine);
         self.submit_demand(mine);
+        self.widen_miss(last);
         if !cached.is_empty() {
             // Chunks that arrived between our cache miss and the claim: copy them now. One
             // that is gone again (evicted at once) is claimed without asking the cache again.
@@ -589,23 +613,17 @@ impl LazySource {
             inner: inner.clone(),
             missing,
             flights,
+            since: std::time::Instant::now(),
         })))
     }
 
     /// The miss window: after the last chunk of each stream this read claimed, claim up to
     /// `miss_window` compressed bytes of what follows, fetched beside the demand runs (not in
     /// them, so the reader waits for its own chunks only).
-    fn widen_miss(&self, claimed: &[Claim]) {
+    fn widen_miss(&self, last: Vec<(StreamId, usize)>) {
         let inner = &self.inner;
         if inner.opts.miss_window == 0 || inner.trace_prefetching.load(Ordering::Relaxed) {
             return;
-        }
-        let mut last: Vec<(StreamId, usize)> = Vec::new();
-        for &(s, i, _) in claimed {
-            match last.iter_mut().find(|(t, _)| *t == s) {
-                Some(l) => l.1 = l.1.max(i),
-                None => last.push((s, i)),
-            }
         }
         for (s, i) in last {
             let bytes = inner.opts.miss_window;
@@ -937,6 +955,8 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
         misses = s.misses,
         requests = s.requests,
         fetched_bytes = s.fetched_bytes,
+        stalls = s.stalls,
+        stall_seconds = s.stall_seconds,
         "prefetch done"
     );
 }
