@@ -394,6 +394,24 @@ fn cora_image_is_served_through_fuse_and_leaves_nothing_behind() -> Result<()> {
         types.contains(&"erofs") && types.iter().any(|t| t.starts_with("fuse")),
         "mounts under the root: {types:?}"
     );
+    // erofs reads the FUSE file with direct I/O where the kernel has the option (6.13+).
+    let erofs_options: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.contains(&*env.snap.root.to_string_lossy()))
+        .filter_map(|l| {
+            let mut fields = l.split(" - ").nth(1)?.split(' ');
+            (fields.next()? == "erofs").then(|| fields.nth(1))?
+        })
+        .collect();
+    if cora_tests::kernel_at_least(6, 13) {
+        assert!(
+            !erofs_options.is_empty()
+                && erofs_options
+                    .iter()
+                    .all(|o| o.split(',').any(|x| x == "directio")),
+            "erofs mounts without directio: {erofs_options:?}"
+        );
+    }
 
     // Starting a container read a small part of the image.
     let stats = stats_written_after(&env.snap.root, ran)?;

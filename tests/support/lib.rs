@@ -32,6 +32,15 @@ pub struct PortReservation {
     pub port: u16,
 }
 
+/// Whether the running kernel is at least `major.minor` (from /proc/sys/kernel/osrelease).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    (nums.next().unwrap_or(0), nums.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// One `GET path` to 127.0.0.1:`port` (HTTP/1.1, the server closes): the whole response.
 pub fn http_get(port: u16, path: &str) -> Result<String> {
     use std::io::{Read, Write};
