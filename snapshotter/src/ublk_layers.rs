@@ -1143,8 +1143,9 @@ fn mount_image(
     if transport == Transport::Fuse && fs_type == "erofs" {
         match mount_ro_with(path, mountpoint, fs_type, c"directio") {
             Ok(()) => return Ok(None),
-            // Unknown option, or no file-backed mounts at all: as without it.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // An unknown option (EINVAL), or no file-backed mounts at all (ENOTBLK, before
+            // 6.12): as without it, which falls back to a loop device where needed.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTBLK)) => {
                 debug!(file = %path.display(), "erofs refused directio ({e}); mounting without")
             }
             Err(e) => return Err(failed(path, e)),
