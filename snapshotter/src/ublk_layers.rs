@@ -1571,6 +1571,7 @@ mod tests {
             max_io_bytes: 1 << 20,
             flags: 0,
             flag_names: vec![],
+            data_mode: None,
             target: Some("cora".into()),
             image: Some("h/a@x".into()),
             layer_digest: Some(digest.into()),

@@ -1,7 +1,8 @@
 #!/bin/sh
 # cora-driver on a real ublk kernel: an erofs image of a real tree served read-only, every file
 # checked by sha256, fio verification, writes refused, EIO on a failing source, misses not
-# blocking hits, kill -9 + recover while a mounted filesystem is being read, del cleans up.
+# blocking hits, kill -9 + recover while a mounted filesystem is being read, del cleans up;
+# each data mode (buffered, user copy, auto buffer registration) up to the kernel's best.
 # Mounts happen in their own mount namespace (unshare -m): never in the server's.
 set -eu
 fail() { echo "20-ublk: FAIL: $*" >&2; exit 1; }
@@ -31,6 +32,12 @@ cleanup() {
 trap cleanup EXIT
 
 "$D" features | grep -q USER_RECOVERY || fail "kernel lacks USER_RECOVERY"
+mode_of() { "$D" list --json | jq -r ".[] | select(.id == $1) | .data_mode"; }
+BEST=$("$D" features | sed -n 's/^data mode: //p')
+# What the driver must pick: the most direct mode the kernel has every flag of.
+if "$D" features | grep -q AUTO_BUF_REG; then want=auto-buf-reg; else want=user-copy; fi
+[ "$BEST" = "$want" ] || fail "features say data mode '$BEST', want $want: $("$D" features)"
+log "kernel $(uname -r): data mode $BEST"
 
 # --- a real tree, its manifest and an erofs image of it
 # Read straight from the host's read-only root (no copy: 9p under TCG is slow).
@@ -115,6 +122,36 @@ fio --name=verify-big --filename="$DEV" --readonly --direct=1 --ioengine=io_urin
     --rw=read --bs=1m --verify=crc32c --verify_interval=4k --size=128m --verify_fatal=1 \
     >"$T/fio2.out" 2>&1 || fail "fio verify 1m: $(tail -5 "$T/fio2.out")"
 log "fio verified 128 MiB with 4k random and 1m sequential reads"
+[ "$(mode_of "$ID")" = "$BEST" ] || fail "device runs in $(mode_of "$ID"), best is $BEST"
+"$D" del "$ID"
+
+# --- every data mode up to the kernel's best: same bytes; requests go the mode's way
+rank() { case $1 in buffered) echo 0 ;; user-copy) echo 1 ;; auto-buf-reg) echo 2 ;; *) fail "mode $1" ;; esac; }
+for mode in buffered user-copy auto-buf-reg; do
+    want=$mode
+    [ "$(rank "$mode")" -le "$(rank "$BEST")" ] || want=$BEST
+    DEV=$("$D" add --file "$T/fio.img" --data-mode "$mode" --daemon --log "$T/srv-$mode.log" \
+        --stats-file "$T/stats-$mode.json")
+    ID=$(dev_id "$DEV")
+    PID=$(field "$ID" 3)
+    [ "$(mode_of "$ID")" = "$want" ] || fail "--data-mode $mode runs in $(mode_of "$ID"), want $want"
+    fio --name=verify --filename="$DEV" --readonly --direct=1 --ioengine=io_uring --iodepth=32 \
+        --rw=randread --bs=4k --size=32m --verify=crc32c --verify_fatal=1 >"$T/fio.out" 2>&1 \
+        || fail "fio verify ($mode): $(tail -5 "$T/fio.out")"
+    [ "$(sha256sum <"$DEV")" = "$(sha256sum <"$T/fio.img")" ] || fail "device differs from image ($mode)"
+    "$D" del "$ID"
+    # The server writes its stats once more as it exits.
+    wait_for 20 sh -c "! kill -0 $PID 2>/dev/null" || fail "server $PID still running after del"
+    reg=$(jq .ublk.registered "$T/stats-$mode.json") && served=$(jq '.ublk | .lent + .copied' "$T/stats-$mode.json") \
+        || fail "no ublk counters in the stats: $(cat "$T/stats-$mode.json")"
+    case $want in
+    auto-buf-reg) [ "$reg" -gt 8000 ] || fail "auto-buf-reg served only $reg requests by io_uring into registered pages" ;;
+    *) [ "$reg" -eq 0 ] && [ "$served" -gt 8000 ] || fail "$want: registered $reg, copied/lent $served" ;;
+    esac
+    log "data mode $want: verified; requests registered $reg, copied or lent $served"
+done
+DEV=$("$D" add --file "$T/fio.img" --daemon --log "$T/srv3b.log")
+ID=$(dev_id "$DEV")
 
 log "EIO"
 # --- a failing source gives EIO promptly and the server keeps serving the rest

@@ -1,5 +1,6 @@
 //! The VM's initramfs: static busybox, the 9p/overlay modules of the guest kernel and a PID 1
 //! script. Built at run time into the cache dir and rebuilt only when an input changes.
+use crate::kernels::Kernel;
 use anyhow::{Context, Result, bail};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,10 +18,11 @@ const APPLETS: &[&str] = &[
 ];
 const INIT: &str = include_str!("vm/init.sh");
 
-/// Returns the path of an up-to-date initramfs for kernel release `kver`.
-pub fn ensure(cache: &Path, kver: &str) -> Result<PathBuf> {
-    let moddir = PathBuf::from("/lib/modules").join(kver);
-    let modules = resolve_modules(&moddir, MODULES)?;
+/// Returns the path of an up-to-date initramfs for `kernel`.
+pub fn ensure(cache: &Path, kernel: &Kernel) -> Result<PathBuf> {
+    let kver = &kernel.release;
+    let moddir = &kernel.modules;
+    let modules = resolve_modules(moddir, MODULES)?;
     // The key names every input; an unchanged key means the cached archive is current.
     let mut key = format!(
         "kernel {kver}\n{}\n{APPLETS:?}\n",
@@ -29,12 +31,13 @@ pub fn ensure(cache: &Path, kver: &str) -> Result<PathBuf> {
     for (name, path) in &modules {
         key += &format!("{name} {}\n", file_stamp(path)?);
     }
-    let nodes = static_nodes(&moddir)?;
+    let nodes = static_nodes(moddir)?;
     key += &nodes;
     key += INIT;
 
-    let out = cache.join("initramfs.cpio");
-    let key_path = cache.join("initramfs.key");
+    // One archive per kernel, so runs alternating kernels do not rebuild it each boot.
+    let out = cache.join(format!("initramfs-{kver}.cpio"));
+    let key_path = cache.join(format!("initramfs-{kver}.key"));
     if out.exists() && fs::read_to_string(&key_path).ok().as_deref() == Some(key.as_str()) {
         return Ok(out);
     }
@@ -75,10 +78,10 @@ pub fn ensure(cache: &Path, kver: &str) -> Result<PathBuf> {
     let bytes = cpio.finish();
 
     // Write-then-rename so a concurrent run never boots a half-written archive.
-    let tmp = cache.join(format!("initramfs.cpio.{}", std::process::id()));
+    let tmp = cache.join(format!("initramfs-{kver}.cpio.{}", std::process::id()));
     fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, &out).with_context(|| format!("renaming to {}", out.display()))?;
-    let tmp_key = cache.join(format!("initramfs.key.{}", std::process::id()));
+    let tmp_key = cache.join(format!("initramfs-{kver}.key.{}", std::process::id()));
     fs::write(&tmp_key, key).context("writing initramfs key")?;
     fs::rename(&tmp_key, &key_path).context("renaming initramfs key")?;
     Ok(out)

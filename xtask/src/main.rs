@@ -7,6 +7,7 @@ mod deps;
 mod fio_bench;
 mod initramfs;
 mod install;
+mod kernels;
 mod report;
 mod tools;
 mod vm;

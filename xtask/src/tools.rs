@@ -1,7 +1,7 @@
 //! Host-built tools the guest uses and peers the benches run, installed into `target/tools/`
 //! (`bin/` is on the guest's PATH). Nothing here touches the host's own packages.
 use anyhow::{Context, Result, bail};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// rublk: a ublk server CLI (`rublk features`, `rublk list`) from the ublk-org project.
@@ -89,50 +89,93 @@ pub fn ensure_containerd2() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Downloads `package`'s .deb from Debian sid into `target/tools/sid`, with an apt list and
-/// cache of its own there (the host's apt state and packages stay bookworm's).
+/// Downloads `package`'s .deb from Debian sid into `target/tools/sid`.
 fn sid_download(package: &str) -> Result<PathBuf> {
-    let dir = root().join("sid");
-    let debs = dir.join("debs");
-    std::fs::create_dir_all(dir.join("lists/partial"))?;
-    std::fs::create_dir_all(dir.join("cache/archives/partial"))?;
-    std::fs::create_dir_all(&debs)?;
-    let sources = dir.join("sources.list");
-    std::fs::write(
-        &sources,
-        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main\n",
-    )?;
-    let apt = |args: &[&str], cwd: &Path| -> Result<()> {
-        let opt = |k: &str, v: &Path| format!("{k}={}", v.display());
-        let status = Command::new("apt-get")
+    let sid = Archive::open("sid", &["sid"])?;
+    let mut debs = sid.download(&[package.to_string()])?;
+    debs.pop()
+        .with_context(|| format!("no {package} .deb after apt-get download"))
+}
+
+/// A private apt state (sources, lists, cache) for Debian suites other than the host's, under
+/// `target/tools/<name>`: packages are downloaded from it and extracted with `dpkg -x`, never
+/// installed, so the host's apt state and packages stay bookworm's.
+pub struct Archive {
+    dir: PathBuf,
+}
+
+impl Archive {
+    /// Writes the sources for `suites` (main, the Debian archive key) and runs `apt-get update`.
+    pub fn open(name: &str, suites: &[&str]) -> Result<Archive> {
+        let dir = root().join(name);
+        for sub in ["lists/partial", "cache/archives/partial", "debs"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        let sources: String = suites
+            .iter()
+            .map(|s| {
+                format!(
+                    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian {s} main\n"
+                )
+            })
+            .collect();
+        std::fs::write(dir.join("sources.list"), sources).context("writing sources.list")?;
+        let archive = Archive { dir };
+        archive.apt("apt-get", &["update"])?;
+        Ok(archive)
+    }
+
+    /// Runs an apt tool against this archive's state; returns its standard output.
+    pub fn apt(&self, tool: &str, args: &[&str]) -> Result<String> {
+        let opt = |k: &str, sub: &str| format!("{k}={}", self.dir.join(sub).display());
+        let out = Command::new(tool)
             .args(["-q", "-o"])
-            .arg(opt("Dir::Etc::sourcelist", &sources))
+            .arg(opt("Dir::Etc::sourcelist", "sources.list"))
             .args(["-o", "Dir::Etc::sourceparts=-", "-o"])
-            .arg(opt("Dir::State::Lists", &dir.join("lists")))
+            .arg(opt("Dir::State::Lists", "lists"))
             .arg("-o")
-            .arg(opt("Dir::Cache", &dir.join("cache")))
+            .arg(opt("Dir::Cache", "cache"))
             .args(["-o", "APT::Sandbox::User=root"])
             .args(args)
-            .current_dir(cwd)
-            .status()
-            .context("running apt-get")?;
-        if !status.success() {
-            bail!("apt-get {} (Debian sid) failed: {status}", args.join(" "));
+            .current_dir(self.dir.join("debs"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {tool}"))?;
+        if !out.status.success() {
+            bail!(
+                "{tool} {} ({}) failed: {}",
+                args.join(" "),
+                self.dir.display(),
+                out.status
+            );
         }
-        Ok(())
-    };
-    apt(&["update"], &dir)?;
-    apt(&["download", package], &debs)?;
-    let prefix = format!("{package}_");
-    std::fs::read_dir(&debs)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|f| f.to_str())
-                .is_some_and(|f| f.starts_with(&prefix) && f.ends_with(".deb"))
-        })
-        .max()
-        .with_context(|| format!("no {package} .deb after apt-get download"))
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Downloads each `package` (a name, or `name=version`); returns their .deb files.
+    pub fn download(&self, packages: &[String]) -> Result<Vec<PathBuf>> {
+        let mut args = vec!["download"];
+        args.extend(packages.iter().map(String::as_str));
+        self.apt("apt-get", &args)?;
+        let debs = self.dir.join("debs");
+        let mut found = Vec::new();
+        for package in packages {
+            let name = package.split('=').next().unwrap_or(package);
+            let prefix = format!("{name}_");
+            let deb = std::fs::read_dir(&debs)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|f| f.to_str())
+                        .is_some_and(|f| f.starts_with(&prefix) && f.ends_with(".deb"))
+                })
+                .max()
+                .with_context(|| format!("no {name} .deb after apt-get download"))?;
+            found.push(deb);
+        }
+        Ok(found)
+    }
 }
 
 /// Installs the pinned rublk into `target/tools/bin` unless that exact version is there.

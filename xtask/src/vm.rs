@@ -3,7 +3,7 @@
 //! The guest sees the host root read-only (9p) under a tmpfs overlay, the repository and each
 //! `--share` read-write at their host paths, and runs CMD in the current directory. Recipe and
 //! pitfalls: kernel-notes/README.md.
-use crate::{deps, initramfs};
+use crate::{deps, initramfs, kernels};
 use anyhow::{Context, Result, bail};
 use std::fs;
 use std::io::{Read, Write};
@@ -45,6 +45,9 @@ pub struct VmOpts {
     /// Extra kernel command line parameters (debugging).
     #[arg(long, value_name = "ARGS")]
     pub kernel_args: Option<String>,
+    /// Guest kernel: Debian 12's 6.12, or the newest Debian kernel (fetched once, cached).
+    #[arg(long, value_enum, default_value = "6.12")]
+    pub kernel: kernels::Which,
 }
 
 impl Default for VmOpts {
@@ -56,6 +59,7 @@ impl Default for VmOpts {
             shares: Vec::new(),
             verbose: false,
             kernel_args: None,
+            kernel: kernels::Which::V6_12,
         }
     }
 }
@@ -66,7 +70,7 @@ pub fn repo_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"))
@@ -79,10 +83,10 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
         bail!("no command given: cargo xtask vm [OPTIONS] -- CMD [ARGS...]");
     }
     deps::ensure(PACKAGES)?;
-    let (kver, kernel) = find_kernel()?;
+    let kernel = kernels::find(opts.kernel)?;
     let cache = target_dir().join("vm");
-    let initrd = initramfs::ensure(&cache, &kver)?;
-    let vmlinux = initramfs::ensure_vmlinux(&cache, &kver, &kernel)?;
+    let initrd = initramfs::ensure(&cache, &kernel)?;
+    let vmlinux = initramfs::ensure_vmlinux(&cache, &kernel.release, &kernel.image)?;
     let tools = crate::tools::bin_dir();
 
     let repo = fs::canonicalize(repo_root()).context("repository root")?;
@@ -125,6 +129,15 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
         cmdline_path(&repo)?,
         cmdline_path(&run.path)?
     );
+    // A kernel extracted under target/ (not installed): the guest binds its modules over
+    // /lib/modules/RELEASE, so the host's modprobe finds them after the chroot.
+    if kernel.modules != Path::new("/lib/modules").join(&kernel.release) {
+        append += &format!(
+            " cora_modules={} cora_release={}",
+            cmdline_path(&kernel.modules)?,
+            cmdline_path(Path::new(&kernel.release))?
+        );
+    }
     // Skips work that only costs time under TCG; see kernel-notes/README.md.
     append += " mitigations=off tsc=reliable no_timer_check random.trust_cpu=on cryptomgr.notests";
     append += " i8042.noaux i8042.nokbd 8250.nr_uarts=1";
@@ -257,38 +270,6 @@ fn add_9p(qemu: &mut Command, tag: &str, dir: &Path, readonly: bool) {
         "-device",
         &format!("virtio-9p-pci,fsdev={tag},mount_tag={tag}"),
     ]);
-}
-
-/// Highest installed Debian 6.12 generic kernel (the cloud flavour lacks 9p).
-fn find_kernel() -> Result<(String, PathBuf)> {
-    let mut found: Vec<(Vec<u64>, String)> = Vec::new();
-    for entry in fs::read_dir("/boot").context("reading /boot")? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        let Some(kver) = name.strip_prefix("vmlinuz-") else {
-            continue;
-        };
-        if kver.starts_with("6.12.")
-            && kver.ends_with("-amd64")
-            && !kver.ends_with("cloud-amd64")
-            && !kver.ends_with("rt-amd64")
-            && Path::new("/lib/modules")
-                .join(kver)
-                .join("modules.dep")
-                .exists()
-        {
-            let nums = kver
-                .split(|c: char| !c.is_ascii_digit())
-                .filter_map(|s| s.parse().ok())
-                .collect();
-            found.push((nums, kver.to_string()));
-        }
-    }
-    found.sort();
-    let (_, kver) = found.pop().context(
-        "no /boot/vmlinuz-6.12.*-amd64 with modules; apt-get install linux-image-6.12-amd64",
-    )?;
-    let kernel = PathBuf::from("/boot").join(format!("vmlinuz-{kver}"));
-    Ok((kver, kernel))
 }
 
 /// The repository first (share0), then the extra shares that it does not already contain,

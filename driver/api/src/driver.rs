@@ -544,6 +544,10 @@ pub struct DeviceInfo {
     pub flags: u64,
     #[serde(default)]
     pub flag_names: Vec<String>,
+    /// How request data reaches the kernel (ublk: "buffered", "user-copy", "auto-buf-reg";
+    /// absent for FUSE devices and other servers' devices).
+    #[serde(default)]
+    pub data_mode: Option<String>,
     /// The server kind recorded with the device ("cora" for cora-driver's).
     #[serde(default)]
     pub target: Option<String>,

@@ -110,6 +110,7 @@ pub fn serve(
         max_io_bytes: cora_fuse::MAX_REQUEST as u32,
         flags: 0,
         flag_names: Vec::new(),
+        data_mode: None,
         target: Some("cora".into()),
         image,
         layer_digest,

@@ -108,9 +108,10 @@ struct AddArgs {
     /// Largest I/O in bytes (a multiple of 4096).
     #[arg(long, default_value_t = 1 << 20)]
     max_io: u32,
-    /// Do not use UBLK_F_USER_COPY even if the kernel offers it.
-    #[arg(long)]
-    no_user_copy: bool,
+    /// The most direct ublk data mode to use (buffered, user-copy, auto-buf-reg); the device
+    /// runs in the best one at most this that the kernel offers. Lower it to measure.
+    #[arg(long, default_value_t = ublk::DataMode::AutoBufReg)]
+    data_mode: ublk::DataMode,
     /// Copy cached data through a buffer instead of handing mapped chunks to the kernel
     /// (for measuring the difference).
     #[arg(long)]
@@ -270,6 +271,10 @@ fn main() {
         Cmd::Features => {
             let f = ublk::kernel_features();
             println!("0x{f:x} {}", ublk::flag_names(f).join(" "));
+            println!(
+                "data mode: {}",
+                ublk::DataMode::best(f, ublk::DataMode::AutoBufReg)
+            );
             Ok(())
         }
     };
@@ -322,12 +327,12 @@ fn list(json: bool, fuse_dir: &std::path::Path) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} {:<4} FLAGS / SOURCE",
-        "ID", "STATE", "PID", "SIZE", "Q", "DEPTH", "TARGET", "VIA"
+        "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} {:<4} {:<12} FLAGS / SOURCE",
+        "ID", "STATE", "PID", "SIZE", "Q", "DEPTH", "TARGET", "VIA", "MODE"
     );
     for d in devs {
         println!(
-            "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} {:<4} {}{} {}",
+            "{:<4} {:<9} {:>8} {:>14} {:>3} {:>5}  {:<6} {:<4} {:<12} {}{} {}",
             d.id,
             d.state,
             d.pid,
@@ -336,6 +341,7 @@ fn list(json: bool, fuse_dir: &std::path::Path) -> Result<()> {
             d.depth,
             d.target.as_deref().unwrap_or("-"),
             d.transport,
+            d.data_mode.as_deref().unwrap_or("-"),
             if d.read_only { "RO " } else { "" },
             d.flag_names.join(","),
             d.recipe.map(|r| r.to_string()).unwrap_or_default()
@@ -374,6 +380,9 @@ fn device_info(d: ublk::DeviceStatus) -> DeviceInfo {
         max_io_bytes: d.max_io_bytes,
         flags: d.flags,
         flag_names: d.flag_names.iter().map(|n| (*n).to_owned()).collect(),
+        // Other servers' flags do not follow our modes (rublk's zero copy lacks USER_COPY).
+        data_mode: (d.target.as_deref() == Some(ublk::TARGET_NAME))
+            .then(|| ublk::DataMode::of_flags(d.flags).to_string()),
         target: d.target,
         image,
         layer_digest,
@@ -608,42 +617,57 @@ impl StopOnSignal {
 struct StatsWriter {
     path: Option<PathBuf>,
     source: Arc<dyn cora_read::BlockSource>,
+    ublk: Option<Arc<ublk::IoCounters>>,
 }
 
 impl StatsWriter {
     const INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+    /// Writes the source's stats to `path` every second, with the ublk server's request
+    /// counters under "ublk" when given.
     fn start(
         path: Option<PathBuf>,
         source: Arc<dyn cora_read::BlockSource>,
+        ublk: Option<Arc<ublk::IoCounters>>,
     ) -> std::io::Result<Self> {
         if let Some(p) = &path {
-            let (p, src) = (p.clone(), source.clone());
+            let (p, src, counters) = (p.clone(), source.clone(), ublk.clone());
             std::thread::Builder::new()
                 .name("stats".into())
                 .spawn(move || {
                     loop {
-                        if let Err(e) = write_stats(&p, src.as_ref()) {
+                        if let Err(e) = write_stats(&p, src.as_ref(), counters.as_deref()) {
                             tracing::warn!(path = %p.display(), "writing stats: {e}");
                         }
                         std::thread::sleep(Self::INTERVAL);
                     }
                 })?;
         }
-        Ok(StatsWriter { path, source })
+        Ok(StatsWriter { path, source, ublk })
     }
 }
 
 impl Drop for StatsWriter {
     fn drop(&mut self) {
         if let Some(p) = &self.path {
-            let _ = write_stats(p, self.source.as_ref());
+            let _ = write_stats(p, self.source.as_ref(), self.ublk.as_deref());
         }
     }
 }
 
-fn write_stats(path: &std::path::Path, source: &dyn cora_read::BlockSource) -> std::io::Result<()> {
-    let Some(v) = source.stats() else {
+fn write_stats(
+    path: &std::path::Path,
+    source: &dyn cora_read::BlockSource,
+    ublk: Option<&ublk::IoCounters>,
+) -> std::io::Result<()> {
+    let mut v = source.stats();
+    if let Some(c) = ublk {
+        let obj = v.get_or_insert_with(|| serde_json::json!({}));
+        if let Some(map) = obj.as_object_mut() {
+            map.insert("ublk".into(), c.to_json());
+        }
+    }
+    let Some(v) = v else {
         return Ok(());
     };
     let mut tmp = path.as_os_str().to_owned();
@@ -666,7 +690,7 @@ fn add(args: AddArgs) -> Result<()> {
             .open()
             .with_context(|| format!("opening the source {recipe:?}"))?;
         if transport == Transport::Fuse {
-            let stats = StatsWriter::start(args.run.stats_file.clone(), source.clone())?;
+            let stats = StatsWriter::start(args.run.stats_file.clone(), source.clone(), None)?;
             let (image, layer_digest) = match &recipe {
                 SourceRecipe::Image {
                     image,
@@ -689,14 +713,20 @@ fn add(args: AddArgs) -> Result<()> {
             return Ok(());
         }
         let stop = StopOnSignal::install()?;
-        let stats = StatsWriter::start(args.run.stats_file.clone(), source.clone())?;
+        let counters = Arc::new(ublk::IoCounters::default());
+        let stats = StatsWriter::start(
+            args.run.stats_file.clone(),
+            source.clone(),
+            Some(counters.clone()),
+        )?;
         let opts = DeviceOptions {
             id: args.id,
             queues: args.queues,
             depth: args.depth,
             max_io_bytes: args.max_io,
-            user_copy: !args.no_user_copy,
+            mode: args.data_mode,
             lend: !args.no_lend,
+            counters,
         };
         let (n, stop_id) = (notifier.clone(), stop.id.clone());
         let failed = Arc::new(Mutex::new(None));
@@ -728,13 +758,16 @@ fn recover(id: u32, run: RunArgs) -> Result<()> {
         let mut stats = None;
         let failed = Arc::new(Mutex::new(None));
         let f = failed.clone();
+        let counters = Arc::new(ublk::IoCounters::default());
+        let c = counters.clone();
         ublk::recover(
             id,
             |v| {
                 let source = SourceRecipe::from_json(v)?.open()?;
-                stats = Some(StatsWriter::start(stats_file, source.clone())?);
+                stats = Some(StatsWriter::start(stats_file, source.clone(), Some(c))?);
                 Ok(source)
             },
+            counters,
             move |r| on_ready(&n, &f, r),
         )
         .with_context(|| format!("recovering device {id}"))?;
@@ -999,6 +1032,7 @@ mod tests {
             Some(&"image".into())
         );
         assert_eq!(d.flag_names, ["USER_RECOVERY"]);
+        assert_eq!(d.data_mode.as_deref(), Some("buffered"));
         // Another server's device: listed, with nothing of ours.
         let other = device_info(status(Some(serde_json::json!({ "loop": {} }))));
         assert_eq!(

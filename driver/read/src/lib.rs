@@ -15,6 +15,7 @@
 //! their event-loop threads.
 use std::fs::File;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -34,6 +35,24 @@ pub trait BlockSource: Send + Sync + 'static {
     fn stats(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// Where `[offset, offset + len)` lies in open files, when every byte of it does, so a
+    /// zero-copy transport can have the kernel read the files straight into the request.
+    /// Appends the extents, in order, to `out` and returns true; false (and `out` unchanged)
+    /// when any byte is elsewhere (memory, the network). The fds stay open as long as the
+    /// source; the files never change.
+    fn file_extents(&self, offset: u64, len: usize, out: &mut Vec<FileExtent>) -> bool {
+        let _ = (offset, len, out);
+        false
+    }
+}
+
+/// `len` bytes at `offset` of the open file `fd`; see [`BlockSource::file_extents`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileExtent {
+    pub fd: RawFd,
+    pub offset: u64,
+    pub len: usize,
 }
 
 /// Receives memory-resident bytes lent by a source, exactly the requested range in order.
@@ -153,7 +172,7 @@ impl Mapping {
                 libc::PROT_READ,
                 // Populate now: faulting pages in later would cost every first read.
                 libc::MAP_SHARED | libc::MAP_POPULATE,
-                std::os::fd::AsRawFd::as_raw_fd(file),
+                file.as_raw_fd(),
                 0,
             )
         };
@@ -240,6 +259,18 @@ impl BlockSource for FileSource {
         self.file.read_exact_at(buf, offset)?;
         Ok(Outcome::Copied)
     }
+
+    fn file_extents(&self, offset: u64, len: usize, out: &mut Vec<FileExtent>) -> bool {
+        if check_range(offset, len, self.size).is_err() {
+            return false;
+        }
+        out.push(FileExtent {
+            fd: self.file.as_raw_fd(),
+            offset,
+            len,
+        });
+        true
+    }
 }
 
 #[cfg(test)]
@@ -274,6 +305,17 @@ mod tests {
         ));
         assert_eq!(got, &data[100..150]);
         assert_eq!(small, [0u8; 50], "a lent read leaves the buffer alone");
+
+        let mut ext = Vec::new();
+        assert!(src.file_extents(4096, 4096, &mut ext));
+        assert_eq!(ext.len(), 1);
+        let mut via_fd = vec![0u8; 4096];
+        // SAFETY: pread into a live buffer of the stated length.
+        let n = unsafe { libc::pread(ext[0].fd, via_fd.as_mut_ptr().cast(), 4096, 4096) };
+        assert_eq!(n, 4096);
+        assert_eq!(via_fd, &data[4096..8192]);
+        assert!(!src.file_extents(8192, 4096, &mut ext), "past the end");
+        assert_eq!(ext.len(), 1, "a refused range appends nothing");
     }
 
     /// A pending read whose source forgets to wake it fails instead of hanging the reader.

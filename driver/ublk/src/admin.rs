@@ -42,6 +42,12 @@ const FLAG_NAMES: &[(u32, &str)] = &[
     (sys::UBLK_F_AUTO_BUF_REG, "AUTO_BUF_REG"),
     (sys::UBLK_F_QUIESCE, "QUIESCE"),
     (sys::UBLK_F_PER_IO_DAEMON, "PER_IO_DAEMON"),
+    (sys::UBLK_F_BUF_REG_OFF_DAEMON, "BUF_REG_OFF_DAEMON"),
+    (sys::UBLK_F_BATCH_IO, "BATCH_IO"),
+    (sys::UBLK_F_INTEGRITY, "INTEGRITY"),
+    (sys::UBLK_F_SAFE_STOP_DEV, "SAFE_STOP_DEV"),
+    (sys::UBLK_F_NO_AUTO_PART_SCAN, "NO_AUTO_PART_SCAN"),
+    (sys::UBLK_F_SHMEM_ZC, "SHMEM_ZC"),
 ];
 
 /// Names of the UBLK_F_* bits set in `flags`.

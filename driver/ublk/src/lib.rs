@@ -10,12 +10,14 @@
 //! caller's `BlockSource`, and what `recover` needs to open it again is the caller's JSON
 //! (`recipe`), stored with the device. `examples/file_device.rs` serves a plain file.
 mod admin;
+mod mode;
 mod server;
 pub mod wake;
 
 pub use admin::{DeviceStatus, delete, flag_names, list, status, stop};
 pub use cora_read::{BlockSource, FileSource};
-pub use server::{DeviceOptions, Ready, TargetData, add, kernel_features, recover};
+pub use mode::DataMode;
+pub use server::{DeviceOptions, IoCounters, Ready, TargetData, add, kernel_features, recover};
 
 /// libublk target name of CORA devices, and the key of our entry in the device json.
 pub const TARGET_NAME: &str = "cora";

@@ -3,6 +3,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{opcode, types};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -12,6 +13,7 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkFlags, UblkUringData, sys};
 use serde::{Deserialize, Serialize};
 
+use super::mode::DataMode;
 use super::wake::{self, Doorbell};
 use super::{ServerError, TARGET_NAME};
 use cora_read::{BlockSource, Outcome};
@@ -25,11 +27,43 @@ pub struct DeviceOptions {
     pub depth: u16,
     /// Largest I/O the kernel sends us (max_sectors), a multiple of the page size.
     pub max_io_bytes: u32,
-    /// Use UBLK_F_USER_COPY when the kernel offers it (else per-tag buffers shared with it).
-    pub user_copy: bool,
+    /// The most direct data mode to use; the device runs in the best one at most this that
+    /// the kernel offers ([`DataMode::best`]).
+    pub mode: DataMode,
     /// With user copy, hand memory-resident data to the kernel straight from the source
     /// (a lending [`BlockSource::read`]) instead of copying it through a buffer first.
     pub lend: bool,
+    /// Counted into as requests are served.
+    pub counters: Arc<IoCounters>,
+}
+
+/// Read requests served, by how their data reached the kernel.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    /// Read by io_uring from the source's files into the registered request (AUTO_BUF_REG).
+    pub registered: AtomicU64,
+    /// Lent memory-resident bytes written into the request (user copy).
+    pub lent: AtomicU64,
+    /// Copied into a buffer first (local data).
+    pub copied: AtomicU64,
+    /// Waited for a fetch.
+    pub missed: AtomicU64,
+}
+
+impl IoCounters {
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "registered": get(&self.registered),
+            "lent": get(&self.lent),
+            "copied": get(&self.copied),
+            "missed": get(&self.missed),
+        })
+    }
+
+    fn count(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for DeviceOptions {
@@ -39,8 +73,9 @@ impl Default for DeviceOptions {
             queues: 1,
             depth: 128,
             max_io_bytes: 1 << 20,
-            user_copy: true,
+            mode: DataMode::AutoBufReg,
             lend: true,
+            counters: Arc::default(),
         }
     }
 }
@@ -93,9 +128,9 @@ pub fn add(
     let mut flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_CMD_IOCTL_ENCODE) as u64;
     // Re-issuing in-flight requests after a crash is always safe on a read-only device.
     flags |= features & sys::UBLK_F_USER_RECOVERY_REISSUE as u64;
-    if opts.user_copy {
-        flags |= features & sys::UBLK_F_USER_COPY as u64;
-    }
+    let mode = DataMode::best(features, opts.mode);
+    flags = mode.apply(flags);
+    tracing::debug!(%mode, "ublk data mode (at most {})", opts.mode);
     if features & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
         tracing::warn!("kernel lacks UBLK_F_USER_RECOVERY; `recover` will not work");
         flags &= !(sys::UBLK_F_USER_RECOVERY as u64);
@@ -116,7 +151,7 @@ pub fn add(
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build()
         .map_err(ublk_err("adding device"))?;
-    serve(&ctrl, target, source, ready)
+    serve(&ctrl, target, source, opts.counters.clone(), ready)
 }
 
 /// Takes over device `id` whose server died (UBLK_F_USER_RECOVERY): rebuilds the source from
@@ -124,6 +159,7 @@ pub fn add(
 pub fn recover(
     id: u32,
     open: impl FnOnce(&serde_json::Value) -> io::Result<Arc<dyn BlockSource>>,
+    counters: Arc<IoCounters>,
     ready: impl FnOnce(&Ready) + Send + Sync + 'static,
 ) -> Result<(), ServerError> {
     let probe = UblkCtrl::new_simple(id as i32).map_err(ublk_err("opening device"))?;
@@ -161,7 +197,7 @@ pub fn recover(
         .map_err(ublk_err("opening device for recovery"))?;
     ctrl.start_user_recover()
         .map_err(ublk_err("START_USER_RECOVERY"))?;
-    serve(&ctrl, target, source, ready)
+    serve(&ctrl, target, source, counters, ready)
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -173,6 +209,7 @@ fn serve(
     ctrl: &UblkCtrl,
     target: TargetData,
     source: Arc<dyn BlockSource>,
+    counters: Arc<IoCounters>,
     ready: impl FnOnce(&Ready) + Send + Sync + 'static,
 ) -> Result<(), ServerError> {
     let size = target.size;
@@ -203,7 +240,7 @@ fn serve(
     };
     let lend = target.lend;
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        if let Err(e) = run_queue(qid, dev, source.clone(), lend) {
+        if let Err(e) = run_queue(qid, dev, source.clone(), counters.clone(), lend) {
             tracing::error!(qid, "queue stopped: {e}");
         }
     };
@@ -224,6 +261,8 @@ fn serve(
 struct QueueCtx {
     source: Arc<dyn BlockSource>,
     doorbell: Arc<Doorbell>,
+    mode: DataMode,
+    counters: Arc<IoCounters>,
     /// /dev/ublkcN when UBLK_F_USER_COPY is on.
     user_copy_fd: Option<RawFd>,
     qid: u16,
@@ -236,10 +275,13 @@ fn run_queue(
     qid: u16,
     dev: &UblkDev,
     source: Arc<dyn BlockSource>,
+    counters: Arc<IoCounters>,
     lend: bool,
 ) -> Result<(), ServerError> {
     let user_copy = dev.dev_info.flags & sys::UBLK_F_USER_COPY as u64 != 0;
     let ctx = Rc::new(QueueCtx {
+        mode: DataMode::of_flags(dev.dev_info.flags),
+        counters,
         size: source.size(),
         source,
         doorbell: Arc::new(Doorbell::new().map_err(ServerError::Io)?),
@@ -298,29 +340,66 @@ async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx) -> Result<(), Ublk
     // Without user copy the kernel copies from this buffer on commit; with it, it only stages
     // local hits before the pwrite into the request.
     let mut io_buf = IoBuf::<u8>::new(ctx.max_io);
-    if ctx.user_copy_fd.is_some() {
-        q.submit_io_prep_cmd(tag, BufDesc::Slice(&[]), 0, None)
-            .await?;
-    } else {
-        q.submit_io_prep_cmd(tag, BufDesc::Slice(io_buf.as_slice()), 0, Some(&io_buf))
-            .await?;
-    }
+    // AUTO_BUF_REG: the kernel registers the request's pages at buffer index `tag` of this
+    // queue's ring; with FALLBACK, a failed registration reaches us as UBLK_IO_F_NEED_REG_BUF
+    // instead of failing the request, and the request is served by user copy.
+    let auto_reg = sys::ublk_auto_buf_reg {
+        index: tag,
+        flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8,
+        ..Default::default()
+    };
+    match ctx.mode {
+        DataMode::AutoBufReg => {
+            q.submit_io_prep_cmd(tag, BufDesc::AutoReg(auto_reg), 0, None)
+                .await?
+        }
+        DataMode::UserCopy => {
+            q.submit_io_prep_cmd(tag, BufDesc::Slice(&[]), 0, None)
+                .await?
+        }
+        DataMode::Buffered => {
+            q.submit_io_prep_cmd(tag, BufDesc::Slice(io_buf.as_slice()), 0, Some(&io_buf))
+                .await?
+        }
+    };
+    let mut extents = Vec::new();
     loop {
-        let res = handle(q, tag, ctx, &mut io_buf).await;
-        let desc = match ctx.user_copy_fd {
-            Some(_) => BufDesc::Slice(&[]),
-            None => BufDesc::Slice(io_buf.as_slice()),
+        let res = handle(q, tag, ctx, &mut io_buf, &mut extents).await;
+        let desc = match ctx.mode {
+            DataMode::AutoBufReg => BufDesc::AutoReg(auto_reg),
+            DataMode::UserCopy => BufDesc::Slice(&[]),
+            DataMode::Buffered => BufDesc::Slice(io_buf.as_slice()),
         };
         q.submit_io_commit_cmd(tag, desc, res).await?;
     }
 }
 
-async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, io_buf: &mut IoBuf<u8>) -> i32 {
+async fn handle(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    ctx: &QueueCtx,
+    io_buf: &mut IoBuf<u8>,
+    extents: &mut Vec<FileExtent>,
+) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let offset = iod.start_sector << 9;
     let len = (iod.nr_sectors as usize) << 9;
+    let registered =
+        ctx.mode == DataMode::AutoBufReg && iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF == 0;
     match op {
+        sys::UBLK_IO_OP_READ if registered && ctx.in_files(offset, len, extents) => {
+            match read_files_into_request(tag, extents).await {
+                Ok(()) => {
+                    IoCounters::count(&ctx.counters.registered);
+                    len as i32
+                }
+                Err(e) => {
+                    tracing::warn!(qid = ctx.qid, tag, offset, len, "read failed: {e}");
+                    -libc::EIO
+                }
+            }
+        }
         sys::UBLK_IO_OP_READ => match read(ctx, tag, offset, len, io_buf).await {
             Ok(()) => len as i32,
             Err(e) => {
@@ -337,7 +416,49 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, io_buf: &mut IoBuf<
     }
 }
 
-use cora_read::LEND_MIN_BYTES;
+use cora_read::{FileExtent, LEND_MIN_BYTES};
+
+impl QueueCtx {
+    /// Whether the whole request lies in the source's files (never the zero tail past the
+    /// source's end); if so, `extents` holds where.
+    fn in_files(&self, offset: u64, len: usize, extents: &mut Vec<FileExtent>) -> bool {
+        extents.clear();
+        len <= self.max_io
+            && offset.saturating_add(len as u64) <= self.size
+            && self.source.file_extents(offset, len, extents)
+    }
+}
+
+/// AUTO_BUF_REG: io_uring reads of the files straight into the request's registered pages
+/// (buffer index `tag`, addresses are offsets into the request), on the queue's own ring.
+async fn read_files_into_request(tag: u16, extents: &[FileExtent]) -> io::Result<()> {
+    let mut at = 0usize;
+    for e in extents {
+        let mut done = 0usize;
+        // Regular files return short reads only at their end; loop for robustness.
+        while done < e.len {
+            let want = u32::try_from(e.len - done).map_err(io::Error::other)?;
+            let sqe = opcode::ReadFixed::new(types::Fd(e.fd), (at + done) as *mut u8, want, tag)
+                .offset(e.offset + done as u64)
+                .build();
+            let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+                .await
+                .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            if res < 0 {
+                return Err(io::Error::from_raw_os_error(-res));
+            }
+            if res == 0 {
+                return Err(io::Error::other(format!(
+                    "file read ended {} bytes short (file shrank?)",
+                    e.len - done
+                )));
+            }
+            done += res as usize;
+        }
+        at += e.len;
+    }
+    Ok(())
+}
 
 async fn read(
     ctx: &QueueCtx,
@@ -366,9 +487,13 @@ async fn read(
             .is_some()
             .then_some(&mut lend as &mut cora_read::Lend<'_>);
         match ctx.source.read(offset, &mut buf[..avail], lend)? {
-            Outcome::Lent => return Ok(()),
-            Outcome::Copied => {}
+            Outcome::Lent => {
+                IoCounters::count(&ctx.counters.lent);
+                return Ok(());
+            }
+            Outcome::Copied => IoCounters::count(&ctx.counters.copied),
             Outcome::Miss(mut miss) => {
+                IoCounters::count(&ctx.counters.missed);
                 // This task waits; the queue's other tags go on being served.
                 wake::ready(&mut miss, ctx.doorbell.clone()).await;
                 miss.finish(&mut buf[..avail])?;

@@ -77,6 +77,15 @@ while read -r tag path; do
     [ "$tag" = share0 ] || share "$tag" "$path"
 done <"$run/shares"
 
+# A kernel extracted under the repository (cargo xtask vm --kernel latest): its modules take
+# the place the host's modprobe looks in. /lib is a relative symlink on merged-/usr hosts,
+# so the path resolves inside /newroot.
+if [ -n "${cora_modules:-}" ]; then
+    mkdir -p "/newroot/lib/modules/$cora_release" || fail "mkdir /lib/modules/$cora_release"
+    mount --bind "/newroot$cora_modules" "/newroot/lib/modules/$cora_release" \
+        || fail "bind $cora_modules"
+fi
+
 mount --move /proc /newroot/proc || fail "move /proc"
 mount --move /sys /newroot/sys || fail "move /sys"
 mount --move /dev /newroot/dev || fail "move /dev"
