@@ -335,7 +335,7 @@ fn successors_fetch_only_what_they_add() -> Result<()> {
 }
 
 #[test]
-fn lent_slices_are_the_cached_bytes_and_nothing_is_lent_before_caching() -> Result<()> {
+fn lent_slices_and_file_extents_are_the_cached_bytes_and_none_exist_before_caching() -> Result<()> {
     let env = Env::new()?;
     let m = env.push("app", &[&small_tree()?])?;
     let src = env.source(
@@ -359,7 +359,25 @@ fn lent_slices_are_the_cached_bytes_and_nothing_is_lent_before_caching() -> Resu
             },
         )
     };
+    // The bytes of a read's file extents (what a zero-copy transport reads), or None.
+    let in_files = |off: u64, len: usize| -> Result<Option<Vec<u8>>> {
+        let mut ext = Vec::new();
+        if !BlockSource::file_extents(&src, off, len, &mut ext) {
+            assert!(ext.is_empty(), "a refused range left extents");
+            return Ok(None);
+        }
+        let mut got = Vec::with_capacity(len);
+        for e in &ext {
+            let mut piece = vec![0u8; e.len];
+            // SAFETY: pread into a live buffer of the stated length.
+            let n = unsafe { libc::pread(e.fd, piece.as_mut_ptr().cast(), e.len, e.offset as i64) };
+            assert_eq!(n, e.len as isize, "short read of an extent");
+            got.extend(piece);
+        }
+        Ok(Some(got))
+    };
     assert!(lend(0, 4096)?.is_none(), "lent before cached");
+    assert!(in_files(0, 4096)?.is_none(), "in files before cached");
     let all = read_all(&src, 1 << 20, 0)?;
     // Reads return before their chunks are stored: wait for the last inserts.
     let plan = src.stack().plan(0, size)?;
@@ -379,10 +397,21 @@ fn lent_slices_are_the_cached_bytes_and_nothing_is_lent_before_caching() -> Resu
             ranges.push((off, len));
         }
     }
-    for (off, len) in ranges {
+    let hits = || BlockSource::stats(&src).and_then(|v| v["hits"].as_u64());
+    let before = hits().expect("hits in the source's stats");
+    for &(off, len) in &ranges {
         let lent = lend(off, len)?.unwrap_or_else(|| panic!("{off}+{len} not lent though cached"));
         assert!(lent == all[off as usize..off as usize + len], "{off}+{len}");
+        let files = in_files(off, len)?.unwrap_or_else(|| panic!("{off}+{len} not in files"));
+        assert!(
+            files == all[off as usize..off as usize + len],
+            "{off}+{len} in files"
+        );
     }
+    assert!(
+        hits() >= Some(before + 2 * ranges.len() as u64),
+        "reads served from files count as hits"
+    );
     Ok(())
 }
 

@@ -60,7 +60,7 @@ nfiles=$(wc -l <"$T/manifest")
 
 # --- attach lazily; no miss window, so that what the first half reads leaves the rest uncached
 DEV=$("$D" add --image "$H/small:cora" --insecure "$H" --cache "$T/cache" --queues 2 --miss-window 0 \
-    --daemon --log "$T/srv.log") \
+    --daemon --log "$T/srv.log" --stats-file "$T/stats.json") \
     || fail "add: $(cat "$T/srv.log")"
 ID=${DEV#/dev/ublkb}
 [ -b "$DEV" ] || fail "$DEV is not a block device"
@@ -97,6 +97,18 @@ unshare -m sh -c "mount -t erofs -o ro '$DEV' '$T/mnt' && cd '$T/mnt' && sha256s
     || fail "cached files stopped reading with the registry down"
 PID=$("$D" list | awk -v id="$ID" '$1 == id { print $3 }')
 kill -0 "$PID" || fail "server died"
+# Cached reads take the data mode's way: with auto buffer registration, io_uring reads of the
+# cache's chunk files into the request (the stats file is rewritten every second).
+mode=$("$D" list --json | jq -r ".[] | select(.id == $ID) | .data_mode")
+if [ "$mode" = auto-buf-reg ]; then
+    wait_for 10 sh -c "[ \"\$(jq .ublk.registered '$T/stats.json')\" -gt 100 ]" \
+        || fail "cached reads not served into registered pages: $(cat "$T/stats.json")"
+else
+    wait_for 10 sh -c "[ \"\$(jq '.ublk | .lent + .copied' '$T/stats.json')\" -gt 100 ]" \
+        || fail "no cached reads counted: $(cat "$T/stats.json")"
+    [ "$(jq .ublk.registered "$T/stats.json")" = 0 ] || fail "$mode device used registered pages"
+fi
+log "data mode $mode: requests $(jq -c .ublk "$T/stats.json")"
 
 # --- registry back; kill -9 the server while the mounted fs is read in a loop; recover
 start_registry

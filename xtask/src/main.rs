@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what the tests need, then run every test (the README's test command).
+    /// Install what the tests need, then run every test (the README's test command); the
+    /// guest tests run on both VM kernels.
     Test,
     /// Install the Debian packages the project needs (apt-get when root).
     Deps,
@@ -135,7 +136,19 @@ fn test() -> Result<()> {
             "fuzz_parsers",
         ],
     )?;
-    vm_test(&vm::VmOpts::default(), None)
+    // Every guest test on both kernels: Debian 12's 6.12 (user copy) and the newest Debian
+    // kernel (auto buffer registration, the other data path).
+    for kernel in [kernels::Which::V6_12, kernels::Which::Latest] {
+        eprintln!("xtask: guest tests on kernel {kernel:?}");
+        vm_test(
+            &vm::VmOpts {
+                kernel,
+                ..vm::VmOpts::default()
+            },
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// One boot runs every guest test script, then exits with a fixed nonzero status: seeing that

@@ -554,6 +554,30 @@ impl ChunkCache {
     /// `len` is the chunk's length by the index: an entry of another size is removed (as in
     /// [`ChunkCache::read_at`]) and this is a miss.
     pub fn lend(&self, digest: &ChunkDigest, len: u64) -> Result<Option<LentChunk>> {
+        let Some(chunk) = self.lookup_sized(digest, len)? else {
+            return Ok(None);
+        };
+        if chunk.lend().is_none() {
+            return Ok(None);
+        }
+        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(LentChunk(chunk)))
+    }
+
+    /// The cached chunk as an open file, for reading by fd (an io_uring read into a ublk
+    /// request); `Ok(None)` if it is not cached. Counts a hit like [`ChunkCache::read_at`];
+    /// sizes are checked as in [`ChunkCache::lend`].
+    pub fn open_chunk(&self, digest: &ChunkDigest, len: u64) -> Result<Option<HeldChunk>> {
+        let Some(chunk) = self.lookup_sized(digest, len)? else {
+            return Ok(None);
+        };
+        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(HeldChunk(chunk)))
+    }
+
+    /// [`ChunkCache::lookup`] of an entry that must be `len` bytes: one of another size is
+    /// removed. Counts misses (not hits).
+    fn lookup_sized(&self, digest: &ChunkDigest, len: u64) -> Result<Option<Arc<OpenChunk>>> {
         let Some(chunk) = self.lookup(digest)? else {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
@@ -563,11 +587,7 @@ impl ChunkCache {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        if chunk.lend().is_none() {
-            return Ok(None);
-        }
-        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(LentChunk(chunk)))
+        Ok(Some(chunk))
     }
 
     /// Whether the chunk is cached (without verifying it or counting a hit). An entry this
@@ -908,6 +928,16 @@ impl ChunkCache {
             verified_on_open: c.verified_on_open.load(Ordering::Relaxed),
             open_files: self.inner.fds.len() as u64,
         })
+    }
+}
+
+/// A cached chunk from [`ChunkCache::open_chunk`]: its fd stays open while this is held
+/// (eviction only drops the cache's own reference), and its bytes never change.
+pub struct HeldChunk(Arc<OpenChunk>);
+
+impl AsRawFd for HeldChunk {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.file.as_raw_fd()
     }
 }
 

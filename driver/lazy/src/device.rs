@@ -354,6 +354,9 @@ impl BlockSource for LazyImage {
     fn stats(&self) -> Option<serde_json::Value> {
         BlockSource::stats(&*self.source)
     }
+    fn file_extents(&self, offset: u64, len: usize, out: &mut Vec<cora_read::FileExtent>) -> bool {
+        self.source.file_extents(offset, len, out)
+    }
 }
 
 #[cfg(test)]

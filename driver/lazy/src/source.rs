@@ -33,8 +33,9 @@ use crate::cache::{ChunkCache, ChunkDigest};
 use blobfmt::oci::{Manifest, annotation};
 use blobfmt::{ChunkEntry, Footer, Piece, Stack, StreamId, Trailer, decode_chunk, oci_digest};
 use cora_api::driver::{DriverStats, Fill, LatencyHistogram};
-use cora_read::{BlockSource, Lend, Miss, Outcome, PendingRead};
+use cora_read::{BlockSource, FileExtent, Lend, Miss, Outcome, PendingRead};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -893,6 +894,76 @@ impl BlockSource for LazySource {
 
     fn stats(&self) -> Option<serde_json::Value> {
         serde_json::to_value(self.stats.snapshot()).ok()
+    }
+
+    fn file_extents(&self, offset: u64, len: usize, out: &mut Vec<FileExtent>) -> bool {
+        match self.cached_files(offset, len, out) {
+            Ok(found) => found,
+            Err(e) => {
+                debug!(offset, len, "no file extents: {e}");
+                false
+            }
+        }
+    }
+}
+
+impl LazySource {
+    /// [`BlockSource::file_extents`]: the cache files of a read whose chunks are all cached;
+    /// zeros (holes, the padding after each file's last byte) come from /dev/zero. A read
+    /// answered here is a cached read: it is traced, advances the miss window and counts its
+    /// hits.
+    fn cached_files(&self, offset: u64, len: usize, out: &mut Vec<FileExtent>) -> Result<bool> {
+        static DEV_ZERO: OnceLock<Option<std::fs::File>> = OnceLock::new();
+        let inner = &self.inner;
+        let plan = inner.stack.plan(offset, len as u64)?;
+        let start = out.len();
+        for p in &plan {
+            let (stream, index, offset, len) = match *p {
+                Piece::Chunk {
+                    stream,
+                    index,
+                    offset,
+                    len,
+                } => (stream, index, offset, len),
+                Piece::Zero { len } => {
+                    let zero = DEV_ZERO.get_or_init(|| std::fs::File::open("/dev/zero").ok());
+                    let (Some(zero), Ok(len)) = (zero, usize::try_from(len)) else {
+                        out.truncate(start);
+                        return Ok(false);
+                    };
+                    out.push(FileExtent {
+                        fd: zero.as_raw_fd(),
+                        offset: 0,
+                        len,
+                        hold: None,
+                    });
+                    continue;
+                }
+            };
+            let c = inner.stack.chunk(stream, index);
+            let Some(held) = inner
+                .cache
+                .open_chunk(&c.digest, u64::from(c.uncompressed_len))?
+            else {
+                out.truncate(start);
+                return Ok(false);
+            };
+            out.push(FileExtent {
+                fd: held.as_raw_fd(),
+                offset: u64::from(offset),
+                len: len as usize,
+                hold: Some(Arc::new(held)),
+            });
+        }
+        inner.note_trace(&plan);
+        self.advance_miss_window(&plan);
+        self.advise(&plan);
+        let chunks = plan
+            .iter()
+            .filter(|p| matches!(p, Piece::Chunk { .. }))
+            .count();
+        self.stats.hits.fetch_add(chunks as u64, Ordering::Relaxed);
+        Ok(true)
     }
 }
 

@@ -39,8 +39,9 @@ pub trait BlockSource: Send + Sync + 'static {
     /// Where `[offset, offset + len)` lies in open files, when every byte of it does, so a
     /// zero-copy transport can have the kernel read the files straight into the request.
     /// Appends the extents, in order, to `out` and returns true; false (and `out` unchanged)
-    /// when any byte is elsewhere (memory, the network). The fds stay open as long as the
-    /// source; the files never change.
+    /// when any byte is elsewhere (memory, the network, a hole). Each fd stays open while its
+    /// extent lives; the bytes there never change. A source answering true has served the
+    /// read (its statistics, traces and read-ahead see it as a cached read).
     fn file_extents(&self, offset: u64, len: usize, out: &mut Vec<FileExtent>) -> bool {
         let _ = (offset, len, out);
         false
@@ -48,11 +49,13 @@ pub trait BlockSource: Send + Sync + 'static {
 }
 
 /// `len` bytes at `offset` of the open file `fd`; see [`BlockSource::file_extents`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct FileExtent {
     pub fd: RawFd,
     pub offset: u64,
     pub len: usize,
+    /// Keeps `fd` open while the extent lives (`None`: the source holds it open for its life).
+    pub hold: Option<std::sync::Arc<dyn Send + Sync>>,
 }
 
 /// Receives memory-resident bytes lent by a source, exactly the requested range in order.
@@ -268,6 +271,7 @@ impl BlockSource for FileSource {
             fd: self.file.as_raw_fd(),
             offset,
             len,
+            hold: None,
         });
         true
     }
