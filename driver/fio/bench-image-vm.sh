@@ -28,7 +28,9 @@ log() { echo "bench-fio: [$(cut -d" " -f1 /proc/uptime)] $*" >&2; }
 [ -d "$REG_SRC/docker" ] || fail "$REG_SRC has no registry data (cargo xtask bench fio makes it)"
 command -v rublk >/dev/null || fail "rublk not on PATH (cargo xtask tools)"
 
-# Everything on one tmpfs big enough for the registry, a full cache and the flat image.
+# Everything on one tmpfs big enough for the registry, a full cache and the flat image; the
+# caches and the flat image on ext4 inside it (their usual filesystem: io_uring reads tmpfs
+# files through worker threads, see kernel-notes/ublk.md).
 T=$(mktemp -d /tmp/bench-fio.XXXXXX)
 mount -t tmpfs -o size=5g tmpfs "$T"
 REG=
@@ -37,10 +39,16 @@ cleanup() {
         [ -e "$c" ] && { "$D" del "${c##*ublkc}" 2>/dev/null || rublk del -n "${c##*ublkc}" 2>/dev/null || true; }
     done
     [ -n "$REG" ] && kill "$REG" 2>/dev/null
+    umount "$F" 2>/dev/null || true
     losetup -D 2>/dev/null || true
     umount "$T" 2>/dev/null || true
 }
+F=$T/fs
 trap cleanup EXIT
+truncate -s 4G "$T/fs.img"
+mkfs.ext4 -q "$T/fs.img" || fail "mkfs.ext4"
+mkdir -p "$F"
+mount -o loop "$T/fs.img" "$F" || fail "mounting the ext4 image"
 : >"$OUT"
 result() { echo "$*" >>"$OUT"; echo "bench-fio: $*" >&2; }
 
@@ -108,13 +116,18 @@ run() {
 
 # --- the image, cold: whole-tree read of the mounted fs, then the same warm
 mkdir -p "$T/mnt"
-DEV=$(add_image "$T/cache-tree" --queues 2)
+DEV=$(add_image "$F/cache-tree" --queues 2)
 SIZE=$(blockdev --getsize64 "$DEV")
 result info image_bytes "$SIZE"
 result info kernel "$(uname -r)"
 result info cpus "$(nproc)"
 result info fio_runtime_s "$FIO_RUNTIME"
 result info user_copy "$("$D" list | grep -q USER_COPY && echo yes || echo no)"
+result info data_mode "$("$D" features | sed -n 's/^data mode: //p')"
+# Zero copy for the reference loop server and a user-copy CORA row where the kernel has it.
+zc=
+"$D" features | grep -q AUTO_BUF_REG && zc=-z
+result info rublk_loop_zero_copy "${zc:+yes}${zc:-no}"
 # The jobs read the whole device.
 export FIO_SIZE=$((SIZE / 1048576 * 1048576))
 tree_read() { # tree_read STATE
@@ -131,7 +144,7 @@ if [ -z "${CORA_FIO_SKIP_COLD:-}" ]; then
 fi
 result info tree_bytes "$(unshare -m sh -c "mount -t erofs -o ro '$DEV' '$T/mnt' && du -sb --apparent-size '$T/mnt' | cut -f1")"
 del "$DEV"
-rm -rf "$T/cache-tree"
+rm -rf "$F/cache-tree"
 
 # --- fio on the image, cold: each job starts from an empty cache and a new device
 del_all() {
@@ -142,27 +155,30 @@ del_all() {
 }
 fresh_cold() { # runs in a subshell ($(...)): keeps no state, deletes what the last one made
     del_all >&2
-    rm -rf "$T/cache-cold"
-    add_image "$T/cache-cold" --queues 2
+    rm -rf "$F/cache-cold"
+    add_image "$F/cache-cold" --queues 2
 }
 [ -n "${CORA_FIO_SKIP_COLD:-}" ] || run cora cold "" fresh_cold
 del_all
-rm -rf "$T/cache-cold"
+rm -rf "$F/cache-cold"
 
 # --- fully cached: read the whole device once (fills the cache; also the flat raw image)
-DEV=$(add_image "$T/cache" --queues 2)
+DEV=$(add_image "$F/cache" --queues 2)
 b0=$(lo_bytes) t0=$(now)
-dd if="$DEV" of="$T/raw.img" bs=1M iflag=direct status=none || fail "reading $DEV"
+dd if="$DEV" of="$F/raw.img" bs=1M iflag=direct status=none || fail "reading $DEV"
 t1=$(now)
 result tree fill "$(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")" $(($(lo_bytes) - b0))
 del "$DEV"
 
-printf '%s\n' "${CORA_VARIANTS:-cora=--queues 2
+variants="cora=--queues 2
 cora-q1=--queues 1
-cora-copy=--queues 2 --no-lend}" | while IFS= read -r v; do
+cora-copy=--queues 2 --no-lend"
+[ -n "$zc" ] && variants="$variants
+cora-usercopy=--queues 2 --data-mode user-copy"
+printf '%s\n' "${CORA_VARIANTS:-$variants}" | while IFS= read -r v; do
     [ -n "$v" ] || continue
     # shellcheck disable=SC2086
-    DEV=$(add_image "$T/cache" ${v#*=})
+    DEV=$(add_image "$F/cache" ${v#*=})
     run "${v%%=*}" warm "$DEV"
     del "$DEV"
 done
@@ -171,7 +187,7 @@ done
 # file on the FUSE mount with O_DIRECT, as it reads /dev/ublkbN)
 if [ -z "${CORA_FIO_SKIP_FUSE:-}" ]; then
     IMG=$("$D" add --transport fuse --fuse-dir "$T/fuse" --image "$REF" --insecure "$H" \
-        --cache "$T/cache" --daemon --log "$T/srv.log") || fail "FUSE add: $(tail -5 "$T/srv.log")"
+        --cache "$F/cache" --daemon --log "$T/srv.log") || fail "FUSE add: $(tail -5 "$T/srv.log")"
     run cora-fuse warm "$IMG"
     for id in $("$D" list --json --fuse-dir "$T/fuse" | jq -r '.[].id'); do
         "$D" del "$id" --fuse-dir "$T/fuse" || fail "FUSE del $id"
@@ -179,7 +195,7 @@ if [ -z "${CORA_FIO_SKIP_FUSE:-}" ]; then
 fi
 
 # --- references over the same flat image
-LOOP=$(losetup --direct-io=on --read-only -f --show "$T/raw.img")
+LOOP=$(losetup --direct-io=on --read-only -f --show "$F/raw.img")
 result info loop_dio "$(cat "/sys/block/${LOOP#/dev/}/loop/dio")"
 run loop warm "$LOOP"
 losetup -d "$LOOP"
@@ -196,7 +212,7 @@ new_ublk() { # run a command that creates a ublk device; print the new /dev/ublk
     done
     fail "no new device after $*"
 }
-DEV=$(new_ublk rublk add loop -f "$T/raw.img" -o --quiet)
+DEV=$(new_ublk rublk add loop -f "$F/raw.img" -o --quiet $zc)
 run rublk-loop warm "$DEV"
 rublk del -n "${DEV#/dev/ublkb}"
 DEV=$(new_ublk rublk add null --quiet)

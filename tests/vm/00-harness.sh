@@ -3,7 +3,11 @@
 set -eu
 fail() { echo "00-harness: $*" >&2; exit 1; }
 
-case $(uname -r) in 6.12.*) ;; *) fail "kernel $(uname -r), want 6.12" ;; esac
+# The kernel xtask was asked for (`--kernel`), with its modules where modprobe looks.
+[ -n "${CORA_VM_KERNEL:-}" ] || fail "CORA_VM_KERNEL not set by xtask"
+[ "$(uname -r)" = "$CORA_VM_KERNEL" ] || fail "kernel $(uname -r), want $CORA_VM_KERNEL"
+[ -f "/lib/modules/$(uname -r)/modules.dep" ] || fail "no modules for $(uname -r)"
+modprobe erofs && grep -q erofs /proc/filesystems || fail "modprobe erofs failed"
 [ -c /dev/ublk-control ] || fail "/dev/ublk-control missing"
 grep -q '^ublk_drv ' /proc/modules || fail "ublk_drv not loaded"
 [ "$(cat /proc/sys/kernel/hostname)" = cora-vm ] || fail "hostname not set"

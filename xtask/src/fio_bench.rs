@@ -33,6 +33,9 @@ pub struct FioBenchOpts {
     /// Kill the VM after this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
+    /// Guest kernel (see `cargo xtask vm --kernel`).
+    #[arg(long, value_enum, default_value = "6.12")]
+    pub kernel: crate::kernels::Which,
 }
 
 /// One fio result line: `fio DEVICE STATE IOPS MBPS LAT_AVG_US LAT_P99_US BYTES_FETCHED`.
@@ -397,6 +400,7 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
     let vm_opts = vm::VmOpts {
         mem: opts.mem.clone(),
         timeout: opts.timeout,
+        kernel: opts.kernel,
         ..vm::VmOpts::default()
     };
     let code = vm::run(&vm_opts, &[cmd])?;

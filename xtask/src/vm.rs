@@ -109,11 +109,15 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
         ("PATH", path.as_str()),
         ("HOME", "/root"),
         ("CORA_VM_CWD", path_str(&cwd)?),
+        // The release booted, for tests that check they got the kernel asked for.
+        ("CORA_VM_KERNEL", kernel.release.as_str()),
     ] {
         env += &format!("export {k}={}\n", shell_quote(v));
     }
     for (k, v) in std::env::vars() {
-        if (PASS_ENV.contains(&k.as_str()) || k.starts_with(PASS_ENV_PREFIX)) && k != "CORA_VM_CWD"
+        if (PASS_ENV.contains(&k.as_str()) || k.starts_with(PASS_ENV_PREFIX))
+            && k != "CORA_VM_CWD"
+            && k != "CORA_VM_KERNEL"
         {
             env += &format!("export {k}={}\n", shell_quote(&v));
         }
