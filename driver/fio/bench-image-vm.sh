@@ -127,7 +127,7 @@ result info data_mode "$("$D" features | sed -n 's/^data mode: //p')"
 # Zero copy for the reference loop server and a user-copy CORA row where the kernel has it.
 zc=
 "$D" features | grep -q AUTO_BUF_REG && zc=-z
-result info rublk_loop_zero_copy "${zc:+yes}${zc:-no}"
+result info rublk_loop_zero_copy "$([ -n "$zc" ] && echo yes || echo no)"
 # The jobs read the whole device.
 export FIO_SIZE=$((SIZE / 1048576 * 1048576))
 tree_read() { # tree_read STATE

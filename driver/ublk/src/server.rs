@@ -432,30 +432,58 @@ impl QueueCtx {
 /// AUTO_BUF_REG: io_uring reads of the files straight into the request's registered pages
 /// (buffer index `tag`, addresses are offsets into the request), on the queue's own ring.
 async fn read_files_into_request(tag: u16, extents: &[FileExtent]) -> io::Result<()> {
+    // All extents at once: their reads go into the ring together and complete in one
+    // submission (a 1 MiB request spans ~16 cached chunks). Each future pushes its SQE when
+    // first polled.
+    let mut reads = Vec::with_capacity(extents.len());
     let mut at = 0usize;
     for e in extents {
-        let mut done = 0usize;
-        // Regular files return short reads only at their end; loop for robustness.
-        while done < e.len {
-            let want = u32::try_from(e.len - done).map_err(io::Error::other)?;
-            let sqe = opcode::ReadFixed::new(types::Fd(e.fd), (at + done) as *mut u8, want, tag)
-                .offset(e.offset + done as u64)
-                .build();
-            let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
-                .await
-                .map_err(|e| io::Error::other(format!("{e:?}")))?;
-            if res < 0 {
-                return Err(io::Error::from_raw_os_error(-res));
-            }
-            if res == 0 {
-                return Err(io::Error::other(format!(
-                    "file read ended {} bytes short (file shrank?)",
-                    e.len - done
-                )));
-            }
-            done += res as usize;
-        }
+        reads.push(Box::pin(read_extent(tag, e, at)));
         at += e.len;
+    }
+    let mut results: Vec<Option<io::Result<()>>> = (0..reads.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (read, result) in reads.iter_mut().zip(results.iter_mut()) {
+            if result.is_none() {
+                match read.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => *result = Some(r),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
+
+/// One extent into the registered request at byte `at`.
+async fn read_extent(tag: u16, e: &FileExtent, at: usize) -> io::Result<()> {
+    let mut done = 0usize;
+    // Regular files return short reads only at their end; loop for robustness.
+    while done < e.len {
+        let want = u32::try_from(e.len - done).map_err(io::Error::other)?;
+        let sqe = opcode::ReadFixed::new(types::Fd(e.fd), (at + done) as *mut u8, want, tag)
+            .offset(e.offset + done as u64)
+            .build();
+        let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+            .await
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        if res < 0 {
+            return Err(io::Error::from_raw_os_error(-res));
+        }
+        if res == 0 {
+            return Err(io::Error::other(format!(
+                "file read ended {} bytes short (file shrank?)",
+                e.len - done
+            )));
+        }
+        done += res as usize;
     }
     Ok(())
 }
