@@ -4,7 +4,9 @@
 //! request is one [`BlockSource::read`]: local data is lent or copied inline on the queue
 //! thread; a miss parks the tag's task until the source's fetch wakes it (through the queue's
 //! [`wake::Doorbell`]), so one slow fetch never holds up the other tags of its queue, and no
-//! thread pool of this crate sits between the source and the kernel.
+//! thread pool of this crate sits between the source and the kernel. In [`DataMode::AutoBufReg`]
+//! a request whose bytes all lie in files ([`BlockSource::file_extents`]) is instead read by
+//! io_uring straight into the request's pages, which the kernel registered in the queue's ring.
 //!
 //! This crate knows nothing of images, registries or caches: what a device serves is the
 //! caller's `BlockSource`, and what `recover` needs to open it again is the caller's JSON
