@@ -389,7 +389,11 @@ async fn handle(
         ctx.mode == DataMode::AutoBufReg && iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF == 0;
     match op {
         sys::UBLK_IO_OP_READ if registered && ctx.in_files(offset, len, extents) => {
-            match read_files_into_request(tag, extents).await {
+            let res = read_files_into_request(tag, extents).await;
+            // The extents hold cache files open: release them now, not at this tag's next
+            // request (an evicted chunk would keep its disk space until then).
+            extents.clear();
+            match res {
                 Ok(()) => {
                     IoCounters::count(&ctx.counters.registered);
                     len as i32
