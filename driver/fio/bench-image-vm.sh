@@ -8,7 +8,9 @@
 #      CORA_FIO_RESULTS (results file, default $CORA_FIO_REGISTRY/../results.txt),
 #      FIO_RUNTIME (s, default 10), CORA_VARIANTS (lines NAME=ARGS of warm `cora-driver add`),
 #      CORA_FIO_SKIP_COLD=1 (skip the cold tree reads and cold fio: slow under TCG),
-#      CORA_FIO_SKIP_FUSE=1 (skip the FUSE transport's warm run).
+#      CORA_FIO_SKIP_FUSE=1 (skip the FUSE transport's warm run),
+#      CORA_FIO_PERF=DIR (where a warm ublk server's time goes in the 1 MiB job: its threads' CPU
+#      to DIR/NAME.threads, the guest's CPU split to DIR/NAME.cpu, syscalls to DIR/NAME.syscalls).
 # Results, one line each (whitespace-separated):
 #   fio DEVICE STATE IOPS_4K MBPS_1M LAT_AVG_US LAT_P99_US BYTES_FETCHED
 #   tree STATE SECONDS BYTES_FETCHED
@@ -96,6 +98,34 @@ fio_job() {
         || fail "fio $1 on $2: $(tail -5 "$T/$1.json")"
     echo "$T/$1.json"
 }
+# cpu_ticks: the guest's user, system, idle+iowait, softirq ticks (/proc/stat)
+cpu_ticks() { awk '$1 == "cpu" { print $2 + $3, $4, $5 + $6, $8 }' /proc/stat; }
+# profiled NAME JOB DEV: fio_job; with CORA_FIO_PERF and a ublk server process running, the job
+# first runs twice more to see where the time goes: under `perf stat --per-thread` (with the
+# guest's CPU split) and under `strace -c -f` (syscalls). Sampling (`perf record`) is no use
+# here: under TCG its samples land in the idle task, and `-p` fails on the server ("cannot
+# open maps"). The measured run comes last, unobserved.
+profiled() {
+    pids=$(pgrep -d, -x cora-driver || pgrep -d, -x rublk || true)
+    if [ -n "${CORA_FIO_PERF:-}" ] && [ -n "$pids" ]; then
+        P=$CORA_FIO_PERF/$1
+        mkdir -p "$CORA_FIO_PERF"
+        perf stat --per-thread -e task-clock -o "$P.threads" -p "$pids" &
+        st=$!
+        c0=$(cpu_ticks)
+        fio_job "$2" "$3" >/dev/null
+        c1=$(cpu_ticks)
+        kill -INT "$st"; wait "$st" || true
+        echo "$c0 $c1" | awk '{ u = $5 - $1; s = $6 - $2; i = $7 - $3; q = $8 - $4; t = u + s + i + q
+            printf "user %.0f%% system %.0f%% softirq %.0f%% idle %.0f%%\n", 100*u/t, 100*s/t, 100*q/t, 100*i/t }' \
+            >"$P.cpu"
+        strace -c -f -p "$pids" -o "$P.syscalls" &
+        st=$!
+        fio_job "$2" "$3" >/dev/null
+        kill -INT "$st"; wait "$st" || true
+    fi
+    fio_job "$2" "$3"
+}
 # run NAME STATE DEV [FRESH]: the three jobs; FRESH (cold) is a command run before each job
 # to start from an empty cache again, printing the device to use.
 run() {
@@ -106,7 +136,8 @@ run() {
     [ -z "$fresh" ] || dev=$($fresh)
     b=$(fio_job randread-4k-psync-qd1 "$dev")
     [ -z "$fresh" ] || dev=$($fresh)
-    c=$(fio_job seqread-1m-qd8 "$dev")
+    if [ "$state" = warm ]; then c=$(profiled "$name" seqread-1m-qd8 "$dev")
+    else c=$(fio_job seqread-1m-qd8 "$dev"); fi
     iops=$(jq '.jobs[0].read.iops | floor' "$a")
     lat=$(jq '.jobs[0].read.clat_ns.mean / 1000 | floor' "$b")
     p99=$(jq '.jobs[0].read.clat_ns.percentile["99.000000"] / 1000 | floor' "$b")

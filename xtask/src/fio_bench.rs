@@ -36,6 +36,14 @@ pub struct FioBenchOpts {
     /// Guest kernel (see `cargo xtask vm --kernel`).
     #[arg(long, value_enum, default_value = "6.12")]
     pub kernel: crate::kernels::Which,
+    /// Also show where each warm ublk server's time goes in the 1 MiB job (its threads' CPU,
+    /// the guest's CPU split, its syscalls): profile.md. Runs that job twice more per server.
+    #[arg(long)]
+    pub profile: bool,
+    /// Only these `cora-driver add` variants of the warm runs (lines NAME=ARGS, as the
+    /// script's CORA_VARIANTS); default: all.
+    #[arg(long)]
+    pub variants: Option<String>,
 }
 
 /// One fio result line: `fio DEVICE STATE IOPS MBPS LAT_AVG_US LAT_P99_US BYTES_FETCHED`.
@@ -389,8 +397,17 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let results = work.join("results.txt");
     let _ = std::fs::remove_file(&results);
+    let profile = work.join("profile");
+    let _ = std::fs::remove_dir_all(&profile);
     let cmd = format!(
-        "CORA_FIO_SKIP_COLD={} CORA_FIO_REGISTRY={} CORA_FIO_RESULTS={} FIO_RUNTIME={} sh {}",
+        "CORA_FIO_PERF={} CORA_VARIANTS={} CORA_FIO_SKIP_COLD={} CORA_FIO_REGISTRY={} \
+         CORA_FIO_RESULTS={} FIO_RUNTIME={} sh {}",
+        if opts.profile {
+            vm::shell_quote(&s(&profile))
+        } else {
+            String::new()
+        },
+        vm::shell_quote(opts.variants.as_deref().unwrap_or("")),
         if opts.skip_cold { "1" } else { "" },
         vm::shell_quote(&s(&work.join("registry"))),
         vm::shell_quote(&s(&results)),
@@ -424,7 +441,43 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
         .context("writing fio.json")?;
     std::fs::write(out.join("fio.md"), &md).context("writing fio.md")?;
     eprintln!("xtask: wrote fio.json and fio.md to {}", out.display());
+    if opts.profile {
+        let md = profile_markdown(&profile, &r)?;
+        println!("{md}");
+        std::fs::write(out.join("profile.md"), md).context("writing profile.md")?;
+    }
     Ok(())
+}
+
+/// profile.md from the files the script left in `dir` (NAME.threads, NAME.cpu,
+/// NAME.syscalls for each profiled server), in the order of the fio rows.
+fn profile_markdown(dir: &Path, r: &Results) -> Result<String> {
+    let mut md = format!(
+        "# Where a warm ublk server's time goes: fio 1 MiB read QD8 (kernel {})\n\n\
+         Per server: its threads' CPU time (`perf stat --per-thread -e task-clock`), the \
+         guest's CPU split over the same run (/proc/stat), its syscalls (`strace -c -f`, a \
+         separate run). Under TCG: compare rows, not absolute times.\n",
+        r.info.get("kernel").map_or("?", String::as_str)
+    );
+    for row in r.fio.iter().filter(|f| f.state == "warm") {
+        let read = |ext: &str| std::fs::read_to_string(dir.join(format!("{}.{ext}", row.device)));
+        let Ok(threads) = read("threads") else {
+            continue;
+        };
+        let threads: String = threads
+            .lines()
+            .filter(|l| l.contains("task-clock") && !l.contains("<not counted>"))
+            .map(|l| format!("{}\n", l.trim()))
+            .collect();
+        md += &format!(
+            "\n## {} ({} MB/s unobserved)\n\nguest CPU: {}\n```\n{threads}```\n```\n{}```\n",
+            row.device,
+            row.mbps_1m_qd8,
+            read("cpu").unwrap_or_default().trim(),
+            read("syscalls").unwrap_or_default()
+        );
+    }
+    Ok(md)
 }
 
 #[derive(Debug, Clone, clap::Args)]
