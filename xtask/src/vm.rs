@@ -64,6 +64,9 @@ impl Default for VmOpts {
     }
 }
 
+/// Boots of one `run` when the kernel panics before the command starts.
+const BOOT_ATTEMPTS: u32 = 3;
+
 /// Repository root (the workspace containing xtask).
 pub fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -160,70 +163,89 @@ pub fn run(opts: &VmOpts, cmd: &[String]) -> Result<i32> {
     } else {
         format!("file,id=kcon,path={}", qemu_opt(path_str(&console_log)?))
     };
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    .args(["-accel", "tcg,thread=multi", "-cpu", "max"])
-    .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem])
-    .args(["-bios", "/usr/share/qemu/qboot.rom"])
-    .arg("-kernel")
-    .arg(&vmlinux)
-    .arg("-initrd")
-    .arg(&initrd)
-    .args(["-append", &append])
-    // ttyS0: kernel console -> our stderr with --verbose, else a log shown on failure.
-    .args(["-chardev", &console_chardev])
-    .args(["-serial", "chardev:kcon"])
-    .args(["-device", "virtio-serial-pci,id=vser"])
-    .args(["-chardev", "stdio,id=out,signal=off"])
-    .args(["-device", "virtconsole,bus=vser.0,chardev=out"])
-    .args(["-chardev", "file,id=err,path=/proc/self/fd/2,append=on"])
-    .args(["-device", "virtconsole,bus=vser.0,chardev=err"]);
-    add_9p(&mut qemu, "root", Path::new("/"), true);
-    for (i, dir) in shares.iter().enumerate() {
-        add_9p(&mut qemu, &format!("share{i}"), dir, false);
-    }
-    // Pipes rather than inherited fds: QEMU reopens fd 2 via /proc, which on a pipe shares
-    // nothing with our other output, whereas on a regular file it would clobber offsets.
-    qemu.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    // A kernel that panics before the command starts (under multi-threaded TCG, 6.12 and
+    // 7.3 both oops now and then in early boot: "int3" in patched kernel text, a
+    // cross-modifying-code race of the emulator) has run nothing: boot it again.
+    let mut attempt = 1;
+    let (qemu_status, start, total) = loop {
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem])
+        .args(["-bios", "/usr/share/qemu/qboot.rom"])
+        .arg("-kernel")
+        .arg(&vmlinux)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", &append])
+        // ttyS0: kernel console -> our stderr with --verbose, else a log shown on failure.
+        .args(["-chardev", &console_chardev])
+        .args(["-serial", "chardev:kcon"])
+        .args(["-device", "virtio-serial-pci,id=vser"])
+        .args(["-chardev", "stdio,id=out,signal=off"])
+        .args(["-device", "virtconsole,bus=vser.0,chardev=out"])
+        .args(["-chardev", "file,id=err,path=/proc/self/fd/2,append=on"])
+        .args(["-device", "virtconsole,bus=vser.0,chardev=err"]);
+        add_9p(&mut qemu, "root", Path::new("/"), true);
+        for (i, dir) in shares.iter().enumerate() {
+            add_9p(&mut qemu, &format!("share{i}"), dir, false);
+        }
+        // Pipes rather than inherited fds: QEMU reopens fd 2 via /proc, which on a pipe shares
+        // nothing with our other output, whereas on a regular file it would clobber offsets.
+        qemu.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
 
-    // If xtask dies (killed by a test harness's timeout), QEMU must not outlive it.
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        qemu.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let start = SystemTime::now();
-    let t0 = Instant::now();
-    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
-    let pumps = [
-        pump(child.stdout.take(), std::io::stdout),
-        pump(child.stderr.take(), std::io::stderr),
-    ];
-    let exited = wait_deadline(&mut child, Duration::from_secs(opts.timeout))?;
-    for p in pumps {
-        let _ = p.join();
-    }
-    let Some(qemu_status) = exited else {
-        show_console(&console_log);
-        bail!(
-            "VM timed out after {} s (QEMU killed); command: {}",
-            opts.timeout,
-            cmd.join(" ")
-        );
+        // If xtask dies (killed by a test harness's timeout), QEMU must not outlive it.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            qemu.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let start = SystemTime::now();
+        let t0 = Instant::now();
+        let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+        let pumps = [
+            pump(child.stdout.take(), std::io::stdout),
+            pump(child.stderr.take(), std::io::stderr),
+        ];
+        let exited = wait_deadline(&mut child, Duration::from_secs(opts.timeout))?;
+        for p in pumps {
+            let _ = p.join();
+        }
+        let Some(qemu_status) = exited else {
+            show_console(&console_log);
+            bail!(
+                "VM timed out after {} s (QEMU killed); command: {}",
+                opts.timeout,
+                cmd.join(" ")
+            );
+        };
+        let total = t0.elapsed();
+        let never_started = !run.path.join("started").exists()
+            && !run.path.join("status").exists()
+            && !run.path.join("error").exists();
+        let panicked = fs::read_to_string(&console_log).is_ok_and(|c| c.contains("Kernel panic"));
+        if never_started && panicked && attempt < BOOT_ATTEMPTS {
+            show_console(&console_log);
+            eprintln!(
+                "xtask: the guest kernel panicked before the command started; booting again ({attempt}/{BOOT_ATTEMPTS})"
+            );
+            attempt += 1;
+            continue;
+        }
+        break (qemu_status, start, total);
     };
-    let total = t0.elapsed();
 
     if let Ok(err) = fs::read_to_string(run.path.join("error")) {
         show_console(&console_log);
