@@ -117,6 +117,23 @@ impl Stack {
     }
 
     /// The pieces that make up image bytes `[offset, offset + len)`, in order.
+    /// The last chunk of the extent that holds image byte `offset`: a regular file's data is
+    /// one extent (the tar stream holds it in one piece), so this is where the file around
+    /// `offset` ends in its stream. `None` in a hole or past the end.
+    pub fn extent_last_chunk(&self, offset: u64) -> Option<(StreamId, usize)> {
+        let extents = &self.top().extents;
+        let e = extents
+            .get(first_extent_from(extents, offset))
+            .filter(|e| e.image_offset <= offset && e.length > 0)?;
+        let stream = if e.source == SOURCE_META {
+            StreamId::Meta
+        } else {
+            StreamId::Layer(e.source)
+        };
+        let last = chunk_at(self.chunks(stream), e.src_offset.checked_add(e.length - 1)?)?;
+        Some((stream, last))
+    }
+
     pub fn plan(&self, offset: u64, len: u64) -> Result<Vec<Piece>, Error> {
         let end = offset
             .checked_add(len)

@@ -3,8 +3,8 @@
 //! and compare with the tree the layers describe.
 
 use blobfmt::convert::{Options, convert_layers};
-use blobfmt::format::{FOOTER_FRAME, decode_chunk, read_trailer};
-use blobfmt::{Piece, Stack, Trailer};
+use blobfmt::format::{FOOTER_FRAME, chunk_at, decode_chunk, read_trailer};
+use blobfmt::{Piece, Stack, StreamId, Trailer};
 use cora_testdata::pseudo_random;
 use std::collections::BTreeMap;
 use std::fs;
@@ -358,4 +358,72 @@ fn hostile_tars_never_write_outside() {
             "{name}: a failed conversion left a blob"
         );
     }
+}
+
+/// A regular file's data is one extent, and `Stack::extent_last_chunk` from anywhere inside it
+/// names the chunk holding its last byte (the lazy source's file window relies on both).
+#[test]
+fn extent_last_chunk_is_where_the_file_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = pseudo_random(300_000, 9);
+    let l0 = tmp.path().join("l0.tar");
+    layer_tar(
+        &l0,
+        &[
+            E::Dir("d"),
+            E::File("d/a", b"small".to_vec(), 0o644),
+            E::File("d/big", big.clone(), 0o644),
+            E::File("d/z", pseudo_random(5000, 2), 0o644),
+        ],
+    );
+    let (out, work) = (tmp.path().join("blobs"), tmp.path().join("work"));
+    fs::create_dir(&out).unwrap();
+    fs::create_dir(&work).unwrap();
+    let blobs = convert_layers(&[l0], &Options::default(), &work, &out, &|_, _| {}).unwrap();
+    let stack = Stack::new(vec![blobs[0].trailer.clone()], &[blobs[0].digest]).unwrap();
+    let e = *stack
+        .top()
+        .extents
+        .iter()
+        .find(|e| e.length == big.len() as u64)
+        .expect("the big file is one extent");
+    let chunks = stack.chunks(StreamId::Layer(0));
+    let first = chunk_at(chunks, e.src_offset).unwrap();
+    let last = chunk_at(chunks, e.src_offset + e.length - 1).unwrap();
+    assert!(last > first, "300 kB in one chunk: the test proves nothing");
+    for off in [e.image_offset, e.image_offset + 150_000, e.image_end() - 1] {
+        assert_eq!(
+            stack.extent_last_chunk(off),
+            Some((StreamId::Layer(0), last))
+        );
+    }
+    let blob = fs::read(&blobs[0].path).unwrap();
+    let mut data = Vec::new();
+    for p in stack.plan(e.image_offset, e.length).unwrap() {
+        let Piece::Chunk {
+            stream,
+            index,
+            offset,
+            len,
+        } = p
+        else {
+            panic!("a hole inside the file's extent");
+        };
+        let c = stack.chunk(stream, index);
+        let at = c.frame_offset as usize;
+        let plain = decode_chunk(&blob[at..at + c.compressed_len as usize], c).unwrap();
+        data.extend_from_slice(&plain[offset as usize..(offset + len) as usize]);
+    }
+    assert_eq!(data, big, "the extent is the file's bytes");
+    // The padding after the file's last byte (300 000 is not block-aligned) is a hole.
+    let hole = e.image_end();
+    assert!(
+        !stack
+            .top()
+            .extents
+            .iter()
+            .any(|x| x.image_offset <= hole && hole < x.image_end())
+    );
+    assert_eq!(stack.extent_last_chunk(hole), None);
+    assert_eq!(stack.extent_last_chunk(stack.image_size()), None);
 }

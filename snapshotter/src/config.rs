@@ -77,7 +77,8 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// The kernel interface for lazily served stacks; without one, CORA layers are unpacked.
     pub transport: Transport,
-    /// What devices fetch beyond the bytes read (`missWindow`, `fill`; unset: the driver's).
+    /// What devices fetch beyond the bytes read (`missWindow`, `fileWindow`, `fill`; unset: the
+    /// driver's).
     pub fetch: cora_api::driver::FetchArgs,
     /// Mount ext4 stacks lazily too. Off by default: the image's file system metadata is
     /// mounted by the kernel as root, and ext4 is not hardened against crafted images (erofs
@@ -109,6 +110,7 @@ struct RawConfig {
     insecure_registries: Vec<String>,
     transport: Option<String>,
     miss_window: Option<String>,
+    file_window: Option<String>,
     fill: Option<String>,
     #[serde(default)]
     allow_ext4: bool,
@@ -234,6 +236,10 @@ impl Config {
             None => None,
             Some(s) => Some(cora_api::size::parse_size(s).map_err(|m| field_err("missWindow", m))?),
         };
+        let file_window = match raw.file_window.as_deref() {
+            None => None,
+            Some(s) => Some(cora_api::size::parse_size(s).map_err(|m| field_err("fileWindow", m))?),
+        };
         let fill = match raw.fill.as_deref() {
             None => None,
             Some(f) => Some(f.parse().map_err(|e| field_err("fill", format!("{e}")))?),
@@ -262,7 +268,11 @@ impl Config {
             driver_path: raw.driver_path,
             insecure_registries: raw.insecure_registries,
             transport,
-            fetch: cora_api::driver::FetchArgs { miss_window, fill },
+            fetch: cora_api::driver::FetchArgs {
+                miss_window,
+                file_window,
+                fill,
+            },
             allow_ext4: raw.allow_ext4,
         })
     }

@@ -503,6 +503,95 @@ fn a_miss_also_fetches_the_window_after_it_and_no_more() -> Result<()> {
     Ok(())
 }
 
+/// A miss inside a file brings the rest of that file (its extent), up to `file_window`
+/// compressed bytes, and nothing after it; with a smaller cap, only that much.
+#[test]
+fn a_miss_inside_a_file_fetches_to_the_files_end_within_the_cap() -> Result<()> {
+    let env = Env::new()?;
+    let m = env.push("filewin", &[&small_tree()?])?;
+    let layer = blobfmt::StreamId::Layer(0);
+    for (run, cap_chunks) in [(0, None), (1, Some(1usize))] {
+        let open = |file_window: u64, cache: &str| {
+            env.source_with(
+                &m,
+                vec![env.blobs(&env.reg.host, "filewin")?],
+                &env.tmp.path().join(format!("{cache}-{run}")),
+                FetchOptions {
+                    readahead: 0,
+                    miss_window: 0,
+                    file_window,
+                    ..FetchOptions::default()
+                },
+            )
+        };
+        // The layer's file spanning the most chunks: where it starts and ends in chunks.
+        let probe = open(0, "probe")?;
+        let chunks = probe.stack().chunks(layer).to_vec();
+        let at = |src: u64| {
+            chunks.partition_point(|c| c.stream_offset + u64::from(c.uncompressed_len) <= src)
+        };
+        let e = *probe
+            .stack()
+            .top()
+            .extents
+            .iter()
+            .filter(|e| e.source == 0 && e.length > 0)
+            .max_by_key(|e| at(e.src_offset + e.length - 1) - at(e.src_offset))
+            .context("no file extents")?;
+        let (first, last) = (at(e.src_offset), at(e.src_offset + e.length - 1));
+        assert!(
+            last >= first + 3,
+            "no file spans four chunks: {first}..={last}"
+        );
+        // The chunks the read itself needs (4 KiB may straddle two).
+        let len = 4096u64;
+        let demand_last = probe
+            .stack()
+            .plan(e.image_offset, len)?
+            .iter()
+            .filter_map(|p| match *p {
+                blobfmt::Piece::Chunk { index, .. } => Some(index),
+                blobfmt::Piece::Zero { .. } => None,
+            })
+            .max()
+            .context("the file's first bytes are in no chunk")?;
+        drop(probe);
+        let end = match cap_chunks {
+            None => last + 1,
+            Some(n) => demand_last + 1 + n,
+        };
+        let cap = match cap_chunks {
+            None => 64 << 20,
+            Some(_) => chunks[demand_last + 1..end]
+                .iter()
+                .map(|c| u64::from(c.compressed_len))
+                .sum(),
+        };
+        let src = open(cap, "cache")?;
+        src.wait_metadata()?;
+        let mut buf = vec![0u8; len as usize];
+        src.read_at(e.image_offset, &mut buf)?;
+        let want = &chunks[first..end];
+        cora_tests::wait_until(Duration::from_secs(30), || {
+            Ok(want.iter().all(|c| src.cache().contains(&c.digest)))
+        })?;
+        let st = src.stats.snapshot();
+        let meta = src.stack().chunks(blobfmt::StreamId::Meta).len() as u64;
+        assert_eq!(
+            st.readahead,
+            meta + (end - demand_last - 1) as u64,
+            "run {run}: the rest of the file (and the metadata) only: {st:?}"
+        );
+        for c in chunks[..first].iter().chain(chunks.get(end)) {
+            assert!(
+                !src.cache().contains(&c.digest),
+                "run {run}: a chunk outside the file's window was fetched"
+            );
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn no_miss_window_while_a_stored_trace_is_prefetched() -> Result<()> {
     let env = Env::new()?;

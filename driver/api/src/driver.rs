@@ -198,6 +198,8 @@ impl std::str::FromStr for Fill {
 pub struct FetchArgs {
     /// `--miss-window`: compressed bytes fetched after a missed chunk.
     pub miss_window: Option<u64>,
+    /// `--file-window`: on a miss inside a file, fetch up to its end (compressed bytes).
+    pub file_window: Option<u64>,
     /// `--fill`: fetch the rest of the stack in the background.
     pub fill: Option<Fill>,
 }
@@ -206,6 +208,9 @@ impl FetchArgs {
     fn push_args(&self, a: &mut Vec<String>) {
         if let Some(w) = self.miss_window {
             a.extend(["--miss-window".into(), w.to_string()]);
+        }
+        if let Some(w) = self.file_window {
+            a.extend(["--file-window".into(), w.to_string()]);
         }
         if let Some(f) = self.fill {
             a.extend(["--fill".into(), f.as_str().into()]);
@@ -604,6 +609,7 @@ mod tests {
             },
             fetch: FetchArgs {
                 miss_window: Some(256 << 10),
+                file_window: Some(0),
                 fill: Some(Fill::Always),
             },
             run: RunArgs::background(Some("/l".into()), Some("/s".into())),
@@ -614,7 +620,7 @@ mod tests {
             a,
             "add --image h/app@sha256:1 --layer-digest sha256:2 --cache /c --cache-size 4096 \
              --queues 2 --transport fuse --fuse-dir /f --creds /creds.json --insecure 127.0.0.1:5000 --mirror m:1,insecure \
-             --mirror m:2 --ca /ca.pem --miss-window 262144 --fill always --daemon --ready-json \
+             --mirror m:2 --ca /ca.pem --miss-window 262144 --file-window 0 --fill always --daemon --ready-json \
              --log /l --stats-file /s"
         );
         let r = RecoverArgs {

@@ -171,6 +171,10 @@ struct SourceArgs {
     /// 256K (0 = none; default 1M).
     #[arg(long, requires = "image", value_parser = cora_api::size::parse_size)]
     miss_window: Option<u64>,
+    /// On a miss inside a file, the window reaches to the file's end, up to this many
+    /// compressed bytes, e.g. 4M (default 0: the miss window only).
+    #[arg(long, requires = "image", value_parser = cora_api::size::parse_size)]
+    file_window: Option<u64>,
     /// Fetch the rest of the stack in the background: off, idle (one request at a time while
     /// nothing else is fetched) or always (default off).
     #[arg(long, requires = "image", value_name = "off|idle|always")]
@@ -238,6 +242,7 @@ fn recipe(args: &SourceArgs) -> Result<SourceRecipe> {
             fetch: lazy::device::FetchTuning {
                 readahead: args.readahead,
                 miss_window: args.miss_window,
+                file_window: args.file_window,
                 fill: args.fill,
             },
             platform: args.platform.as_ref().map(ToString::to_string),
@@ -860,6 +865,7 @@ mod tests {
             registry: registry(),
             fetch: api::FetchArgs {
                 miss_window: Some(256 << 10),
+                file_window: Some(8 << 20),
                 fill: Some(api::Fill::Idle),
             },
             run: api::RunArgs::background(Some("/r/h.log".into()), Some("/r/h.stats.json".into())),
@@ -878,6 +884,7 @@ mod tests {
             registry: registry_of(&a.source),
             fetch: api::FetchArgs {
                 miss_window: a.source.miss_window,
+                file_window: a.source.file_window,
                 fill: a.source.fill,
             },
             run: run_of(&a.run),
@@ -906,7 +913,10 @@ mod tests {
         assert_eq!(a.fuse_dir, Path::new(fuse_device::DEFAULT_DIR));
         assert_eq!(registry_of(&a.source), api::RegistryArgs::default());
         assert_eq!(run_of(&a.run), api::RunArgs::default());
-        assert_eq!((a.source.miss_window, a.source.fill), (None, None));
+        assert_eq!(
+            (a.source.miss_window, a.source.file_window, a.source.fill),
+            (None, None, None)
+        );
     }
 
     #[test]

@@ -305,6 +305,10 @@ pub struct FetchOptions {
     /// On a demand miss, also fetch (in parallel, as read-ahead) the chunks that follow the
     /// missed one in its stream, up to this many compressed bytes; 0: only what was asked.
     pub miss_window: u64,
+    /// On a demand miss inside a file's data, the window reaches at least to the end of that
+    /// file (of its extent: the part of the file one layer holds in one piece), up to this
+    /// many compressed bytes; 0: the miss window only.
+    pub file_window: u64,
     /// After the trace prefetch, fetch the rest of the stack in the background.
     pub fill: Fill,
 }
@@ -334,6 +338,7 @@ impl Default for FetchOptions {
             fetch_threads: 24,
             prefetch_requests: 16,
             miss_window: 0,
+            file_window: 0,
             fill: Fill::Off,
         }
     }
@@ -589,7 +594,13 @@ impl LazySource {
         // The demand runs first, so that they reach the link before their window.
         let last = last_per_stream(&mine);
         self.submit_demand(mine);
-        self.widen_miss(last);
+        let file_last = match buf.len() {
+            n if inner.opts.file_window > 0 && n > 0 => {
+                inner.stack.extent_last_chunk(offset + n as u64 - 1)
+            }
+            _ => None,
+        };
+        self.widen_miss(last, file_last);
         if !cached.is_empty() {
             // Chunks that arrived between our cache miss and the claim: copy them now. One
             // that is gone again (evicted at once) is claimed without asking the cache again.
@@ -620,14 +631,34 @@ impl LazySource {
 
     /// The miss window: after the last chunk of each stream this read claimed, claim up to
     /// `miss_window` compressed bytes of what follows, fetched beside the demand runs (not in
-    /// them, so the reader waits for its own chunks only).
-    fn widen_miss(&self, last: Vec<(StreamId, usize)>) {
+    /// them, so the reader waits for its own chunks only). When the read ended inside a
+    /// file whose last chunk is `file_last`, the window reaches that chunk too (up to
+    /// `file_window` bytes): a program that touched a large file (a shared library paged in
+    /// by faults all over it, a data file) usually reads more of it, and one request for the
+    /// rest beats a round trip per fault.
+    fn widen_miss(&self, last: Vec<(StreamId, usize)>, file_last: Option<(StreamId, usize)>) {
         let inner = &self.inner;
-        if inner.opts.miss_window == 0 || inner.trace_prefetching.load(Ordering::Relaxed) {
+        let opts = &inner.opts;
+        if (opts.miss_window == 0 && opts.file_window == 0)
+            || inner.trace_prefetching.load(Ordering::Relaxed)
+        {
             return;
         }
         for (s, i) in last {
-            let bytes = inner.opts.miss_window;
+            let mut bytes = opts.miss_window;
+            if let Some((fs, fl)) = file_last
+                && fs == s
+                && fl > i
+            {
+                let rest: u64 = inner.stack.chunks(s)[i + 1..=fl]
+                    .iter()
+                    .map(|c| u64::from(c.compressed_len))
+                    .sum();
+                bytes = bytes.max(rest.min(opts.file_window));
+            }
+            if bytes == 0 {
+                continue;
+            }
             let end = inner.window_end(s, i + 1, bytes);
             {
                 let mut ra = lock(&inner.readahead);
