@@ -1,13 +1,18 @@
 //! `cargo bench -p cora-tests --bench convert`: conversion speed, memory and size on a real
 //! Debian tree, beside the single-core FastCDC + sha256 + zstd limit on the same bytes, and
-//! the chunk-size trade-off (stored size vs what an updated base adds).
+//! the chunk-size trade-off (stored size vs what an updated base adds), and the peer: the
+//! same tree from a directory through `cora convert dir:` and Nydus's `nydus-image create`
+//! (RAFS v6; `CORA_NYDUS_BIN`, set by `cargo xtask bench convert`), as child processes,
+//! interleaved, warm page cache: wall time, CPU time, peak RSS, bytes written.
 //! Prints a human table and one JSON line (prefixed `RESULT `), and writes `convert.json`
 //! into `$CORA_BENCH_OUT` for `cargo xtask bench report`.
 
 use anyhow::Result;
 use blobfmt::convert::{self, Options};
 use blobfmt::writer::ChunkParams;
+use cora_tests::bench::{ChildCost, run_measured};
 use cora_tests::fixtures;
+use cora_tests::nydus;
 use std::collections::HashSet;
 use std::time::Instant;
 
@@ -111,8 +116,10 @@ fn main() -> Result<()> {
         unsafe { libc::getrusage(who, &mut ru) };
         ru.ru_maxrss as u64 * 1024
     };
+    let peers = peer_runs(&base, work.path())?;
     let result = serde_json::json!({
         "tree_bytes": fixtures::tree_bytes(&base)?,
+        "peers": peers,
         "reference_single_core_mbs": ref_mbs,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "peak_rss_bytes": peak(libc::RUSAGE_SELF),
@@ -145,7 +152,97 @@ fn main() -> Result<()> {
         result["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20,
         result["peak_child_rss_bytes"].as_u64().unwrap_or(0) >> 20
     );
+    match &peers["nydus_unavailable"] {
+        serde_json::Value::String(why) => println!("from a directory: no Nydus column: {why}"),
+        _ => {
+            let get = |who: &str, k: &str| peers[who][k].as_f64().unwrap_or(f64::NAN);
+            for who in ["cora", "nydus"] {
+                println!(
+                    "from a directory, {who:>5}: {:.2} s wall, {:.2} s CPU, peak RSS {:.0} MB, wrote {:.1} MB (median of {})",
+                    get(who, "wall_secs"),
+                    get(who, "cpu_secs"),
+                    get(who, "peak_rss_bytes") / 1e6,
+                    get(who, "output_bytes") / 1e6,
+                    peers["rounds"]
+                );
+            }
+            let wall = get("cora", "wall_secs") / get("nydus", "wall_secs");
+            let rss = get("cora", "peak_rss_bytes") / 1e6;
+            let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+            println!(
+                "targets: CORA wall {wall:.2}x Nydus's (≤ 1.0x: {}), CORA peak RSS {rss:.0} MB (≤ 100: {})",
+                verdict(wall <= 1.0),
+                verdict(rss <= 100.0)
+            );
+        }
+    }
     println!("RESULT {result}");
     cora_tests::bench::write_json("convert", &result)?;
     Ok(())
+}
+
+/// `cora convert dir:TREE` and `nydus-image create` of the same tree, `ROUNDS` times each,
+/// interleaved (the same page-cache state for both); the median round of each by wall time.
+fn peer_runs(tree: &std::path::Path, work: &std::path::Path) -> Result<serde_json::Value> {
+    const ROUNDS: usize = 3;
+    let tools = match nydus::Tools::from_env() {
+        Ok(t) => Some(t),
+        Err(why) => {
+            println!("Nydus not available: {why}");
+            None
+        }
+    };
+    let mut runs: [Vec<(ChildCost, u64)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        let out = work.join(format!("peer-cora-{round}"));
+        let scratch = work.join(format!("peer-scratch-{round}"));
+        std::fs::create_dir_all(&scratch)?;
+        let cost = run_measured(
+            std::process::Command::new(fixtures::cora_bin("cora"))
+                .arg("convert")
+                .arg(format!("dir:{}", tree.display()))
+                .arg(format!("oci:{}", out.display()))
+                .arg("--work")
+                .arg(&scratch),
+        )?;
+        runs[0].push((cost, fixtures::tree_bytes(&out)?));
+        let Some(tools) = &tools else { continue };
+        let out = work.join(format!("peer-nydus-{round}"));
+        std::fs::create_dir_all(&out)?;
+        let cost = run_measured(
+            std::process::Command::new(tools.path("nydus-image"))
+                .args(["create", "--type", "dir-rafs", "--fs-version", "6"])
+                .args(["--log-level", "warn", "--blob-dir"])
+                .arg(&out)
+                .arg("--bootstrap")
+                .arg(out.join("bootstrap"))
+                .arg(tree),
+        )?;
+        runs[1].push((cost, fixtures::tree_bytes(&out)?));
+    }
+    let median = |v: &mut Vec<(ChildCost, u64)>| {
+        v.sort_by(|a, b| a.0.wall_secs.total_cmp(&b.0.wall_secs));
+        v.get(v.len() / 2).map(|(c, bytes)| {
+            serde_json::json!({
+                "wall_secs": c.wall_secs,
+                "cpu_secs": c.cpu_secs,
+                "peak_rss_bytes": c.peak_rss_bytes,
+                "output_bytes": bytes,
+            })
+        })
+    };
+    let [mut cora, mut nydus] = runs;
+    let mut v = serde_json::json!({ "rounds": ROUNDS, "cora": median(&mut cora) });
+    match (tools, median(&mut nydus)) {
+        (Some(t), Some(n)) => {
+            v["nydus"] = n;
+            v["nydus_version"] = t.version().into();
+        }
+        _ => {
+            v["nydus_unavailable"] = std::env::var("CORA_NYDUS_UNAVAILABLE")
+                .unwrap_or_else(|_| "CORA_NYDUS_BIN is not set".into())
+                .into();
+        }
+    }
+    Ok(v)
 }

@@ -132,3 +132,54 @@ mod tests {
         Ok(())
     }
 }
+
+/// What one child process cost: wall time, CPU time (user + system) and peak RSS.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ChildCost {
+    pub wall_secs: f64,
+    pub cpu_secs: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// Runs `cmd` to completion (stdout discarded, stderr inherited) under GNU time and measures
+/// it; fails unless it exits 0. Not from our own `wait4` rusage: a child's `ru_maxrss` starts
+/// from the RSS of the process it was forked (or vforked) from, so a big bench process would
+/// be counted in every child it runs; `/usr/bin/time` is a small parent.
+pub fn run_measured(cmd: &Command) -> Result<ChildCost> {
+    let report = tempfile::NamedTempFile::new()?;
+    let mut timed = Command::new("/usr/bin/time");
+    timed
+        .args(["-f", "%U %S %M", "-o"])
+        .arg(report.path())
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdout(std::process::Stdio::null());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => timed.env(k, v),
+            None => timed.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        timed.current_dir(dir);
+    }
+    let started = std::time::Instant::now();
+    let st = timed
+        .status()
+        .with_context(|| format!("running {cmd:?} under /usr/bin/time (package `time`)"))?;
+    let wall_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(st.success(), "{cmd:?} failed: {st}");
+    let text = std::fs::read_to_string(report.path())?;
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let num = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("GNU time printed {text:?}"))
+    };
+    Ok(ChildCost {
+        wall_secs,
+        cpu_secs: num(0)? + num(1)?,
+        // GNU time prints KiB.
+        peak_rss_bytes: num(2)? as u64 * 1024,
+    })
+}

@@ -49,7 +49,15 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let out = out_dir()?;
     match cmd {
         BenchCmd::Dedup => cargo_bench("dedup", &out),
-        BenchCmd::Convert => cargo_bench("convert", &out),
+        BenchCmd::Convert => {
+            // The peer column (nydus-image) and `cora convert` as child processes, measured
+            // by GNU time.
+            crate::deps::ensure(&["time"])?;
+            crate::deps::run("cargo", &["build", "--release", "--workspace", "--bins"])?;
+            let mut bench = Command::new("cargo");
+            with_nydus(&mut bench);
+            cargo_bench_with(bench, "convert", &out)
+        }
         BenchCmd::Lazy => {
             // The lazy bench runs the `cora` CLI next to it: build the binaries first.
             crate::deps::ensure(crate::deps::TEST_PACKAGES)?;
@@ -115,11 +123,16 @@ pub fn build_driver_bins() -> Result<()> {
 }
 
 fn cargo_bench(name: &str, out: &std::path::Path) -> Result<()> {
+    cargo_bench_with(Command::new("cargo"), name, out)
+}
+
+/// `cargo bench -p cora-tests --bench NAME` through `cargo` (a `Command` with its env set).
+fn cargo_bench_with(mut cargo: Command, name: &str, out: &std::path::Path) -> Result<()> {
     eprintln!(
         "xtask: cargo bench -p cora-tests --bench {name} (results into {})",
         out.display()
     );
-    let st = Command::new("cargo")
+    let st = cargo
         .args(["bench", "-p", "cora-tests", "--bench", name])
         .env("CORA_BENCH_OUT", out)
         .status()
