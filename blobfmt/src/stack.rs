@@ -116,7 +116,6 @@ impl Stack {
         &self.chunks(stream)[index]
     }
 
-    /// The pieces that make up image bytes `[offset, offset + len)`, in order.
     /// The last chunk of the extent that holds image byte `offset`: a regular file's data is
     /// one extent (the tar stream holds it in one piece), so this is where the file around
     /// `offset` ends in its stream. `None` in a hole or past the end.
@@ -134,6 +133,7 @@ impl Stack {
         Some((stream, last))
     }
 
+    /// The pieces that make up image bytes `[offset, offset + len)`, in order.
     pub fn plan(&self, offset: u64, len: u64) -> Result<Vec<Piece>, Error> {
         let end = offset
             .checked_add(len)

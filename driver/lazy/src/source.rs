@@ -633,9 +633,9 @@ impl LazySource {
     /// `miss_window` compressed bytes of what follows, fetched beside the demand runs (not in
     /// them, so the reader waits for its own chunks only). When the read ended inside a
     /// file whose last chunk is `file_last`, the window reaches that chunk too (up to
-    /// `file_window` bytes): a program that touched a large file (a shared library paged in
-    /// by faults all over it, a data file) usually reads more of it, and one request for the
-    /// rest beats a round trip per fault.
+    /// `file_window` bytes): one request for the rest of a file instead of a round trip per
+    /// later fault in it. Container starts measured slower with it (they page in parts of
+    /// large shared libraries; see `DEVICE_FILE_WINDOW`), hence off by default.
     fn widen_miss(&self, last: Vec<(StreamId, usize)>, file_last: Option<(StreamId, usize)>) {
         let inner = &self.inner;
         let opts = &inner.opts;
