@@ -9,8 +9,9 @@
 #      FIO_RUNTIME (s, default 10), CORA_VARIANTS (lines NAME=ARGS of warm `cora-driver add`),
 #      CORA_FIO_SKIP_COLD=1 (skip the cold tree reads and cold fio: slow under TCG),
 #      CORA_FIO_SKIP_FUSE=1 (skip the FUSE transport's warm run),
-#      CORA_FIO_PERF=DIR (where a warm ublk server's time goes in the 1 MiB job: its threads' CPU
-#      to DIR/NAME.threads, the guest's CPU split to DIR/NAME.cpu, syscalls to DIR/NAME.syscalls).
+#      CORA_FIO_PERF=DIR (where a warm ublk server's time goes in the 4 KiB QD32 and 1 MiB jobs:
+#      its threads' CPU to DIR/NAME.JOB.threads, the guest's CPU split to DIR/NAME.JOB.cpu,
+#      syscalls to DIR/NAME.JOB.syscalls).
 # Results, one line each (whitespace-separated):
 #   fio DEVICE STATE IOPS_4K MBPS_1M LAT_AVG_US LAT_P99_US BYTES_FETCHED
 #   tree STATE SECONDS BYTES_FETCHED
@@ -27,6 +28,8 @@ export FIO_RUNTIME=${FIO_RUNTIME:-10}
 fail() { echo "bench-fio: $*" >&2; exit 1; }
 log() { echo "bench-fio: [$(cut -d" " -f1 /proc/uptime)] $*" >&2; }
 [ -x "$D" ] || fail "$D missing: cargo build --release --bins"
+[ -z "${CORA_FIO_PERF:-}" ] || { command -v perf >/dev/null && command -v strace >/dev/null; } \
+    || fail "CORA_FIO_PERF needs perf and strace (apt-get install linux-perf strace)"
 [ -d "$REG_SRC/docker" ] || fail "$REG_SRC has no registry data (cargo xtask bench fio makes it)"
 command -v rublk >/dev/null || fail "rublk not on PATH (cargo xtask tools)"
 
@@ -108,21 +111,21 @@ cpu_ticks() { awk '$1 == "cpu" { print $2 + $3, $4, $5 + $6, $8 }' /proc/stat; }
 profiled() {
     pids=$(pgrep -d, -x cora-driver || pgrep -d, -x rublk || true)
     if [ -n "${CORA_FIO_PERF:-}" ] && [ -n "$pids" ]; then
-        P=$CORA_FIO_PERF/$1
+        P=$CORA_FIO_PERF/$1.$2
         mkdir -p "$CORA_FIO_PERF"
         perf stat --per-thread -e task-clock -o "$P.threads" -p "$pids" &
         st=$!
         c0=$(cpu_ticks)
         fio_job "$2" "$3" >/dev/null
         c1=$(cpu_ticks)
-        kill -INT "$st"; wait "$st" || true
+        kill -INT "$st" 2>/dev/null || true; wait "$st" || true
         echo "$c0 $c1" | awk '{ u = $5 - $1; s = $6 - $2; i = $7 - $3; q = $8 - $4; t = u + s + i + q
             printf "user %.0f%% system %.0f%% softirq %.0f%% idle %.0f%%\n", 100*u/t, 100*s/t, 100*q/t, 100*i/t }' \
             >"$P.cpu"
         strace -c -f -p "$pids" -o "$P.syscalls" &
         st=$!
         fio_job "$2" "$3" >/dev/null
-        kill -INT "$st"; wait "$st" || true
+        kill -INT "$st" 2>/dev/null || true; wait "$st" || true
     fi
     fio_job "$2" "$3"
 }
@@ -132,12 +135,13 @@ run() {
     name=$1 state=$2 dev=$3 fresh=${4:-}
     b0=$(lo_bytes)
     [ -z "$fresh" ] || dev=$($fresh)
-    a=$(fio_job randread-4k-qd32 "$dev")
+    job=fio_job
+    [ "$state" != warm ] || job="profiled $name"
+    a=$($job randread-4k-qd32 "$dev")
     [ -z "$fresh" ] || dev=$($fresh)
     b=$(fio_job randread-4k-psync-qd1 "$dev")
     [ -z "$fresh" ] || dev=$($fresh)
-    if [ "$state" = warm ]; then c=$(profiled "$name" seqread-1m-qd8 "$dev")
-    else c=$(fio_job seqread-1m-qd8 "$dev"); fi
+    c=$($job seqread-1m-qd8 "$dev")
     iops=$(jq '.jobs[0].read.iops | floor' "$a")
     lat=$(jq '.jobs[0].read.clat_ns.mean / 1000 | floor' "$b")
     p99=$(jq '.jobs[0].read.clat_ns.percentile["99.000000"] / 1000 | floor' "$b")

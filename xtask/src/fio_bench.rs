@@ -36,8 +36,9 @@ pub struct FioBenchOpts {
     /// Guest kernel (see `cargo xtask vm --kernel`).
     #[arg(long, value_enum, default_value = "6.12")]
     pub kernel: crate::kernels::Which,
-    /// Also show where each warm ublk server's time goes in the 1 MiB job (its threads' CPU,
-    /// the guest's CPU split, its syscalls): profile.md. Runs that job twice more per server.
+    /// Also show where each warm server's time goes in the 4 KiB QD32 and 1 MiB jobs (its
+    /// threads' CPU, the guest's CPU split, its syscalls): profile.md. Runs those jobs twice
+    /// more per server.
     #[arg(long)]
     pub profile: bool,
     /// Only these `cora-driver add` variants of the warm runs (lines NAME=ARGS, as the
@@ -392,6 +393,9 @@ fn prepare_image(mb: u64, no_build: bool) -> Result<std::path::PathBuf> {
 
 pub fn run(opts: &FioBenchOpts) -> Result<()> {
     tools::ensure_rublk()?;
+    if opts.profile {
+        crate::deps::ensure(&["linux-perf", "strace"])?;
+    }
     let work = prepare_image(opts.mb, opts.no_build)?;
     let repo = vm::repo_root();
     let s = |p: &Path| p.to_string_lossy().into_owned();
@@ -453,29 +457,42 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
 /// NAME.syscalls for each profiled server), in the order of the fio rows.
 fn profile_markdown(dir: &Path, r: &Results) -> Result<String> {
     let mut md = format!(
-        "# Where a warm ublk server's time goes: fio 1 MiB read QD8 (kernel {})\n\n\
+        "# Where a warm ublk server's time goes: fio 4 KiB random read QD32 and 1 MiB read QD8 \
+         (kernel {})\n\n\
          Per server: its threads' CPU time (`perf stat --per-thread -e task-clock`), the \
          guest's CPU split over the same run (/proc/stat), its syscalls (`strace -c -f`, a \
          separate run). Under TCG: compare rows, not absolute times.\n",
         r.info.get("kernel").map_or("?", String::as_str)
     );
+    let jobs = [
+        ("randread-4k-qd32", "4 KiB QD32"),
+        ("seqread-1m-qd8", "1 MiB QD8"),
+    ];
     for row in r.fio.iter().filter(|f| f.state == "warm") {
-        let read = |ext: &str| std::fs::read_to_string(dir.join(format!("{}.{ext}", row.device)));
-        let Ok(threads) = read("threads") else {
-            continue;
-        };
-        let threads: String = threads
-            .lines()
-            .filter(|l| l.contains("task-clock") && !l.contains("<not counted>"))
-            .map(|l| format!("{}\n", l.trim()))
-            .collect();
-        md += &format!(
-            "\n## {} ({} MB/s unobserved)\n\nguest CPU: {}\n```\n{threads}```\n```\n{}```\n",
-            row.device,
-            row.mbps_1m_qd8,
-            read("cpu").unwrap_or_default().trim(),
-            read("syscalls").unwrap_or_default()
-        );
+        for (job, what) in jobs {
+            let read = |ext: &str| {
+                std::fs::read_to_string(dir.join(format!("{}.{job}.{ext}", row.device)))
+            };
+            let Ok(threads) = read("threads") else {
+                continue;
+            };
+            let threads: String = threads
+                .lines()
+                .filter(|l| l.contains("task-clock") && !l.contains("<not counted>"))
+                .map(|l| format!("{}\n", l.trim()))
+                .collect();
+            let measured = match job {
+                "randread-4k-qd32" => format!("{:.0} IOPS", row.iops_4k_qd32),
+                _ => format!("{:.0} MB/s", row.mbps_1m_qd8),
+            };
+            md += &format!(
+                "\n## {}, {what} ({measured} unobserved)\n\nguest CPU: {}\n```\n{threads}```\n\
+                 ```\n{}```\n",
+                row.device,
+                read("cpu").unwrap_or_default().trim(),
+                read("syscalls").unwrap_or_default()
+            );
+        }
     }
     Ok(md)
 }

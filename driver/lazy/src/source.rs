@@ -666,7 +666,9 @@ impl LazySource {
                 // Consumed past its middle: the reader is going through it, not hopping.
                 st.win_trigger = i + 1 + (end - i - 1) / 2;
                 st.win_end = end;
-                st.win_bytes = bytes;
+                // The next window grows from the miss window, not from a file's rest (a
+                // reader going on past a 4 MiB file would otherwise claim 8 MiB after it).
+                st.win_bytes = opts.miss_window;
             }
             self.claim_window(s, i + 1, bytes);
         }
