@@ -113,13 +113,13 @@ impl FetchTuning {
 pub const DEVICE_MISS_WINDOW: u64 = 1 << 20;
 
 /// File window of a device (see `FetchOptions::file_window`): off. Measured with 4 MiB
-/// (`cargo xtask bench coldstart`, 2 rounds, same run, off vs 4 MiB): it cuts the stalls by a
-/// quarter to a half (Python 150 → 76, Node 94 → 71) but not the time spent in them, and
-/// starts end a little later: wan Python 9.05 / 9.30 s, Node 3.05 / 3.17 s, large-partial
-/// 2.13 / 2.24 s; lan Python 7.50 / 7.67 s, Node 1.82 / 2.06 s, large-partial even (1.43 /
-/// 1.41 s). (Measured while a file window also set the next miss window's size, since fixed.) A start pages in parts of its large files (shared
-/// libraries), so the rest of a file is mostly bytes nobody reads, competing with demand
-/// fetches for the link; peak RSS rose from 212 to 298 MB.
+/// (`cargo xtask bench coldstart`, wan, 2 rounds, same run, off vs 4 MiB;
+/// `bench/results/2026-12-07-coldstart-wan-filewindow-fixed/`): stalls fall (Python 150 → 98,
+/// large-partial 104 → 69) but not the time spent in them: Python 9.45 / 9.64 s (peak RSS 213 /
+/// 268 MB), Node 3.17 / 3.20 s, large-partial 2.14 / 1.96 s (69 / 56 MB fetched). A start pages
+/// in parts of its large files (shared libraries), so the rest of a file is mostly bytes
+/// nobody reads, competing with demand fetches for the link; only the large-file workload
+/// gains, and not enough to trade Python's time and memory for it.
 pub const DEVICE_FILE_WINDOW: u64 = 0;
 
 /// Background fill of a device: off. `idle` runs only while no demand fetch is queued or on
