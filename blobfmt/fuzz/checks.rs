@@ -10,12 +10,13 @@
 use blobfmt::format::{self, ChunkEntry, FOOTER_FRAME, Footer, MAX_CHUNK, Trailer};
 use blobfmt::oci::{self, Compression};
 use blobfmt::platform::{self, Platform};
-use blobfmt::staging::Staging;
+use blobfmt::tree::Tree;
 use blobfmt::{Error, Piece, Stack, StreamId, decode_chunk, oci_digest, parse_oci_digest, sha256};
+use blobfmt::{erofs, staging};
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 pub type Check = fn(&[u8]) -> Result<(), String>;
@@ -343,17 +344,18 @@ fn check_digest(d: &str) -> Result<(), String> {
 
 /// Where the tar check extracts, inside a fresh temporary directory `case/`:
 /// `case/layer.tar` (the input), `case/sentinel/file` (must stay untouched) and `case/root/`,
-/// which holds what a lower layer left before the input is applied: `dir/a`, `dir/sub/b`,
-/// `file`, and symlinks `link -> dir`, `up -> ../sentinel` and `abs -> <case>/sentinel`.
-/// Seeds aim at these names.
+/// where the merged tree is written. Below the input lies a lower layer (`case/lower.tar`)
+/// with `dir/a`, `dir/sub/b`, `file`, and symlinks `link -> dir`, `up -> ../sentinel` and
+/// `abs -> <case>/sentinel`. Seeds aim at these names.
 const SENTINEL_TEXT: &[u8] = b"outside the tree: must not change\n";
 
 /// A canary name seeds use for absolute escapes: must never appear in /tmp or the scratch
 /// directory.
 pub const CANARY: &str = "cora-fuzz-escape";
 
-/// A layer tar applied on the tree above with OCI whiteouts: `Ok` when extracted. Panics when
-/// anything outside `case/root/` changed, or a file's content lies outside the tar.
+/// A layer tar applied on the lower layer above with OCI whiteouts, the merged tree built
+/// into an erofs image and written out: `Ok` when all of it succeeded. Panics when anything
+/// outside `case/root/` changed, or a file's content lies outside the tar.
 pub fn tar(data: &[u8]) -> Result<(), String> {
     let case = scratch("cora-fuzz-tar-");
     let tar_path = case.path().join("layer.tar");
@@ -363,24 +365,54 @@ pub fn tar(data: &[u8]) -> Result<(), String> {
     r
 }
 
+fn lower_layer(path: &Path, sentinel: &Path) {
+    let mut b = tar::Builder::new(fs::File::create(path).expect("creating the lower tar"));
+    let mut add = |name: &str, kind: tar::EntryType, body: &[u8], link: Option<&Path>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_size(body.len() as u64);
+        match link {
+            Some(target) => b.append_link(&mut h, name, target),
+            None => b.append_data(&mut h, name, body),
+        }
+        .expect("writing the lower tar");
+    };
+    use tar::EntryType::{Directory, Regular, Symlink};
+    add("dir/", Directory, b"", None);
+    add("dir/a", Regular, b"a\n", None);
+    add("dir/sub/", Directory, b"", None);
+    add("dir/sub/b", Regular, b"b\n", None);
+    add("file", Regular, b"file\n", None);
+    add("link", Symlink, b"", Some(Path::new("dir")));
+    add("up", Symlink, b"", Some(Path::new("../sentinel")));
+    add("abs", Symlink, b"", Some(sentinel));
+    b.finish().expect("writing the lower tar");
+}
+
 fn extract(case: &Path, tar_path: &Path, tar_len: u64) -> Result<(), String> {
     let sentinel = case.join("sentinel");
     let root = case.join("root");
     fs::create_dir(&sentinel).expect("mkdir");
     fs::write(sentinel.join("file"), SENTINEL_TEXT).expect("write");
-    fs::create_dir_all(root.join("dir/sub")).expect("mkdir");
-    fs::write(root.join("dir/a"), b"a\n").expect("write");
-    fs::write(root.join("dir/sub/b"), b"b\n").expect("write");
-    fs::write(root.join("file"), b"file\n").expect("write");
-    symlink("dir", root.join("link")).expect("symlink");
-    symlink("../sentinel", root.join("up")).expect("symlink");
-    symlink(&sentinel, root.join("abs")).expect("symlink");
+    fs::create_dir(&root).expect("mkdir");
+    let lower = case.join("lower.tar");
+    lower_layer(&lower, &sentinel);
 
     let before = outside(case, &root);
-    let mut staging = Staging::new(root.clone());
-    let r = staging
-        .apply_layer(tar_path, 1)
-        .and_then(|files| staging.finalize_times().map(|()| files));
+    let mut tree = Tree::new();
+    tree.apply_layer(&lower, 0)
+        .expect("the lower layer applies");
+    let r = tree.apply_layer(tar_path, 1).and_then(|files| {
+        erofs::build(&tree)?;
+        let open = |p: &Path| fs::File::open(p).map_err(Error::Io);
+        staging::materialize(&tree, &[open(&lower)?, open(tar_path)?], &root)?;
+        Ok(files)
+    });
     assert_eq!(
         before,
         outside(case, &root),

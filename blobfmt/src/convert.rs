@@ -1,8 +1,10 @@
 //! Converting an ordered list of layer tars into CORA layer blobs.
 
+use crate::erofs;
 use crate::format::{FsType, Lower, Sha256Digest, Trailer, oci_digest};
 use crate::image::{self, BLOCK_SIZE};
-use crate::staging::{FileContent, Staging};
+use crate::staging;
+use crate::tree::{FileContent, Tree};
 use crate::writer::{ChunkParams, HashingWriter, write_chunked, write_trailer};
 use crate::{Error, IoContext};
 use std::fs::File;
@@ -92,7 +94,7 @@ impl<R: std::io::Read> std::io::Read for Counted<'_, R> {
 }
 
 /// Convert layer tars (bottom first) into blobs written under `out_dir`, using `work` for
-/// the staging tree and images. Blobs appear under their final name only when complete.
+/// scratch (ext4 stacks only: erofs images are built in memory). Blobs appear under their final name only when complete.
 pub fn convert_layers(
     tars: &[PathBuf],
     opts: &Options,
@@ -101,9 +103,7 @@ pub fn convert_layers(
     progress: Progress<'_>,
 ) -> Result<Vec<LayerBlob>, Error> {
     opts.params.validate()?;
-    let staging_dir = work.join("tree");
-    std::fs::create_dir_all(&staging_dir).ctx(|| format!("creating {}", staging_dir.display()))?;
-    let mut staging = Staging::new(staging_dir);
+    let mut tree = Tree::new();
     let mut open_tars = Vec::new();
     let mut contents: Vec<FileContent> = Vec::new();
     let mut out: Vec<LayerBlob> = Vec::new();
@@ -115,24 +115,22 @@ pub fn convert_layers(
             .ctx(|| format!("creating a temporary blob in {}", out_dir.display()))?;
         let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.as_file()));
 
-        // Chunking (compression on every core) and building the stack image (mostly
-        // extraction and mkfs, single-threaded) read the same tar independently: overlap them.
+        // Chunking (compression on every core) and building the stack image (reading the
+        // tar's headers, then metadata in memory) read the same tar independently: overlap them.
         progress(i, Step::Phase("chunking and building the filesystem image"));
         open_tars.push(File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?);
-        let image_path = work.join(format!("stack-{i}.img"));
         let (chunked, imaged) = std::thread::scope(|scope| {
             let imaging = scope.spawn(|| -> Result<_, Error> {
                 let t1 = Instant::now();
-                let added = staging.apply_layer(tar_path, layer)?;
-                contents.extend(added.iter().cloned());
-                staging.finalize_times()?;
-                image::build(opts.fs, staging.root(), &image_path)?;
-                let image_size = std::fs::metadata(&image_path)
-                    .ctx(|| "stat image".into())?
-                    .len();
-                let described = image::describe(&image_path, &open_tars, &contents)?;
-                std::fs::remove_file(&image_path).ctx(|| "removing image".into())?;
-                Ok((image_size, described, t1.elapsed().as_secs_f64(), added))
+                let added = tree.apply_layer(tar_path, layer)?;
+                let described = match opts.fs {
+                    FsType::Erofs => erofs::build(&tree)?,
+                    FsType::Ext4 => {
+                        contents.extend(added.iter().cloned());
+                        ext4_image(&tree, &open_tars, &contents, work, i)?
+                    }
+                };
+                Ok((described, t1.elapsed().as_secs_f64(), added))
             });
             let t0 = Instant::now();
             let chunked = File::open(tar_path)
@@ -156,7 +154,8 @@ pub fn convert_layers(
             (chunked, imaged)
         });
         let (data, chunk_secs) = chunked?;
-        let (image_size, described, image_secs, files) = imaged?;
+        let (described, image_secs, files) = imaged?;
+        let image_size = described.image_size;
 
         let meta = write_chunked(
             described.meta.as_slice(),
@@ -217,6 +216,26 @@ pub fn convert_layers(
         });
     }
     Ok(out)
+}
+
+/// An ext4 stack image: mke2fs needs a directory, so the tree is written out under `work`,
+/// and the image's blocks are matched back to tar bytes.
+fn ext4_image(
+    tree: &Tree,
+    tars: &[File],
+    contents: &[FileContent],
+    work: &Path,
+    i: usize,
+) -> Result<image::Described, Error> {
+    let dir = work.join(format!("tree-{i}"));
+    let image_path = work.join(format!("stack-{i}.img"));
+    std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+    staging::materialize(tree, tars, &dir)?;
+    image::build_ext4(&dir, &image_path)?;
+    let described = image::describe(&image_path, tars, contents)?;
+    std::fs::remove_file(&image_path).ctx(|| "removing image".into())?;
+    std::fs::remove_dir_all(&dir).ctx(|| format!("removing {}", dir.display()))?;
+    Ok(described)
 }
 
 /// The chunks that hold the content of `paths` in the stack of `layers` (bottom first), for a

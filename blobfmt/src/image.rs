@@ -1,7 +1,7 @@
 //! Building a stack's filesystem image and describing it as extents over layer streams.
 
-use crate::format::{Extent, FsType, SOURCE_META, sha256};
-use crate::staging::FileContent;
+use crate::format::{Extent, SOURCE_META, sha256};
+use crate::tree::FileContent;
 use crate::{Error, IoContext};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -13,47 +13,29 @@ use std::process::Command;
 
 pub const BLOCK_SIZE: u32 = 4096;
 /// Fixed so the same tree always gives the same image bytes.
-const FS_UUID: &str = "c0ca0000-0000-4000-8000-000000000001";
+pub(crate) const FS_UUID: &str = "c0ca0000-0000-4000-8000-000000000001";
 
-/// Run mkfs for `fs` over `tree`, writing `image`.
-pub fn build(fs: FsType, tree: &Path, image: &Path) -> Result<(), Error> {
-    let mut cmd = match fs {
-        FsType::Erofs => {
-            let mut c = Command::new("mkfs.erofs");
-            // noinline_data: tail packing would interleave file tails with metadata, so a
-            // file's blocks would no longer be a copy of its tar bytes.
-            c.args(["-Enoinline_data", "--quiet", "-U", FS_UUID, "-T0"]);
-            // -T0 only sets the build time; per-file mtimes are kept (--preserve-mtime).
-            c.arg("--preserve-mtime");
-            c.arg(image).arg(tree);
-            c
-        }
-        FsType::Ext4 => {
-            let size = ext4_size(tree)?;
-            File::create(image)
-                .and_then(|f| f.set_len(size))
-                .ctx(|| format!("creating {}", image.display()))?;
-            let mut c = Command::new("mke2fs");
-            c.args([
-                "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-I", "256",
-            ]);
-            c.args(["-O", "^has_journal,^resize_inode", "-U", FS_UUID]);
-            c.args([
-                "-E",
-                &format!("hash_seed={FS_UUID},lazy_itable_init=0,nodiscard"),
-            ]);
-            c.env("E2FSPROGS_FAKE_TIME", "1");
-            c.arg("-d").arg(tree).arg(image);
-            c
-        }
-    };
+/// Run mke2fs over `tree`, writing an ext4 `image`. (erofs images are written directly:
+/// see [`crate::erofs`].)
+pub fn build_ext4(tree: &Path, image: &Path) -> Result<(), Error> {
+    let size = ext4_size(tree)?;
+    File::create(image)
+        .and_then(|f| f.set_len(size))
+        .ctx(|| format!("creating {}", image.display()))?;
+    let mut cmd = Command::new("mke2fs");
+    cmd.args([
+        "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-I", "256",
+    ]);
+    cmd.args(["-O", "^has_journal,^resize_inode", "-U", FS_UUID]);
+    cmd.args([
+        "-E",
+        &format!("hash_seed={FS_UUID},lazy_itable_init=0,nodiscard"),
+    ]);
+    cmd.env("E2FSPROGS_FAKE_TIME", "1");
+    cmd.arg("-d").arg(tree).arg(image);
     cmd.env("SOURCE_DATE_EPOCH", "0");
     let out = cmd.output().map_err(|e| Error::IoAt {
-        context: format!(
-            "running {:?} (is {} installed?)",
-            cmd.get_program(),
-            fs.name()
-        ),
+        context: format!("running {:?} (is e2fsprogs installed?)", cmd.get_program()),
         source: e,
     })?;
     if !out.status.success() {
@@ -100,6 +82,7 @@ struct BlockSource {
 pub struct Described {
     pub extents: Vec<Extent>,
     pub meta: Vec<u8>,
+    pub image_size: u64,
     pub data_blocks: u64,
     pub meta_blocks: u64,
     pub zero_blocks: u64,
@@ -151,6 +134,7 @@ pub fn describe(image: &Path, tars: &[File], contents: &[FileContent]) -> Result
     let mut d = Described {
         extents: Vec::new(),
         meta: Vec::new(),
+        image_size,
         data_blocks: 0,
         meta_blocks: 0,
         zero_blocks: 0,
@@ -198,7 +182,13 @@ pub fn describe(image: &Path, tars: &[File], contents: &[FileContent]) -> Result
     Ok(d)
 }
 
-fn push_extent(v: &mut Vec<Extent>, image_offset: u64, length: u64, source: u32, src_offset: u64) {
+pub(crate) fn push_extent(
+    v: &mut Vec<Extent>,
+    image_offset: u64,
+    length: u64,
+    source: u32,
+    src_offset: u64,
+) {
     if let Some(last) = v.last_mut()
         && last.source == source
         && last.image_end() == image_offset

@@ -4,12 +4,14 @@
 
 pub mod convert;
 pub mod dirsrc;
+pub mod erofs;
 pub mod format;
 pub mod image;
 pub mod oci;
 pub mod platform;
 pub mod stack;
 pub mod staging;
+pub mod tree;
 pub mod writer;
 
 pub use format::{ChunkEntry, Extent, Footer, FsType, Lower, Sha256Digest, Trailer};

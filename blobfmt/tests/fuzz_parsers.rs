@@ -538,8 +538,8 @@ fn mutations_handle_any_input() {
 
 /// Writes the seeds made by blobfmt's own writer (blobs, trailer bodies, layouts) and the
 /// hand-shaped ones (hostile tars, Docker documents) into `fuzz/corpus/`. Other files there,
-/// such as regression seeds, are left alone. Needs mkfs.erofs and mke2fs. The output is the
-/// same from run to run except the ext4 seeds: ext4 images carry the staged files' ctimes.
+/// such as regression seeds, are left alone. Needs mke2fs. The output is the same from run to
+/// run except the ext4 seeds: ext4 images carry the staged files' ctimes.
 #[test]
 #[ignore = "rewrites the committed corpus; run by hand after a format change"]
 fn generate_corpus() {

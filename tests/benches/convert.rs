@@ -151,7 +151,7 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "peak RSS {} MB (mkfs children {} MB)",
+        "peak RSS {} MB (child processes {} MB)",
         result["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20,
         result["peak_child_rss_bytes"].as_u64().unwrap_or(0) >> 20
     );

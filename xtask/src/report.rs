@@ -898,7 +898,7 @@ fn convert_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> Re
     writeln!(
         md,
         "Debian base tree {}; single-core FastCDC + sha256 + zstd reference {:.1} MB/s on the \
-         same bytes in the same run ({} cores); peak RSS {}, mkfs children {}.\n",
+         same bytes in the same run ({} cores); peak RSS {}, child processes {}.\n",
         mb(f(&v["tree_bytes"])),
         f(&v["reference_single_core_mbs"]),
         v["cores"],

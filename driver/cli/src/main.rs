@@ -108,7 +108,7 @@ enum Cmd {
         chunk_max: Option<u32>,
         #[arg(long, default_value_t = 3)]
         zstd_level: i32,
-        /// Scratch directory for layer tars and the staging tree (default: $TMPDIR).
+        /// Scratch directory for layer tars (and ext4 stacks' trees) (default: $TMPDIR).
         #[arg(long)]
         work: Option<PathBuf>,
         /// Print the report as JSON.

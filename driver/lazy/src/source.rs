@@ -1360,7 +1360,7 @@ impl Job {
         Job { inner, run, prio }
     }
 
-    fn execute(self) {
+    fn execute(&self) {
         let result = self.inner.fetch_run(&self.run, self.prio);
         if let Err(e) = &result {
             debug!(error = %e, prio = ?self.prio, "background fetch failed");
@@ -1469,10 +1469,12 @@ impl Pool {
             let stats = job.inner.stats.clone();
             // A panic fails this job's flights (its Drop releases them) and the worker lives
             // on: a pool that counted a dead worker would leave later reads waiting forever.
+            // Counted before the drop, so a read failed by it already sees the count.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.execute())).is_err() {
                 stats.worker_panics.fetch_add(1, Ordering::Relaxed);
                 warn!("a fetch worker panicked; its reads fail");
             }
+            drop(job);
             let mut st = lock(&self.state);
             st.running[prio as usize] -= 1;
             drop(st);

@@ -8,7 +8,8 @@ use crate::registry::{Client, Reference};
 use crate::remote::{RegistryAccess, RemoteError, fetch_image};
 use blobfmt::format::oci_digest;
 use blobfmt::oci::{self, Manifest};
-use blobfmt::staging::Staging;
+use blobfmt::staging;
+use blobfmt::tree::Tree;
 use std::path::{Path, PathBuf};
 
 /// What [`unpack_stack`] did.
@@ -85,15 +86,19 @@ pub fn unpack_stack(
         .prefix(".unpack-")
         .tempdir_in(parent)
         .map_err(|e| err(format!("creating a work dir in {}: {e}", parent.display())))?;
-    let tree = work.path().join("tree");
-    std::fs::create_dir(&tree).map_err(|e| err(format!("creating {}: {e}", tree.display())))?;
-    let mut staging = Staging::new(tree.clone());
+    let tree_dir = work.path().join("tree");
+    std::fs::create_dir(&tree_dir)
+        .map_err(|e| err(format!("creating {}: {e}", tree_dir.display())))?;
+    // The merged tree is built from headers; contents are copied from the layer tars once,
+    // when it is written out, so every layer's tar is kept until then.
+    let mut tree = Tree::new();
+    let mut tars = Vec::new();
     let mut blob_bytes = 0;
     for (i, layer) in manifest.layers[..=top].iter().enumerate() {
         let compression = oci::layer_compression(&layer.media_type)?;
         let blob = blobs.file(layer, work.path())?;
         blob_bytes += std::fs::metadata(&blob).map(|m| m.len()).unwrap_or(0);
-        let tar = work.path().join("layer.tar");
+        let tar = work.path().join(format!("layer-{i}.tar"));
         let diff_id = oci_digest(&oci::decompress_layer(&blob, compression, &tar)?);
         if diff_id != diff_ids[i] {
             return Err(err(format!(
@@ -102,15 +107,15 @@ pub fn unpack_stack(
             )));
         }
         let layer_no = u32::try_from(i).map_err(|_| err("too many layers"))?;
-        staging.apply_layer(&tar, layer_no)?;
-        // Scratch space stays one layer deep.
-        let _ = std::fs::remove_file(&tar);
+        tree.apply_layer(&tar, layer_no)?;
+        let opened = std::fs::File::open(&tar);
+        tars.push(opened.map_err(|e| err(format!("opening {}: {e}", tar.display())))?);
         if matches!(blobs, Blobs::Registry { .. }) {
             let _ = std::fs::remove_file(&blob);
         }
     }
-    staging.finalize_times()?;
-    std::fs::rename(&tree, into)
+    staging::materialize(&tree, &tars, &tree_dir)?;
+    std::fs::rename(&tree_dir, into)
         .map_err(|e| err(format!("renaming the tree to {}: {e}", into.display())))?;
     Ok(Unpacked {
         layers: top + 1,
