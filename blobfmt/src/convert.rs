@@ -386,9 +386,17 @@ pub fn convert_image(
         }
         let compression = oci::layer_compression(&l.media_type)
             .map_err(|e| Error::Convert(format!("layer {i} ({}): {e}", l.digest)))?;
-        progress(i, Step::Phase("decompressing source layer"));
-        let tar = work.join(format!("layer-{i}.tar"));
-        let diff_id = oci::decompress_layer(&src.blob_path(&l.digest)?, compression, &tar)?;
+        let blob = src.blob_path(&l.digest)?;
+        // An uncompressed layer is its own tar: read in place, not copied.
+        let (tar, diff_id) = if compression == oci::Compression::None {
+            progress(i, Step::Phase("hashing source layer"));
+            (blob.clone(), oci::file_sha256(&blob)?)
+        } else {
+            progress(i, Step::Phase("decompressing source layer"));
+            let tar = work.join(format!("layer-{i}.tar"));
+            let diff_id = oci::decompress_layer(&blob, compression, &tar)?;
+            (tar, diff_id)
+        };
         if oci_digest(&diff_id) != src.config.rootfs.diff_ids[i] {
             return Err(Error::Convert(format!(
                 "layer {i} ({}) decompresses to {}, but the config's diff_id is {}",
@@ -439,7 +447,9 @@ pub fn convert_image(
             tar_size: std::fs::metadata(tar).ctx(|| "stat tar".into())?.len(),
             blob,
         });
-        std::fs::remove_file(tar).ctx(|| "removing tar".into())?;
+        if tar.starts_with(work) {
+            std::fs::remove_file(tar).ctx(|| "removing tar".into())?;
+        }
     }
     let config_digest = oci::put_blob(dst_root, &src.config_bytes)?;
     let mut mann = BTreeMap::new();

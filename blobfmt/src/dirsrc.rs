@@ -2,6 +2,7 @@
 
 use crate::format::oci_digest;
 use crate::oci;
+use crate::writer::HashingWriter;
 use crate::{Error, IoContext};
 use std::fs;
 use std::io::Write;
@@ -56,10 +57,16 @@ fn layer_from_dir(
     layout: &Path,
     gzip: bool,
 ) -> Result<(String, oci::Descriptor), Error> {
-    let tar_path = layout.join("layer.tar.tmp");
-    {
-        let f = fs::File::create(&tar_path).ctx(|| "creating layer tar".into())?;
-        let mut b = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, f));
+    // Streamed to disk and hashed on the way: a layer is never held in memory.
+    let blob_dir = layout.join("blobs/sha256");
+    fs::create_dir_all(&blob_dir).ctx(|| format!("creating {}", blob_dir.display()))?;
+    let tar_tmp = tempfile::NamedTempFile::new_in(&blob_dir).ctx(|| "creating layer tar".into())?;
+    let (diff_id, tar_size) = {
+        let hashing = HashingWriter::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            tar_tmp.as_file(),
+        ));
+        let mut b = tar::Builder::new(hashing);
         b.follow_symlinks(false);
         let mut entries = Vec::new();
         collect(dir, Path::new(""), &mut entries)?;
@@ -72,7 +79,7 @@ fn layer_from_dir(
             h.set_uid(u64::from(m.uid()));
             h.set_gid(u64::from(m.gid()));
             // File capabilities (ping, …), ACLs and SELinux labels live in xattrs; tar carries
-            // them as PAX records, which the staging extraction and runtimes restore.
+            // them as PAX records, which the converter and runtimes restore.
             let xattrs = read_xattrs(&p)?;
             if !xattrs.is_empty() {
                 b.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
@@ -91,30 +98,40 @@ fn layer_from_dir(
                     .ctx(|| format!("adding {}", rel.display()))?;
             }
         }
-        b.into_inner()
-            .and_then(|mut w| w.flush())
-            .ctx(|| "finishing layer tar".into())?;
-    }
-    let bytes = fs::read(&tar_path).ctx(|| "reading layer tar".into())?;
-    fs::remove_file(&tar_path).ctx(|| "removing layer tar".into())?;
-    let diff_id = oci_digest(&crate::format::sha256(&bytes));
-    let (stored, media_type) = if gzip {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(&bytes).ctx(|| "compressing layer".into())?;
+        let mut hashing = b.into_inner().ctx(|| "finishing layer tar".into())?;
+        hashing.flush().ctx(|| "writing layer tar".into())?;
+        let (_, digest, size) = hashing.finish();
+        (digest, size)
+    };
+    let (stored, size, media_type) = if gzip {
+        let gz_tmp =
+            tempfile::NamedTempFile::new_in(&blob_dir).ctx(|| "creating layer blob".into())?;
+        let hashing =
+            HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, gz_tmp.as_file()));
+        let mut e = flate2::write::GzEncoder::new(hashing, flate2::Compression::default());
+        let mut tar = fs::File::open(tar_tmp.path()).ctx(|| "reading layer tar".into())?;
+        std::io::copy(&mut tar, &mut e).ctx(|| "compressing layer".into())?;
+        let mut hashing = e.finish().ctx(|| "compressing layer".into())?;
+        hashing.flush().ctx(|| "writing layer blob".into())?;
+        let (_, digest, size) = hashing.finish();
         (
-            e.finish().ctx(|| "compressing layer".into())?,
+            oci::persist_blob(layout, gz_tmp, &digest)?,
+            size,
             "application/vnd.oci.image.layer.v1.tar+gzip",
         )
     } else {
-        (bytes, "application/vnd.oci.image.layer.v1.tar")
+        (
+            oci::persist_blob(layout, tar_tmp, &diff_id)?,
+            tar_size,
+            "application/vnd.oci.image.layer.v1.tar",
+        )
     };
-    let digest = oci::put_blob(layout, &stored)?;
     Ok((
-        diff_id,
+        oci_digest(&diff_id),
         oci::Descriptor {
             media_type: media_type.into(),
-            digest,
-            size: stored.len() as u64,
+            digest: stored,
+            size,
             annotations: None,
             platform: None,
         },

@@ -181,8 +181,8 @@ pub fn build(tree: &Tree) -> Result<Described, Error> {
             Kind::Dir(_) => (0o040000, inode.start_block as u32),
             Kind::File { .. } => (0o100000, inode.start_block as u32),
             Kind::Symlink(_) => (0o120000, inode.start_block as u32),
-            Kind::Char { major, minor } => (0o020000, encode_dev(*major, *minor)),
-            Kind::Block { major, minor } => (0o060000, encode_dev(*major, *minor)),
+            Kind::Char { major, minor } => (0o020000, encode_dev(*major, *minor)?),
+            Kind::Block { major, minor } => (0o060000, encode_dev(*major, *minor)?),
             Kind::Fifo => (0o010000, 0),
         };
         let rec = &mut meta[at..at + inode.record_size()];
@@ -344,6 +344,11 @@ fn xattr_area(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>, Error> {
     const PREFIXES: [(&[u8], u8); 3] = [(b"user.", 1), (b"trusted.", 4), (b"security.", 6)];
     let mut out = Vec::new();
     for (name, value) in xattrs {
+        if name.len() > 255 {
+            // Past XATTR_NAME_MAX: no reader could ask for it.
+            tracing::warn!(name = %String::from_utf8_lossy(name), "leaving out an xattr with a name over 255 bytes");
+            continue;
+        }
         let (index, suffix): (u8, &[u8]) = match name.as_slice() {
             b"system.posix_acl_access" => (2, b""),
             b"system.posix_acl_default" => (3, b""),
@@ -409,9 +414,14 @@ fn uuid_bytes(uuid: &str) -> [u8; 16] {
     out
 }
 
-/// The kernel's `new_encode_dev`.
-fn encode_dev(major: u32, minor: u32) -> u32 {
-    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+/// The kernel's `new_encode_dev`: 12 bits of major, 20 of minor.
+fn encode_dev(major: u32, minor: u32) -> Result<u32, Error> {
+    if major > 0xfff || minor > 0xf_ffff {
+        return Err(Error::Convert(format!(
+            "device number {major}:{minor} does not fit erofs's 32-bit rdev"
+        )));
+    }
+    Ok((minor & 0xff) | (major << 8) | ((minor & !0xff) << 12))
 }
 
 fn put16(b: &mut [u8], at: usize, v: u16) {

@@ -113,6 +113,14 @@ pub fn decompress_layer(
     Ok(w.finish().1)
 }
 
+/// The sha256 of a file's bytes, read as a stream.
+pub fn file_sha256(path: &Path) -> Result<Sha256Digest, Error> {
+    let mut f = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    let mut w = crate::writer::HashingWriter::new(io::sink());
+    io::copy(&mut f, &mut w).ctx(|| format!("reading {}", path.display()))?;
+    Ok(w.finish().1)
+}
+
 /// An image as found in an OCI layout.
 #[derive(Debug, Clone)]
 pub struct LayoutImage {
@@ -305,6 +313,22 @@ pub fn put_blob(root: &Path, bytes: &[u8]) -> Result<String, Error> {
             source: e.error,
         })?;
     Ok(digest)
+}
+
+/// Move a finished blob file (written in the layout's blob directory) to its name, `digest`
+/// being the sha256 of its bytes; returns the OCI digest.
+pub fn persist_blob(
+    root: &Path,
+    file: tempfile::NamedTempFile,
+    digest: &crate::format::Sha256Digest,
+) -> Result<String, Error> {
+    let d = oci_digest(digest);
+    file.persist(blob_path(root, &d)?)
+        .map_err(|e| Error::IoAt {
+            context: "renaming blob".into(),
+            source: e.error,
+        })?;
+    Ok(d)
 }
 
 /// Record `manifest_bytes` (already stored as a blob) in index.json under `tag`.

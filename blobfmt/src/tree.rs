@@ -85,6 +85,7 @@ impl Default for Tree {
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
+const AUFS_META: &[u8] = b".wh..wh.";
 /// erofs (and every Linux filesystem) caps a name at 255 bytes.
 const NAME_MAX: usize = 255;
 
@@ -137,7 +138,12 @@ impl Tree {
         let what = || format!("reading layer {layer} tar");
         for entry in archive.entries_with_seek().ctx(what)? {
             let entry = entry.ctx(what)?;
-            let path = components(&entry.path_bytes())?;
+            let header_at = entry.raw_header_position();
+            let pax = pax_records(archive_file, extensions_from, header_at)
+                .ctx(|| format!("reading layer {layer} tar (PAX records)"))?;
+            extensions_from = entry
+                .raw_file_position()
+                .saturating_add(entry.size().next_multiple_of(512));
             let kind = entry.header().entry_type();
             if !matches!(
                 kind,
@@ -155,14 +161,23 @@ impl Tree {
                 tracing::debug!(layer, ?kind, "skipping a tar entry that is no file");
                 continue;
             }
+            let path = components(&entry.path_bytes())?;
             let link = entry.link_name_bytes().map(|l| l.into_owned());
-            let header_at = entry.raw_header_position();
-            let pax = pax_records(archive_file, extensions_from, header_at)
-                .ctx(|| format!("reading layer {layer} tar (PAX records)"))?;
-            extensions_from = entry
-                .raw_file_position()
-                .saturating_add(entry.size().next_multiple_of(512));
-            let node = header_node(&entry, &pax, layer)?;
+            agree_with_pax(&pax, &entry, link.as_deref(), layer)?;
+            if path
+                .iter()
+                .any(|c| c.starts_with(AUFS_META) && c.as_slice() != OPAQUE)
+            {
+                // AUFS bookkeeping (`.wh..wh.plnk/...`), never part of the tree.
+                continue;
+            }
+            if link.as_deref().is_some_and(|l| l.contains(&0)) {
+                return Err(Error::Convert(format!(
+                    "layer {layer}: the link target of {} holds a NUL byte",
+                    path_of(&path).display()
+                )));
+            }
+            let node = header_node(&entry, &pax.records, layer)?;
             if matches!(kind, EntryType::Regular | EntryType::Continuous) {
                 // Headers are all that is read here: a file the tar cuts short must be caught
                 // now, not when its blocks are served.
@@ -427,7 +442,9 @@ fn header_node<R: std::io::Read>(
             }
         }
     }
-    xattrs.sort();
+    // A name given twice keeps its last value, as extraction would.
+    xattrs.reverse();
+    xattrs.sort_by(|a, b| a.0.cmp(&b.0));
     xattrs.dedup_by(|a, b| a.0 == b.0);
     let id = |v: u64, what: &str| {
         u32::try_from(v)
@@ -446,9 +463,10 @@ fn header_node<R: std::io::Read>(
 /// The PAX records (`x` headers) among the extension headers in `[from, to)` of the tar,
 /// parsed here because the tar crate splits records at newlines, and xattr values are binary
 /// (a capability set often holds a 0x0a byte).
-fn pax_records(tar: &File, from: u64, to: u64) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+fn pax_records(tar: &File, from: u64, to: u64) -> std::io::Result<Extensions> {
     use std::os::unix::fs::FileExt;
-    let mut out = Vec::new();
+    let mut ext = Extensions::default();
+    let out = &mut ext.records;
     let mut pos = from;
     let mut header = [0u8; 512];
     while pos.saturating_add(512) <= to {
@@ -462,36 +480,92 @@ fn pax_records(tar: &File, from: u64, to: u64) -> std::io::Result<Vec<(Vec<u8>, 
                 .filter(|_| end.is_some_and(|e| e <= to));
             let mut data = vec![0u8; len.ok_or_else(|| std::io::Error::other("PAX header size"))?];
             tar.read_exact_at(&mut data, pos + 512)?;
-            parse_pax(&data, &mut out);
+            parse_pax(&data, out)?;
         }
+        ext.long_name |= header[156] == b'L';
+        ext.long_link |= header[156] == b'K';
         pos = pos
             .saturating_add(512)
             .saturating_add(size.next_multiple_of(512));
     }
-    Ok(out)
+    Ok(ext)
+}
+
+/// The extension headers of one entry.
+#[derive(Default)]
+struct Extensions {
+    /// PAX records, in order.
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A GNU long name (`L`) or long link target (`K`) header is among them.
+    long_name: bool,
+    long_link: bool,
 }
 
 /// `"<len> <key>=<value>\n"` records, the length counting the whole record; values are bytes.
-/// Malformed records end the parse (what came before is kept).
-fn parse_pax(mut data: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
-    while let Some(space) = data.iter().position(|&b| b == b' ') {
+/// A malformed record is an error (as in Go's archive/tar): a reader that guessed past it
+/// could see another file than containerd does.
+fn parse_pax(mut data: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) -> std::io::Result<()> {
+    let bad = || std::io::Error::other("malformed PAX record");
+    // Writers pad the header's data with NULs.
+    while data.first().is_some_and(|&b| b != 0) {
+        let space = data.iter().position(|&b| b == b' ').ok_or_else(bad)?;
         let len = std::str::from_utf8(&data[..space])
             .ok()
             .and_then(|l| l.parse::<usize>().ok());
-        let Some(record) = len
+        let record = len
             .filter(|&l| l > space + 1 && l <= data.len())
             .map(|l| &data[..l])
-        else {
-            return;
-        };
-        let Some(body) = record[space + 1..].strip_suffix(b"\n") else {
-            return;
-        };
-        if let Some(eq) = body.iter().position(|&b| b == b'=') {
-            out.push((body[..eq].to_vec(), body[eq + 1..].to_vec()));
-        }
+            .ok_or_else(bad)?;
+        let body = record[space + 1..].strip_suffix(b"\n").ok_or_else(bad)?;
+        let eq = body.iter().position(|&b| b == b'=').ok_or_else(bad)?;
+        out.push((body[..eq].to_vec(), body[eq + 1..].to_vec()));
         data = &data[record.len()..];
     }
+    Ok(())
+}
+
+/// The tar crate reads PAX records by lines, which a binary value can fool; the path, link
+/// target and size it reports must be the ones the records (read whole) give, last one winning.
+fn agree_with_pax<R: std::io::Read>(
+    ext: &Extensions,
+    entry: &tar::Entry<'_, R>,
+    link: Option<&[u8]>,
+    layer: u32,
+) -> Result<(), Error> {
+    let last = |key: &[u8]| {
+        ext.records
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
+    };
+    let h = entry.header();
+    let path = entry.path_bytes();
+    let path_ok = match last(b"path") {
+        Some(p) => p == &path[..],
+        None => ext.long_name || path == h.path_bytes(),
+    };
+    let link_ok = match last(b"linkpath") {
+        Some(l) => Some(l) == link,
+        None => ext.long_link || link == h.link_name_bytes().as_deref(),
+    };
+    let size_ok = match last(b"size") {
+        Some(v) => {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                == Some(entry.size())
+        }
+        None => h.entry_size().ok() == Some(entry.size()),
+    };
+    let agrees = path_ok && link_ok && size_ok;
+    if agrees && !path.contains(&0) {
+        return Ok(());
+    }
+    Err(Error::Convert(format!(
+        "layer {layer}: the PAX records of {} are ambiguous (path, link target or size)",
+        String::from_utf8_lossy(&path)
+    )))
 }
 
 /// A header's octal number field (sizes of extension headers never need base-256).
@@ -529,4 +603,101 @@ fn path_of(components: &[Vec<u8>]) -> PathBuf {
         .iter()
         .map(|c| std::ffi::OsStr::from_bytes(c))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(build: impl FnOnce(&mut tar::Builder<File>)) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let mut b = tar::Builder::new(f.reopen().unwrap());
+        build(&mut b);
+        b.finish().unwrap();
+        f
+    }
+
+    fn file(b: &mut tar::Builder<File>, name: &str, data: &[u8]) {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+
+    fn pax_header(b: &mut tar::Builder<File>, kind: EntryType, records: &[(&str, &[u8])]) {
+        let mut data = Vec::new();
+        for (k, v) in records {
+            let body = [k.as_bytes(), b"=", v, b"\n"].concat();
+            // The length counts its own digits too.
+            let mut len = body.len() + 2;
+            while format!("{len} ").len() + body.len() != len {
+                len += 1;
+            }
+            data.extend_from_slice(format!("{len} ").as_bytes());
+            data.extend_from_slice(&body);
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, "pax", data.as_slice()).unwrap();
+    }
+
+    fn node_at<'t>(tree: &'t Tree, name: &str) -> &'t Node {
+        tree.node(tree.lookup(&components(name.as_bytes()).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn binary_xattrs_keep_their_last_value_and_their_own_file() {
+        let tar = tar_of(|b| {
+            // A global header's records describe no file: its xattr must not reach `a`.
+            pax_header(b, EntryType::XGlobalHeader, &[("SCHILY.xattr.user.g", b"1")]);
+            pax_header(
+                b,
+                EntryType::XHeader,
+                &[
+                    ("SCHILY.xattr.user.k", b"first"),
+                    ("SCHILY.xattr.user.k", b"\x0a\x00last\n"),
+                ],
+            );
+            file(b, "a", b"a");
+            file(b, "b", b"b");
+        });
+        let mut tree = Tree::new();
+        tree.apply_layer(tar.path(), 0).unwrap();
+        assert_eq!(
+            node_at(&tree, "a").xattrs,
+            vec![(b"user.k".to_vec(), b"\x0a\x00last\n".to_vec())]
+        );
+        assert!(node_at(&tree, "b").xattrs.is_empty());
+    }
+
+    #[test]
+    fn a_path_hidden_in_a_binary_value_is_refused() {
+        // Split at newlines (as the tar crate does), this value holds a valid "path" record.
+        let tar = tar_of(|b| {
+            pax_header(
+                b,
+                EntryType::XHeader,
+                &[("SCHILY.xattr.user.v", b"x\n13 path=evil")],
+            );
+            file(b, "innocent", b"data");
+        });
+        let e = Tree::new().apply_layer(tar.path(), 0).unwrap_err();
+        assert!(e.to_string().contains("ambiguous"), "{e}");
+    }
+
+    #[test]
+    fn aufs_metadata_is_no_part_of_the_tree() {
+        let tar = tar_of(|b| {
+            file(b, ".wh..wh.plnk/123.456", b"x");
+            file(b, "kept", b"y");
+        });
+        let mut tree = Tree::new();
+        tree.apply_layer(tar.path(), 0).unwrap();
+        let Kind::Dir(root) = &tree.node(ROOT).kind else {
+            panic!("root is no directory");
+        };
+        assert_eq!(root.keys().collect::<Vec<_>>(), [b"kept"]);
+    }
 }
