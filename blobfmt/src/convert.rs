@@ -387,27 +387,29 @@ pub fn convert_image(
         let compression = oci::layer_compression(&l.media_type)
             .map_err(|e| Error::Convert(format!("layer {i} ({}): {e}", l.digest)))?;
         let blob = src.blob_path(&l.digest)?;
-        // An uncompressed layer is its own tar: read in place, not copied.
-        let (tar, diff_id) = if compression == oci::Compression::None {
-            progress(i, Step::Phase("hashing source layer"));
-            (blob.clone(), oci::file_sha256(&blob)?)
+        // An uncompressed layer is its own tar: read in place, not copied. Its diff_id is
+        // checked below against the digest the chunker takes of the stream anyway.
+        let tar = if compression == oci::Compression::None {
+            blob
         } else {
             progress(i, Step::Phase("decompressing source layer"));
             let tar = work.join(format!("layer-{i}.tar"));
-            let diff_id = oci::decompress_layer(&blob, compression, &tar)?;
-            (tar, diff_id)
+            oci::decompress_layer(&blob, compression, &tar)?;
+            tar
         };
-        if oci_digest(&diff_id) != src.config.rootfs.diff_ids[i] {
-            return Err(Error::Convert(format!(
-                "layer {i} ({}) decompresses to {}, but the config's diff_id is {}",
-                l.digest,
-                oci_digest(&diff_id),
-                src.config.rootfs.diff_ids[i]
-            )));
-        }
         tars.push(tar);
     }
     let blobs = convert_layers(&tars, opts, work, &blob_dir, progress)?;
+    // Nothing names the blobs until every layer is what the config says it is.
+    for (i, (l, blob)) in src.manifest.layers.iter().zip(&blobs).enumerate() {
+        let diff_id = oci_digest(&blob.trailer.diff_id);
+        if diff_id != src.config.rootfs.diff_ids[i] {
+            return Err(Error::Convert(format!(
+                "layer {i} ({}) decompresses to {diff_id}, but the config's diff_id is {}",
+                l.digest, src.config.rootfs.diff_ids[i]
+            )));
+        }
+    }
     let mut layers = Vec::new();
     let mut descs = Vec::new();
     for ((l, tar), blob) in src.manifest.layers.iter().zip(&tars).zip(blobs) {

@@ -113,14 +113,6 @@ pub fn decompress_layer(
     Ok(w.finish().1)
 }
 
-/// The sha256 of a file's bytes, read as a stream.
-pub fn file_sha256(path: &Path) -> Result<Sha256Digest, Error> {
-    let mut f = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-    let mut w = crate::writer::HashingWriter::new(io::sink());
-    io::copy(&mut f, &mut w).ctx(|| format!("reading {}", path.display()))?;
-    Ok(w.finish().1)
-}
-
 /// An image as found in an OCI layout.
 #[derive(Debug, Clone)]
 pub struct LayoutImage {

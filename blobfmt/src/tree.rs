@@ -651,7 +651,11 @@ mod tests {
     fn binary_xattrs_keep_their_last_value_and_their_own_file() {
         let tar = tar_of(|b| {
             // A global header's records describe no file: its xattr must not reach `a`.
-            pax_header(b, EntryType::XGlobalHeader, &[("SCHILY.xattr.user.g", b"1")]);
+            pax_header(
+                b,
+                EntryType::XGlobalHeader,
+                &[("SCHILY.xattr.user.g", b"1")],
+            );
             pax_header(
                 b,
                 EntryType::XHeader,

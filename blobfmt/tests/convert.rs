@@ -427,3 +427,30 @@ fn extent_last_chunk_is_where_the_file_ends() {
     assert_eq!(stack.extent_last_chunk(hole), None);
     assert_eq!(stack.extent_last_chunk(stack.image_size()), None);
 }
+
+/// A layer whose bytes are not what the config's diff_id says is refused, uncompressed (read in
+/// place, checked by the chunker's digest) or gzip (checked while decompressing), and no
+/// manifest names the blobs.
+#[test]
+fn a_layer_that_is_not_its_diff_id_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(tree.join("etc")).unwrap();
+    fs::write(tree.join("etc/hostname"), b"cora\n").unwrap();
+    for gzip in [false, true] {
+        let layout = tmp.path().join(format!("src-{gzip}"));
+        blobfmt::dirsrc::layout_from_dirs(&[&tree], &layout, "v1", gzip).unwrap();
+        let mut img = blobfmt::oci::open_layout(&layout, Some("v1")).unwrap();
+        img.config.rootfs.diff_ids[0] = format!("sha256:{}", "0".repeat(64));
+        let out = tmp.path().join(format!("out-{gzip}"));
+        let work = tmp.path().join(format!("work-{gzip}"));
+        fs::create_dir_all(&work).unwrap();
+        let e = blobfmt::convert::convert_image(&img, &out, &Options::default(), &work, &|_, _| {})
+            .expect_err("converted a layer that is not its diff_id");
+        assert!(e.to_string().contains("config's diff_id"), "{e}");
+        assert!(
+            blobfmt::oci::open_layout(&out, None).is_err(),
+            "a manifest names the refused blobs"
+        );
+    }
+}

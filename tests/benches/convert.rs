@@ -3,7 +3,8 @@
 //! the chunk-size trade-off (stored size vs what an updated base adds), and the peer: the
 //! same tree from a directory through `cora convert dir:` and Nydus's `nydus-image create`
 //! (RAFS v6; `CORA_NYDUS_BIN`, set by `cargo xtask bench convert`), as child processes,
-//! interleaved, warm page cache: wall time, CPU time, peak RSS, bytes written.
+//! interleaved, warm page cache: wall time, CPU time, peak RSS, bytes written; and both on a
+//! large layer (`CORA_BENCH_LARGE_GB` 1 GiB files of incompressible bytes, default 5, 0 skips).
 //! Prints a human table and one JSON line (prefixed `RESULT `), and writes `convert.json`
 //! into `$CORA_BENCH_OUT` for `cargo xtask bench report`.
 
@@ -119,10 +120,25 @@ fn main() -> Result<()> {
     // Before the peer runs: their children start from this process's RSS (see
     // `run_measured`), so they would only repeat it.
     let child_peak = peak(libc::RUSAGE_CHILDREN);
-    let peers = peer_runs(&base, work.path())?;
+    let peers = peer_runs(&base, work.path(), 3)?;
+    // A large layer (model weights): memory must stay bounded whatever the layer's size.
+    let large_gb: u64 = std::env::var("CORA_BENCH_LARGE_GB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let large = if large_gb > 0 {
+        let tree = large_tree(work.path(), large_gb)?;
+        let mut v = peer_runs(&tree, work.path(), 1)?;
+        std::fs::remove_dir_all(&tree)?;
+        v["tree_bytes"] = (large_gb << 30).into();
+        v
+    } else {
+        serde_json::Value::Null
+    };
     let result = serde_json::json!({
         "tree_bytes": fixtures::tree_bytes(&base)?,
         "peers": peers,
+        "large": large,
         "reference_single_core_mbs": ref_mbs,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "peak_rss_bytes": peak(libc::RUSAGE_SELF),
@@ -179,15 +195,55 @@ fn main() -> Result<()> {
             );
         }
     }
+    if let Some(gb) = large["tree_bytes"].as_u64() {
+        let get = |who: &str, k: &str| large[who][k].as_f64().unwrap_or(f64::NAN);
+        for who in ["cora", "nydus"] {
+            if large[who].is_null() {
+                continue;
+            }
+            println!(
+                "large layer ({:.1} GB, 1 GiB files): {who:>5}: {:.1} s wall ({:.0} MB/s), peak RSS {:.0} MB",
+                gb as f64 / 1e9,
+                get(who, "wall_secs"),
+                gb as f64 / get(who, "wall_secs") / 1e6,
+                get(who, "peak_rss_bytes") / 1e6,
+            );
+        }
+        let rss = get("cora", "peak_rss_bytes") / 1e6;
+        println!(
+            "target: CORA peak RSS on the large layer {rss:.0} MB (≤ 100: {})",
+            if rss <= 100.0 { "met" } else { "MISSED" }
+        );
+    }
     println!("RESULT {result}");
     cora_tests::bench::write_json("convert", &result)?;
     Ok(())
 }
 
-/// `cora convert dir:TREE` and `nydus-image create` of the same tree, `ROUNDS` times each,
+/// A tree of `gb` 1 GiB files of incompressible bytes, written in 16 MiB pieces.
+fn large_tree(work: &std::path::Path, gb: u64) -> Result<std::path::PathBuf> {
+    use std::io::Write;
+    let tree = work.join("large");
+    std::fs::create_dir_all(&tree)?;
+    for i in 0..gb {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(
+            tree.join(format!("weights-{i}.bin")),
+        )?);
+        for piece in 0..64u64 {
+            f.write_all(&cora_testdata::pseudo_random(16 << 20, (i << 8) | piece))?;
+        }
+        f.flush()?;
+    }
+    Ok(tree)
+}
+
+/// `cora convert dir:TREE` and `nydus-image create` of the same tree, `rounds` times each,
 /// interleaved (the same page-cache state for both); the median round of each by wall time.
-fn peer_runs(tree: &std::path::Path, work: &std::path::Path) -> Result<serde_json::Value> {
-    const ROUNDS: usize = 3;
+fn peer_runs(
+    tree: &std::path::Path,
+    work: &std::path::Path,
+    rounds: usize,
+) -> Result<serde_json::Value> {
     let tools = match nydus::Tools::from_env() {
         Ok(t) => Some(t),
         Err(why) => {
@@ -196,7 +252,7 @@ fn peer_runs(tree: &std::path::Path, work: &std::path::Path) -> Result<serde_jso
         }
     };
     let mut runs: [Vec<(ChildCost, u64)>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let out = work.join(format!("peer-cora-{round}"));
         let scratch = work.join(format!("peer-scratch-{round}"));
         std::fs::create_dir_all(&scratch)?;
@@ -209,6 +265,8 @@ fn peer_runs(tree: &std::path::Path, work: &std::path::Path) -> Result<serde_jso
                 .arg(&scratch),
         )?;
         runs[0].push((cost, fixtures::tree_bytes(&out)?));
+        std::fs::remove_dir_all(&out)?;
+        std::fs::remove_dir_all(&scratch)?;
         let Some(tools) = &tools else { continue };
         let out = work.join(format!("peer-nydus-{round}"));
         std::fs::create_dir_all(&out)?;
@@ -222,6 +280,7 @@ fn peer_runs(tree: &std::path::Path, work: &std::path::Path) -> Result<serde_jso
                 .arg(tree),
         )?;
         runs[1].push((cost, fixtures::tree_bytes(&out)?));
+        std::fs::remove_dir_all(&out)?;
     }
     let median = |v: &mut Vec<(ChildCost, u64)>| {
         v.sort_by(|a, b| a.0.wall_secs.total_cmp(&b.0.wall_secs));
@@ -235,7 +294,7 @@ fn peer_runs(tree: &std::path::Path, work: &std::path::Path) -> Result<serde_jso
         })
     };
     let [mut cora, mut nydus] = runs;
-    let mut v = serde_json::json!({ "rounds": ROUNDS, "cora": median(&mut cora) });
+    let mut v = serde_json::json!({ "rounds": rounds, "cora": median(&mut cora) });
     match (tools, median(&mut nydus)) {
         (Some(t), Some(n)) => {
             v["nydus"] = n;

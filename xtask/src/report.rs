@@ -928,6 +928,38 @@ fn convert_section(dir: &Path, md: &mut String, skipped: &mut Vec<String>) -> Re
         )?;
     }
     writeln!(md)?;
+    writeln!(
+        md,
+        "Beside the peer, from a directory (`cora convert dir:` and `nydus-image create`, child \
+         processes, same tree, back to back):\n\n\
+         | tree | tool | wall s | CPU s | peak RSS | wrote | wall / Nydus's |\n|---|---|---:|---:|---:|---:|---:|"
+    )?;
+    for (label, peers) in [("Debian base", &v["peers"]), ("large layer", &v["large"])] {
+        let tree = if label == "large layer" {
+            format!("{label} ({})", mb(f(&peers["tree_bytes"])))
+        } else {
+            label.to_string()
+        };
+        for who in ["cora", "nydus"] {
+            let r = &peers[who];
+            if r.is_null() {
+                continue;
+            }
+            writeln!(
+                md,
+                "| {tree} | {who} | {:.2} | {:.2} | {} | {} | {:.2}x |",
+                f(&r["wall_secs"]),
+                f(&r["cpu_secs"]),
+                mb(f(&r["peak_rss_bytes"])),
+                mb(f(&r["output_bytes"])),
+                f(&r["wall_secs"]) / f(&peers["nydus"]["wall_secs"])
+            )?;
+        }
+        if let Some(why) = peers["nydus_unavailable"].as_str() {
+            writeln!(md, "| {tree} | nydus | not run: {why} | | | | |")?;
+        }
+    }
+    writeln!(md)?;
     Ok(())
 }
 

@@ -503,22 +503,31 @@ fn convert_one(
     platform: &str,
 ) -> Result<convert::ImageReport> {
     let n = image.manifest.layers.len();
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(|| indicatif::ProgressBar::new(0).with_style(progress_style()));
-    let progress = |i: usize, step: convert::Step<'_>| match (&bar, step) {
-        (Some(bar), convert::Step::Phase(msg)) => {
-            bar.set_prefix(format!("{platform}layer {}/{n}", i + 1));
-            bar.set_message(msg.to_string());
+    // On a terminal one bar per layer, left in place with its digest when the layer is done;
+    // otherwise one line per stage.
+    let bars = std::io::stderr().is_terminal().then(|| {
+        (
+            indicatif::MultiProgress::new(),
+            std::cell::RefCell::new(Vec::new()),
+        )
+    });
+    let bar = |i: usize| {
+        let (multi, list) = bars.as_ref()?;
+        let mut list = list.borrow_mut();
+        while list.len() <= i {
+            let b = multi.add(indicatif::ProgressBar::new(0).with_style(progress_style()));
+            b.set_prefix(format!("{platform}layer {}/{n}", list.len() + 1));
+            list.push(b);
         }
+        Some(list[i].clone())
+    };
+    let progress = |i: usize, step: convert::Step<'_>| match (bar(i), step) {
+        (Some(bar), convert::Step::Phase(msg)) => bar.set_message(msg.to_string()),
         (Some(bar), convert::Step::Chunked { done, total }) => {
             bar.set_length(total);
             bar.set_position(done);
         }
-        (Some(bar), convert::Step::Done(digest)) => {
-            bar.println(format!("{platform}layer {}/{n}: {digest}", i + 1));
-            bar.reset();
-        }
+        (Some(bar), convert::Step::Done(digest)) => bar.finish_with_message(digest.to_string()),
         (None, convert::Step::Phase(msg)) => eprintln!("{platform}layer {}/{n}: {msg}", i + 1),
         (None, convert::Step::Done(digest)) => {
             eprintln!("{platform}layer {}/{n}: done {digest}", i + 1)
@@ -526,9 +535,6 @@ fn convert_one(
         (None, convert::Step::Chunked { .. }) => {}
     };
     let report = convert::convert_image(image, dst_root, opts, scratch, &progress)?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
     Ok(report)
 }
 
