@@ -94,7 +94,8 @@ impl<R: std::io::Read> std::io::Read for Counted<'_, R> {
 }
 
 /// Convert layer tars (bottom first) into blobs written under `out_dir`, using `work` for
-/// scratch (ext4 stacks only: erofs images are built in memory). Blobs appear under their final name only when complete.
+/// scratch (ext4 stacks only: erofs images are built in memory). Blobs appear under their
+/// final name only when complete.
 pub fn convert_layers(
     tars: &[PathBuf],
     opts: &Options,
@@ -102,12 +103,87 @@ pub fn convert_layers(
     out_dir: &Path,
     progress: Progress<'_>,
 ) -> Result<Vec<LayerBlob>, Error> {
+    let given = |i: usize| {
+        Ok(LayerTar {
+            path: tars[i].clone(),
+            scratch: false,
+        })
+    };
+    convert_layers_from(tars.len(), &given, opts, work, out_dir, progress)
+}
+
+/// A layer's tar for [`convert_layers_from`]; a scratch one is removed once its layer is done.
+pub struct LayerTar {
+    pub path: PathBuf,
+    pub scratch: bool,
+}
+
+/// [`convert_layers`] of `n` layers whose tars `make_tar(i)` makes (decompressing a source
+/// layer, say), the next one while the current layer converts. An erofs stack needs only the
+/// tree of its lower layers, not their tars, so scratch space stays about two layers deep.
+pub fn convert_layers_from(
+    n: usize,
+    make_tar: &(dyn Fn(usize) -> Result<LayerTar, Error> + Sync),
+    opts: &Options,
+    work: &Path,
+    out_dir: &Path,
+    progress: Progress<'_>,
+) -> Result<Vec<LayerBlob>, Error> {
     opts.params.validate()?;
     let mut tree = Tree::new();
+    // Only ext4 stacks read lower layers' tars again (an open file outlives its removal).
     let mut open_tars = Vec::new();
     let mut contents: Vec<FileContent> = Vec::new();
     let mut out: Vec<LayerBlob> = Vec::new();
-    for (i, tar_path) in tars.iter().enumerate() {
+    std::thread::scope(|scope| -> Result<(), Error> {
+        let mut next = (n > 0).then(|| scope.spawn(move || make_tar(0)));
+        for i in 0..n {
+            let Some(making) = next.take() else { break };
+            if !making.is_finished() {
+                progress(i, Step::Phase("decompressing source layer"));
+            }
+            let tar = making
+                .join()
+                .unwrap_or_else(|_| Err(Error::Convert("making a layer tar panicked".into())))?;
+            next = (i + 1 < n).then(|| scope.spawn(move || make_tar(i + 1)));
+            let blob = convert_layer(
+                i,
+                &tar.path,
+                &mut tree,
+                &mut open_tars,
+                &mut contents,
+                &out,
+                opts,
+                work,
+                out_dir,
+                progress,
+            )?;
+            if tar.scratch {
+                std::fs::remove_file(&tar.path)
+                    .ctx(|| format!("removing {}", tar.path.display()))?;
+            }
+            out.push(blob);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Layer `i` of a stack whose lower layers are `lowers` (and already in `tree`).
+#[allow(clippy::too_many_arguments)]
+fn convert_layer(
+    i: usize,
+    tar_path: &Path,
+    tree: &mut Tree,
+    open_tars: &mut Vec<File>,
+    contents: &mut Vec<FileContent>,
+    lowers: &[LayerBlob],
+    opts: &Options,
+    work: &Path,
+    out_dir: &Path,
+    progress: Progress<'_>,
+) -> Result<LayerBlob, Error> {
+    {
         let layer = i as u32;
         let tmp = tempfile::Builder::new()
             .prefix(".cora-blob-")
@@ -118,16 +194,18 @@ pub fn convert_layers(
         // Chunking (compression on every core) and building the stack image (reading the
         // tar's headers, then metadata in memory) read the same tar independently: overlap them.
         progress(i, Step::Phase("chunking and building the filesystem image"));
-        open_tars.push(File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?);
+        if opts.fs == FsType::Ext4 {
+            open_tars.push(File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?);
+        }
         let (chunked, imaged) = std::thread::scope(|scope| {
             let imaging = scope.spawn(|| -> Result<_, Error> {
                 let t1 = Instant::now();
                 let added = tree.apply_layer(tar_path, layer)?;
                 let described = match opts.fs {
-                    FsType::Erofs => erofs::build(&tree)?,
+                    FsType::Erofs => erofs::build(tree)?,
                     FsType::Ext4 => {
                         contents.extend(added.iter().cloned());
-                        ext4_image(&tree, &open_tars, &contents, work, i)?
+                        ext4_image(tree, open_tars, contents, work, i)?
                     }
                 };
                 Ok((described, t1.elapsed().as_secs_f64(), added))
@@ -176,7 +254,7 @@ pub fn convert_layers(
             image_size,
             meta_size: meta.stream_size,
             diff_id: data.stream_digest,
-            lowers: out
+            lowers: lowers
                 .iter()
                 .map(|l| Lower {
                     blob_digest: l.digest,
@@ -197,7 +275,7 @@ pub fn convert_layers(
             source: e.error,
         })?;
         progress(i, Step::Done(&oci_digest(&digest)));
-        out.push(LayerBlob {
+        Ok(LayerBlob {
             path,
             digest,
             size,
@@ -213,9 +291,8 @@ pub fn convert_layers(
                 image_secs,
             },
             files,
-        });
+        })
     }
-    Ok(out)
 }
 
 /// An ext4 stack image: mke2fs needs a directory, so the tree is written out under `work`,
@@ -375,7 +452,7 @@ pub fn convert_image(
     let t0 = Instant::now();
     let blob_dir = dst_root.join("blobs/sha256");
     std::fs::create_dir_all(&blob_dir).ctx(|| format!("creating {}", blob_dir.display()))?;
-    let mut tars = Vec::new();
+    let mut compressions = Vec::new();
     for (i, l) in src.manifest.layers.iter().enumerate() {
         if l.media_type.contains("nondistributable") || l.media_type.contains("foreign") {
             return Err(Error::Convert(format!(
@@ -384,22 +461,30 @@ pub fn convert_image(
                 l.digest, l.media_type
             )));
         }
-        let compression = oci::layer_compression(&l.media_type)
-            .map_err(|e| Error::Convert(format!("layer {i} ({}): {e}", l.digest)))?;
-        let blob = src.blob_path(&l.digest)?;
-        // An uncompressed layer is its own tar: read in place, not copied. Its diff_id is
-        // checked below against the digest the chunker takes of the stream anyway.
-        let tar = if compression == oci::Compression::None {
-            blob
-        } else {
-            progress(i, Step::Phase("decompressing source layer"));
-            let tar = work.join(format!("layer-{i}.tar"));
-            oci::decompress_layer(&blob, compression, &tar)?;
-            tar
-        };
-        tars.push(tar);
+        compressions.push(
+            oci::layer_compression(&l.media_type)
+                .map_err(|e| Error::Convert(format!("layer {i} ({}): {e}", l.digest)))?,
+        );
     }
-    let blobs = convert_layers(&tars, opts, work, &blob_dir, progress)?;
+    // An uncompressed layer is its own tar: read in place, not copied. Every layer's diff_id is
+    // checked below against the digest the chunker takes of the stream anyway.
+    let make_tar = |i: usize| -> Result<LayerTar, Error> {
+        let blob = src.blob_path(&src.manifest.layers[i].digest)?;
+        if compressions[i] == oci::Compression::None {
+            return Ok(LayerTar {
+                path: blob,
+                scratch: false,
+            });
+        }
+        let tar = work.join(format!("layer-{i}.tar"));
+        oci::decompress_layer(&blob, compressions[i], &tar)?;
+        Ok(LayerTar {
+            path: tar,
+            scratch: true,
+        })
+    };
+    let n = src.manifest.layers.len();
+    let blobs = convert_layers_from(n, &make_tar, opts, work, &blob_dir, progress)?;
     // Nothing names the blobs until every layer is what the config says it is.
     for (i, (l, blob)) in src.manifest.layers.iter().zip(&blobs).enumerate() {
         let diff_id = oci_digest(&blob.trailer.diff_id);
@@ -412,7 +497,7 @@ pub fn convert_image(
     }
     let mut layers = Vec::new();
     let mut descs = Vec::new();
-    for ((l, tar), blob) in src.manifest.layers.iter().zip(&tars).zip(blobs) {
+    for (l, blob) in src.manifest.layers.iter().zip(blobs) {
         let mut ann = BTreeMap::new();
         ann.insert(
             annotation::VERSION.into(),
@@ -446,12 +531,9 @@ pub fn convert_image(
         layers.push(LayerReport {
             source_digest: l.digest.clone(),
             source_size: l.size,
-            tar_size: std::fs::metadata(tar).ctx(|| "stat tar".into())?.len(),
+            tar_size: blob.trailer.stream_size,
             blob,
         });
-        if tar.starts_with(work) {
-            std::fs::remove_file(tar).ctx(|| "removing tar".into())?;
-        }
     }
     let config_digest = oci::put_blob(dst_root, &src.config_bytes)?;
     let mut mann = BTreeMap::new();

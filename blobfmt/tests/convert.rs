@@ -454,3 +454,48 @@ fn a_layer_that_is_not_its_diff_id_is_refused() {
         );
     }
 }
+
+/// Layers made one at a time (gzip ones decompressed while the layer below converts) give the
+/// same blobs as layers read in place, and no scratch tar outlives its layer.
+#[test]
+fn decompressed_and_in_place_layers_give_the_same_blobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut trees = Vec::new();
+    for (i, name) in ["base", "middle", "top"].iter().enumerate() {
+        let t = tmp.path().join(name);
+        fs::create_dir_all(t.join("data")).unwrap();
+        fs::write(
+            t.join(format!("data/{name}")),
+            pseudo_random(200_000 + i, i as u64),
+        )
+        .unwrap();
+        trees.push(t);
+    }
+    let dirs: Vec<&Path> = trees.iter().map(|t| t.as_path()).collect();
+    let mut digests = Vec::new();
+    for gzip in [false, true] {
+        let layout = tmp.path().join(format!("src-{gzip}"));
+        blobfmt::dirsrc::layout_from_dirs(&dirs, &layout, "v1", gzip).unwrap();
+        let img = blobfmt::oci::open_layout(&layout, Some("v1")).unwrap();
+        let work = tmp.path().join(format!("work-{gzip}"));
+        fs::create_dir_all(&work).unwrap();
+        let out = tmp.path().join(format!("out-{gzip}"));
+        let report =
+            blobfmt::convert::convert_image(&img, &out, &Options::default(), &work, &|_, _| {})
+                .unwrap();
+        assert_eq!(
+            fs::read_dir(&work).unwrap().count(),
+            0,
+            "scratch left in {work:?}"
+        );
+        digests.push(
+            report
+                .layers
+                .iter()
+                .map(|l| l.blob.digest)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(digests[0].len(), 3);
+    assert_eq!(digests[0], digests[1]);
+}
