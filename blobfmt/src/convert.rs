@@ -183,116 +183,114 @@ fn convert_layer(
     out_dir: &Path,
     progress: Progress<'_>,
 ) -> Result<LayerBlob, Error> {
-    {
-        let layer = i as u32;
-        let tmp = tempfile::Builder::new()
-            .prefix(".cora-blob-")
-            .tempfile_in(out_dir)
-            .ctx(|| format!("creating a temporary blob in {}", out_dir.display()))?;
-        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.as_file()));
+    let layer = i as u32;
+    let tmp = tempfile::Builder::new()
+        .prefix(".cora-blob-")
+        .tempfile_in(out_dir)
+        .ctx(|| format!("creating a temporary blob in {}", out_dir.display()))?;
+    let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.as_file()));
 
-        // Chunking (compression on every core) and building the stack image (reading the
-        // tar's headers, then metadata in memory) read the same tar independently: overlap them.
-        progress(i, Step::Phase("chunking and building the filesystem image"));
-        if opts.fs == FsType::Ext4 {
-            open_tars.push(File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?);
-        }
-        let (chunked, imaged) = std::thread::scope(|scope| {
-            let imaging = scope.spawn(|| -> Result<_, Error> {
-                let t1 = Instant::now();
-                let added = tree.apply_layer(tar_path, layer)?;
-                let described = match opts.fs {
-                    FsType::Erofs => erofs::build(tree)?,
-                    FsType::Ext4 => {
-                        contents.extend(added.iter().cloned());
-                        ext4_image(tree, open_tars, contents, work, i)?
-                    }
-                };
-                Ok((described, t1.elapsed().as_secs_f64(), added))
-            });
-            let t0 = Instant::now();
-            let chunked = File::open(tar_path)
-                .and_then(|tar| Ok((tar.metadata()?.len(), tar)))
-                .ctx(|| format!("opening {}", tar_path.display()))
-                .and_then(|(total, tar)| {
-                    let counted = Counted {
-                        inner: tar,
-                        layer: i,
-                        done: 0,
-                        total,
-                        reported: 0,
-                        progress,
-                    };
-                    write_chunked(counted, &mut w, 0, &opts.params, false)
-                })
-                .map(|d| (d, t0.elapsed().as_secs_f64()));
-            let imaged = imaging
-                .join()
-                .unwrap_or_else(|_| Err(Error::Convert("image builder thread panicked".into())));
-            (chunked, imaged)
-        });
-        let (data, chunk_secs) = chunked?;
-        let (described, image_secs, files) = imaged?;
-        let image_size = described.image_size;
-
-        let meta = write_chunked(
-            described.meta.as_slice(),
-            &mut w,
-            data.written,
-            &opts.params,
-            true,
-        )?;
-        let trailer = Trailer {
-            flags: 0,
-            block_size: BLOCK_SIZE,
-            fs_type: opts.fs,
-            chunk_min: opts.params.min,
-            chunk_avg: opts.params.avg,
-            chunk_max: opts.params.max,
-            stream_size: data.stream_size,
-            data_size: data.written,
-            image_size,
-            meta_size: meta.stream_size,
-            diff_id: data.stream_digest,
-            lowers: lowers
-                .iter()
-                .map(|l| Lower {
-                    blob_digest: l.digest,
-                    diff_id: l.trailer.diff_id,
-                })
-                .collect(),
-            chunks: data.chunks,
-            meta_chunks: meta.chunks,
-            extents: described.extents,
-        };
-        let trailer_offset = data.written + meta.written;
-        let footer = write_trailer(&mut w, trailer_offset, &trailer, opts.params.zstd_level)?;
-        w.flush().ctx(|| "writing blob".into())?;
-        let (_, digest, size) = w.finish();
-        let path = out_dir.join(hex::encode(digest));
-        tmp.persist(&path).map_err(|e| Error::IoAt {
-            context: format!("renaming blob to {}", path.display()),
-            source: e.error,
-        })?;
-        progress(i, Step::Done(&oci_digest(&digest)));
-        Ok(LayerBlob {
-            path,
-            digest,
-            size,
-            trailer_offset,
-            trailer_length: footer.trailer_length,
-            trailer_digest: footer.trailer_digest,
-            trailer,
-            stats: LayerStats {
-                data_blocks: described.data_blocks,
-                meta_blocks: described.meta_blocks,
-                zero_blocks: described.zero_blocks,
-                chunk_secs,
-                image_secs,
-            },
-            files,
-        })
+    // Chunking (compression on every core) and building the stack image (reading the
+    // tar's headers, then metadata in memory) read the same tar independently: overlap them.
+    progress(i, Step::Phase("chunking and building the filesystem image"));
+    if opts.fs == FsType::Ext4 {
+        open_tars.push(File::open(tar_path).ctx(|| format!("opening {}", tar_path.display()))?);
     }
+    let (chunked, imaged) = std::thread::scope(|scope| {
+        let imaging = scope.spawn(|| -> Result<_, Error> {
+            let t1 = Instant::now();
+            let added = tree.apply_layer(tar_path, layer)?;
+            let described = match opts.fs {
+                FsType::Erofs => erofs::build(tree)?,
+                FsType::Ext4 => {
+                    contents.extend(added.iter().cloned());
+                    ext4_image(tree, open_tars, contents, work, i)?
+                }
+            };
+            Ok((described, t1.elapsed().as_secs_f64(), added))
+        });
+        let t0 = Instant::now();
+        let chunked = File::open(tar_path)
+            .and_then(|tar| Ok((tar.metadata()?.len(), tar)))
+            .ctx(|| format!("opening {}", tar_path.display()))
+            .and_then(|(total, tar)| {
+                let counted = Counted {
+                    inner: tar,
+                    layer: i,
+                    done: 0,
+                    total,
+                    reported: 0,
+                    progress,
+                };
+                write_chunked(counted, &mut w, 0, &opts.params, false)
+            })
+            .map(|d| (d, t0.elapsed().as_secs_f64()));
+        let imaged = imaging
+            .join()
+            .unwrap_or_else(|_| Err(Error::Convert("image builder thread panicked".into())));
+        (chunked, imaged)
+    });
+    let (data, chunk_secs) = chunked?;
+    let (described, image_secs, files) = imaged?;
+    let image_size = described.image_size;
+
+    let meta = write_chunked(
+        described.meta.as_slice(),
+        &mut w,
+        data.written,
+        &opts.params,
+        true,
+    )?;
+    let trailer = Trailer {
+        flags: 0,
+        block_size: BLOCK_SIZE,
+        fs_type: opts.fs,
+        chunk_min: opts.params.min,
+        chunk_avg: opts.params.avg,
+        chunk_max: opts.params.max,
+        stream_size: data.stream_size,
+        data_size: data.written,
+        image_size,
+        meta_size: meta.stream_size,
+        diff_id: data.stream_digest,
+        lowers: lowers
+            .iter()
+            .map(|l| Lower {
+                blob_digest: l.digest,
+                diff_id: l.trailer.diff_id,
+            })
+            .collect(),
+        chunks: data.chunks,
+        meta_chunks: meta.chunks,
+        extents: described.extents,
+    };
+    let trailer_offset = data.written + meta.written;
+    let footer = write_trailer(&mut w, trailer_offset, &trailer, opts.params.zstd_level)?;
+    w.flush().ctx(|| "writing blob".into())?;
+    let (_, digest, size) = w.finish();
+    let path = out_dir.join(hex::encode(digest));
+    tmp.persist(&path).map_err(|e| Error::IoAt {
+        context: format!("renaming blob to {}", path.display()),
+        source: e.error,
+    })?;
+    progress(i, Step::Done(&oci_digest(&digest)));
+    Ok(LayerBlob {
+        path,
+        digest,
+        size,
+        trailer_offset,
+        trailer_length: footer.trailer_length,
+        trailer_digest: footer.trailer_digest,
+        trailer,
+        stats: LayerStats {
+            data_blocks: described.data_blocks,
+            meta_blocks: described.meta_blocks,
+            zero_blocks: described.zero_blocks,
+            chunk_secs,
+            image_secs,
+        },
+        files,
+    })
 }
 
 /// An ext4 stack image: mke2fs needs a directory, so the tree is written out under `work`,

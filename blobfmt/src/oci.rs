@@ -294,17 +294,11 @@ pub fn select_platform(all: &[Descriptor]) -> Result<&Descriptor, Error> {
 
 /// Write `bytes` as a blob of the layout (temporary name, then rename).
 pub fn put_blob(root: &Path, bytes: &[u8]) -> Result<String, Error> {
-    let digest = oci_digest(&sha256(bytes));
     let dir = root.join("blobs/sha256");
     fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(&dir).ctx(|| "temporary blob".into())?;
     tmp.write_all(bytes).ctx(|| "writing blob".into())?;
-    tmp.persist(blob_path(root, &digest)?)
-        .map_err(|e| Error::IoAt {
-            context: "renaming blob".into(),
-            source: e.error,
-        })?;
-    Ok(digest)
+    persist_blob(root, tmp, &sha256(bytes))
 }
 
 /// Move a finished blob file (written in the layout's blob directory) to its name, `digest`
