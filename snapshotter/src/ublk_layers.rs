@@ -232,9 +232,9 @@ impl UblkLayers {
     }
 
     /// The live device and mount a state file describes, made whole again where possible
-    /// (remount if only the mount is gone, recover if only a ublk server died). `None` when
-    /// the device is gone (a FUSE device whose server died is: it cannot be recovered); stale
-    /// leftovers are cleared then.
+    /// (remount if only the mount is gone, recover if only a ublk server died; a FUSE device's
+    /// keeper recovers its server by itself). `None` when the device is gone (a FUSE device
+    /// whose server and keeper both died is); stale leftovers are cleared then.
     fn reuse(
         &self,
         p: &StackPaths,
@@ -269,8 +269,9 @@ impl UblkLayers {
             let _ = std::fs::remove_file(&p.state);
             return Ok(None);
         };
-        if fuse && dev.state != DeviceState::Live {
-            info!(stack = %st.stack_key, id = st.device_id, state = %dev.state, "the FUSE server of the recorded stack died; attaching anew");
+        // A QUIESCED FUSE device is between servers: its keeper is starting the next one.
+        if fuse && !matches!(dev.state, DeviceState::Live | DeviceState::Quiesced) {
+            info!(stack = %st.stack_key, id = st.device_id, state = %dev.state, "the FUSE server of the recorded stack and its keeper died; attaching anew");
             self.drop_fuse_mount(st);
             // `del` of a dead FUSE device clears what its server left (the broken mount, its
             // record).
@@ -285,7 +286,8 @@ impl UblkLayers {
             let _ = std::fs::remove_file(&p.state);
             return Ok(None);
         }
-        if dev.state == DeviceState::Quiesced
+        if !fuse
+            && dev.state == DeviceState::Quiesced
             && let Err(e) = self.recover(driver, p, st)
         {
             warn!(id = st.device_id, "recover failed: {e}");
@@ -1562,6 +1564,7 @@ mod tests {
             id,
             state: state.to_owned().into(),
             pid: 1,
+            keeper_pid: None,
             transport: transport.as_str().into(),
             path: format!("/dev/ublkb{id}").into(),
             size: 0,
@@ -1722,7 +1725,7 @@ mod tests {
     }
 
     #[test]
-    fn reuse_keeps_a_live_fuse_device_and_clears_a_dead_one() {
+    fn reuse_keeps_a_live_or_recovering_fuse_device_and_clears_a_dead_one() {
         let dir = tempfile::tempdir().unwrap();
         let (fake, b, fuse_dir) = with_fake_driver(dir.path());
         let p = b.paths("ns/4/L");
@@ -1736,8 +1739,17 @@ mod tests {
         let list = format!("list --json --fuse-dir {}", fuse_dir.display());
         assert_eq!(fake.take_calls(), std::slice::from_ref(&list));
 
-        // Its server died: never recovered; `del` clears its leftovers and the stack is
-        // attached anew.
+        // Its server died and its keeper is starting the next one: kept as it is, no driver
+        // command but the list.
+        fake.lists(&[device(id, Transport::Fuse, "QUIESCED", D)]);
+        assert_eq!(
+            b.reuse(&p, &st, "erofs").unwrap(),
+            Some(PathBuf::from("/proc"))
+        );
+        assert_eq!(fake.take_calls(), std::slice::from_ref(&list));
+
+        // Its server and keeper died: `del` clears its leftovers and the stack is attached
+        // anew.
         let unmounted = StackState {
             mountpoint: dir.path().join("not-mounted"),
             ..st

@@ -448,32 +448,65 @@ fn cora_image_is_served_through_fuse_and_leaves_nothing_behind() -> Result<()> {
     let (out, id2) = env.run(&image, "fuse-again", &["/bin/sh", "-c", script])?;
     assert_eq!(out, format!("through FUSE: {first}\n"));
 
-    // A FUSE server that died cannot be recovered: the next start of the snapshotter clears
-    // the dead device and its broken mount and serves the stack from a new device.
+    // A FUSE server that dies is replaced by the device's keeper, under the running
+    // snapshotter and with nobody's help: the same device (same mount, same connection)
+    // serves on, and a container reading a file not read before gets the right bytes.
+    let keeper = dev.keeper_pid.context("the FUSE device has no keeper")?;
+    let big = "usr/lib/x86_64-linux-gnu/libcrypto.so.3";
+    let want = run(Command::new("sha256sum").arg(tree.join(big)))?;
+    let want = want
+        .split_whitespace()
+        .next()
+        .context("sha256sum printed nothing")?;
+    let killed = Instant::now();
     signal(dev.pid as u32, libc::SIGKILL);
-    wait_for("the killed server to go", Duration::from_secs(10), || {
-        !Path::new(&format!("/proc/{}", dev.pid)).exists()
-    })?;
+    let (out, id3) = env.run(&image, "fuse-healed", &["sha256sum", &format!("/{big}")])?;
+    let healed_read = killed.elapsed();
+    assert_eq!(out.split_whitespace().next(), Some(want), "{out}");
+    let now = env.devices()?;
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(
+        (now[0].id, &now[0].state, now[0].keeper_pid),
+        (dev.id, &DeviceState::Live, Some(keeper)),
+        "{now:?}"
+    );
+    assert_ne!(now[0].pid, dev.pid, "the killed server still listed");
+    assert_eq!(mounts_under(&env.snap.root.join("remote")), stack_mount);
+    println!(
+        "fuse: device server killed; a new container read {big} right {healed_read:?} after the kill"
+    );
+
+    // Server and keeper both killed: nothing holds the connection, the mount is broken. The
+    // next start of the snapshotter clears the dead device and its mount and serves the
+    // stack from a new device.
+    signal(now[0].pid as u32, libc::SIGKILL);
+    signal(keeper as u32, libc::SIGKILL);
+    wait_for(
+        "the killed processes to go",
+        Duration::from_secs(10),
+        || {
+            [now[0].pid, keeper]
+                .iter()
+                .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+        },
+    )?;
     let offset = env.restart_snapshotter()?;
     let log = env.log();
     assert!(
-        log[offset..].contains("FUSE server of the recorded stack died"),
+        log[offset..].contains("FUSE server of the recorded stack and its keeper died"),
         "{}",
         &log[offset..]
     );
     let again = env.devices()?;
     assert_eq!(again.len(), 1, "{again:?}");
-    assert!(
-        again[0].id != dev.id || again[0].pid != dev.pid,
-        "{again:?} vs {dev:?}"
-    );
     assert_eq!(again[0].state, DeviceState::Live, "{again:?}");
-    let (out, id3) = env.run(&image, "fuse-new", &["/bin/sh", "-c", script])?;
+    assert!(again[0].pid != now[0].pid, "{again:?} vs {now:?}");
+    let (out, id4) = env.run(&image, "fuse-new", &["/bin/sh", "-c", script])?;
     assert_eq!(out, format!("through FUSE: {first}\n"));
 
     // The containers go, then the image: the stack is detached (unmounted, device deleted,
     // its server gone).
-    for id in [&id, &id2, &id3] {
+    for id in [&id, &id2, &id3, &id4] {
         env.ctrd.ctr(&["containers", "rm", id])?;
     }
     env.remove_images()?;

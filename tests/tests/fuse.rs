@@ -1,7 +1,8 @@
 //! CORA natively on a host without ublk: `cora-driver add --transport fuse` serves a CORA
 //! image from docker-registry as one file on a FUSE mount, erofs mounts that file, and the
 //! tree reads back equal to the one converted; a second read after dropping the page cache is
-//! served from the chunk cache; `del` leaves no mount, no FUSE connection and no process.
+//! served from the chunk cache; `del` leaves no mount, no FUSE connection and no process; a
+//! server killed under a reader is replaced by its keeper and the read finishes right.
 
 use anyhow::{Context, Result, bail};
 use cora_api::driver::{DeviceInfo, DriverStats, Ready};
@@ -87,9 +88,15 @@ fn push_cora(tmp: &Path, host: &str, tree: &Path) -> Result<String> {
 /// `cora-driver add --transport fuse --daemon` of `image` reached at `host`, everything it
 /// keeps (cache, FUSE dir, stats, log) under `tmp`.
 fn add_fuse(tmp: &Path, image: &str, host: &str) -> Result<Ready> {
+    add_fuse_with(tmp, image, host, &[])
+}
+
+/// [`add_fuse`] with more arguments.
+fn add_fuse_with(tmp: &Path, image: &str, host: &str, more: &[&str]) -> Result<Ready> {
     let out = run(Command::new(cora_bin("cora-driver"))
         .args(["add", "--transport", "fuse", "--ready-json", "--daemon"])
         .args(["--image", image, "--insecure", host])
+        .args(more)
         .arg("--cache")
         .arg(tmp.join("cache"))
         .arg("--fuse-dir")
@@ -201,12 +208,17 @@ fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
         warm.hits - cold.hits
     );
 
+    let keeper = dev.keeper_pid.context("a FUSE device without a keeper")?;
+    assert!(running(keeper), "the keeper (pid {keeper}) is not running");
     del_fuse(tmp.path(), ready.id)?;
     assert!(
         !running(ready.pid),
         "the server (pid {}) outlived del",
         ready.pid
     );
+    // The keeper ends with the connection, which ended with the unmount.
+    cora_tests::wait_until(Duration::from_secs(10), || Ok(!running(keeper)))
+        .context("the keeper outlived the device")?;
     let fuse_mnt = ready.path.parent().context("image file has no parent")?;
     assert!(!mounted(fuse_mnt)?, "{} still mounted", fuse_mnt.display());
     assert!(!fuse_mnt.exists(), "{} left behind", fuse_mnt.display());
@@ -348,5 +360,100 @@ fn a_server_whose_starter_died_before_ready_removes_its_device() -> Result<()> {
     );
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     assert!(!info.contains(&needle), "a mount is left under {needle}");
+    Ok(())
+}
+
+/// The kernel's id of the FUSE connection mounted at `mnt` (its directory under
+/// `/sys/fs/fuse/connections/`).
+fn fuse_connection(mnt: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mnt)?.dev();
+    Ok((u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev)))
+}
+
+/// The devices `cora-driver list` shows under `fuse_dir`.
+fn list_fuse(fuse_dir: &Path) -> Result<Vec<DeviceInfo>> {
+    let out = run(Command::new(cora_bin("cora-driver"))
+        .args(["list", "--json", "--fuse-dir"])
+        .arg(fuse_dir))?;
+    Ok(DeviceInfo::parse_list(&out)?)
+}
+
+/// `kill -9` of a FUSE server while a reader waits on it: the device's keeper holds the
+/// connection, so the mount stays and the read waits; the keeper starts a new server, which
+/// has the kernel resend the request the dead one held, and the reader gets the right bytes,
+/// no error. Then the device is deleted like any other: nothing is left.
+#[test]
+fn a_killed_fuse_server_is_replaced_and_the_read_it_held_finishes() -> Result<()> {
+    let px = proxied_image("cora-fuse-kill-")?;
+    let (tmp, tree, image, proxy) = (&px.tmp, &px.tree, &px.image, &px.proxy);
+    // No background fill: only the reader fetches.
+    let ready = add_fuse_with(tmp.path(), image, &proxy.host, &["--fill", "off"])?;
+    let fuse_dir = tmp.path().join("fuse");
+    let fuse_mnt = ready.path.parent().context("image file has no parent")?;
+    let waiting = PathBuf::from(format!(
+        "/sys/fs/fuse/connections/{}/waiting",
+        fuse_connection(fuse_mnt)?
+    ));
+    let mnt = tmp.path().join("mnt");
+    let m = ErofsMount::new(&ready.path, &mnt)?;
+    let rel = "lib/x86_64-linux-gnu/libc.so.6";
+    let want = std::fs::read(tree.join(rel))?;
+    let keeper = list_fuse(&fuse_dir)?
+        .iter()
+        .find(|d| d.id == ready.id)
+        .and_then(|d| d.keeper_pid)
+        .context("no keeper listed")?;
+
+    // Fetches are held back, so the reader's request sits in the server when it dies.
+    proxy.inject("/blobs/", Fault::Delay(Duration::from_secs(2)), usize::MAX);
+    let path = mnt.join(rel);
+    let reader = std::thread::spawn(move || std::fs::read(path));
+    cora_tests::wait_until(Duration::from_secs(20), || {
+        Ok(proxy.count("/blobs/") > 0
+            && std::fs::read_to_string(&waiting)?.trim().parse::<u64>()? > 0)
+    })
+    .context("the read never reached the server")?;
+    assert!(!reader.is_finished(), "the read finished before the kill");
+    let killed = Instant::now();
+    // SAFETY: a plain kill of the server's pid.
+    assert_eq!(unsafe { libc::kill(ready.pid, libc::SIGKILL) }, 0);
+    proxy.clear();
+
+    let mut new_pid = None;
+    cora_tests::wait_until(Duration::from_secs(30), || {
+        new_pid = list_fuse(&fuse_dir)?
+            .into_iter()
+            .find(|d| d.id == ready.id && d.pid != ready.pid && d.state.as_str() == "LIVE")
+            .map(|d| d.pid);
+        Ok(new_pid.is_some())
+    })
+    .context("no new server")?;
+    let new_pid = new_pid.context("no new server")?;
+    cora_tests::wait_until(Duration::from_secs(60), || Ok(reader.is_finished()))
+        .context("the read held by the killed server never finished")?;
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader panicked"))?
+        .context("the read through the killed server")?;
+    let took = killed.elapsed();
+    assert!(got == want, "{rel} read back different bytes");
+    assert!(running(keeper), "the keeper changed or died");
+    // Another file, read after the recovery.
+    let rel2 = "bin/busybox";
+    assert!(std::fs::read(mnt.join(rel2))? == std::fs::read(tree.join(rel2))?);
+    let log = std::fs::read_to_string(tmp.path().join("driver.log"))?;
+    assert!(log.contains("the FUSE server died"), "{log}");
+    println!(
+        "fuse: server killed under a read; new server pid {new_pid}, the read finished with the right bytes {took:?} after the kill"
+    );
+
+    drop(m);
+    del_fuse(tmp.path(), ready.id)?;
+    assert!(!running(new_pid), "the new server outlived del");
+    cora_tests::wait_until(Duration::from_secs(10), || Ok(!running(keeper)))
+        .context("the keeper outlived the device")?;
+    assert!(!mounted(fuse_mnt)?, "{} still mounted", fuse_mnt.display());
+    assert!(list_fuse(&fuse_dir)?.is_empty());
     Ok(())
 }

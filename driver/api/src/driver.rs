@@ -529,6 +529,10 @@ pub struct DeviceInfo {
     pub state: DeviceState,
     /// The serving process (meaningless unless `state` is LIVE).
     pub pid: i32,
+    /// FUSE devices: the process that holds the connection and starts a new server when the
+    /// serving one dies (the device is QUIESCED meanwhile: reads wait).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keeper_pid: Option<i32>,
     /// [`TRANSPORT_UBLK`] or [`TRANSPORT_FUSE`].
     pub transport: String,
     /// What to mount: the block device node (`/dev/ublkbN`) or the FUSE image file.

@@ -8,13 +8,21 @@
 //! serves and removed when the server ends. `del` signals the server, which unmounts (or, while
 //! the file is still in use, detaches the mount, so serving ends with its last user).
 //!
-//! Unlike a ublk device, a FUSE mount cannot outlive its server: when the server dies, reads
-//! of the mounted file fail with ENOTCONN until a new device is started (no recovery).
-use std::io::Write;
+//! A FUSE mount lives while some process holds its connection (an open `/dev/fuse` file), so
+//! each device has two processes: the server, which parses registry bytes and answers
+//! requests, and its keeper (`cora-driver fuse-keeper`, started by the server), which holds a
+//! second descriptor of the connection and does nothing else. When the server dies, the mount
+//! stays and reads wait in the kernel (the device lists as QUIESCED); the keeper at once starts
+//! `cora-driver recover ID` with the connection, and the new server has the kernel resend the
+//! requests the dead one held (`FUSE_NOTIFY_RESEND`, Linux 6.9+) and serves on: readers see a
+//! delay, no error. The keeper ends with the connection (unmount). It is the ublk transport's
+//! `UBLK_F_USER_RECOVERY`, with the keeper in the kernel's place.
+use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cora_api::driver::{DeviceInfo, DeviceState, Ready, TRANSPORT_FUSE};
@@ -33,8 +41,9 @@ fn claim(dir: &Path) -> Result<(u32, PathBuf)> {
         match std::fs::create_dir(&mnt) {
             Ok(()) => return Ok((FUSE_ID_BASE + n, mnt)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                // A directory without a live server is left over from a crash: reclaim it.
-                if state_of(dir, FUSE_ID_BASE + n).is_none_or(|d| !pid_alive(d.pid)) {
+                // A directory without a live server or keeper is left over from a crash:
+                // reclaim it.
+                if state_of(dir, FUSE_ID_BASE + n).is_none_or(|d| state(&d) == DeviceState::Dead) {
                     let _ = nix_umount_detach(&mnt);
                     let _ = std::fs::remove_file(state_path(dir, FUSE_ID_BASE + n));
                     return Ok((FUSE_ID_BASE + n, mnt));
@@ -55,9 +64,26 @@ fn state_of(dir: &Path, id: u32) -> Option<DeviceInfo> {
     serde_json::from_slice(&text).ok()
 }
 
+/// Whether `pid` runs: exists and is no zombie (a killed server stays one until its reaper,
+/// often not us, gets to it).
 fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks existence.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    pid > 0
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+        })
+}
+
+/// LIVE while its server runs, QUIESCED while only its keeper does (a new server is on its
+/// way), DEAD when neither.
+fn state(d: &DeviceInfo) -> DeviceState {
+    if pid_alive(d.pid) {
+        DeviceState::Live
+    } else if d.keeper_pid.is_some_and(pid_alive) {
+        DeviceState::Quiesced
+    } else {
+        DeviceState::Dead
+    }
 }
 
 fn nix_umount_detach(p: &Path) -> std::io::Result<()> {
@@ -77,12 +103,19 @@ fn nix_umount_detach(p: &Path) -> std::io::Result<()> {
 pub fn serve(
     stop_set: libc::sigset_t,
     dir: &Path,
-    recipe: serde_json::Value,
-    image: Option<String>,
-    layer_digest: Option<String>,
+    recipe: &lazy::device::SourceRecipe,
     source: Arc<dyn cora_read::BlockSource>,
+    stats_file: Option<&Path>,
     ready: impl FnOnce(&Ready) -> Result<()>,
 ) -> Result<()> {
+    let (image, layer_digest) = match recipe {
+        lazy::device::SourceRecipe::Image {
+            image,
+            layer_digest,
+            ..
+        } => (Some(image.clone()), layer_digest.clone()),
+        lazy::device::SourceRecipe::File { .. } => (None, None),
+    };
     let (id, mnt) = claim(dir)?;
     let cleanup = |mnt: &Path| {
         let _ = std::fs::remove_file(state_path(dir, id));
@@ -97,10 +130,23 @@ pub fn serve(
         }
     };
     let pid = std::process::id() as i32;
+    let keeper = mount
+        .share_connection()
+        .context("sharing the FUSE connection")
+        .and_then(|conn| spawn_keeper(dir, id, pid, &conn, stats_file));
+    let keeper_pid = match keeper {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = mount.unmount();
+            cleanup(&mnt);
+            return Err(e);
+        }
+    };
     let info = DeviceInfo {
         id,
         state: DeviceState::Live,
         pid,
+        keeper_pid: Some(keeper_pid),
         transport: TRANSPORT_FUSE.into(),
         path: mount.image_path().to_owned(),
         size,
@@ -114,26 +160,351 @@ pub fn serve(
         target: Some("cora".into()),
         image,
         layer_digest,
-        recipe: Some(recipe),
+        recipe: Some(recipe.to_json()),
+    };
+    publish_and_serve(stop_set, dir, mount, &info, ready)
+}
+
+/// Records the device, reports it ready and serves until the mount goes. On failure before
+/// ready the mount is taken away.
+fn publish_and_serve(
+    stop_set: libc::sigset_t,
+    dir: &Path,
+    mut mount: cora_fuse::FuseMount,
+    info: &DeviceInfo,
+    ready: impl FnOnce(&Ready) -> Result<()>,
+) -> Result<()> {
+    let mnt = mount.mountpoint().to_owned();
+    let cleanup = || {
+        let _ = std::fs::remove_file(state_path(dir, info.id));
+        let _ = std::fs::remove_dir(&mnt);
     };
     let unmounter = mount.unmounter();
     stop_on_signal(stop_set, unmounter, mnt.clone())?;
-    let published = write_state(dir, &info).and_then(|()| {
+    let published = write_state(dir, info).and_then(|()| {
         ready(&Ready {
-            id,
+            id: info.id,
             path: info.path.clone(),
             transport: TRANSPORT_FUSE.into(),
-            pid,
+            pid: info.pid,
         })
     });
     if let Err(e) = published {
         let _ = mount.unmount();
-        cleanup(&mnt);
+        cleanup();
         return Err(e);
     }
     let served = mount.join().context("serving the FUSE file system");
-    cleanup(&mnt);
+    cleanup();
     served
+}
+
+/// Serves device `id` again after its server died, from the connection its keeper handed
+/// over (`connection`) and the source `open` builds from the recorded recipe.
+pub fn resume(
+    stop_set: libc::sigset_t,
+    dir: &Path,
+    id: u32,
+    connection: OwnedFd,
+    open: impl FnOnce(&serde_json::Value) -> Result<Arc<dyn cora_read::BlockSource>>,
+    ready: impl FnOnce(&Ready) -> Result<()>,
+) -> Result<()> {
+    let mut info = state_of(dir, id)
+        .with_context(|| format!("no FUSE device {id} under {}", dir.display()))?;
+    if pid_alive(info.pid) {
+        bail!("FUSE device {id} is served by pid {}", info.pid);
+    }
+    let recipe = info
+        .recipe
+        .clone()
+        .context("the device's record has no recipe")?;
+    let source = open(&recipe)?;
+    // The mount point as the first server canonicalized it.
+    let mnt = info
+        .path
+        .parent()
+        .context("the device's record has no mount point")?
+        .to_owned();
+    let mount = cora_fuse::resume(source, connection, &mnt, &cora_fuse::FuseOptions::default())
+        .context("serving the FUSE connection again")?;
+    info.pid = std::process::id() as i32;
+    info.state = DeviceState::Live;
+    tracing::info!(id, "serving the FUSE device again");
+    publish_and_serve(stop_set, dir, mount, &info, ready)
+}
+
+/// The descriptor number a keeper holds the connection at, and hands it to servers at.
+pub const CONNECTION_FD: i32 = 3;
+
+/// Runs `cmd` with `conn` as its descriptor [`CONNECTION_FD`].
+fn pass_connection(cmd: &mut std::process::Command, conn: &OwnedFd) {
+    let fd = conn.as_raw_fd();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == CONNECTION_FD {
+                // dup2 onto itself would keep close-on-exec set.
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, CONNECTION_FD)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Starts the keeper of device `id` (served by `server`) with a descriptor of its connection.
+fn spawn_keeper(
+    dir: &Path,
+    id: u32,
+    server: i32,
+    conn: &OwnedFd,
+    stats_file: Option<&Path>,
+) -> Result<i32> {
+    let exe = std::env::current_exe().context("finding cora-driver")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("fuse-keeper")
+        .arg(id.to_string())
+        .arg("--server-pid")
+        .arg(server.to_string())
+        .arg("--fuse-dir")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    if let Some(f) = stats_file {
+        cmd.arg("--stats-file").arg(f);
+    }
+    pass_connection(&mut cmd, conn);
+    // Its own session: signals for the server's process group (a terminal's ^C) are not
+    // meant for it.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting the FUSE keeper")?;
+    Ok(child.id() as i32)
+}
+
+/// A process watched through its pidfd.
+struct Watched {
+    pid: i32,
+    fd: OwnedFd,
+    /// Started by us: reaped when it ends.
+    child: bool,
+    since: Instant,
+}
+
+impl Watched {
+    fn open(pid: i32, child: bool) -> std::io::Result<Watched> {
+        // SAFETY: pidfd_open has no memory arguments; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Watched {
+            pid,
+            // SAFETY: a fresh descriptor we own.
+            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            child,
+            since: Instant::now(),
+        })
+    }
+}
+
+/// A server that dies this soon after it started counts as a failed start.
+const SHORT_LIVED: Duration = Duration::from_secs(10);
+/// Failed starts in a row after which the keeper gives up: the mount goes and its readers get
+/// errors instead of waiting for good.
+const MAX_FAILED_STARTS: u32 = 8;
+
+/// The keeper of device `id`: holds the connection at [`CONNECTION_FD`] and starts a new
+/// server whenever the current one dies while the mount is still there. Ends with the
+/// connection. SIGTERM/SIGINT: passed on to a live server (which unmounts); with none, the
+/// keeper takes the mount away itself.
+pub fn keep(dir: &Path, id: u32, server_pid: i32, stats_file: Option<&Path>) -> Result<()> {
+    // SAFETY: the descriptor the server handed us (pass_connection); owned from here on.
+    let conn = unsafe { OwnedFd::from_raw_fd(CONNECTION_FD) };
+    let mut st = unsafe { std::mem::zeroed::<libc::stat>() };
+    // SAFETY: fstat writes into `st`.
+    let is_fuse = unsafe { libc::fstat(conn.as_raw_fd(), &mut st) } == 0
+        && st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        && st.st_rdev == libc::makedev(10, 229);
+    if !is_fuse {
+        bail!("descriptor {CONNECTION_FD} is not a /dev/fuse connection");
+    }
+    let signals = signal_fd()?;
+    // Gone already (it died before we looked): recover at once.
+    let mut server = Watched::open(server_pid, false).ok();
+    let mut failed = 0u32;
+    loop {
+        // Between servers (a start failed), wait before the next try: less and less often
+        // for a server that cannot start (the registry is down, say).
+        let timeout = match (&server, failed) {
+            (Some(_), _) => -1,
+            (None, 0) => 0,
+            (None, n) => 100 << n.min(6),
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: conn.as_raw_fd(),
+                // None asked: POLLERR comes anyway, once the connection is aborted.
+                events: 0,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: server.as_ref().map_or(-1, |s| s.fd.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: three valid pollfds (a negative fd is ignored).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("poll");
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            tracing::debug!(id, "the FUSE connection ended");
+            return Ok(());
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+            // SAFETY: reads one siginfo into a buffer of its size.
+            unsafe { libc::read(signals.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+            match &server {
+                Some(s) if pid_alive(s.pid) => {
+                    // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            s.fd.as_raw_fd(),
+                            libc::SIGTERM,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        )
+                    };
+                }
+                _ => {
+                    give_up(dir, id, "told to stop while no server runs");
+                    return Ok(());
+                }
+            }
+        }
+        // A pidfd is readable once its process has exited.
+        if server.is_some() && fds[2].revents & libc::POLLIN == 0 {
+            continue;
+        }
+        if let Some(s) = server.take() {
+            if s.child {
+                // SAFETY: reaps our own child; no memory arguments beyond the null status.
+                unsafe { libc::waitpid(s.pid, std::ptr::null_mut(), libc::WNOHANG) };
+            }
+            if s.child && s.since.elapsed() < SHORT_LIVED {
+                failed += 1;
+            } else {
+                failed = 0;
+            }
+            tracing::warn!(id, pid = s.pid, "the FUSE server died; starting a new one");
+        }
+        // The connection may have ended with the server (unmounted): then nothing to do.
+        if connection_ended(&conn) {
+            return Ok(());
+        }
+        if failed >= MAX_FAILED_STARTS {
+            give_up(dir, id, "its servers keep failing");
+            bail!("FUSE device {id}: {failed} servers in a row failed; gave up");
+        }
+        match start_server(dir, id, &conn, stats_file) {
+            Ok(s) => server = Some(s),
+            Err(e) => {
+                tracing::warn!(id, "starting a FUSE server: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+}
+
+fn connection_ended(conn: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: conn.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0 }
+}
+
+/// Starts `cora-driver recover ID` with the connection and waits for it to report ready.
+fn start_server(dir: &Path, id: u32, conn: &OwnedFd, stats_file: Option<&Path>) -> Result<Watched> {
+    let exe = std::env::current_exe().context("finding cora-driver")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("recover")
+        .arg(id.to_string())
+        .arg("--fuse-dir")
+        .arg(dir)
+        .arg("--ready-json")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    if let Some(f) = stats_file {
+        cmd.arg("--stats-file").arg(f);
+    }
+    pass_connection(&mut cmd, conn);
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("starting cora-driver recover")?;
+    let pid = child.id() as i32;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        std::io::BufReader::new(out).read_line(&mut line)?;
+    }
+    if Ready::from_output(&line).is_err() {
+        let status = child.wait()?;
+        bail!("the new server exited before it was ready ({status})");
+    }
+    let mut s = Watched::open(pid, true)?;
+    s.since = started;
+    tracing::info!(id, pid, took = ?started.elapsed(), "a new FUSE server serves the device");
+    Ok(s)
+}
+
+/// Takes the mount away (detached: users still holding it get errors, not a hang, once the
+/// keeper's descriptor closes) and the device's record.
+fn give_up(dir: &Path, id: u32, why: &str) {
+    tracing::warn!(id, "removing the FUSE device: {why}");
+    let mnt = dir.join((id - FUSE_ID_BASE).to_string());
+    let _ = nix_umount_detach(&mnt);
+    let _ = std::fs::remove_file(state_path(dir, id));
+    let _ = std::fs::remove_dir(&mnt);
+}
+
+/// SIGTERM and SIGINT, blocked and read from a descriptor.
+fn signal_fd() -> Result<OwnedFd> {
+    // SAFETY: sigset manipulation on a local, masking for this (only) thread, then a new fd.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("signalfd");
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
 }
 
 fn write_state(dir: &Path, info: &DeviceInfo) -> Result<()> {
@@ -186,9 +557,7 @@ pub fn list(dir: &Path) -> Vec<DeviceInfo> {
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| serde_json::from_slice::<DeviceInfo>(&std::fs::read(e.path()).ok()?).ok())
         .map(|mut d| {
-            if !pid_alive(d.pid) {
-                d.state = DeviceState::Dead;
-            }
+            d.state = state(&d);
             d
         })
         .collect();
@@ -202,26 +571,31 @@ pub fn delete(dir: &Path, id: u32, timeout: Duration) -> Result<()> {
         bail!("no FUSE device {id} under {}", dir.display());
     };
     let mnt = dir.join((id - FUSE_ID_BASE).to_string());
-    if !pid_alive(info.pid) {
-        // Its server died: whatever is left of the mount is only a broken connection.
-        let _ = nix_umount_detach(&mnt);
-        let _ = std::fs::remove_file(state_path(dir, id));
-        let _ = std::fs::remove_dir(&mnt);
-        return Ok(());
-    }
+    // The server stops it; between servers, the keeper.
+    let pid = match state(&info) {
+        DeviceState::Live => info.pid,
+        DeviceState::Quiesced => info.keeper_pid.unwrap_or(-1),
+        _ => {
+            // Nobody holds the connection: whatever is left of the mount is broken.
+            let _ = nix_umount_detach(&mnt);
+            let _ = std::fs::remove_file(state_path(dir, id));
+            let _ = std::fs::remove_dir(&mnt);
+            return Ok(());
+        }
+    };
     // A pidfd names exactly this process, even if its pid were reused meanwhile.
-    // SAFETY: pidfd_open has no memory arguments; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, info.pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("pidfd_open");
-    }
-    // SAFETY: a fresh descriptor we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let target = Watched::open(pid, false).context("pidfd_open")?;
+    // The keeper ends with the connection, right after the server: wait for it too, so
+    // nothing of the device runs once this returns.
+    let keeper = info
+        .keeper_pid
+        .filter(|k| *k != pid)
+        .and_then(|k| Watched::open(k, false).ok());
     // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
     let sent = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
+            target.fd.as_raw_fd(),
             libc::SIGTERM,
             std::ptr::null::<libc::siginfo_t>(),
             0,
@@ -230,19 +604,23 @@ pub fn delete(dir: &Path, id: u32, timeout: Duration) -> Result<()> {
     if sent != 0 {
         return Err(std::io::Error::last_os_error()).context("signalling the server");
     }
-    let mut p = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; a pidfd becomes readable when the process exits.
-    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
-    if n != 1 {
-        bail!(
-            "FUSE device {id}: its server (pid {}) did not end within {timeout:?}; is the \
-             image file still mounted? (it ends with the last user)",
-            info.pid
-        );
+    let deadline = Instant::now() + timeout;
+    for w in std::iter::once(&target).chain(keeper.as_ref()) {
+        let mut p = libc::pollfd {
+            fd: w.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: one valid pollfd; a pidfd becomes readable when the process exits.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n != 1 {
+            bail!(
+                "FUSE device {id}: pid {} did not end within {timeout:?}; is the image file \
+                 still mounted? (it is served until its last user goes)",
+                w.pid
+            );
+        }
     }
     Ok(())
 }

@@ -48,10 +48,25 @@ enum Cmd {
         fuse_dir: PathBuf,
     },
     /// Serve again a device whose server died (UBLK_F_USER_RECOVERY), from what `add` recorded.
+    /// A FUSE device is recovered by its keeper, which passes the connection as descriptor 3.
     Recover {
         id: u32,
         #[command(flatten)]
         run: RunArgs,
+        #[arg(long, default_value = fuse_device::DEFAULT_DIR)]
+        fuse_dir: PathBuf,
+    },
+    /// Holds a FUSE device's connection (descriptor 3) and starts a new server whenever the
+    /// serving one dies; started by the FUSE server itself.
+    #[command(hide = true)]
+    FuseKeeper {
+        id: u32,
+        #[arg(long)]
+        server_pid: i32,
+        #[arg(long)]
+        fuse_dir: PathBuf,
+        #[arg(long)]
+        stats_file: Option<PathBuf>,
     },
     /// Print the ublk features of the running kernel.
     Features,
@@ -262,7 +277,19 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Add(args) => add(*args),
-        Cmd::Recover { id, run } => recover(id, run),
+        Cmd::Recover { id, run, fuse_dir } if id >= FUSE_ID_BASE => {
+            recover_fuse(id, run, &fuse_dir)
+        }
+        Cmd::Recover { id, run, .. } => recover(id, run),
+        Cmd::FuseKeeper {
+            id,
+            server_pid,
+            fuse_dir,
+            stats_file,
+        } => {
+            init_tracing();
+            fuse_device::keep(&fuse_dir, id, server_pid, stats_file.as_deref())
+        }
         Cmd::List { json, fuse_dir } => list(json, &fuse_dir),
         Cmd::Del { id, fuse_dir } if id >= FUSE_ID_BASE => {
             init_tracing();
@@ -376,6 +403,7 @@ fn device_info(d: ublk::DeviceStatus) -> DeviceInfo {
         id: d.id,
         state: d.state.into(),
         pid: d.pid,
+        keeper_pid: None,
         transport: TRANSPORT_UBLK.into(),
         path: d.bdev.into(),
         size: d.size,
@@ -696,22 +724,13 @@ fn add(args: AddArgs) -> Result<()> {
             .with_context(|| format!("opening the source {recipe:?}"))?;
         if transport == Transport::Fuse {
             let stats = StatsWriter::start(args.run.stats_file.clone(), source.clone(), None)?;
-            let (image, layer_digest) = match &recipe {
-                SourceRecipe::Image {
-                    image,
-                    layer_digest,
-                    ..
-                } => (Some(image.clone()), layer_digest.clone()),
-                SourceRecipe::File { .. } => (None, None),
-            };
             let n = notifier.clone();
             fuse_device::serve(
                 stop_set,
                 &args.fuse_dir,
-                recipe.to_json(),
-                image,
-                layer_digest,
+                &recipe,
                 source,
+                args.run.stats_file.as_deref(),
                 move |r| n.ready(r),
             )?;
             drop(stats);
@@ -750,10 +769,44 @@ fn add(args: AddArgs) -> Result<()> {
     res
 }
 
-fn recover(id: u32, run: RunArgs) -> Result<()> {
-    if id >= FUSE_ID_BASE {
-        bail!("FUSE device {id} cannot be recovered: start a new device for its stack");
+/// Serves a FUSE device again from the connection its keeper passes as descriptor 3.
+fn recover_fuse(id: u32, run: RunArgs, fuse_dir: &std::path::Path) -> Result<()> {
+    // SAFETY: checks whether descriptor 3 is open, touching nothing.
+    if unsafe { libc::fcntl(fuse_device::CONNECTION_FD, libc::F_GETFD) } < 0 {
+        bail!(
+            "FUSE device {id} is recovered by its keeper (`cora-driver fuse-keeper`), which \
+             passes the connection as descriptor 3"
+        );
     }
+    // SAFETY: descriptor 3 is open (checked) and ours from here on.
+    let conn = unsafe { OwnedFd::from_raw_fd(fuse_device::CONNECTION_FD) };
+    let notifier = start(&run, false)?;
+    let stop_set = block_stop_signals();
+    let mut stats = None;
+    let res = fuse_device::resume(
+        stop_set,
+        fuse_dir,
+        id,
+        conn,
+        |v| {
+            let source = SourceRecipe::from_json(v)?.open()?;
+            stats = Some(StatsWriter::start(
+                run.stats_file.clone(),
+                source.clone(),
+                None,
+            )?);
+            Ok(source)
+        },
+        |r| notifier.ready(r),
+    );
+    drop(stats);
+    if let Err(e) = &res {
+        notifier.failed(e);
+    }
+    res
+}
+
+fn recover(id: u32, run: RunArgs) -> Result<()> {
     let notifier = start(&run, true)?;
     let res = (|| {
         let stop = StopOnSignal::install()?;
@@ -925,7 +978,7 @@ mod tests {
             id: 7,
             run: api::RunArgs::background(Some("/l".into()), Some("/s".into())),
         };
-        let Cmd::Recover { id, run } = parse(want.to_args()) else {
+        let Cmd::Recover { id, run, .. } = parse(want.to_args()) else {
             panic!("not recover")
         };
         assert_eq!(

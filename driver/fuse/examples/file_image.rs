@@ -6,7 +6,7 @@
 //! mount -t erofs -o ro MOUNTPOINT/image /mnt/x     # in another shell
 //! ```
 //!
-//! `CORA_LOG=debug` shows fuser's negotiation with the kernel.
+//! `CORA_LOG=debug` shows the INIT negotiation with the kernel.
 use std::error::Error;
 use std::path::PathBuf;
 use std::sync::Arc;

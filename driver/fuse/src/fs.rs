@@ -1,31 +1,32 @@
 //! The FUSE file system: a root directory holding the one image file, and its read path.
 use std::cell::RefCell;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io::{self, IoSlice};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use cora_read::{BlockSource, Miss, Outcome};
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-};
 
+use crate::abi::{self, Args, Attr, Out, Request, op};
+use crate::session::Reply;
 use crate::{FuseOptions, LEND_MIN_BYTES, MAX_REQUEST, clamp_read, errno_of};
 
-const ROOT: INodeNo = INodeNo::ROOT;
-const FILE: INodeNo = INodeNo(2);
+const ROOT: u64 = 1;
+const FILE: u64 = 2;
 /// Nothing here ever changes: let the kernel cache names and attributes for good (a year
 /// stays far from any overflow in the kernel's jiffies arithmetic).
-const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+const TTL_SECS: u64 = 365 * 24 * 3600;
 const BLOCK: u32 = 4096;
+/// `DT_DIR`, `DT_REG` for directory entries.
+const DT_DIR: u32 = 4;
+const DT_REG: u32 = 8;
 
 pub(crate) struct ImageFs {
     source: Arc<dyn BlockSource>,
     name: OsString,
-    root: FileAttr,
-    file: FileAttr,
+    root: Attr,
+    file: Attr,
     lend: bool,
     max_background: u16,
 }
@@ -34,124 +35,180 @@ impl ImageFs {
     pub(crate) fn new(source: Arc<dyn BlockSource>, opts: &FuseOptions) -> Self {
         let size = source.size();
         // The mount's time: the image has no times of its own.
-        let now = SystemTime::now();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
         // SAFETY: geteuid/getegid cannot fail.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        let attr = |ino, kind, perm, size, nlink| FileAttr {
+        let attr = |ino, mode, size, nlink| Attr {
             ino,
             size,
-            blocks: size.div_ceil(512),
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            kind,
-            perm,
+            time_secs: now.as_secs(),
+            time_nsecs: now.subsec_nanos(),
+            mode,
             nlink,
             uid,
             gid,
-            rdev: 0,
             blksize: BLOCK,
-            flags: 0,
         };
         ImageFs {
             name: opts.file_name.clone(),
-            root: attr(ROOT, FileType::Directory, 0o555, 0, 2),
-            file: attr(FILE, FileType::RegularFile, 0o444, size, 1),
+            root: attr(ROOT, libc::S_IFDIR | 0o555, 0, 2),
+            file: attr(FILE, libc::S_IFREG | 0o444, size, 1),
             source,
             lend: opts.lend,
             max_background: opts.max_background,
         }
     }
 
-    fn attr(&self, ino: INodeNo) -> Option<&FileAttr> {
+    fn attr(&self, ino: u64) -> Option<&Attr> {
         match ino {
             ROOT => Some(&self.root),
             FILE => Some(&self.file),
             _ => None,
         }
     }
-}
 
-thread_local! {
-    /// The request buffer of each event-loop thread, reused by every read answered inline.
-    /// A read that misses takes it along, and the thread's next read grows a new one.
-    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-impl Filesystem for ImageFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // Each call fails only by naming the nearest allowed value: take that one then.
-        let _ = config
-            .set_max_write(MAX_REQUEST as u32)
-            .or_else(|max| config.set_max_write(max));
-        let _ = config
-            .set_max_readahead(MAX_REQUEST as u32)
-            .or_else(|max| config.set_max_readahead(max));
-        let _ = config
-            .set_max_background(self.max_background.max(1))
-            .or_else(|min| config.set_max_background(min));
-        // Large direct reads (erofs reads its backing file with O_DIRECT when it can) go out
-        // as parallel requests instead of one after the other.
-        if config.capabilities().contains(InitFlags::FUSE_ASYNC_DIO) {
-            let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+    /// Answers one request.
+    pub(crate) fn dispatch(&self, req: Request<'_>, reply: Reply) {
+        let Request {
+            opcode,
+            nodeid,
+            mut args,
+            ..
+        } = req;
+        match opcode {
+            op::INIT => self.init(&mut args, reply),
+            op::LOOKUP => match args.name() {
+                Some(name) if nodeid == ROOT && name == self.name => {
+                    reply.ok(&abi::entry_out(&self.file, TTL_SECS).0)
+                }
+                Some(_) => reply.error(libc::ENOENT),
+                None => reply.error(libc::EINVAL),
+            },
+            op::GETATTR => match self.attr(nodeid) {
+                Some(a) => reply.ok(&abi::attr_out(a, TTL_SECS).0),
+                None => reply.error(libc::ENOENT),
+            },
+            op::OPEN => match (nodeid, args.u32()) {
+                (FILE, Some(flags)) if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY => {
+                    reply.error(libc::EROFS)
+                }
+                // KEEP_CACHE: the image is immutable, so pages cached by an earlier open stay
+                // valid; NOFLUSH: nothing to flush, spare the request on every close.
+                (FILE, Some(_)) => {
+                    reply.ok(&abi::open_out(0, abi::FOPEN_KEEP_CACHE | abi::FOPEN_NOFLUSH).0)
+                }
+                (_, None) => reply.error(libc::EINVAL),
+                (ROOT, _) => reply.error(libc::EISDIR),
+                _ => reply.error(libc::ENOENT),
+            },
+            op::OPENDIR => match nodeid {
+                ROOT => reply.ok(&abi::open_out(0, abi::FOPEN_CACHE_DIR | abi::FOPEN_KEEP_CACHE).0),
+                FILE => reply.error(libc::ENOTDIR),
+                _ => reply.error(libc::ENOENT),
+            },
+            op::READ => match read_in(&mut args) {
+                Some(_) if nodeid != FILE => reply.error(libc::EISDIR),
+                Some((offset, size)) => self.read(offset, size, reply),
+                None => reply.error(libc::EINVAL),
+            },
+            op::READDIR => match read_in(&mut args) {
+                Some(_) if nodeid != ROOT => reply.error(libc::ENOTDIR),
+                Some((offset, size)) => self.readdir(offset, size, reply),
+                None => reply.error(libc::EINVAL),
+            },
+            op::STATFS => {
+                let blocks = self.file.size.div_ceil(u64::from(BLOCK));
+                let mut o = Out::default();
+                // blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare
+                o.u64(blocks).u64(0).u64(0).u64(2).u64(0);
+                o.u32(BLOCK).u32(255).u32(BLOCK).u32(0).zeros(24);
+                reply.ok(&o.0)
+            }
+            op::GETXATTR => reply.error(libc::ENODATA),
+            op::LISTXATTR => match args.u32() {
+                // The size of the (empty) list, as `fuse_getxattr_out`.
+                Some(0) => reply.ok(&Out::default().u32(0).u32(0).0),
+                Some(_) => reply.empty(),
+                None => reply.error(libc::EINVAL),
+            },
+            op::ACCESS => match (self.attr(nodeid), args.u32()) {
+                (None, _) => reply.error(libc::ENOENT),
+                (Some(_), Some(mask)) if mask as i32 & libc::W_OK != 0 => reply.error(libc::EROFS),
+                (Some(_), _) => reply.empty(),
+            },
+            op::READLINK => reply.error(libc::EINVAL),
+            // Nothing is ever written (a loop device syncs its backing file on detach).
+            op::RELEASE | op::RELEASEDIR | op::FLUSH | op::FSYNC | op::FSYNCDIR | op::DESTROY => {
+                reply.empty()
+            }
+            // No answer expected. Interrupted reads still finish: they are short and bounded
+            // by the fetch deadline.
+            op::FORGET | op::BATCH_FORGET | op::INTERRUPT => reply.none(),
+            _ => reply.error(libc::ENOSYS),
         }
-        Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent == ROOT && name == self.name {
-            reply.entry(&TTL, &self.file, Generation(0));
-        } else {
-            reply.error(Errno::ENOENT);
+    fn init(&self, args: &mut Args<'_>, reply: Reply) {
+        let (Some(major), Some(minor), Some(readahead), Some(flags)) =
+            (args.u32(), args.u32(), args.u32(), args.u32())
+        else {
+            return reply.error(libc::EINVAL);
+        };
+        if major < abi::KERNEL_MAJOR {
+            tracing::error!(major, minor, "the kernel's FUSE protocol is too old");
+            return reply.error(libc::EPROTO);
         }
+        let mut o = Out::default();
+        if major > abi::KERNEL_MAJOR {
+            // The kernel then sends INIT again with our major.
+            o.u32(abi::KERNEL_MAJOR).zeros(60);
+            return reply.ok(&o.0);
+        }
+        use abi::init::*;
+        let want = ASYNC_READ | BIG_WRITES | PARALLEL_DIROPS | MAX_PAGES
+            // Large direct reads (erofs reads its backing file with O_DIRECT when it can) go
+            // out as parallel requests instead of one after the other.
+            | ASYNC_DIO;
+        let background = self.max_background.max(1);
+        o.u32(abi::KERNEL_MAJOR).u32(minor.min(abi::OUR_MINOR));
+        o.u32(readahead.min(MAX_REQUEST as u32)).u32(flags & want);
+        // max_background, congestion_threshold (3/4 of it, as the kernel's default)
+        o.u16(background).u16((background / 4 * 3).max(1));
+        // max_write (nothing is written), time_gran, max_pages, map_alignment, flags2
+        o.u32(4096)
+            .u32(1)
+            .u16((MAX_REQUEST / 4096) as u16)
+            .u16(0)
+            .u32(0);
+        o.zeros(28);
+        tracing::debug!(minor, flags = format_args!("{flags:#x}"), "FUSE INIT");
+        reply.ok(&o.0)
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino) {
-            Some(attr) => reply.attr(&TTL, attr),
-            None => reply.error(Errno::ENOENT),
+    fn readdir(&self, offset: u64, size: u32, reply: Reply) {
+        let entries: [(u64, u32, &[u8]); 3] = [
+            (ROOT, DT_DIR, b"."),
+            (ROOT, DT_DIR, b".."),
+            (FILE, DT_REG, self.name.as_bytes()),
+        ];
+        // An entry's offset is where the next readdir resumes: one past its index.
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut o = Out::default();
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(start) {
+            if !abi::push_dirent(&mut o, size as usize, *ino, i as u64 + 1, *kind, name) {
+                break;
+            }
         }
+        reply.ok(&o.0)
     }
 
-    fn readlink(&self, _req: &Request, _ino: INodeNo, reply: ReplyData) {
-        reply.error(Errno::EINVAL);
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match ino {
-            FILE if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
-            // KEEP_CACHE: the image is immutable, so pages cached by an earlier open stay
-            // valid; NOFLUSH: nothing to flush, spare the request on every close.
-            FILE => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            ),
-            ROOT => reply.error(Errno::EISDIR),
-            _ => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        if ino != FILE {
-            reply.error(Errno::EISDIR);
-            return;
-        }
+    fn read(&self, offset: u64, size: u32, reply: Reply) {
         let len = clamp_read(offset, size, self.file.size);
         if len == 0 {
             // At or past the end: an empty reply is end of file.
-            reply.data(&[]);
-            return;
+            return reply.empty();
         }
         let mut buf = BUF.take();
         buf.resize(len, 0);
@@ -164,7 +221,7 @@ impl Filesystem for ImageFs {
         };
         match (res, reply) {
             (Ok(Outcome::Copied), Some(reply)) => {
-                reply.data(&buf);
+                reply.ok(&buf);
                 BUF.set(buf);
             }
             (Ok(Outcome::Lent), None) => BUF.set(buf),
@@ -194,161 +251,42 @@ impl Filesystem for ImageFs {
                 };
                 tracing::warn!(offset, len, "source answered {what}");
                 if let Some(reply) = reply {
-                    reply.error(Errno::EIO);
+                    reply.error(libc::EIO);
                 }
             }
         }
     }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-    }
-
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        // Nothing is ever written (a loop device syncs its backing file on detach).
-        reply.ok();
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match ino {
-            ROOT => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            FILE => reply.error(Errno::ENOTDIR),
-            _ => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        if ino != ROOT {
-            reply.error(Errno::ENOTDIR);
-            return;
-        }
-        let entries = [
-            (ROOT, FileType::Directory, OsStr::new(".")),
-            (ROOT, FileType::Directory, OsStr::new("..")),
-            (FILE, FileType::RegularFile, self.name.as_os_str()),
-        ];
-        // An entry's offset is where the next readdir resumes: one past its index.
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(start) {
-            if reply.add(*ino, i as u64 + 1, *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.file.size.div_ceil(u64::from(BLOCK));
-        reply.statfs(blocks, 0, 0, 2, 0, BLOCK, 255, BLOCK);
-    }
-
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::ENODATA);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
-    }
-
-    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        // Only asked without default_permissions; the mount is read-only either way.
-        if self.attr(ino).is_none() {
-            reply.error(Errno::ENOENT);
-        } else if mask.contains(fuser::AccessFlags::W_OK) {
-            reply.error(Errno::EROFS);
-        } else {
-            reply.ok();
-        }
-    }
 }
 
-/// The lend callback: answers the request with the lent bytes. One slice goes to the kernel as
-/// it is (fuser's `ReplyData::data` is one `writev` of header and slice, so the mapped bytes
-/// are read only by the kernel). fuser takes one data slice, so several are first gathered
-/// into a buffer by the kernel (`process_vm_readv` on this process): the slices may be mapped
-/// cache files and must never be read in user space, where a file that shrank would SIGBUS;
-/// the kernel gives EFAULT instead. The request buffer can't take them: the source holds it.
-fn lend_reply(reply: &mut Option<ReplyData>, iov: &[IoSlice<'_>], len: usize) -> io::Result<()> {
+/// `fuse_read_in`'s offset and size (READ and READDIR).
+fn read_in(args: &mut Args<'_>) -> Option<(u64, u32)> {
+    let (_fh, offset, size) = (args.u64()?, args.u64()?, args.u32()?);
+    Some((offset, size))
+}
+
+thread_local! {
+    /// The request buffer of each serving thread, reused by every read answered inline.
+    /// A read that misses takes it along, and the thread's next read grows a new one.
+    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The lend callback: answers the request with the lent bytes, one `writev` of header and
+/// slices. The slices may be mapped cache files and must never be read in user space, where a
+/// file that shrank would SIGBUS; the kernel reading them gives EFAULT instead.
+fn lend_reply(reply: &mut Option<Reply>, iov: &[IoSlice<'_>], len: usize) -> io::Result<()> {
     let total: usize = iov.iter().map(|s| s.len()).sum();
     if total != len {
         return Err(io::Error::other(format!(
             "source lent {total} bytes for a read of {len}"
         )));
     }
-    let Some(r) = reply.take() else {
+    let Some(r) = reply.as_mut() else {
         return Err(io::Error::other("source lent twice"));
     };
-    match iov {
-        [one] => r.data(one),
-        many => match gather(many, total) {
-            Ok(bytes) => r.data(&bytes),
-            Err(e) => {
-                // Unanswered: the caller answers with this error.
-                *reply = Some(r);
-                return Err(e);
-            }
-        },
-    }
+    // On error still unanswered: the caller answers with it.
+    r.try_data(iov)?;
+    *reply = None;
     Ok(())
-}
-
-/// Copies `iov` (`total` bytes) into a new buffer inside the kernel; see [`lend_reply`].
-fn gather(iov: &[IoSlice<'_>], total: usize) -> io::Result<Vec<u8>> {
-    let mut out = vec![0u8; total];
-    let local = libc::iovec {
-        iov_base: out.as_mut_ptr().cast(),
-        iov_len: total,
-    };
-    let count = libc::c_ulong::try_from(iov.len()).map_err(io::Error::other)?;
-    // SAFETY: IoSlice is ABI-compatible with iovec on Unix; `local` is `total` writable bytes
-    // of `out`, the remote slices are live for the call, and the kernel only reads them.
-    let n =
-        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, iov.as_ptr().cast(), count, 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n as usize != total {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("lent memory gave {n} of {total} bytes"),
-        ));
-    }
-    Ok(out)
 }
 
 /// A read waiting on a fetch: its buffer (local bytes already in) and its unanswered reply.
@@ -356,7 +294,7 @@ struct Pending {
     offset: u64,
     buf: Vec<u8>,
     /// Some until answered; an unanswered drop answers EIO.
-    reply: Option<ReplyData>,
+    reply: Option<Reply>,
 }
 
 impl Pending {
@@ -367,7 +305,7 @@ impl Pending {
             return;
         };
         match res {
-            Ok(()) => reply.data(&self.buf),
+            Ok(()) => reply.ok(&self.buf),
             Err(e) => {
                 let len = self.buf.len();
                 tracing::warn!(offset = self.offset, len, "read failed: {e}");
@@ -386,7 +324,7 @@ impl Drop for Pending {
                 len = self.buf.len(),
                 "source dropped a pending read"
             );
-            reply.error(Errno::EIO);
+            reply.error(libc::EIO);
         }
     }
 }

@@ -3,9 +3,15 @@
 //! [`mount`] mounts a FUSE file system whose root holds exactly one file (default name
 //! `image`, mode 0444, size [`BlockSource::size`]). Hand [`FuseMount::image_path`] to
 //! `mount -t erofs -o ro FILE DIR` (erofs file-backed mount, Linux 6.12+) or to
-//! `losetup -r`. Requests are served by [fuser](https://docs.rs/fuser) event-loop threads;
-//! the mount needs root (or `CAP_SYS_ADMIN`): it is a plain `mount(2)`, no libfuse, no
-//! `fusermount3`.
+//! `losetup -r`. Requests are served by this crate's own `/dev/fuse` loop ([`session`]) on a
+//! few threads; the mount needs root (or `CAP_SYS_ADMIN`): it is a plain `mount(2)`, no
+//! libfuse, no `fusermount3`.
+//!
+//! A connection can outlive its server: hand [`FuseMount::share_connection`] to another
+//! process (a keeper), and when the server dies, [`resume`] serves the same mount again from
+//! that descriptor, the requests the dead server held included. The protocol is our own
+//! because no Rust FUSE library takes over an initialised connection (fuser's session always
+//! starts with INIT).
 //!
 //! Reads call [`BlockSource::read`] once. Local bytes are answered inline on the event-loop
 //! thread; a [`cora_read::Outcome::Miss`] is finished and answered on the thread that wakes
@@ -16,10 +22,12 @@
 //! The image never changes while mounted, so the kernel may keep its page cache across opens
 //! (`FOPEN_KEEP_CACHE`) and attributes never expire in practice.
 //!
-//! FUSE over io_uring (Linux 6.14+) is not used: fuser 0.18 has no io_uring transport (only
-//! the `FUSE_OVER_IO_URING` flag constant), so requests go over `read`/`writev` on `/dev/fuse`.
+//! FUSE over io_uring (Linux 6.14+) is not used yet: requests go over `read`/`writev` on
+//! `/dev/fuse`.
 
+mod abi;
 mod fs;
+mod session;
 
 use std::ffi::OsString;
 use std::io;
@@ -35,8 +43,8 @@ pub use cora_read::BlockSource;
 pub struct FuseOptions {
     /// Name of the one file in the mount's root.
     pub file_name: OsString,
-    /// Event-loop threads (each with its own `/dev/fuse` clone); default: one per CPU, at most
-    /// 4. Misses never occupy them, but local reads are `pread`s of cache files that may wait
+    /// Serving threads (all reading the one `/dev/fuse` descriptor); default: one per CPU, at
+    /// most 4. Misses never occupy them, but local reads are `pread`s of cache files that may wait
     /// on the disk, and copying 1 MiB replies takes CPU: a few threads let those overlap.
     pub threads: usize,
     /// Let the source lend memory-resident bytes (reads of at least [`LEND_MIN_BYTES`]), which
@@ -109,46 +117,85 @@ pub fn mount(
     // The path we unmount later must be the one the kernel mounted on.
     let path = mountpoint.canonicalize().map_err(mount_err)?;
     let fd = mount_fuse(&path, opts).map_err(mount_err)?;
-    let fs = fs::ImageFs::new(source, opts);
     // Until the session runs, nothing serves the mount: on failure take it away (lazily: with
     // the device closed nothing can wait on it, but someone may have it open already).
     let detach = |e| {
         let _ = umount2(&path, libc::MNT_DETACH);
         mount_err(e)
     };
-    // Answers the kernel's INIT before returning.
-    let session = fuser::Session::from_fd(fs, fd, acl(opts), fuser_config(opts)).map_err(detach)?;
     // Our mount's device, to tell it from whatever is mounted at the same path later.
     let dev = mounted_devs(&path)
         .map_err(detach)?
         .pop()
         .ok_or_else(|| detach(io::Error::other("the new mount is not in mountinfo")))?;
-    let shared = Arc::new(Shared {
-        mountpoint: path.clone(),
-        dev,
-    });
-    let thread = std::thread::Builder::new()
-        .name("cora-fuse".into())
-        .spawn(move || session.run())
-        .map_err(detach)?;
-    let (major, minor) = shared.dev;
-    let mount = FuseMount {
-        image_path: shared.mountpoint.join(name),
-        shared,
-        thread: Some(thread),
-    };
-    // A first request (GETATTR of the root), so the caller gets a mount that answers. On
-    // error the drop unmounts.
+    let chan = Arc::new(session::Channel::new(fd));
+    let mount = start(source, chan, path.clone(), dev, opts).map_err(detach)?;
+    // A first request (GETATTR of the root, after the kernel's INIT), so the caller gets a
+    // mount that answers. On error the drop unmounts.
     std::fs::metadata(mount.mountpoint()).map_err(mount_err)?;
     if let Some(kb) = opts.read_ahead_kb {
         // The INIT reply can only lower readahead below the kernel's offer (128 KiB); the
         // bdi knob raises it. Best effort: reads work either way.
+        let (major, minor) = dev;
         let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
         if let Err(e) = std::fs::write(&knob, kb.to_string()) {
             tracing::debug!("not setting {knob}: {e}");
         }
     }
     Ok(mount)
+}
+
+/// Serves again the mount at `mountpoint` (canonical, as [`FuseMount::mountpoint`] gave it)
+/// whose server died, from `connection`: a descriptor of its `/dev/fuse` open file that
+/// another process kept ([`FuseMount::share_connection`]). Requests the dead server had read
+/// but not answered are queued again (`FUSE_NOTIFY_RESEND`, Linux 6.9+; older kernels leave
+/// them waiting, which this logs).
+pub fn resume(
+    source: Arc<dyn BlockSource>,
+    connection: std::os::fd::OwnedFd,
+    mountpoint: &Path,
+    opts: &FuseOptions,
+) -> Result<FuseMount, FuseError> {
+    let mount_err = |source| FuseError::Mount {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    let chan = Arc::new(session::Channel::new(connection));
+    // No file system call on the mount point before the session runs: it would wait for us.
+    let dev = mounted_devs(mountpoint)
+        .map_err(mount_err)?
+        .pop()
+        .ok_or_else(|| mount_err(io::Error::other("no FUSE mount there any more")))?;
+    if let Err(e) = chan.resend() {
+        tracing::warn!(
+            "asking the kernel to resend the dead server's requests: {e} (Linux 6.9+); reads \
+             that were in flight stay unanswered"
+        );
+    }
+    start(source, chan, mountpoint.to_path_buf(), dev, opts).map_err(mount_err)
+}
+
+/// Starts serving `chan` in the background.
+fn start(
+    source: Arc<dyn BlockSource>,
+    chan: Arc<session::Channel>,
+    mountpoint: PathBuf,
+    dev: (u32, u32),
+    opts: &FuseOptions,
+) -> io::Result<FuseMount> {
+    let fs = Arc::new(fs::ImageFs::new(source, opts));
+    let shared = Arc::new(Shared { mountpoint, dev });
+    let threads = opts.threads.max(1);
+    let c = chan.clone();
+    let thread = std::thread::Builder::new()
+        .name("cora-fuse".into())
+        .spawn(move || session::run(c, fs, threads))?;
+    Ok(FuseMount {
+        image_path: shared.mountpoint.join(&opts.file_name),
+        shared,
+        chan,
+        thread: Some(thread),
+    })
 }
 
 /// Mounts like [`mount`] and serves until the file system is unmounted from outside
@@ -163,10 +210,9 @@ pub fn serve(
 
 /// Mounts a FUSE file system at `path` with mount(2) and returns its `/dev/fuse` connection.
 ///
-/// Not through fuser's mount: at the end of a session fuser unmounts the mount point by path
-/// again (its "still mounted?" poll of the device reads POLLERR, meaning disconnected, as
-/// mounted), which would take away whatever is mounted there by then, such as a new mount
-/// of the same image. Owning the mount, this crate unmounts exactly once.
+/// No libfuse and no `fusermount3`: owning the mount, this crate unmounts exactly once and
+/// only its own mount (by device), never whatever is mounted at the path by then, such as a
+/// new mount of the same image.
 fn mount_fuse(path: &Path, opts: &FuseOptions) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsRawFd;
     let dev = std::fs::OpenOptions::new()
@@ -202,25 +248,6 @@ fn mount_fuse(path: &Path, opts: &FuseOptions) -> io::Result<std::os::fd::OwnedF
         return Err(io::Error::last_os_error());
     }
     Ok(dev.into())
-}
-
-fn acl(opts: &FuseOptions) -> fuser::SessionACL {
-    if opts.allow_other {
-        fuser::SessionACL::All
-    } else {
-        fuser::SessionACL::Owner
-    }
-}
-
-fn fuser_config(opts: &FuseOptions) -> fuser::Config {
-    let mut config = fuser::Config::default();
-    config.acl = acl(opts);
-    let threads = opts.threads.max(1);
-    config.n_threads = Some(threads);
-    // Without clone_fd all threads read one fd; with it each has its own (FUSE_DEV_IOC_CLONE)
-    // and the kernel answers on the fd a request was read from.
-    config.clone_fd = threads > 1;
-    config
 }
 
 struct Shared {
@@ -289,6 +316,7 @@ fn mounted_devs(path: &Path) -> io::Result<Vec<(u32, u32)>> {
 /// A mounted source. Unmounts on drop (lazily, if something still uses the file).
 pub struct FuseMount {
     shared: Arc<Shared>,
+    chan: Arc<session::Channel>,
     image_path: PathBuf,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
@@ -318,6 +346,12 @@ impl FuseMount {
     pub fn connection(&self) -> u64 {
         // The kernel's own dev_t encoding.
         (u64::from(self.shared.dev.0) << 20) | u64::from(self.shared.dev.1)
+    }
+
+    /// A second descriptor of this mount's FUSE connection. While another process holds it,
+    /// the mount outlives this server: its requests wait until [`resume`] serves them.
+    pub fn share_connection(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.chan.share()
     }
 
     /// A handle that unmounts from another thread (a signal handler thread, say); [`join`]
@@ -423,10 +457,10 @@ fn clamp_read(offset: u64, size: u32, file_size: u64) -> usize {
 }
 
 /// The errno a reader sees for a failed source read.
-fn errno_of(e: &io::Error) -> fuser::Errno {
+fn errno_of(e: &io::Error) -> i32 {
     match e.kind() {
-        io::ErrorKind::InvalidInput => fuser::Errno::EINVAL,
-        _ => fuser::Errno::EIO,
+        io::ErrorKind::InvalidInput => libc::EINVAL,
+        _ => libc::EIO,
     }
 }
 
@@ -447,8 +481,8 @@ mod tests {
     #[test]
     fn errors_map_to_einval_or_eio() {
         let invalid = io::Error::new(io::ErrorKind::InvalidInput, "outside");
-        assert_eq!(errno_of(&invalid).code(), libc::EINVAL);
-        assert_eq!(errno_of(&io::Error::other("fetch")).code(), libc::EIO);
+        assert_eq!(errno_of(&invalid), libc::EINVAL);
+        assert_eq!(errno_of(&io::Error::other("fetch")), libc::EIO);
     }
 
     #[test]
