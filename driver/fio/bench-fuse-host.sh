@@ -98,7 +98,7 @@ result info kernel "$(uname -r)"
 result info cpu "$(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
 result info cpus "$(nproc)"
 result info fio_runtime_s "$FIO_RUNTIME"
-result info fuse_over_io_uring "not used: fuser has no io_uring transport"
+result info fuse_over_io_uring "not used: requests go over read/writev on /dev/fuse"
 result info work_fs "$(df -T "$T" | awk 'NR == 2 { print $2 }')"
 
 # --- 1. cold tree read through FUSE; then the whole image made local (the plain file)

@@ -74,12 +74,22 @@ fn pid_alive(pid: i32) -> bool {
         })
 }
 
+/// Whether `pid` runs as the keeper of device `id` (not some process that got its pid after
+/// the keeper died).
+fn is_keeper_of(pid: i32, id: u32) -> bool {
+    pid_alive(pid)
+        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let mut args = c.split(|b| *b == 0);
+            args.any(|a| a == b"fuse-keeper") && args.next() == Some(id.to_string().as_bytes())
+        })
+}
+
 /// LIVE while its server runs, QUIESCED while only its keeper does (a new server is on its
 /// way), DEAD when neither.
 fn state(d: &DeviceInfo) -> DeviceState {
     if pid_alive(d.pid) {
         DeviceState::Live
-    } else if d.keeper_pid.is_some_and(pid_alive) {
+    } else if d.keeper_pid.is_some_and(|k| is_keeper_of(k, d.id)) {
         DeviceState::Quiesced
     } else {
         DeviceState::Dead
@@ -236,6 +246,32 @@ pub fn resume(
 /// The descriptor number a keeper holds the connection at, and hands it to servers at.
 pub const CONNECTION_FD: i32 = 3;
 
+/// This very binary, even once replaced on disk by an upgrade (`current_exe` then names a
+/// deleted file): keeper and servers speak the same version.
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// The FUSE connection handed over at [`CONNECTION_FD`], checked to be one, and kept from
+/// this process's children.
+pub fn take_connection() -> Result<OwnedFd> {
+    // SAFETY: checks whether the descriptor is open, touching nothing.
+    if unsafe { libc::fcntl(CONNECTION_FD, libc::F_GETFD) } < 0 {
+        bail!("no FUSE connection at descriptor {CONNECTION_FD}");
+    }
+    // SAFETY: open (checked); owned from here on: nothing else in this process uses it.
+    let conn = unsafe { OwnedFd::from_raw_fd(CONNECTION_FD) };
+    // SAFETY: fstat writes into a zeroed stat of the right type.
+    let mut st = unsafe { std::mem::zeroed::<libc::stat>() };
+    let is_fuse = unsafe { libc::fstat(conn.as_raw_fd(), &mut st) } == 0
+        && st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        && st.st_rdev == libc::makedev(10, 229);
+    if !is_fuse {
+        bail!("descriptor {CONNECTION_FD} is not a /dev/fuse connection");
+    }
+    // SAFETY: sets a flag on a descriptor we own.
+    unsafe { libc::fcntl(conn.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(conn)
+}
+
 /// Runs `cmd` with `conn` as its descriptor [`CONNECTION_FD`].
 fn pass_connection(cmd: &mut std::process::Command, conn: &OwnedFd) {
     let fd = conn.as_raw_fd();
@@ -264,8 +300,7 @@ fn spawn_keeper(
     conn: &OwnedFd,
     stats_file: Option<&Path>,
 ) -> Result<i32> {
-    let exe = std::env::current_exe().context("finding cora-driver")?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = std::process::Command::new(SELF_EXE);
     cmd.arg("fuse-keeper")
         .arg(id.to_string())
         .arg("--server-pid")
@@ -317,6 +352,8 @@ impl Watched {
     }
 }
 
+/// How long a new server may take to open its source (registry round trips) and report ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// A server that dies this soon after it started counts as a failed start.
 const SHORT_LIVED: Duration = Duration::from_secs(10);
 /// Failed starts in a row after which the keeper gives up: the mount goes and its readers get
@@ -328,19 +365,14 @@ const MAX_FAILED_STARTS: u32 = 8;
 /// connection. SIGTERM/SIGINT: passed on to a live server (which unmounts); with none, the
 /// keeper takes the mount away itself.
 pub fn keep(dir: &Path, id: u32, server_pid: i32, stats_file: Option<&Path>) -> Result<()> {
-    // SAFETY: the descriptor the server handed us (pass_connection); owned from here on.
-    let conn = unsafe { OwnedFd::from_raw_fd(CONNECTION_FD) };
-    let mut st = unsafe { std::mem::zeroed::<libc::stat>() };
-    // SAFETY: fstat writes into `st`.
-    let is_fuse = unsafe { libc::fstat(conn.as_raw_fd(), &mut st) } == 0
-        && st.st_mode & libc::S_IFMT == libc::S_IFCHR
-        && st.st_rdev == libc::makedev(10, 229);
-    if !is_fuse {
-        bail!("descriptor {CONNECTION_FD} is not a /dev/fuse connection");
-    }
+    let conn = take_connection()?;
     let signals = signal_fd()?;
-    // Gone already (it died before we looked): recover at once.
-    let mut server = Watched::open(server_pid, false).ok();
+    let mut server = match Watched::open(server_pid, false) {
+        Ok(w) => Some(w),
+        // Gone already (it died before we looked): recover at once.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => None,
+        Err(e) => return Err(e).context("watching the server (pidfd_open)"),
+    };
     let mut failed = 0u32;
     loop {
         // Between servers (a start failed), wait before the next try: less and less often
@@ -350,13 +382,10 @@ pub fn keep(dir: &Path, id: u32, server_pid: i32, stats_file: Option<&Path>) -> 
             (None, 0) => 0,
             (None, n) => 100 << n.min(6),
         };
+        // The connection itself is not polled: every request would wake the keeper (poll
+        // waiters are woken with the serving threads), costing each read a context switch.
+        // It ends only with an unmount, after which the server exits too: checked then.
         let mut fds = [
-            libc::pollfd {
-                fd: conn.as_raw_fd(),
-                // None asked: POLLERR comes anyway, once the connection is aborted.
-                events: 0,
-                revents: 0,
-            },
             libc::pollfd {
                 fd: signals.as_raw_fd(),
                 events: libc::POLLIN,
@@ -368,8 +397,8 @@ pub fn keep(dir: &Path, id: u32, server_pid: i32, stats_file: Option<&Path>) -> 
                 revents: 0,
             },
         ];
-        // SAFETY: three valid pollfds (a negative fd is ignored).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
+        // SAFETY: two valid pollfds (a negative fd is ignored).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -377,11 +406,7 @@ pub fn keep(dir: &Path, id: u32, server_pid: i32, stats_file: Option<&Path>) -> 
             }
             return Err(e).context("poll");
         }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-            tracing::debug!(id, "the FUSE connection ended");
-            return Ok(());
-        }
-        if fds[1].revents & libc::POLLIN != 0 {
+        if fds[0].revents & libc::POLLIN != 0 {
             let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
             // SAFETY: reads one siginfo into a buffer of its size.
             unsafe { libc::read(signals.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
@@ -405,7 +430,7 @@ pub fn keep(dir: &Path, id: u32, server_pid: i32, stats_file: Option<&Path>) -> 
             }
         }
         // A pidfd is readable once its process has exited.
-        if server.is_some() && fds[2].revents & libc::POLLIN == 0 {
+        if server.is_some() && fds[1].revents & libc::POLLIN == 0 {
             continue;
         }
         if let Some(s) = server.take() {
@@ -422,6 +447,11 @@ pub fn keep(dir: &Path, id: u32, server_pid: i32, stats_file: Option<&Path>) -> 
         }
         // The connection may have ended with the server (unmounted): then nothing to do.
         if connection_ended(&conn) {
+            return Ok(());
+        }
+        // A server that ended with an error took the record with it: the device is gone.
+        if !record_is_ours(dir, id) {
+            tracing::warn!(id, "the FUSE device's record is gone; not serving it again");
             return Ok(());
         }
         if failed >= MAX_FAILED_STARTS {
@@ -450,8 +480,7 @@ fn connection_ended(conn: &OwnedFd) -> bool {
 
 /// Starts `cora-driver recover ID` with the connection and waits for it to report ready.
 fn start_server(dir: &Path, id: u32, conn: &OwnedFd, stats_file: Option<&Path>) -> Result<Watched> {
-    let exe = std::env::current_exe().context("finding cora-driver")?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = std::process::Command::new(SELF_EXE);
     cmd.arg("recover")
         .arg(id.to_string())
         .arg("--fuse-dir")
@@ -467,12 +496,27 @@ fn start_server(dir: &Path, id: u32, conn: &OwnedFd, stats_file: Option<&Path>) 
     let mut child = cmd.spawn().context("starting cora-driver recover")?;
     let pid = child.id() as i32;
     let mut line = String::new();
+    let mut ready = false;
     if let Some(out) = child.stdout.take() {
-        std::io::BufReader::new(out).read_line(&mut line)?;
+        let mut p = libc::pollfd {
+            fd: out.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = READY_TIMEOUT.as_millis() as i32;
+        // SAFETY: one valid pollfd. The ready line comes in one write, or EOF if it fails.
+        if unsafe { libc::poll(&mut p, 1, ms) } == 1 {
+            ready = std::io::BufReader::new(out).read_line(&mut line).is_ok()
+                && Ready::from_output(&line).is_ok();
+        }
     }
-    if Ready::from_output(&line).is_err() {
+    if !ready {
+        let _ = child.kill();
         let status = child.wait()?;
-        bail!("the new server exited before it was ready ({status})");
+        bail!(
+            "the new server was not ready within {READY_TIMEOUT:?} ({status}): {}",
+            line.trim()
+        );
     }
     let mut s = Watched::open(pid, true)?;
     s.since = started;
@@ -480,9 +524,19 @@ fn start_server(dir: &Path, id: u32, conn: &OwnedFd, stats_file: Option<&Path>) 
     Ok(s)
 }
 
+/// Whether device `id`'s record names this process as its keeper: its number may have gone
+/// to another device since.
+fn record_is_ours(dir: &Path, id: u32) -> bool {
+    state_of(dir, id).is_some_and(|d| d.keeper_pid == Some(std::process::id() as i32))
+}
+
 /// Takes the mount away (detached: users still holding it get errors, not a hang, once the
-/// keeper's descriptor closes) and the device's record.
+/// keeper's descriptor closes) and the device's record, if they are still this keeper's.
 fn give_up(dir: &Path, id: u32, why: &str) {
+    if !record_is_ours(dir, id) {
+        tracing::warn!(id, "FUSE device gone or taken over; leaving it: {why}");
+        return;
+    }
     tracing::warn!(id, "removing the FUSE device: {why}");
     let mnt = dir.join((id - FUSE_ID_BASE).to_string());
     let _ = nix_umount_detach(&mnt);
@@ -623,4 +677,57 @@ pub fn delete(dir: &Path, id: u32, timeout: Duration) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(pid: i32, keeper_pid: Option<i32>) -> DeviceInfo {
+        DeviceInfo {
+            id: FUSE_ID_BASE,
+            state: DeviceState::Live,
+            pid,
+            keeper_pid,
+            transport: TRANSPORT_FUSE.into(),
+            path: PathBuf::from("/run/cora/fuse/0/image"),
+            size: 0,
+            read_only: true,
+            queues: 0,
+            depth: 0,
+            max_io_bytes: 0,
+            flags: 0,
+            flag_names: Vec::new(),
+            data_mode: None,
+            target: None,
+            image: None,
+            layer_digest: None,
+            recipe: None,
+        }
+    }
+
+    /// A FUSE device is QUIESCED only while its keeper (a process whose arguments say it keeps
+    /// this device) runs: a reused keeper pid does not keep a dead device looking alive.
+    #[test]
+    fn a_device_is_quiesced_only_while_its_own_keeper_runs() {
+        let mut done = std::process::Command::new("true").spawn().unwrap();
+        done.wait().unwrap();
+        let dead = done.id() as i32;
+        let me = std::process::id() as i32;
+        let id = FUSE_ID_BASE.to_string();
+        // `; :` keeps the shell from exec'ing sleep, so its arguments stay.
+        let mut keeper = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; :", "fuse-keeper", &id])
+            .spawn()
+            .unwrap();
+        let k = keeper.id() as i32;
+        assert_eq!(state(&device(me, Some(k))), DeviceState::Live);
+        assert_eq!(state(&device(dead, Some(k))), DeviceState::Quiesced);
+        // This test process is alive but keeps nothing.
+        assert_eq!(state(&device(dead, Some(me))), DeviceState::Dead);
+        assert_eq!(state(&device(dead, None)), DeviceState::Dead);
+        keeper.kill().unwrap();
+        keeper.wait().unwrap();
+        assert_eq!(state(&device(dead, Some(k))), DeviceState::Dead);
+    }
 }

@@ -771,15 +771,13 @@ fn add(args: AddArgs) -> Result<()> {
 
 /// Serves a FUSE device again from the connection its keeper passes as descriptor 3.
 fn recover_fuse(id: u32, run: RunArgs, fuse_dir: &std::path::Path) -> Result<()> {
-    // SAFETY: checks whether descriptor 3 is open, touching nothing.
-    if unsafe { libc::fcntl(fuse_device::CONNECTION_FD, libc::F_GETFD) } < 0 {
-        bail!(
+    let conn = fuse_device::take_connection().with_context(|| {
+        format!(
             "FUSE device {id} is recovered by its keeper (`cora-driver fuse-keeper`), which \
-             passes the connection as descriptor 3"
-        );
-    }
-    // SAFETY: descriptor 3 is open (checked) and ours from here on.
-    let conn = unsafe { OwnedFd::from_raw_fd(fuse_device::CONNECTION_FD) };
+             passes the connection as descriptor {}",
+            fuse_device::CONNECTION_FD
+        )
+    })?;
     let notifier = start(&run, false)?;
     let stop_set = block_stop_signals();
     let mut stats = None;

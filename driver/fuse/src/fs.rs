@@ -283,10 +283,54 @@ fn lend_reply(reply: &mut Option<Reply>, iov: &[IoSlice<'_>], len: usize) -> io:
     let Some(r) = reply.as_mut() else {
         return Err(io::Error::other("source lent twice"));
     };
-    // On error still unanswered: the caller answers with it.
-    r.try_data(iov)?;
+    // One writev takes at most IOV_MAX (1024) slices, the reply header included: more are
+    // first gathered into one buffer, by the kernel.
+    if iov.len() < 1024 {
+        // On error still unanswered: the caller answers with it.
+        r.try_data(iov)?;
+    } else {
+        r.try_data(&[IoSlice::new(&gather(iov, total)?)])?;
+    }
     *reply = None;
     Ok(())
+}
+
+/// Copies `iov` (`total` bytes) into a new buffer inside the kernel (`process_vm_readv` on
+/// this process): lent slices may be mapped cache files and are never read in user space.
+fn gather(iov: &[IoSlice<'_>], total: usize) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; total];
+    let mut done = 0;
+    // process_vm_readv takes at most IOV_MAX remote slices per call.
+    for part in iov.chunks(1024) {
+        let len: usize = part.iter().map(|s| s.len()).sum();
+        let local = libc::iovec {
+            iov_base: out[done..].as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        // SAFETY: IoSlice is ABI-compatible with iovec; `local` is `len` writable bytes of
+        // `out`; the remote slices are live for the call and only read.
+        let n = unsafe {
+            libc::process_vm_readv(
+                libc::getpid(),
+                &local,
+                1,
+                part.as_ptr().cast(),
+                part.len() as libc::c_ulong,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("lent memory gave {n} of {len} bytes"),
+            ));
+        }
+        done += len;
+    }
+    Ok(out)
 }
 
 /// A read waiting on a fetch: its buffer (local bytes already in) and its unanswered reply.

@@ -148,8 +148,9 @@ pub fn mount(
 /// Serves again the mount at `mountpoint` (canonical, as [`FuseMount::mountpoint`] gave it)
 /// whose server died, from `connection`: a descriptor of its `/dev/fuse` open file that
 /// another process kept ([`FuseMount::share_connection`]). Requests the dead server had read
-/// but not answered are queued again (`FUSE_NOTIFY_RESEND`, Linux 6.9+; older kernels leave
-/// them waiting, which this logs).
+/// but not answered are queued again (`FUSE_NOTIFY_RESEND`, Linux 6.9+). Where the kernel
+/// cannot, those requests would wait for ever: the connection is aborted instead (its readers
+/// get errors) and this fails.
 pub fn resume(
     source: Arc<dyn BlockSource>,
     connection: std::os::fd::OwnedFd,
@@ -162,17 +163,31 @@ pub fn resume(
     };
     let chan = Arc::new(session::Channel::new(connection));
     // No file system call on the mount point before the session runs: it would wait for us.
-    let dev = mounted_devs(mountpoint)
-        .map_err(mount_err)?
-        .pop()
-        .ok_or_else(|| mount_err(io::Error::other("no FUSE mount there any more")))?;
+    // A mount detached while in use (`del` of a busy device) is in no mountinfo any more but
+    // still served; unmounting it is then nobody's job.
+    let dev = mounted_devs(mountpoint).map_err(mount_err)?.pop();
     if let Err(e) = chan.resend() {
-        tracing::warn!(
-            "asking the kernel to resend the dead server's requests: {e} (Linux 6.9+); reads \
-             that were in flight stay unanswered"
-        );
+        // The dead server's requests would wait for ever, and their readers with them (and
+        // the readers of the pages they lock): end the connection instead, so they fail.
+        if let Some((major, minor)) = dev {
+            let abort = format!("/sys/fs/fuse/connections/{}/abort", (major << 20) | minor);
+            if let Err(a) = std::fs::write(&abort, "1") {
+                tracing::warn!("aborting the connection through {abort}: {a}");
+            }
+        }
+        return Err(mount_err(io::Error::other(format!(
+            "the kernel cannot resend the requests the dead server held (FUSE_NOTIFY_RESEND, \
+             Linux 6.9+): {e}; connection aborted"
+        ))));
     }
-    start(source, chan, mountpoint.to_path_buf(), dev, opts).map_err(mount_err)
+    start(
+        source,
+        chan,
+        mountpoint.to_path_buf(),
+        dev.unwrap_or((0, 0)),
+        opts,
+    )
+    .map_err(mount_err)
 }
 
 /// Starts serving `chan` in the background.
