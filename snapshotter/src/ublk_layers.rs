@@ -706,11 +706,16 @@ impl RemoteLayers for UblkLayers {
             }
         };
         for d in list {
-            if recorded.contains(&d.id) || d.pid <= 0 {
+            if recorded.contains(&d.id) {
                 continue;
             }
-            // Only servers this snapshotter started: their arguments name its stack files.
-            let Some(mountpoint) = self.stack_of_server(d.pid) else {
+            // Only servers this snapshotter started: their arguments name its stack files. A
+            // FUSE device between servers is known by its keeper's (the same files).
+            let Some(mountpoint) = std::iter::once(d.pid)
+                .chain(d.keeper_pid)
+                .filter(|p| *p > 0)
+                .find_map(|p| self.stack_of_server(p))
+            else {
                 continue;
             };
             warn!(id = d.id, mountpoint = %mountpoint.display(), "deleting a device an earlier run started but never recorded");
@@ -1678,14 +1683,23 @@ mod tests {
         foreign.pid = std::process::id() as i32;
         let mut kept = device(5, Transport::Ublk, "LIVE", D);
         kept.pid = ours.id() as i32;
-        fake.lists(&[kept, orphan, foreign]);
+        // A FUSE device whose server died, known by its keeper's arguments.
+        let fuse_id = (1 << 24) + 3;
+        let mut between = device(fuse_id, Transport::Fuse, "QUIESCED", D);
+        between.pid = -1;
+        between.keeper_pid = Some(ours.id() as i32);
+        fake.lists(&[kept, orphan, foreign, between]);
         b.reconcile();
         let _ = ours.kill();
         let _ = ours.wait();
         let list = format!("list --json --fuse-dir {}", fuse_dir.display());
         assert_eq!(
             fake.take_calls(),
-            [list, format!("del 7 --fuse-dir {}", fuse_dir.display())]
+            [
+                list,
+                format!("del 7 --fuse-dir {}", fuse_dir.display()),
+                format!("del {fuse_id} --fuse-dir {}", fuse_dir.display())
+            ]
         );
     }
 

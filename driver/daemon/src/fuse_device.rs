@@ -364,9 +364,15 @@ const MAX_FAILED_STARTS: u32 = 8;
 /// server whenever the current one dies while the mount is still there. Ends with the
 /// connection. SIGTERM/SIGINT: passed on to a live server (which unmounts); with none, the
 /// keeper takes the mount away itself.
-pub fn keep(dir: &Path, id: u32, server_pid: i32, stats_file: Option<&Path>) -> Result<()> {
+pub fn keep(
+    stop_set: libc::sigset_t,
+    dir: &Path,
+    id: u32,
+    server_pid: i32,
+    stats_file: Option<&Path>,
+) -> Result<()> {
     let conn = take_connection()?;
-    let signals = signal_fd()?;
+    let signals = signal_fd(&stop_set)?;
     let mut server = match Watched::open(server_pid, false) {
         Ok(w) => Some(w),
         // Gone already (it died before we looked): recover at once.
@@ -544,21 +550,16 @@ fn give_up(dir: &Path, id: u32, why: &str) {
     let _ = std::fs::remove_dir(&mnt);
 }
 
-/// SIGTERM and SIGINT, blocked and read from a descriptor.
-fn signal_fd() -> Result<OwnedFd> {
-    // SAFETY: sigset manipulation on a local, masking for this (only) thread, then a new fd.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("signalfd");
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
+/// A descriptor to read the signals of `set` from (blocked already, see
+/// `block_stop_signals`).
+fn signal_fd(set: &libc::sigset_t) -> Result<OwnedFd> {
+    // SAFETY: a new descriptor for an initialised set.
+    let fd = unsafe { libc::signalfd(-1, set, libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("signalfd");
     }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn write_state(dir: &Path, info: &DeviceInfo) -> Result<()> {
@@ -715,11 +716,18 @@ mod tests {
         let dead = done.id() as i32;
         let me = std::process::id() as i32;
         let id = FUSE_ID_BASE.to_string();
-        // `; :` keeps the shell from exec'ing sleep, so its arguments stay.
+        // `; :` keeps the shell from exec'ing sleep, so its arguments stay; its first line
+        // says it runs (exec done: /proc shows its own arguments).
         let mut keeper = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; :", "fuse-keeper", &id])
+            .args(["-c", "echo up; sleep 30; :", "fuse-keeper", &id])
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(keeper.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "up\n");
         let k = keeper.id() as i32;
         assert_eq!(state(&device(me, Some(k))), DeviceState::Live);
         assert_eq!(state(&device(dead, Some(k))), DeviceState::Quiesced);

@@ -288,7 +288,13 @@ fn main() {
             stats_file,
         } => {
             init_tracing();
-            fuse_device::keep(&fuse_dir, id, server_pid, stats_file.as_deref())
+            fuse_device::keep(
+                block_stop_signals(),
+                &fuse_dir,
+                id,
+                server_pid,
+                stats_file.as_deref(),
+            )
         }
         Cmd::List { json, fuse_dir } => list(json, &fuse_dir),
         Cmd::Del { id, fuse_dir } if id >= FUSE_ID_BASE => {
