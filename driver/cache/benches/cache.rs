@@ -1,9 +1,12 @@
-//! Warm read throughput of the chunk cache next to `pread` on one plain file with the same
-//! bytes, measured in the same run. Prints numbers; asserts only that the bytes are right.
+//! The chunk cache next to plain files holding the same bytes, measured in the same run, on
+//! ext4 (/var/tmp) and tmpfs (/dev/shm): insert throughput vs `write`, warm random 4 KiB and
+//! 1 MiB reads vs `pread`, and how long opening a cache of 1 M entries takes. Prints numbers;
+//! asserts only that the bytes are right.
 //!
-//! `cargo bench -p cora-cache --bench cache` (env: CACHE_BENCH_MIB, default 256).
+//! `cargo bench -p cora-cache --bench cache` (env: CACHE_BENCH_MIB, default 256;
+//! CACHE_BENCH_FS=ext4|tmpfs for one of them; CACHE_BENCH_ENTRIES, default 1048576).
 
-use cache::{CacheOptions, ChunkCache, raise_nofile_limit, sha256};
+use cache::{CacheOptions, ChunkCache, sha256};
 use std::fs::File;
 use std::hint::black_box;
 use std::io::Write;
@@ -48,49 +51,6 @@ fn pieces(pos: usize, buf: &mut [u8], mut f: impl FnMut(usize, usize, &mut [u8])
     }
 }
 
-/// A read-only shared mapping of a whole chunk file.
-struct Mapping {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and never mutated; the files are not truncated while
-// the bench runs.
-unsafe impl Send for Mapping {}
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(file: &File) -> Mapping {
-        use std::os::fd::AsRawFd;
-        let len = file.metadata().expect("stat").len() as usize;
-        // SAFETY: mapping a regular file read-only; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap failed");
-        Mapping { ptr, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: ptr/len describe a live read-only mapping owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what mmap returned.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 fn run(positions: &[usize], len: usize, threads: usize, read: &ReadFn<'_>) -> Result {
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -117,52 +77,76 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let nofile = raise_nofile_limit().unwrap_or(0);
-    let total = mib << 20;
-    let n_chunks = total / CHUNK;
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let only = std::env::var("CACHE_BENCH_FS").ok();
+    let n_chunks = (mib << 20) / CHUNK;
     let mut rng = cora_testdata::XorShift::new(0x1234_5678_9abc_def1);
-
+    let chunks: Vec<([u8; 32], Vec<u8>)> = (0..n_chunks)
+        .map(|_| {
+            let data: Vec<u8> = (0..CHUNK / 8)
+                .flat_map(|_| rng.next_u64().to_le_bytes())
+                .collect();
+            (sha256(&data), data)
+        })
+        .collect();
     println!(
-        "chunk cache bench: {mib} MiB as {n_chunks} chunks of {} KiB, RLIMIT_NOFILE {nofile}",
+        "chunk cache bench: {mib} MiB as {n_chunks} chunks of {} KiB",
         CHUNK / 1024
     );
-    let setup = Instant::now();
-    let writer = ChunkCache::open(&tmp.path().join("cache"), u64::MAX).expect("open cache");
-    let plain_path = tmp.path().join("plain.img");
-    let mut plain = File::create(&plain_path).expect("create plain file");
-    let mut digests = Vec::with_capacity(n_chunks);
-    let mut data = vec![0u8; CHUNK];
-    for _ in 0..n_chunks {
-        for word in data.chunks_exact_mut(8) {
-            word.copy_from_slice(&rng.next_u64().to_le_bytes());
+    for (fs, base) in [("ext4", "/var/tmp"), ("tmpfs", "/dev/shm")] {
+        if only.as_deref().is_some_and(|o| o != fs) {
+            continue;
         }
-        let d = sha256(&data);
-        writer.insert(&d, &data).expect("insert");
-        plain.write_all(&data).expect("write plain");
-        digests.push(d);
+        let tmp = tempfile::tempdir_in(base).expect("tempdir");
+        println!("\n=== {fs} ({base}) ===");
+        on_filesystem(tmp.path(), &chunks, &mut rng);
+    }
+    let entries: usize = std::env::var("CACHE_BENCH_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 20);
+    open_large(entries);
+}
+
+/// Inserts, then warm reads, on one filesystem.
+fn on_filesystem(
+    dir: &std::path::Path,
+    chunks: &[([u8; 32], Vec<u8>)],
+    rng: &mut cora_testdata::XorShift,
+) {
+    let total = chunks.len() * CHUNK;
+    let mb = total as f64 / 1e6;
+    // Insert: the cache's own work only (the digests are known; the lazy source hashes each
+    // chunk as it decodes it) vs writing the same bytes to one plain file.
+    let plain_path = dir.join("plain.img");
+    let t = Instant::now();
+    let mut plain = File::create(&plain_path).expect("create plain file");
+    for (_, data) in chunks {
+        plain.write_all(data).expect("write plain");
     }
     drop(plain);
-    drop(writer);
-    println!(
-        "setup (hash + insert + plain write): {:.2?}",
-        setup.elapsed()
-    );
-
-    let plain = File::open(&plain_path).expect("open plain");
-    // A fresh handle: its first pass opens and verifies every entry (the cold-fd cost).
-    let cache = ChunkCache::open(&tmp.path().join("cache"), u64::MAX).expect("open cache");
-    let mut buf = vec![0u8; CHUNK];
+    let write_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for d in &digests {
-        assert!(cache.read_at(d, 0, &mut buf[..4096]).expect("read"));
+    let writer = ChunkCache::open(&dir.join("cache"), u64::MAX).expect("open cache");
+    for (d, data) in chunks {
+        writer.insert_verified(d, data).expect("insert");
     }
-    let first = t.elapsed();
+    drop(writer);
+    let insert_secs = t.elapsed().as_secs_f64();
     println!(
-        "first read per chunk (open + sha256 verify + pread): {:.1} us/chunk",
-        first.as_secs_f64() * 1e6 / n_chunks as f64
+        "insert: {:.0} MB/s vs write of the same bytes {:.0} MB/s -> {:.2}x",
+        mb / insert_secs,
+        mb / write_secs,
+        write_secs / insert_secs
     );
-    // Warm the plain file's page cache too, and check both return the same bytes.
+    let t = Instant::now();
+    let cache = ChunkCache::open(&dir.join("cache"), u64::MAX).expect("open cache");
+    println!(
+        "open after insert: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let digests: Vec<[u8; 32]> = chunks.iter().map(|(d, _)| *d).collect();
+    let plain = File::open(&plain_path).expect("open plain");
+    let mut buf = vec![0u8; CHUNK];
     let mut pbuf = vec![0u8; CHUNK];
     for (i, d) in digests.iter().enumerate() {
         plain
@@ -171,32 +155,9 @@ fn main() {
         assert!(cache.read_at(d, 0, &mut buf).expect("read"));
         assert_eq!(buf, pbuf, "cache and plain file differ at chunk {i}");
     }
-    println!(
-        "fd cache holds {} open files",
-        cache.stats().expect("stats").open_files
-    );
-
-    // Lower bounds for one-file-per-chunk storage, without any cache bookkeeping: pread on
-    // fds held in a Vec, and memcpy from mmap'd chunk files (the road not taken: a file
-    // truncated behind our back would SIGBUS the server instead of returning an error).
-    let chunk_files: Vec<File> = digests
-        .iter()
-        .map(|d| File::open(cache.entry_path(d)).expect("open chunk file"))
-        .collect();
-    let maps: Vec<Mapping> = chunk_files.iter().map(Mapping::new).collect();
-
     let mut mmap_opts = CacheOptions::new(u64::MAX);
     mmap_opts.mmap = true;
-    let mapped_cache = ChunkCache::open_with(&tmp.path().join("cache"), mmap_opts).expect("open");
-    for d in &digests {
-        assert!(mapped_cache.read_at(d, 0, &mut buf).expect("read"));
-    }
-
-    let mut no_fd_opts = CacheOptions::new(u64::MAX);
-    no_fd_opts.max_open_files = 0;
-    no_fd_opts.verify_on_open = false;
-    let no_fd = ChunkCache::open_with(&tmp.path().join("cache"), no_fd_opts).expect("open");
-
+    let mapped = ChunkCache::open_with(&dir.join("cache"), mmap_opts).expect("open");
     println!(
         "\neach variant: {ROUNDS} interleaved rounds over the same random positions; best round \
          (median in brackets); ratio = best / best of pread on the plain file"
@@ -209,45 +170,65 @@ fn main() {
             plain.read_exact_at(b, pos as u64).expect("pread");
         };
         let via_cache = |pos: usize, b: &mut [u8]| cache_read(&cache, &digests, pos, b);
-        let via_open = |pos: usize, b: &mut [u8]| cache_read(&no_fd, &digests, pos, b);
-        let via_mapped = |pos: usize, b: &mut [u8]| cache_read(&mapped_cache, &digests, pos, b);
-        let bookkeeping_only = |pos: usize, b: &mut [u8]| {
-            pieces(pos, b, |idx, off, _| {
-                let hit = cache.read_at(&digests[idx], off, &mut []).expect("read_at");
-                assert!(hit, "chunk {idx} missing from a warm cache");
-            })
-        };
-        let bare_pread = |pos: usize, b: &mut [u8]| {
-            pieces(pos, b, |idx, off, dst| {
-                chunk_files[idx]
-                    .read_exact_at(dst, off as u64)
-                    .expect("pread chunk");
-            })
-        };
-        let bare_mmap = |pos: usize, b: &mut [u8]| {
-            pieces(pos, b, |idx, off, dst| {
-                dst.copy_from_slice(&maps[idx].bytes()[off..off + dst.len()]);
-            })
-        };
+        let via_mapped = |pos: usize, b: &mut [u8]| cache_read(&mapped, &digests, pos, b);
         for threads in [1, 2] {
             println!("\nrandom {} KiB reads, {threads} thread(s):", len / 1024);
-            let mut variants: Vec<(&str, &ReadFn<'_>)> = vec![
+            let variants: Vec<(&str, &ReadFn<'_>)> = vec![
                 ("pread on one plain file (reference)", &pread),
-                ("cache read_at", &via_cache),
+                ("cache read_at (pread)", &via_cache),
                 ("cache read_at, mmap mode", &via_mapped),
-                ("cache read_at, no fd cache (open per read)", &via_open),
-                ("bare pread on chunk files (no bookkeeping)", &bare_pread),
-                ("bare memcpy from mmap'd chunk files", &bare_mmap),
-                (
-                    "cache read_at of 0 bytes (bookkeeping only)",
-                    &bookkeeping_only,
-                ),
             ];
-            if threads > 1 {
-                variants.truncate(3);
-            }
             compare(&variants, &positions, len, threads);
         }
+    }
+    let s = cache.stats().expect("stats");
+    println!(
+        "\n{} entries, {} segments, {:.1} MB on disk for {:.1} MB of chunks ({:.1} % overhead); open files {}",
+        s.entries,
+        s.segments,
+        s.disk_bytes as f64 / 1e6,
+        s.bytes as f64 / 1e6,
+        (s.disk_bytes as f64 / s.bytes as f64 - 1.0) * 100.0,
+        s.open_files
+    );
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Opening a cache of `entries` chunks (made-up sealed segments of 1000 entries each).
+fn open_large(entries: usize) {
+    let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let per = 1000;
+    let t = Instant::now();
+    cache::synthesize_sealed_segments(tmp.path(), entries.div_ceil(per), per).expect("synthesize");
+    println!(
+        "\nopen of a cache with {entries} entries in {} segments (ext4, written in {:.1} s):",
+        entries.div_ceil(per),
+        t.elapsed().as_secs_f64()
+    );
+    for round in 0..3 {
+        let rss = rss_kib();
+        let t = Instant::now();
+        let cache = ChunkCache::open(tmp.path(), u64::MAX).expect("open");
+        let secs = t.elapsed().as_secs_f64();
+        let grown = rss_kib().saturating_sub(rss);
+        let n = cache.stats().expect("stats").entries;
+        assert_eq!(n as usize, entries.div_ceil(per) * per);
+        println!(
+            "  round {round}: {:.0} ms, RSS +{:.0} MiB ({:.0} bytes per entry)",
+            secs * 1e3,
+            grown as f64 / 1024.0,
+            grown as f64 * 1024.0 / n as f64
+        );
     }
 }
 

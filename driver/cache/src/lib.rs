@@ -2,81 +2,87 @@
 //! the host.
 //!
 //! A chunk is keyed by the sha256 of its *uncompressed* bytes and stored uncompressed, so a
-//! warm read is one `pread` on an already open file and never decompresses.
+//! warm read is one positioned read (or a memcpy from a mapping) at a known offset of an
+//! already open file, and never decompresses.
 //!
 //! # Layout
 //! ```text
-//! DIR/chunks/ab/cdef…   one file per chunk, named by its sha256 hex (2 + 62 chars)
-//! DIR/tmp/              inserts in progress where O_TMPFILE is unusable: renamed into chunks/
-//! DIR/lock              flock(2) target: one evictor / gc at a time across processes
+//! DIR/segments/<name>.seg   append-only segment files: records of (header, chunk bytes)
+//! DIR/segments/<name>.idx   a sealed segment's table of contents (its mtime: the LRU clock)
+//! DIR/state                 two shared counters (layout changes, records published), mapped
+//! DIR/fill.lock             per-digest insert locks (OFD byte locks)
+//! DIR/lock                  flock(2): one evictor / gc at a time
 //! ```
+//! Formats are in [`format`]. Why segments and not a file per chunk (the layout before,
+//! which an older cache directory still holds and which is discarded on open): creating a
+//! file cost ~1.1 ms on ext4 (inode allocation), 1120 of them 1.2–1.4 s for a 102 MB stack;
+//! each chunk needed its own fd (64 Ki per device and RLIMIT games) and its own hash on
+//! first open; and an evicted chunk still open elsewhere kept its space. A segment is one
+//! file per ~64 MiB: an insert is two `pwrite`s into a file already open, and the fds a
+//! process holds are bounded by [`CacheOptions::max_open_segments`]. The alternative, a
+//! sparse file per layer with a presence map, would make a chunk shared by two layers
+//! (common: the same file in two images) a copy or a second fetch; content addressing keeps
+//! it once.
 //!
-//! # Consistency
-//! * An entry appears under its final name only when fully written: an unnamed `O_TMPFILE`
-//!   file in the entry's directory is `linkat(2)`-ed in (a crashed writer leaves nothing), or,
-//!   where the filesystem lacks `O_TMPFILE`, a temp file under `tmp/` is `rename(2)`-d in (a
-//!   crashed writer leaves at most that temp file, which is never served and which
-//!   [`ChunkCache::gc`] removes once older than [`CacheOptions::tmp_max_age`]).
-//! * Files are never modified in place, only unlinked (eviction, gc). An fd opened on an
-//!   entry keeps reading correct bytes even after another process unlinked it; a lookup that
-//!   loses the race against an unlink sees `ENOENT` and reports a miss.
-//! * fsync policy: by default no fsync at all (a cache may lose entries on power loss). The
-//!   price is that after a power loss an entry may be truncated or zero-filled under its final
-//!   name, so every entry is verified (sha256) when this process first opens it
-//!   ([`CacheOptions::verify_on_open`]); bad entries are removed and reported as misses.
-//!   Entries written by this process are not re-hashed: the write fd is kept open and reused,
-//!   and an entry reopened after falling out of the fd cache is not hashed again if its
-//!   (dev, inode, ctime, size) matches the version this process verified or wrote.
-//!   Set [`CacheOptions::sync_data`] to `fdatasync` each entry before the rename instead.
-//! * Concurrent inserts of one digest, from threads or processes, each write their own file:
-//!   the first link wins (the others see `EEXIST`), or the last rename does; all are identical.
+//! # Sharing and consistency
+//! * Each process appends to a segment of its own, holding its `flock` while it does; a
+//!   record's data is written before its header, and a header only counts if its CRC checks
+//!   out, so a reader never sees part of a record, and a writer killed mid-insert leaves a
+//!   torn tail that readers stop at. A full segment is sealed: its index is written
+//!   (temp file renamed into place) and its lock dropped. A segment left unlocked without an
+//!   index (its writer died) is sealed by the next process that opens the cache, evicts or
+//!   runs gc: records up to the torn tail are kept, the rest is cut off.
+//! * Readers never wait for writers: each process keeps a map of digest → (segment, offset)
+//!   and, on a miss only, checks two counters in the shared `state` mapping; if another
+//!   process published or changed segments since, it reads the new indexes and the new
+//!   records at the tails of open segments ([`index`]).
+//! * Concurrent inserts of one chunk store it once: an insert takes a byte lock chosen by the
+//!   digest in `fill.lock` (processes) and the writer's mutex (threads), and looks again.
+//! * Power loss: there is no fsync by default, so after a crash of the machine a record may
+//!   name bytes that never reached the disk. Every segment carries the boot id of the boot
+//!   that wrote it; entries of segments from another boot are checked against the CRC-32 in
+//!   their header when this process first reads them ([`CacheOptions::verify_on_open`]), and
+//!   dropped if they do not match. [`CacheOptions::sync_data`] syncs each record's data
+//!   before its header instead. `gc` checks every entry's sha256.
 //!
 //! # Recency and eviction
-//! The LRU clock is the entry's mtime (atime is unreliable under relatime). A read refreshes
-//! it at most once per [`CacheOptions::touch_interval`] per entry per process. When a
-//! process's estimate of the cache size passes the limit (its last scan plus what it inserted
-//! since), it takes the `lock` flock, rescans, and unlinks least-recently-used entries down to
-//! 90 % of the limit. Other processes' inserts are seen at the next scan, which each process
-//! forces after inserting 1/8 of the limit, bounding the overshoot.
+//! Eviction removes whole sealed segments, least recently used first, by the mtime of their
+//! index; a read refreshes it at most once per [`CacheOptions::touch_interval`] per segment
+//! per process. Removing a segment bumps the layout counter, so every process drops its
+//! entries and closes its fd at its next miss; a reader in the middle of a read keeps the
+//! file until it is done (the bytes stay right), so space is freed as soon as no read is
+//! in flight. When a process's estimate of the cache size passes the limit (its last scan
+//! plus what it inserted since), it takes the `lock` flock, rescans, and evicts down to 90 %
+//! of the limit; it rescans after inserting 1/8 of the limit, bounding the overshoot of
+//! other processes' inserts. A segment's hot chunks go with its cold ones (no compaction).
 //!
-//! # Measured (`cargo bench -p cora-cache --bench cache`: 256 MiB as 4096 chunks of 64 KiB, warm)
-//! Best of 7 interleaved rounds on the shared 2-core dev VM (load ~13, so ±30 % noise),
-//! against `pread` on one plain file holding the same bytes in the same run:
-//!
-//! | random reads, 1 thread (two runs)  | ops/s       | vs plain pread |
-//! |-------------------------------------|-------------|----------------|
-//! | 4 KiB `read_at` (pread mode)        | 155 k       | 0.69–0.70x     |
-//! | 4 KiB `read_at` (mmap mode)         | 400–474 k   | 1.8–2.1x       |
-//! | 4 KiB, open per read (no fd cache)  | 40–45 k     | 0.18–0.21x     |
-//! | 1 MiB = 16 `read_at` (pread mode)   | 2.7–3.7 k (2.9–3.9 GB/s) | 0.61–0.76x |
-//! | 1 MiB = 16 `read_at` (mmap mode)    | 4.9–6.2 k (5.2–6.6 GB/s) | 1.10–1.29x |
-//!
-//! Bare `pread` on the chunk files without any bookkeeping gets 0.87–0.92x (4 KiB) and
-//! 0.65–0.97x (1 MiB: 16 syscalls instead of one); the bookkeeping alone (shard lock, map
-//! lookup, counters, clock) is ~0.25 µs per call. First read of an entry by a process (open + sha256 verify of 64 KiB):
-//! ~0.2 ms. pread stays the default because an I/O error then reaches the caller as an error
-//! instead of a SIGBUS; set [`CacheOptions::mmap`] for the faster path.
+//! # Measured
+//! `cargo bench -p cora-cache --bench cache`; see `bench/results/` for the latest table.
 
-mod fdcache;
+mod format;
+mod index;
+mod openseg;
 mod scan;
+mod shared;
+mod writer;
 
 pub use scan::{GcReport, PruneReport, Removed, RemovedReason};
 
-use fdcache::{FdCache, OpenChunk};
+use index::Index;
+use openseg::{OpenSeg, OpenSegs, SegId};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::ffi::CString;
+use shared::{DirLock, FillLocks, SharedState};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 use tracing::{debug, warn};
+use writer::Writer;
 
 /// A chunk digest: sha256 of the uncompressed chunk bytes.
 pub type ChunkDigest = [u8; 32];
@@ -168,136 +174,95 @@ impl Clock for ManualClock {
 /// Tunables; [`CacheOptions::new`] gives the defaults used by [`ChunkCache::open`].
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
-    /// Evict least recently used entries when the cache grows past this many bytes.
+    /// Evict least recently used segments when the cache grows past this many bytes.
     pub limit_bytes: u64,
-    /// Open chunk files kept per process. Default: a quarter of `RLIMIT_NOFILE` (soft),
-    /// clamped to 64..=65536; 0 disables the fd cache (open per read).
-    pub max_open_files: usize,
-    /// A read refreshes an entry's mtime at most this often (per entry, per process).
+    /// Segment files a process keeps open for reading (closing the least recently used).
+    pub max_open_segments: usize,
+    /// A segment is sealed once it holds this many bytes. 0: a sixteenth of the limit,
+    /// between 64 KiB and 64 MiB (eviction frees a segment at a time).
+    pub segment_bytes: u64,
+    /// A read refreshes a segment's LRU clock at most this often (per segment, per process).
     pub touch_interval: Duration,
-    /// Hash each entry when this process first opens it and drop it if it does not match.
+    /// Check entries written during an earlier boot against their CRC-32 when this process
+    /// first reads them, and drop those that do not match (bytes lost in a power cut).
     pub verify_on_open: bool,
-    /// With `verify_on_open`, skip hashing entries whose ctime is after this system's boot:
-    /// they were written, or verified and refreshed, by a process of this boot, so no power
-    /// loss can have damaged them. For long-lived readers (a device process) that would
-    /// otherwise hash every chunk it opens once. Off by default: an entry damaged in place
-    /// by someone else during this boot is then served as is.
-    pub trust_since_boot: bool,
-    /// `fdatasync` each new entry before renaming it into place.
+    /// `fdatasync` each record's data before writing its header.
     pub sync_data: bool,
-    /// Map open entries and serve reads by memcpy instead of `pread` (several times faster
-    /// for 4 KiB reads, see the module doc). Off by default: a file truncated in place by
-    /// someone else, or a disk I/O error, then kills the process with SIGBUS instead of
-    /// returning an error.
+    /// Serve reads by memcpy from a mapping of the segment instead of `pread` (faster for
+    /// small reads). Off by default: a disk I/O error then kills the process with SIGBUS
+    /// instead of returning an error.
     pub mmap: bool,
-    /// `gc` removes temp files older than this (younger ones may be inserts in progress).
+    /// `gc` removes index temp files older than this (younger ones may be being written).
     pub tmp_max_age: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Stand-in for this boot's id, for tests that play a reboot.
+    #[doc(hidden)]
+    pub boot_id: Option<[u8; 16]>,
 }
 
 impl CacheOptions {
     pub fn new(limit_bytes: u64) -> Self {
         CacheOptions {
             limit_bytes,
-            max_open_files: default_max_open_files(),
+            max_open_segments: 64,
+            segment_bytes: 0,
             touch_interval: Duration::from_secs(60),
             verify_on_open: true,
-            trust_since_boot: false,
             sync_data: false,
             mmap: false,
             tmp_max_age: Duration::from_secs(3600),
             clock: Arc::new(SystemClock),
+            boot_id: None,
         }
     }
-}
 
-fn nofile_limit() -> Option<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes into the struct we pass.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    (rc == 0).then_some((lim.rlim_cur, lim.rlim_max))
-}
-
-fn default_max_open_files() -> usize {
-    let soft = nofile_limit().map_or(1024, |(soft, _)| soft);
-    usize::try_from(soft / 4)
-        .unwrap_or(MAX_OPEN_FILES)
-        .clamp(64, MAX_OPEN_FILES)
-}
-
-/// Most chunk files the fd cache keeps open: every chunk of a 4 GiB image at 64 KiB.
-const MAX_OPEN_FILES: usize = 65536;
-/// The `RLIMIT_NOFILE` a long-lived reader asks for: room for a full fd cache.
-const WANT_NOFILE: u64 = 4 * MAX_OPEN_FILES as u64;
-
-/// Raise this process's `RLIMIT_NOFILE` so the fd cache can hold a whole image's chunks: to
-/// [`WANT_NOFILE`] where privileged (a ublk server runs as root, and a bare init leaves the hard
-/// limit at 4096, an fd cache of 1024 for 16 Ki chunks per GiB), else the soft limit to the hard
-/// one. Call before [`ChunkCache::open`]; returns the new soft limit.
-pub fn raise_nofile_limit() -> io::Result<u64> {
-    let (soft, hard) = nofile_limit().ok_or_else(io::Error::last_os_error)?;
-    let set = |cur: u64, max: u64| {
-        let lim = libc::rlimit {
-            rlim_cur: cur,
-            rlim_max: max,
-        };
-        // SAFETY: setrlimit only reads the struct we pass.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 }
-    };
-    // The kernel refuses limits above fs.nr_open.
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(hard);
-    let want = WANT_NOFILE.min(nr_open).max(soft);
-    if want > hard && set(want, want) {
-        return Ok(want);
+    fn effective_segment_bytes(&self) -> u64 {
+        if self.segment_bytes > 0 {
+            return self.segment_bytes;
+        }
+        (self.limit_bytes / 16).clamp(64 << 10, 64 << 20)
     }
-    if set(hard, hard) {
-        return Ok(hard);
-    }
-    Err(io::Error::last_os_error())
 }
 
-/// Cache occupancy (from disk) and this process's counters.
+/// Cache occupancy (as this process sees it after catching up) and this process's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheStats {
     pub entries: u64,
+    /// Bytes of the cached chunks.
     pub bytes: u64,
+    /// Bytes of the segment files (chunks, headers, page alignment, torn tails).
+    pub disk_bytes: u64,
+    pub segments: u64,
     pub limit: u64,
     pub hits: u64,
     pub misses: u64,
     pub inserts: u64,
+    /// Entries removed by this process's evictions.
     pub evictions: u64,
-    /// Entries found corrupt on open and removed by this process.
+    /// Entries found corrupt and dropped by this process.
     pub corrupt: u64,
-    /// Entries hashed on open by this process (fd-cache misses on entries not yet verified).
+    /// Entries of earlier boots checked on first read by this process.
     pub verified_on_open: u64,
-    /// Open chunk files held by this process.
+    /// Segment files held open by this process.
     pub open_files: u64,
 }
 
 impl fmt::Display for CacheStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use cora_api::size::format_size;
         writeln!(f, "entries:   {}", self.entries)?;
+        writeln!(f, "bytes:     {} ({})", self.bytes, format_size(self.bytes))?;
         writeln!(
             f,
-            "bytes:     {} ({})",
-            self.bytes,
-            cora_api::size::format_size(self.bytes)
+            "on disk:   {} ({}) in {} segments",
+            self.disk_bytes,
+            format_size(self.disk_bytes),
+            self.segments
         )?;
         if self.limit == u64::MAX {
             writeln!(f, "limit:     none")?;
         } else {
-            writeln!(
-                f,
-                "limit:     {} ({})",
-                self.limit,
-                cora_api::size::format_size(self.limit)
-            )?;
+            writeln!(f, "limit:     {} ({})", self.limit, format_size(self.limit))?;
         }
         write!(
             f,
@@ -330,75 +295,71 @@ struct SizeEstimate {
     inserted_since_scan: u64,
 }
 
-/// Identity of one on-disk version of an entry. A file renamed into place later (even one
-/// reusing the inode number) has a newer ctime, since rename updates it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    ctime: i64,
-    ctime_nsec: i64,
-    size: u64,
-}
-
-impl FileId {
-    fn of(meta: &fs::Metadata) -> Self {
-        FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            ctime: meta.ctime(),
-            ctime_nsec: meta.ctime_nsec(),
-            size: meta.len(),
-        }
-    }
-}
-
-/// Entries this process has already hashed (or written), so reopening one after it fell out
-/// of the fd cache does not hash it again. Cleared wholesale when it grows past the bound.
-#[derive(Default)]
-struct VerifiedSet(Mutex<HashMap<ChunkDigest, FileId>>);
-
-const VERIFIED_MAX: usize = 1 << 20;
-
-impl VerifiedSet {
-    fn contains(&self, digest: &ChunkDigest, id: FileId) -> bool {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(digest) == Some(&id)
-    }
-
-    fn insert(&self, digest: &ChunkDigest, id: FileId) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= VERIFIED_MAX {
-            map.clear();
-        }
-        map.insert(*digest, id);
-    }
-}
-
-struct Inner {
+pub(crate) struct Inner {
     dir: PathBuf,
-    chunks: PathBuf,
-    tmp: PathBuf,
+    segs_dir: PathBuf,
     lock_path: PathBuf,
     opts: CacheOptions,
-    fds: FdCache,
-    verified: VerifiedSet,
+    segment_bytes: u64,
+    boot_id: format::BootId,
+    shared: SharedState,
+    fills: FillLocks,
+    index: RwLock<Index>,
+    /// One refresh at a time; lookups meanwhile use the index as it is.
+    refreshing: Mutex<()>,
+    writer: Mutex<Option<Writer>>,
+    open: OpenSegs,
     counters: Counters,
     estimate: Mutex<SizeEstimate>,
     evicting: AtomicBool,
-    tmp_seq: AtomicU64,
-    /// Set once `O_TMPFILE` + `linkat` proved unusable here.
-    no_tmpfile: AtomicBool,
 }
 
-/// Outcome of [`ChunkCache::write_unnamed`].
-enum Unnamed {
-    /// Linked in under the final name; the fd is the entry's.
-    Placed(File),
-    /// The entry was already there.
-    Exists,
-    /// Use a named temp file instead.
-    Unsupported,
+impl Inner {
+    fn index_read(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn index_write(&self) -> RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The segment open for reading; `None` if it is gone (evicted, or unknown).
+    fn open_seg(&self, id: SegId) -> Result<Option<Arc<OpenSeg>>> {
+        if let Some(seg) = self.open.get(id) {
+            return Ok(Some(seg));
+        }
+        let Some(name) = self.index_read().segs.get(&id).map(|s| s.name.clone()) else {
+            return Ok(None);
+        };
+        let path = index::seg_path(&self.segs_dir, &name);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let len = file.metadata().map_err(io_err("stat", &path))?.len();
+        // Room for what a writer may still append (it seals past segment_bytes, by at most
+        // one chunk); records past the mapping are read with pread.
+        let map_len = len.max(self.segment_bytes.saturating_mul(2) + (16 << 20));
+        let seg = Arc::new(OpenSeg::new(file, map_len));
+        self.open.put(id, seg.clone());
+        Ok(Some(seg))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let writer = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(w) = writer
+            && let Err(e) = self.seal(w)
+        {
+            warn!(error = %e, "could not seal cache segment (the next process to open the cache does)");
+        }
+    }
 }
 
 /// Handle on a cache directory; cheap to clone, shareable between threads.
@@ -416,6 +377,7 @@ impl fmt::Debug for ChunkCache {
     }
 }
 
+#[cfg(test)]
 const EMPTY_SHA256: ChunkDigest = [
     0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
     0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
@@ -431,6 +393,32 @@ pub fn sha256(data: &[u8]) -> ChunkDigest {
     Sha256::digest(data).into()
 }
 
+/// Where a cached chunk's bytes are, in a segment this process holds open.
+struct Found {
+    seg: Arc<OpenSeg>,
+    offset: u64,
+    len: u32,
+}
+
+/// This boot's id: segments carry it, so entries written before a power cut are told apart.
+/// Unreadable: an id of this process alone (nothing written by others is trusted).
+fn read_boot_id() -> format::BootId {
+    let parsed = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|s| {
+            let mut id = [0u8; 16];
+            hex::decode_to_slice(s.trim().replace('-', ""), &mut id).ok()?;
+            Some(id)
+        });
+    parsed.unwrap_or_else(|| {
+        let seed = format!("{}-{:?}", std::process::id(), SystemTime::now());
+        let d = sha256(seed.as_bytes());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&d[..16]);
+        id
+    })
+}
+
 impl ChunkCache {
     /// Open (creating if needed) the cache in `dir` with default options.
     pub fn open(dir: &Path, limit_bytes: u64) -> Result<ChunkCache> {
@@ -438,12 +426,10 @@ impl ChunkCache {
     }
 
     pub fn open_with(dir: &Path, opts: CacheOptions) -> Result<ChunkCache> {
-        let chunks = dir.join("chunks");
-        let tmp = dir.join("tmp");
+        let segs_dir = dir.join("segments");
         // Private to its owner (root): the chunks are image contents, and anyone who could
-        // open the lock file could flock it and stall every eviction, and so every insert
-        // that waits for one.
-        for d in [dir, &chunks, &tmp] {
+        // open the lock files could stall every eviction and insert.
+        for d in [dir, &segs_dir] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -451,29 +437,41 @@ impl ChunkCache {
                 .map_err(io_err("create directory", d))?;
         }
         let lock_path = dir.join("lock");
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err("create lock file", &lock_path))?;
-        debug!(dir = %dir.display(), limit = opts.limit_bytes, fds = opts.max_open_files, "chunk cache opened");
-        Ok(ChunkCache {
+        drop(DirLock::create(&lock_path)?);
+        discard_old_layout(dir, &lock_path)?;
+        let shared = SharedState::open(&dir.join("state"))?;
+        let fills = FillLocks::open(&dir.join("fill.lock"))?;
+        let segment_bytes = opts.effective_segment_bytes();
+        let boot_id = opts.boot_id.unwrap_or_else(read_boot_id);
+        let cache = ChunkCache {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
-                chunks,
-                tmp,
+                segs_dir,
                 lock_path,
-                fds: FdCache::new(opts.max_open_files),
-                verified: VerifiedSet::default(),
+                open: OpenSegs::new(opts.max_open_segments),
+                segment_bytes,
                 opts,
+                boot_id,
+                shared,
+                fills,
+                index: RwLock::new(Index {
+                    // Never equal to the shared counters' values: the first refresh lists.
+                    seen: (u64::MAX, u64::MAX),
+                    ..Index::default()
+                }),
+                refreshing: Mutex::default(),
+                writer: Mutex::default(),
                 counters: Counters::default(),
                 estimate: Mutex::default(),
                 evicting: AtomicBool::new(false),
-                tmp_seq: AtomicU64::new(0),
-                no_tmpfile: AtomicBool::new(false),
             }),
-        })
+        };
+        if let Err(e) = cache.inner.seal_dead(&mut Vec::new(), false) {
+            warn!(error = %e, "could not seal dead writers' cache segments");
+        }
+        cache.inner.refresh()?;
+        debug!(dir = %dir.display(), limit = cache.inner.opts.limit_bytes, "chunk cache opened");
+        Ok(cache)
     }
 
     pub fn dir(&self) -> &Path {
@@ -484,204 +482,159 @@ impl ChunkCache {
         self.inner.opts.limit_bytes
     }
 
-    /// Final path of an entry: `chunks/ab/cdef…`.
-    pub fn entry_path(&self, digest: &ChunkDigest) -> PathBuf {
-        let hex = digest_hex(digest);
-        self.inner.chunks.join(&hex[..2]).join(&hex[2..])
-    }
-
     /// Copy `buf.len()` bytes of the chunk starting at `offset` into `buf`.
     ///
-    /// Returns `Ok(false)` if the chunk is not cached (including when it vanished between
-    /// lookup and open, or was found corrupt and removed). A range that does not lie inside
-    /// the entry means the entry is not that chunk (cut short in place, not verified because
-    /// trusted, see [`CacheOptions::trust_since_boot`]): it is removed and this is a miss, so
-    /// the caller fetches the chunk again. A range that does not fit in `usize` is an
-    /// [`CacheError::OutOfRange`] error.
+    /// Returns `Ok(false)` if the chunk is not cached (including when it was evicted between
+    /// lookup and open, or was found corrupt and dropped). A range outside the chunk is an
+    /// [`CacheError::OutOfRange`] error: the chunk's length follows from its digest, so the
+    /// caller's idea of it is wrong.
     pub fn read_at(&self, digest: &ChunkDigest, offset: usize, buf: &mut [u8]) -> Result<bool> {
-        let Some(end) = offset.checked_add(buf.len()) else {
+        if offset.checked_add(buf.len()).is_none() {
             return Err(CacheError::OutOfRange {
                 digest: digest_hex(digest),
                 offset,
                 len: buf.len(),
                 size: 0,
             });
-        };
-        let Some(chunk) = self.lookup(digest)? else {
+        }
+        let Some(found) = self.locate(digest)? else {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         };
-        if end as u64 > chunk.size {
-            self.discard(digest, &chunk, end as u64);
-            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+        let out_of_range = || CacheError::OutOfRange {
+            digest: digest_hex(digest),
+            offset,
+            len: buf.len(),
+            size: u64::from(found.len),
+        };
+        let end = offset.checked_add(buf.len()).ok_or_else(out_of_range)?;
+        if end as u64 > u64::from(found.len) {
+            return Err(out_of_range());
         }
         self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-        chunk
-            .read_exact_at(buf, offset as u64)
-            .map_err(|e| io_err("read", &self.entry_path(digest))(e))?;
+        self.copy_out(&found, offset as u64, buf)?;
         Ok(true)
+    }
+
+    fn copy_out(&self, found: &Found, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = found.offset + offset;
+        if self.inner.opts.mmap
+            && let Some(src) = found.seg.mapped(at, buf.len())
+        {
+            buf.copy_from_slice(src);
+            return Ok(());
+        }
+        found
+            .seg
+            .file
+            .read_exact_at(buf, at)
+            .map_err(|e| io_err("read", &self.inner.segs_dir)(e))
     }
 
     /// The whole chunk, or `None` if not cached.
     pub fn get(&self, digest: &ChunkDigest) -> Result<Option<Vec<u8>>> {
-        let Some(chunk) = self.lookup(digest)? else {
+        let Some(found) = self.locate(digest)? else {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
         self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-        let len = usize::try_from(chunk.size).map_err(|_| CacheError::OutOfRange {
-            digest: digest_hex(digest),
-            offset: 0,
-            len: usize::MAX,
-            size: chunk.size,
-        })?;
-        let mut data = vec![0u8; len];
-        chunk
-            .read_exact_at(&mut data, 0)
-            .map_err(|e| io_err("read", &self.entry_path(digest))(e))?;
+        let mut data = vec![0u8; found.len as usize];
+        self.copy_out(&found, 0, &mut data)?;
         Ok(Some(data))
     }
 
     /// Lend the whole cached chunk as mapped memory, for handing it to the kernel without a
-    /// copy (e.g. `pwritev` into a ublk request). `Ok(None)` if the chunk is not cached or
-    /// cannot be mapped. Counts a hit like [`ChunkCache::read_at`].
+    /// copy (e.g. `pwritev` into a ublk request). `Ok(None)` if the chunk is not cached, is
+    /// not `len` bytes long, or cannot be mapped. Counts a hit like [`ChunkCache::read_at`].
     ///
-    /// Only pass [`LentChunk::kernel_bytes`] to system calls: a page that cannot be read (an
-    /// entry truncated in place by someone else, a disk error) then fails the call with
-    /// `EFAULT`, whereas touching it from user space would raise SIGBUS.
-    ///
-    /// `len` is the chunk's length by the index: an entry of another size is removed (as in
-    /// [`ChunkCache::read_at`]) and this is a miss.
+    /// Only pass [`LentChunk::kernel_bytes`] to system calls: a page that cannot be read (a
+    /// disk error) then fails the call with `EFAULT`, whereas touching it from user space
+    /// would raise SIGBUS.
     pub fn lend(&self, digest: &ChunkDigest, len: u64) -> Result<Option<LentChunk>> {
-        let Some(chunk) = self.lookup_sized(digest, len)? else {
+        let Some(found) = self.locate_sized(digest, len)? else {
             return Ok(None);
         };
-        if chunk.lend().is_none() {
+        if found.seg.mapped(found.offset, found.len as usize).is_none() {
             return Ok(None);
         }
         self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(LentChunk(chunk)))
+        Ok(Some(LentChunk(found)))
     }
 
-    /// The cached chunk as an open file, for reading by fd (an io_uring read into a ublk
-    /// request); `Ok(None)` if it is not cached. Counts a hit like [`ChunkCache::read_at`];
-    /// sizes are checked as in [`ChunkCache::lend`].
+    /// The cached chunk as an open file and the offset of its bytes in it, for reading by fd
+    /// (an io_uring read into a ublk request); `Ok(None)` if it is not cached or not `len`
+    /// bytes long. Counts a hit like [`ChunkCache::read_at`].
     pub fn open_chunk(&self, digest: &ChunkDigest, len: u64) -> Result<Option<HeldChunk>> {
-        let Some(chunk) = self.lookup_sized(digest, len)? else {
+        let Some(found) = self.locate_sized(digest, len)? else {
             return Ok(None);
         };
         self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(HeldChunk(chunk)))
+        Ok(Some(HeldChunk(found)))
     }
 
-    /// [`ChunkCache::lookup`] of an entry that must be `len` bytes: one of another size is
-    /// removed. Counts misses (not hits).
-    fn lookup_sized(&self, digest: &ChunkDigest, len: u64) -> Result<Option<Arc<OpenChunk>>> {
-        let Some(chunk) = self.lookup(digest)? else {
-            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
-        };
-        if chunk.size != len {
-            self.discard(digest, &chunk, len);
-            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
+    /// [`ChunkCache::locate`] of a chunk that must be `len` bytes. Counts misses.
+    fn locate_sized(&self, digest: &ChunkDigest, len: u64) -> Result<Option<Found>> {
+        match self.locate(digest)? {
+            Some(found) if u64::from(found.len) == len => Ok(Some(found)),
+            Some(found) => {
+                warn!(digest = %digest_hex(digest), size = found.len, want = len, "cached chunk of another length asked for");
+                self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+            None => {
+                self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
         }
-        Ok(Some(chunk))
     }
 
-    /// Whether the chunk is cached (without verifying it or counting a hit). An entry this
-    /// process holds open counts as cached even if another process has unlinked it since:
-    /// its bytes are still readable through the open fd.
+    /// Whether the chunk is cached (without checking it or counting a hit).
     pub fn contains(&self, digest: &ChunkDigest) -> bool {
-        self.inner.fds.contains(digest)
-            || fs::metadata(self.entry_path(digest)).is_ok_and(|m| m.is_file())
+        self.inner.lookup(digest, false).is_ok_and(|l| l.is_some())
     }
 
-    /// Drops an entry whose size shows it is not the chunk it is named after (`want` bytes
-    /// were needed): from the fd cache, and from disk if the file there is still this one.
-    fn discard(&self, digest: &ChunkDigest, chunk: &OpenChunk, want: u64) {
-        let path = self.entry_path(digest);
-        warn!(path = %path.display(), size = chunk.size, want, "cache entry of the wrong size removed");
-        self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-        self.inner.fds.remove(digest);
-        if let Ok(meta) = chunk.file.metadata() {
-            remove_if_same_inode(&path, &meta);
-        }
-    }
-
-    /// Find an open fd for the entry, opening (and verifying) it on an fd-cache miss.
-    fn lookup(&self, digest: &ChunkDigest) -> Result<Option<Arc<OpenChunk>>> {
+    /// Finds a chunk, opens its segment, checks it if it was written before this boot, and
+    /// refreshes its segment's LRU clock.
+    fn locate(&self, digest: &ChunkDigest) -> Result<Option<Found>> {
         let inner = &*self.inner;
-        let now = inner.opts.clock.now();
-        if let Some(hit) = inner.fds.get(digest, now, inner.opts.touch_interval) {
-            if hit.touch {
-                self.touch(digest, &hit.chunk.file, now);
-            }
-            return Ok(Some(hit.chunk));
-        }
-        let path = self.entry_path(digest);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            // Absent, evicted since the caller looked, or a fan-out entry that is a file.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                ) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(io_err("open", &path)(e)),
+        let Some(loc) = inner.lookup(digest, true)? else {
+            return Ok(None);
         };
-        let meta = file.metadata().map_err(io_err("stat", &path))?;
-        if !meta.is_file() {
-            warn!(path = %path.display(), "cache entry is not a regular file; treating as absent");
+        let Some(seg) = inner.open_seg(loc.seg)? else {
+            // Evicted since we loaded it: forget it, so the chunk is fetched and stored anew.
+            inner.forget(digest, loc.seg);
             return Ok(None);
-        }
-        let id = FileId::of(&meta);
-        let suspicious_empty = meta.len() == 0 && *digest != EMPTY_SHA256;
-        // See `CacheOptions::trust_since_boot`.
-        let must_verify = inner.opts.verify_on_open
-            && !inner.verified.contains(digest, id)
-            && !(inner.opts.trust_since_boot && changed_since_boot(&meta));
-        if suspicious_empty || (must_verify && !verify_file(&file, digest, &path)?) {
-            warn!(path = %path.display(), size = meta.len(), "corrupt cache entry removed");
-            inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-            remove_if_same_inode(&path, &meta);
-            return Ok(None);
-        }
-        if must_verify {
+        };
+        let found = Found {
+            seg,
+            offset: loc.offset,
+            len: loc.len,
+        };
+        if !loc.checked {
             inner
                 .counters
                 .verified_on_open
                 .fetch_add(1, Ordering::Relaxed);
-            inner.verified.insert(digest, id);
+            let mut data = vec![0u8; loc.len as usize];
+            self.copy_out(&found, 0, &mut data)?;
+            if format::data_crc(&data) != loc.data_crc {
+                warn!(digest = %digest_hex(digest), "cache entry from an earlier boot is damaged (power loss?); dropped");
+                inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                inner.forget(digest, loc.seg);
+                return Ok(None);
+            }
+            if let Some(l) = inner.index_read().entries.get(digest) {
+                l.checked.store(true, Ordering::Relaxed);
+            }
         }
-        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        let stale = now
-            .duration_since(mtime)
-            .is_ok_and(|age| age >= inner.opts.touch_interval);
-        if stale {
-            self.touch(digest, &file, now);
+        if let Some(path) = &loc.touch {
+            inner.touch(path);
         }
-        let touched = if stale { now } else { mtime };
-        let chunk = Arc::new(OpenChunk::new(file, meta.len(), inner.opts.mmap));
-        Ok(Some(inner.fds.put(digest, chunk, touched)))
+        Ok(Some(found))
     }
 
-    /// Refresh the entry's mtime, the LRU clock shared by all processes. Best effort: a
-    /// failure only makes the entry look older than it is.
-    fn touch(&self, digest: &ChunkDigest, file: &File, now: SystemTime) {
-        if let Err(e) = file.set_modified(now) {
-            debug!(digest = %digest_hex(digest), error = %e, "could not refresh cache entry mtime");
-        }
-    }
-
-    /// Store a chunk after checking that `data` hashes to `digest`.
-    ///
-    /// Already-present entries of the right size are left alone. The data goes to a temp file
-    /// in `DIR/tmp` that is renamed into place, so no reader ever sees a partial entry.
+    /// Store a chunk after checking that `data` hashes to `digest`. A chunk already cached
+    /// is left alone.
     pub fn insert(&self, digest: &ChunkDigest, data: &[u8]) -> Result<()> {
         let actual = sha256(data);
         if actual != *digest {
@@ -698,173 +651,24 @@ impl ChunkCache {
     /// a cold read).
     pub fn insert_verified(&self, digest: &ChunkDigest, data: &[u8]) -> Result<()> {
         let inner = &*self.inner;
-        let path = self.entry_path(digest);
-        if inner.fds.contains(digest)
-            || fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == data.len() as u64)
-        {
+        if inner.lookup(digest, false)?.is_some() {
             return Ok(());
         }
-        let file = match self.write_unnamed(&path, data)? {
-            Unnamed::Placed(file) => file,
-            Unnamed::Exists => return Ok(()),
-            Unnamed::Unsupported => self.write_renamed(digest, &path, data)?,
+        // Another process may be storing the same chunk: wait for it, then look again.
+        let _fill = inner.fills.lock(digest);
+        if inner.lookup(digest, false)?.is_some() {
+            return Ok(());
+        }
+        let added = {
+            let mut writer = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if inner.index_read().entries.contains_key(digest) {
+                return Ok(()); // another thread of ours stored it meanwhile
+            }
+            inner.append(&mut writer, digest, data)?
         };
         inner.counters.inserts.fetch_add(1, Ordering::Relaxed);
-        // After the link or rename, so the recorded ctime is the final one.
-        if let Ok(meta) = file.metadata() {
-            inner.verified.insert(digest, FileId::of(&meta));
-        }
-        // The write fd now names the final entry; keep it so the next read needs no open and
-        // no verification (we just hashed these bytes).
-        let chunk = Arc::new(OpenChunk::new(file, data.len() as u64, inner.opts.mmap));
-        inner.fds.put(digest, chunk, inner.opts.clock.now());
-        self.note_inserted(data.len() as u64);
+        self.note_inserted(added);
         Ok(())
-    }
-
-    /// Writes `data` to an unnamed file (`O_TMPFILE`) in the entry's own directory and links
-    /// it in under its final name. Cheaper than a temp file renamed across directories (one
-    /// directory operation, no filesystem-wide rename lock, no shared `tmp/` whose lock every
-    /// writer takes), and a crash leaves nothing behind. `Unsupported` where the filesystem
-    /// or a missing `/proc` does not allow it: the caller falls back to a named temp file.
-    fn write_unnamed(&self, path: &Path, data: &[u8]) -> Result<Unnamed> {
-        let inner = &*self.inner;
-        if inner.no_tmpfile.load(Ordering::Relaxed) {
-            return Ok(Unnamed::Unsupported);
-        }
-        let Some(dir) = path.parent() else {
-            return Ok(Unnamed::Unsupported);
-        };
-        let open = || {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_TMPFILE)
-                .mode(0o644)
-                .open(dir)
-        };
-        let opened = match open() {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // The fan-out directory does not exist yet (created lazily).
-                fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-                open()
-            }
-            r => r,
-        };
-        let mut file = match opened {
-            Ok(f) => f,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
-                ) =>
-            {
-                inner.no_tmpfile.store(true, Ordering::Relaxed);
-                return Ok(Unnamed::Unsupported);
-            }
-            Err(e) => return Err(io_err("create unnamed file in", dir)(e)),
-        };
-        self.fill(&mut file, data, path)?;
-        let proc_path = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .map_err(|_| io_err("link", path)(io::ErrorKind::InvalidInput.into()))?;
-        let dest = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io_err("link", path)(io::ErrorKind::InvalidInput.into()))?;
-        // SAFETY: both arguments are valid NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                proc_path.as_ptr(),
-                libc::AT_FDCWD,
-                dest.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        };
-        if rc == 0 {
-            return Ok(Unnamed::Placed(file));
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            // Another writer (thread or process) placed the same, verified bytes first.
-            Some(libc::EEXIST) => Ok(Unnamed::Exists),
-            // No procfs here (or it hides our fds): stop trying.
-            Some(libc::ENOENT | libc::EACCES | libc::EPERM) => {
-                inner.no_tmpfile.store(true, Ordering::Relaxed);
-                Ok(Unnamed::Unsupported)
-            }
-            _ => Err(io_err("link into place", path)(e)),
-        }
-    }
-
-    /// The portable insert: a named temp file under `tmp/`, renamed into place.
-    fn write_renamed(&self, digest: &ChunkDigest, path: &Path, data: &[u8]) -> Result<File> {
-        let (tmp_path, mut file) = self.create_temp(digest)?;
-        let written = self
-            .fill(&mut file, data, &tmp_path)
-            .and_then(|()| self.rename_into_place(&tmp_path, path));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp_path);
-            return Err(e);
-        }
-        Ok(file)
-    }
-
-    /// Writes a new entry's bytes, stamps its LRU clock and, if configured, syncs it.
-    fn fill(&self, file: &mut File, data: &[u8], path: &Path) -> Result<()> {
-        let opts = &self.inner.opts;
-        file.write_all(data).map_err(io_err("write", path))?;
-        file.set_modified(opts.clock.now())
-            .map_err(io_err("set mtime of", path))?;
-        if opts.sync_data {
-            file.sync_data().map_err(io_err("fdatasync", path))?;
-        }
-        Ok(())
-    }
-
-    fn create_temp(&self, digest: &ChunkDigest) -> Result<(PathBuf, File)> {
-        let inner = &*self.inner;
-        let hex = digest_hex(digest);
-        let pid = std::process::id();
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        loop {
-            let seq = inner.tmp_seq.fetch_add(1, Ordering::Relaxed);
-            // pid + sequence is unique among live processes of one pid namespace; the nanos
-            // make clashes across namespaces unlikely, and create_new makes them harmless.
-            let tmp_path = inner.tmp.join(format!("{hex}.{pid}.{nanos:x}.{seq}.tmp"));
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&tmp_path)
-            {
-                Ok(f) => return Ok((tmp_path, f)),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    // Someone removed tmp/; recreate it once and retry.
-                    fs::create_dir_all(&inner.tmp)
-                        .map_err(io_err("create directory", &inner.tmp))?;
-                    if seq > 8 {
-                        return Err(io_err("create temp file", &tmp_path)(e));
-                    }
-                }
-                Err(e) => return Err(io_err("create temp file", &tmp_path)(e)),
-            }
-        }
-    }
-
-    fn rename_into_place(&self, tmp_path: &Path, path: &Path) -> Result<()> {
-        match fs::rename(tmp_path, path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // The fan-out directory does not exist yet (created lazily).
-                if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
-                }
-                fs::rename(tmp_path, path).map_err(io_err("rename into place", path))
-            }
-            Err(e) => Err(io_err("rename into place", path)(e)),
-        }
     }
 
     fn note_inserted(&self, bytes: u64) {
@@ -894,61 +698,211 @@ impl ChunkCache {
 
     /// Evict to 90 % of the limit unless another thread of this process is already evicting.
     /// Another process's eviction is waited for, then this one scans again: that process may
-    /// have scanned before our inserts, and skipping would leave them uncounted for good when
-    /// we insert nothing more (a burst of inserts by several processes then overshot the limit
-    /// by far more than the limit / 8 each process may hold unscanned). The cost: an insert
-    /// that is due to evict waits while `cora cache gc` (which hashes every entry) runs.
+    /// have scanned before our inserts.
     fn auto_evict(&self) -> Result<()> {
         let inner = &*self.inner;
         if inner.evicting.swap(true, Ordering::Acquire) {
             return Ok(());
         }
         let result = (|| {
-            let _lock = scan::DirLock::acquire(&inner.lock_path)?;
+            let _lock = DirLock::acquire(&inner.lock_path)?;
             let target = inner.opts.limit_bytes / 10 * 9;
-            self.evict_locked(target).map(|_| ())
+            inner.evict_locked(target).map(|_| ())
         })();
         inner.evicting.store(false, Ordering::Release);
         result
     }
 
-    /// Statistics: entries and bytes from a scan of the directory, counters of this process.
+    /// Entries and bytes as this process sees them after catching up, disk use from a
+    /// listing, and this process's counters.
     pub fn stats(&self) -> Result<CacheStats> {
-        let listing = scan::list_entries(&self.inner.chunks)?;
-        let c = &self.inner.counters;
+        let inner = &*self.inner;
+        inner.refresh()?;
+        let (entries, bytes) = {
+            let idx = inner.index_read();
+            let bytes = idx.entries.values().map(|l| u64::from(l.len)).sum();
+            (idx.entries.len() as u64, bytes)
+        };
+        let listing = index::list(&inner.segs_dir)?;
+        let disk_bytes = listing
+            .segs
+            .iter()
+            .filter_map(|n| fs::metadata(index::seg_path(&inner.segs_dir, n)).ok())
+            .map(|m| m.len())
+            .sum();
+        let c = &inner.counters;
         Ok(CacheStats {
-            entries: listing.len() as u64,
-            bytes: listing.iter().map(|e| e.size).sum(),
-            limit: self.inner.opts.limit_bytes,
+            entries,
+            bytes,
+            disk_bytes,
+            segments: listing.segs.len() as u64,
+            limit: inner.opts.limit_bytes,
             hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             inserts: c.inserts.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
             corrupt: c.corrupt.load(Ordering::Relaxed),
             verified_on_open: c.verified_on_open.load(Ordering::Relaxed),
-            open_files: self.inner.fds.len() as u64,
+            open_files: inner.open.len() as u64,
         })
     }
 }
 
-/// A cached chunk from [`ChunkCache::open_chunk`]: its fd stays open while this is held
-/// (eviction only drops the cache's own reference), and its bytes never change.
-pub struct HeldChunk(Arc<OpenChunk>);
+/// A copy of an index entry's fields.
+struct LocView {
+    seg: SegId,
+    offset: u64,
+    len: u32,
+    data_crc: u32,
+    checked: bool,
+    /// The segment's index, when its LRU clock is due a touch (at most once per
+    /// `touch_interval` per segment per process).
+    touch: Option<PathBuf>,
+}
+
+impl Inner {
+    /// The entry, read under one index lock; `None` (outer) when segments were added or
+    /// removed since this process last caught up. With `now` (a read), also says whether the
+    /// entry's segment is due for an LRU touch, claiming it.
+    fn view(
+        &self,
+        digest: &ChunkDigest,
+        layout: Option<u64>,
+        now: Option<u64>,
+    ) -> Option<Option<LocView>> {
+        let idx = self.index_read();
+        if layout.is_some_and(|l| l != idx.seen.0) {
+            return None;
+        }
+        let Some(l) = idx.entries.get(digest) else {
+            return Some(None);
+        };
+        let touch = now.and_then(|secs| {
+            let seg = idx.segs.get(&l.seg).filter(|s| s.sealed)?;
+            let last = seg.touched.load(Ordering::Relaxed);
+            if last != 0 && secs >= last && secs - last < self.opts.touch_interval.as_secs() {
+                return None;
+            }
+            seg.touched.store(secs.max(1), Ordering::Relaxed);
+            Some(index::idx_path(&self.segs_dir, &seg.name))
+        });
+        Some(Some(LocView {
+            seg: l.seg,
+            offset: l.offset,
+            len: l.len,
+            data_crc: l.data_crc,
+            checked: l.checked.load(Ordering::Relaxed),
+            touch,
+        }))
+    }
+
+    /// The chunk's place. Catches up with other processes first when segments were added or
+    /// removed, and on a miss when anything was published. `read`: the caller reads it now
+    /// (its segment's LRU clock may be due, see [`LocView::touch`]).
+    fn lookup(&self, digest: &ChunkDigest, read: bool) -> Result<Option<LocView>> {
+        let now = read.then(|| {
+            self.opts
+                .clock
+                .now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        });
+        let layout = self.shared.layout().load(Ordering::Acquire);
+        if let Some(Some(v)) = self.view(digest, Some(layout), now) {
+            return Ok(Some(v));
+        }
+        self.refresh()?;
+        Ok(self.view(digest, None, now).flatten())
+    }
+
+    /// Drops an entry this process can no longer serve (its segment is gone, or it is damaged)
+    /// if it still points into `seg`.
+    fn forget(&self, digest: &ChunkDigest, seg: SegId) {
+        let mut idx = self.index_write();
+        if idx.entries.get(digest).is_some_and(|l| l.seg == seg) {
+            idx.entries.remove(digest);
+        }
+    }
+
+    /// Moves a sealed segment's LRU clock (its index's mtime) to now.
+    fn touch(&self, idx_path: &Path) {
+        if let Err(e) = set_mtime(idx_path, self.opts.clock.now()) {
+            debug!(path = %idx_path.display(), error = %e, "could not refresh cache segment clock");
+        }
+    }
+}
+
+fn set_mtime(path: &Path, t: SystemTime) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let d = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(io::Error::other)?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: libc::time_t::try_from(d.as_secs()).map_err(io::Error::other)?,
+            tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
+        },
+    ];
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path and two timespecs that outlive the call.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A cache directory in the layout before segments (`chunks/ab/cdef…`, a file per chunk) is
+/// emptied, with one message: its chunks are fetched again as needed.
+fn discard_old_layout(dir: &Path, lock_path: &Path) -> Result<()> {
+    let old = [dir.join("chunks"), dir.join("tmp")];
+    if !old.iter().any(|p| p.exists()) {
+        return Ok(());
+    }
+    let _lock = DirLock::acquire(lock_path)?;
+    for p in &old {
+        match fs::remove_dir_all(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove old cache layout", p)(e)),
+        }
+    }
+    warn!(dir = %dir.display(), "discarded a chunk cache in the old file-per-chunk layout; chunks are fetched again as needed");
+    Ok(())
+}
+
+/// A cached chunk from [`ChunkCache::open_chunk`]: its segment stays open while this is held
+/// (eviction only unlinks the file), and its bytes never change.
+pub struct HeldChunk(Found);
+
+impl HeldChunk {
+    /// Where the chunk's bytes start in the file.
+    pub fn offset(&self) -> u64 {
+        self.0.offset
+    }
+}
 
 impl AsRawFd for HeldChunk {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.file.as_raw_fd()
+        self.0.seg.file.as_raw_fd()
     }
 }
 
 /// A cached chunk lent by [`ChunkCache::lend`]; keeps its mapping alive while held.
-pub struct LentChunk(Arc<OpenChunk>);
+pub struct LentChunk(Found);
 
 impl LentChunk {
     /// The chunk's bytes, mapped. Hand them to the kernel only (see [`ChunkCache::lend`]).
     pub fn kernel_bytes(&self) -> &[u8] {
-        // `lend` returned this chunk only after its mapping was made; it never goes away.
-        self.0.lend().unwrap_or_default()
+        // `lend` returned this chunk only after its range was mapped; it never goes away.
+        self.0
+            .seg
+            .mapped(self.0.offset, self.0.len as usize)
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
@@ -960,77 +914,48 @@ impl LentChunk {
     }
 }
 
-/// Whether the entry's ctime is after this system's boot (`btime` of /proc/stat). Only
-/// writes (rename into place) and mtime refreshes change an entry's ctime, and a refresh
-/// happens only after the entry was verified or written, so a lost power (a reboot) since then
-/// is ruled out. Unknown boot time: false (verify).
-fn changed_since_boot(meta: &fs::Metadata) -> bool {
-    static BOOT: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
-    let boot = BOOT.get_or_init(|| {
-        let stat = fs::read_to_string("/proc/stat").ok()?;
-        stat.lines()
-            .find_map(|l| l.strip_prefix("btime "))
-            .and_then(|v| v.trim().parse().ok())
-    });
-    boot.is_some_and(|b| meta.ctime() > b)
-}
-
-/// Hash the whole file and compare with its name.
-fn verify_file(file: &File, digest: &ChunkDigest, path: &Path) -> Result<bool> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut reader = file;
-    // `&File` reads from the current position; the fd is fresh, so that is 0. Later reads
-    // use pread and ignore the position.
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("read", path)(e)),
-        };
-        hasher.update(&buf[..n]);
-    }
-    let actual: ChunkDigest = hasher.finalize().into();
-    Ok(actual == *digest)
-}
-
-/// Unlink `path` only if it still names the inode described by `meta`: a concurrent insert
-/// may have renamed a good copy over the bad one since we opened it.
-fn remove_if_same_inode(path: &Path, meta: &fs::Metadata) -> bool {
-    match fs::symlink_metadata(path) {
-        Ok(now) if now.ino() == meta.ino() && now.dev() == meta.dev() => {
-            fs::remove_file(path).is_ok()
+/// Writes `segments` sealed segments of `per_segment` made-up entries each into the cache
+/// at `dir` (sparse files: no chunk bytes behind the entries), to measure how long opening a
+/// large cache takes. What it writes must not be read as a cache.
+#[doc(hidden)]
+pub fn synthesize_sealed_segments(dir: &Path, segments: usize, per_segment: usize) -> Result<()> {
+    let segs_dir = dir.join("segments");
+    fs::create_dir_all(&segs_dir).map_err(io_err("create directory", &segs_dir))?;
+    let boot_id = read_boot_id();
+    let mut seed = 0u64;
+    for _ in 0..segments {
+        let name = writer::fresh_name();
+        let mut end = format::SEG_HEADER_LEN;
+        let mut entries = Vec::with_capacity(per_segment);
+        for _ in 0..per_segment {
+            seed += 1;
+            let (_, offset) = format::next_record_at(end).unwrap_or_default();
+            end = offset + 65_536;
+            entries.push(format::IdxEntry {
+                digest: sha256(&seed.to_le_bytes()),
+                offset,
+                len: 65_536,
+                data_crc: 0,
+            });
         }
-        _ => false,
+        let path = index::seg_path(&segs_dir, &name);
+        let file = File::create(&path).map_err(io_err("create", &path))?;
+        let header = format::SegHeader {
+            boot_id,
+            created_ns: 0,
+        };
+        file.write_all_at(&header.encode(), 0)
+            .and_then(|()| file.set_len(end))
+            .map_err(io_err("write", &path))?;
+        let idx = format::SegIndex {
+            boot_id,
+            end,
+            entries,
+        };
+        writer::write_index(&segs_dir, &name, &idx, SystemTime::now(), false)?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod boot_tests {
-    use super::*;
-
-    #[test]
-    fn entries_written_this_boot_skip_verification_only_when_trusted() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let data = vec![5u8; 10_000];
-        let d = sha256(&data);
-        ChunkCache::open(dir.path(), u64::MAX)
-            .expect("open")
-            .insert(&d, &data)
-            .expect("insert");
-        let mut opts = CacheOptions::new(u64::MAX);
-        let mut buf = vec![0u8; 100];
-        let strict = ChunkCache::open_with(dir.path(), opts.clone()).expect("open");
-        assert!(strict.read_at(&d, 0, &mut buf).expect("read"));
-        assert_eq!(strict.stats().expect("stats").verified_on_open, 1);
-        opts.trust_since_boot = true;
-        let trusting = ChunkCache::open_with(dir.path(), opts).expect("open");
-        assert!(trusting.read_at(&d, 0, &mut buf).expect("read"));
-        assert_eq!(trusting.stats().expect("stats").verified_on_open, 0);
-        assert_eq!(buf, vec![5u8; 100]);
-    }
-}

@@ -1,146 +1,30 @@
-//! Directory scans: listing entries, LRU eviction, prune and the gc/verify pass.
+//! Whole-directory passes: sealing dead writers' segments, LRU eviction, prune, and gc.
 
-use super::{ChunkCache, ChunkDigest, Result, io_err, verify_file};
+use crate::format::{self, SegHeader, SegIndex};
+use crate::index::{self, Loaded, idx_path, scan_records, seg_path};
+use crate::shared::{DirLock, flock};
+use crate::writer::write_index;
+use crate::{ChunkCache, ChunkDigest, Inner, Result, io_err, sha256};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 use tracing::{debug, info, warn};
 
-/// An exclusive flock on `DIR/lock`, released on drop (closing the fd releases it).
-pub(crate) struct DirLock {
-    _file: File,
-}
-
-impl DirLock {
-    fn open(path: &Path) -> Result<File> {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io_err("open lock file", path))
-    }
-
-    /// Takes the lock, waiting for its holder.
-    pub fn acquire(path: &Path) -> Result<DirLock> {
-        let file = Self::open(path)?;
-        loop {
-            // SAFETY: flock on an fd we own; no memory is passed.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(DirLock { _file: file });
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(io_err("flock", path)(e));
-            }
-        }
-    }
-}
-
-/// One entry under `chunks/` with a valid name.
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    pub digest: ChunkDigest,
-    pub path: PathBuf,
-    pub size: u64,
-    pub mtime: SystemTime,
-}
-
-fn is_lower_hex(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-fn parse_entry_name(fanout: &str, name: &str) -> Option<ChunkDigest> {
-    if fanout.len() != 2 || name.len() != 62 || !is_lower_hex(fanout) || !is_lower_hex(name) {
-        return None;
-    }
-    let mut digest = [0u8; 32];
-    hex::decode_to_slice(format!("{fanout}{name}"), &mut digest).ok()?;
-    Some(digest)
-}
-
-/// Something under `chunks/` that is not a valid entry.
-struct Stray {
-    path: PathBuf,
-    is_dir: bool,
-    size: u64,
-}
-
-/// Walk `chunks/`: valid entries, plus strays (bad names, non-files). Entries that vanish
-/// mid-walk (concurrent eviction) are skipped.
-fn walk(chunks: &Path) -> Result<(Vec<Entry>, Vec<Stray>)> {
-    let mut entries = Vec::new();
-    let mut strays = Vec::new();
-    let top = match fs::read_dir(chunks) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((entries, strays)),
-        Err(e) => return Err(io_err("list", chunks)(e)),
-    };
-    for fan in top {
-        let fan = fan.map_err(io_err("list", chunks))?;
-        let fan_path = fan.path();
-        let Ok(fan_type) = fan.file_type() else {
-            continue;
-        };
-        let fan_name = fan.file_name();
-        let fan_name = fan_name.to_str().unwrap_or("");
-        if !fan_type.is_dir() || fan_name.len() != 2 || !is_lower_hex(fan_name) {
-            let size = fan.metadata().map_or(0, |m| m.len());
-            strays.push(Stray {
-                path: fan_path,
-                is_dir: fan_type.is_dir(),
-                size,
-            });
-            continue;
-        }
-        let list = match fs::read_dir(&fan_path) {
-            Ok(l) => l,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err("list", &fan_path)(e)),
-        };
-        for item in list {
-            let item = item.map_err(io_err("list", &fan_path))?;
-            let path = item.path();
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue; // evicted while we looked
-            };
-            let name = item.file_name();
-            let digest = name.to_str().and_then(|n| parse_entry_name(fan_name, n));
-            match digest {
-                Some(digest) if meta.is_file() => entries.push(Entry {
-                    digest,
-                    path,
-                    size: meta.len(),
-                    mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                }),
-                _ => strays.push(Stray {
-                    path,
-                    is_dir: meta.is_dir(),
-                    size: if meta.is_file() { meta.len() } else { 0 },
-                }),
-            }
-        }
-    }
-    Ok((entries, strays))
-}
-
-pub(crate) fn list_entries(chunks: &Path) -> Result<Vec<Entry>> {
-    Ok(walk(chunks)?.0)
-}
-
 /// Why gc removed something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemovedReason {
-    /// Temp file older than `tmp_max_age`: a crashed or abandoned insert.
+    /// Index temp file older than `tmp_max_age`: a crashed sealer.
     StaleTemp,
-    /// Name is not `ab/<62 hex>` or the entry is not a regular file.
+    /// Not a segment or index file of this cache (or an index whose segment is gone).
     InvalidName,
     /// Content does not hash to the name (truncated, zero-filled, tampered).
     Corrupt,
+    /// The end of a dead writer's segment past its last complete record (a kill mid-insert).
+    TornTail,
 }
 
 impl fmt::Display for RemovedReason {
@@ -149,6 +33,7 @@ impl fmt::Display for RemovedReason {
             RemovedReason::StaleTemp => "stale temp file",
             RemovedReason::InvalidName => "not a cache entry",
             RemovedReason::Corrupt => "content does not match name",
+            RemovedReason::TornTail => "torn tail of a dead writer's segment",
         })
     }
 }
@@ -182,7 +67,7 @@ impl fmt::Display for GcReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "verified {} entries ({}); removed {} ({}): {} stale temp, {} invalid, {} corrupt",
+            "verified {} entries ({}); removed {} ({}): {} stale temp, {} invalid, {} corrupt, {} torn tails",
             self.verified,
             cora_api::size::format_size(self.verified_bytes),
             self.removed.len(),
@@ -190,6 +75,7 @@ impl fmt::Display for GcReport {
             self.count(RemovedReason::StaleTemp),
             self.count(RemovedReason::InvalidName),
             self.count(RemovedReason::Corrupt),
+            self.count(RemovedReason::TornTail),
         )?;
         for r in &self.removed {
             writeln!(
@@ -207,6 +93,8 @@ impl fmt::Display for GcReport {
 /// What [`ChunkCache::prune`] evicted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneReport {
+    /// Segments removed.
+    pub segments_evicted: u64,
     pub target: u64,
     pub entries_before: u64,
     pub bytes_before: u64,
@@ -239,56 +127,171 @@ fn remove_any(path: &Path, is_dir: bool) -> io::Result<()> {
     }
 }
 
-impl ChunkCache {
-    /// Evict least recently used entries (oldest mtime first) until at most `target_bytes`
-    /// remain. Takes the cache-wide lock, waiting for a running eviction or gc.
-    pub fn prune(&self, target_bytes: u64) -> Result<PruneReport> {
-        let _lock = DirLock::acquire(&self.inner.lock_path)?;
-        self.evict_locked(target_bytes)
+fn remove_quietly(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("remove", path)(e)),
+    }
+}
+
+/// An evictable segment: sealed, with its size on disk and its LRU clock.
+struct Sealed {
+    name: String,
+    bytes: u64,
+    entries: u64,
+    used: SystemTime,
+}
+
+impl Inner {
+    /// Seals every segment whose writer died (no index, nobody holds its lock): keeps its
+    /// records up to the first incomplete one, cuts off the rest, writes its index. Segments
+    /// with no complete record are removed. What was cut or removed goes to `removed`.
+    /// `thorough` (gc) also reseals segments whose index is unreadable (a power cut); else a
+    /// segment with an index file counts as sealed without reading it.
+    pub(crate) fn seal_dead(&self, removed: &mut Vec<Removed>, thorough: bool) -> Result<()> {
+        let dir = &self.segs_dir;
+        let listing = index::list(dir)?;
+        let mut changed = false;
+        for name in &listing.segs {
+            if listing.idxs.contains(name)
+                && (!thorough || index::read_index(&idx_path(dir, name)).is_some())
+            {
+                continue;
+            }
+            let path = seg_path(dir, name);
+            let file = match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("open", &path)(e)),
+            };
+            if !flock(&file, libc::LOCK_EX, true, &path)? {
+                continue; // its writer is alive
+            }
+            // Sealed by someone else between our listing and our lock?
+            if index::read_index(&idx_path(dir, name)).is_some() {
+                continue;
+            }
+            let meta = file.metadata().map_err(io_err("stat", &path))?;
+            let len = meta.len();
+            let mut head = [0u8; format::SEG_HEADER_LEN as usize];
+            let header = file
+                .read_exact_at(&mut head, 0)
+                .ok()
+                .and_then(|()| SegHeader::decode(&head));
+            let (entries, end) = match header {
+                Some(_) => scan_records(&file, format::SEG_HEADER_LEN, len)
+                    .map_err(io_err("read", &path))?,
+                None => (Vec::new(), 0),
+            };
+            changed = true;
+            let Some(header) = header.filter(|_| !entries.is_empty()) else {
+                warn!(path = %path.display(), "cache segment of a dead writer holds no complete record; removed");
+                if remove_quietly(&path)? {
+                    removed.push(Removed {
+                        path,
+                        reason: RemovedReason::TornTail,
+                        bytes: len,
+                    });
+                }
+                continue;
+            };
+            if end < len {
+                warn!(path = %path.display(), bytes = len - end, "torn tail of a dead writer's cache segment cut off");
+                file.set_len(end).map_err(io_err("truncate", &path))?;
+                removed.push(Removed {
+                    path: path.clone(),
+                    reason: RemovedReason::TornTail,
+                    bytes: len - end,
+                });
+            }
+            let idx = SegIndex {
+                boot_id: header.boot_id,
+                end,
+                entries,
+            };
+            write_index(dir, name, &idx, self.opts.clock.now(), self.opts.sync_data)?;
+            debug!(segment = %name, entries = idx.entries.len(), "sealed a dead writer's cache segment");
+        }
+        if changed {
+            self.shared.bump_layout();
+        }
+        Ok(())
+    }
+
+    fn sealed_segments(&self) -> Result<(Vec<Sealed>, u64)> {
+        let dir = &self.segs_dir;
+        let listing = index::list(dir)?;
+        let mut sealed = Vec::new();
+        let mut total = 0;
+        for name in &listing.segs {
+            let Ok(seg) = fs::metadata(seg_path(dir, name)) else {
+                continue; // removed while we looked
+            };
+            let idx = listing
+                .idxs
+                .contains(name)
+                .then(|| fs::metadata(idx_path(dir, name)).ok())
+                .flatten();
+            let idx_len = idx.as_ref().map_or(0, |m| m.len());
+            total += seg.len() + idx_len;
+            if let Some(idx) = idx {
+                sealed.push(Sealed {
+                    name: name.clone(),
+                    bytes: seg.len() + idx_len,
+                    // The index holds a 64-byte header, 48 bytes per entry and a CRC.
+                    entries: idx_len.saturating_sub(68) / 48,
+                    used: idx.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        Ok((sealed, total))
     }
 
     /// Eviction proper; the caller holds the directory lock.
     pub(crate) fn evict_locked(&self, target: u64) -> Result<PruneReport> {
-        let inner = &*self.inner;
-        let mut entries = list_entries(&inner.chunks)?;
-        let bytes_before: u64 = entries.iter().map(|e| e.size).sum();
+        self.seal_dead(&mut Vec::new(), false)?;
+        self.refresh()?;
+        let entries_before = self.index_read().entries.len() as u64;
+        let (mut sealed, bytes_before) = self.sealed_segments()?;
         let mut report = PruneReport {
             target,
-            entries_before: entries.len() as u64,
+            entries_before,
             bytes_before,
             bytes_after: bytes_before,
             ..PruneReport::default()
         };
         if bytes_before > target {
-            // Oldest first; the digest breaks ties so the order is deterministic.
-            entries.sort_unstable_by(|a, b| a.mtime.cmp(&b.mtime).then(a.digest.cmp(&b.digest)));
+            // Oldest first; the name breaks ties so the order is deterministic.
+            sealed.sort_unstable_by(|a, b| a.used.cmp(&b.used).then(a.name.cmp(&b.name)));
             let mut remaining = bytes_before;
-            for e in &entries {
+            for s in &sealed {
                 if remaining <= target {
                     break;
                 }
-                match fs::remove_file(&e.path) {
-                    Ok(()) => {
-                        report.evicted += 1;
-                        report.evicted_bytes += e.size;
-                    }
-                    // Removed by someone else (gc, an evictor without our lock): gone anyway.
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                    Err(err) => {
-                        warn!(path = %e.path.display(), error = %err, "cannot evict cache entry");
-                        continue;
-                    }
+                // The segment first: that frees the space; an index left alone is gc's.
+                let seg = seg_path(&self.segs_dir, &s.name);
+                if let Err(e) = remove_quietly(&seg) {
+                    warn!(error = %e, "cannot evict cache segment");
+                    continue;
                 }
-                remaining -= e.size;
-                // Our fd would keep the deleted file's space allocated.
-                inner.fds.remove(&e.digest);
+                remove_quietly(&idx_path(&self.segs_dir, &s.name))?;
+                report.segments_evicted += 1;
+                report.evicted += s.entries;
+                report.evicted_bytes += s.bytes;
+                remaining -= s.bytes;
             }
             report.bytes_after = remaining;
-            inner
-                .counters
+            if report.segments_evicted > 0 {
+                self.shared.bump_layout();
+                // Drop our entries and close our fds on the removed files now.
+                self.refresh()?;
+            }
+            self.counters
                 .evictions
                 .fetch_add(report.evicted, Ordering::Relaxed);
             info!(
+                segments = report.segments_evicted,
                 evicted = report.evicted,
                 bytes = report.evicted_bytes,
                 remaining,
@@ -296,113 +299,187 @@ impl ChunkCache {
                 "cache eviction"
             );
         }
-        let mut est = inner.estimate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut est = self.estimate.lock().unwrap_or_else(|p| p.into_inner());
         est.scanned = Some(report.bytes_after);
         est.inserted_since_scan = 0;
         Ok(report)
     }
+}
 
-    /// Remove stale temp files, anything under `chunks/` that is not a validly named regular
-    /// file, and every entry whose content does not hash to its name (reads all entries).
+impl ChunkCache {
+    /// Evict least recently used segments (oldest first) until at most `target_bytes`
+    /// remain. Takes the cache-wide lock, waiting for a running eviction or gc.
+    pub fn prune(&self, target_bytes: u64) -> Result<PruneReport> {
+        let _lock = DirLock::acquire(&self.inner.lock_path)?;
+        self.inner.evict_locked(target_bytes)
+    }
+
+    /// Seal dead writers' segments, remove stale index temp files and anything in
+    /// `segments/` that is not a segment or index, and check every entry's sha256 (reads
+    /// the whole cache). A segment with bad entries gets a new name and an index without
+    /// them, so every process drops its view of the old one.
     pub fn gc(&self) -> Result<GcReport> {
         let inner = &*self.inner;
         let _lock = DirLock::acquire(&inner.lock_path)?;
         let mut report = GcReport::default();
+        inner.seal_dead(&mut report.removed, true)?;
+        let dir = &inner.segs_dir;
         let now = inner.opts.clock.now();
-
-        match fs::read_dir(&inner.tmp) {
-            Ok(list) => {
-                for item in list {
-                    let item = item.map_err(io_err("list", &inner.tmp))?;
-                    let path = item.path();
-                    let Ok(meta) = fs::symlink_metadata(&path) else {
-                        continue; // renamed into place meanwhile
-                    };
-                    let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    // Future mtimes (clock skew) count as young: never delete a live insert.
-                    let old = now
-                        .duration_since(mtime)
-                        .is_ok_and(|age| age >= inner.opts.tmp_max_age);
-                    if !old {
-                        continue;
-                    }
-                    let bytes = if meta.is_file() { meta.len() } else { 0 };
-                    match remove_any(&path, meta.is_dir()) {
-                        Ok(()) => report.removed.push(Removed {
-                            path,
-                            reason: RemovedReason::StaleTemp,
-                            bytes,
-                        }),
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(io_err("remove", &path)(e)),
-                    }
+        let listing = index::list(dir)?;
+        for path in &listing.strays {
+            let Ok(meta) = fs::symlink_metadata(path) else {
+                continue;
+            };
+            let is_temp = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains(".idx.tmp."));
+            let reason = if is_temp {
+                let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                // Future mtimes (clock skew) count as young: never delete a live sealer's.
+                let old = now
+                    .duration_since(mtime)
+                    .is_ok_and(|age| age >= inner.opts.tmp_max_age);
+                if !old {
+                    continue;
                 }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("list", &inner.tmp)(e)),
-        }
-
-        let (entries, strays) = walk(&inner.chunks)?;
-        for s in strays {
-            match remove_any(&s.path, s.is_dir) {
+                RemovedReason::StaleTemp
+            } else {
+                RemovedReason::InvalidName
+            };
+            let bytes = if meta.is_file() { meta.len() } else { 0 };
+            match remove_any(path, meta.is_dir()) {
                 Ok(()) => report.removed.push(Removed {
-                    path: s.path,
-                    reason: RemovedReason::InvalidName,
-                    bytes: s.size,
+                    path: path.clone(),
+                    reason,
+                    bytes,
                 }),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("remove", &s.path)(e)),
+                Err(e) => return Err(io_err("remove", path)(e)),
             }
         }
-
-        for e in entries {
-            let file = match File::open(&e.path) {
-                Ok(f) => f,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(io_err("open", &e.path)(err)),
-            };
-            let meta = file.metadata().map_err(io_err("stat", &e.path))?;
-            if verify_file(&file, &e.digest, &e.path)? {
-                report.verified += 1;
-                report.verified_bytes += meta.len();
-                continue;
-            }
-            warn!(path = %e.path.display(), "gc: corrupt cache entry");
-            inner.fds.remove(&e.digest);
-            if super::remove_if_same_inode(&e.path, &meta) {
+        for name in listing.idxs.difference(&listing.segs) {
+            let path = idx_path(dir, name);
+            let bytes = fs::metadata(&path).map_or(0, |m| m.len());
+            if remove_quietly(&path)? {
                 report.removed.push(Removed {
-                    path: e.path,
-                    reason: RemovedReason::Corrupt,
-                    bytes: meta.len(),
+                    path,
+                    reason: RemovedReason::InvalidName,
+                    bytes,
                 });
             }
         }
+        let listing = index::list(dir)?;
+        let mut names: Vec<&String> = listing.segs.iter().collect();
+        names.sort();
+        for name in names {
+            self.gc_segment(name, &mut report, true)?;
+        }
         debug!(
-            digests = report.verified,
+            verified = report.verified,
             removed = report.removed.len(),
             "gc done"
         );
         Ok(report)
     }
+
+    /// Check every entry's sha256 (reads the whole cache) and report bad ones in `removed`
+    /// without changing anything: what `gc` would drop.
+    pub fn verify(&self) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let listing = index::list(&self.inner.segs_dir)?;
+        let mut names: Vec<&String> = listing.segs.iter().collect();
+        names.sort();
+        for name in names {
+            self.gc_segment(name, &mut report, false)?;
+        }
+        Ok(report)
+    }
+
+    /// Checks one segment's entries; with `repair`, rewrites a sealed one without its bad
+    /// entries and drops them from this process's view.
+    fn gc_segment(&self, name: &str, report: &mut GcReport, repair: bool) -> Result<()> {
+        let inner = &*self.inner;
+        let dir = &inner.segs_dir;
+        let path = seg_path(dir, name);
+        let (sealed, idx) = match index::load(dir, name, true).map_err(io_err("read", &path))? {
+            Loaded::Sealed(idx) => (true, idx),
+            Loaded::Open {
+                header,
+                entries,
+                end,
+            } => (
+                false,
+                SegIndex {
+                    boot_id: header.boot_id,
+                    end,
+                    entries,
+                },
+            ),
+            Loaded::Unreadable => return Ok(()), // a segment being created
+        };
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let mut bad: Vec<ChunkDigest> = Vec::new();
+        let mut buf = Vec::new();
+        for e in &idx.entries {
+            buf.resize(e.len as usize, 0);
+            let ok = file.read_exact_at(&mut buf, e.offset).is_ok() && sha256(&buf) == e.digest;
+            if ok {
+                report.verified += 1;
+                report.verified_bytes += u64::from(e.len);
+            } else {
+                warn!(segment = %name, digest = %crate::digest_hex(&e.digest), "gc: corrupt cache entry");
+                bad.push(e.digest);
+                report.removed.push(Removed {
+                    path: path.clone(),
+                    reason: RemovedReason::Corrupt,
+                    bytes: u64::from(e.len),
+                });
+            }
+        }
+        if bad.is_empty() || !repair {
+            return Ok(());
+        }
+        for d in &bad {
+            let mut index = inner.index_write();
+            if index.entries.remove(d).is_some() {
+                drop(index);
+                inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !sealed {
+            return Ok(()); // its writer is alive: the bad bytes stay until it is sealed
+        }
+        // A new name for the good entries: processes that loaded the old index drop it.
+        let used = fs::metadata(idx_path(dir, name))
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let new_name = crate::writer::fresh_name();
+        let new_seg = seg_path(dir, &new_name);
+        let good = SegIndex {
+            entries: idx
+                .entries
+                .into_iter()
+                .filter(|e| !bad.contains(&e.digest))
+                .collect(),
+            ..idx
+        };
+        if !good.entries.is_empty() {
+            fs::hard_link(&path, &new_seg).map_err(io_err("link", &new_seg))?;
+            write_index(dir, &new_name, &good, used, inner.opts.sync_data)?;
+        }
+        remove_quietly(&path)?;
+        remove_quietly(&idx_path(dir, name))?;
+        inner.shared.bump_layout();
+        Ok(())
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::digest_hex;
-
-    #[test]
-    fn entry_names_are_strict() {
-        let d = [0xabu8; 32];
-        let hex = digest_hex(&d);
-        assert_eq!(parse_entry_name(&hex[..2], &hex[2..]), Some(d));
-        assert_eq!(parse_entry_name("AB", &hex[2..]), None);
-        assert_eq!(parse_entry_name(&hex[..2], &hex[2..].to_uppercase()), None);
-        assert_eq!(parse_entry_name(&hex[..2], &hex[3..]), None);
-        assert_eq!(
-            parse_entry_name(&hex[..2], &format!("{}.tmp", &hex[2..])),
-            None
-        );
-        assert_eq!(parse_entry_name("zz", &hex[2..]), None);
-    }
+/// Whether `path` still names the inode `meta` describes.
+pub(crate) fn same_file(path: &PathBuf, meta: &fs::Metadata) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.ino() == meta.ino() && m.dev() == meta.dev())
 }

@@ -305,14 +305,7 @@ impl LazyImage {
             client,
         } = crate::remote::open_image(&image, &registry.config(), rt.handle()).map_err(io_other)?;
         let top = layer.resolve(&manifest.layers)?;
-        // A large fd cache keeps warm reads at one lookup; its default size follows the limit.
-        if let Err(e) = crate::cache::raise_nofile_limit() {
-            tracing::debug!("could not raise RLIMIT_NOFILE: {e}");
-        }
-        let mut opts = crate::cache::CacheOptions::new(cache_size);
-        // A device process lives long and opens every chunk it serves once: hashing each
-        // again would dominate warm reads (chunks written this boot are trusted, see there).
-        opts.trust_since_boot = true;
+        let opts = crate::cache::CacheOptions::new(cache_size);
         let cache = crate::cache::ChunkCache::open_with(cache, opts).map_err(io_other)?;
         let source = crate::source::LazySource::open(
             &manifest,

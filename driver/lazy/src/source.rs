@@ -983,7 +983,7 @@ impl LazySource {
             };
             out.push(FileExtent {
                 fd: held.as_raw_fd(),
-                offset: u64::from(offset),
+                offset: held.offset() + u64::from(offset),
                 len: len as usize,
                 hold: Some(Arc::new(held)),
             });
