@@ -261,32 +261,53 @@ impl Inner {
             bytes_after: bytes_before,
             ..PruneReport::default()
         };
-        if bytes_before > target {
+        let mut remaining = bytes_before;
+        for pass in 0..2 {
+            if remaining <= target {
+                break;
+            }
+            if pass == 1 {
+                // Still over: this process's own open segment is the last thing it can give
+                // up (other writers' are theirs). Sealed, it goes like any other.
+                let own = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let Some(own) = own else {
+                    break;
+                };
+                self.seal(own)?;
+                sealed = self.sealed_segments()?.0;
+            }
             // Oldest first; the name breaks ties so the order is deterministic.
             sealed.sort_unstable_by(|a, b| a.used.cmp(&b.used).then(a.name.cmp(&b.name)));
-            let mut remaining = bytes_before;
             for s in &sealed {
                 if remaining <= target {
                     break;
                 }
                 // The segment first: that frees the space; an index left alone is gc's.
                 let seg = seg_path(&self.segs_dir, &s.name);
-                if let Err(e) = remove_quietly(&seg) {
-                    warn!(error = %e, "cannot evict cache segment");
-                    continue;
+                match remove_quietly(&seg) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Removed by someone else meanwhile: gone all the same.
+                        remaining = remaining.saturating_sub(s.bytes);
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot evict cache segment");
+                        continue;
+                    }
                 }
                 remove_quietly(&idx_path(&self.segs_dir, &s.name))?;
                 report.segments_evicted += 1;
                 report.evicted += s.entries;
                 report.evicted_bytes += s.bytes;
-                remaining -= s.bytes;
+                remaining = remaining.saturating_sub(s.bytes);
             }
-            report.bytes_after = remaining;
-            if report.segments_evicted > 0 {
-                self.shared.bump_layout();
-                // Drop our entries and close our fds on the removed files now.
-                self.refresh()?;
-            }
+        }
+        report.bytes_after = remaining;
+        if report.segments_evicted > 0 {
+            self.shared.bump_layout();
+            // Drop our entries and close our fds on the removed files now.
+            self.refresh()?;
             self.counters
                 .evictions
                 .fetch_add(report.evicted, Ordering::Relaxed);

@@ -717,3 +717,27 @@ fn descriptors_stay_bounded_however_many_chunks() {
     assert!(held <= 4 + 64 + 4, "{held} descriptors into the cache");
     assert!(cache.stats().expect("stats").segments >= 100);
 }
+
+#[test]
+fn prune_gives_up_this_processs_open_segment_last() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ChunkCache::open(dir.path(), u64::MAX).expect("open");
+    let other = ChunkCache::open(dir.path(), u64::MAX).expect("open");
+    let (mine, data) = entry(80, 5000);
+    let (theirs, their_data) = entry(81, 5000);
+    cache.insert(&mine, &data).expect("insert");
+    other.insert(&theirs, &their_data).expect("insert");
+    // Both segments are open (their writers alive). Pruning to zero takes ours, sealed on
+    // the way, and leaves the one another process is still writing.
+    let report = cache.prune(0).expect("prune");
+    assert_eq!(
+        (report.segments_evicted, report.evicted),
+        (1, 1),
+        "{report}"
+    );
+    assert!(!cache.contains(&mine));
+    assert!(cache.contains(&theirs));
+    // Inserting again opens a new segment.
+    cache.insert(&mine, &data).expect("insert");
+    assert_eq!(other.get(&mine).expect("get"), Some(data));
+}
