@@ -57,7 +57,11 @@
 //! other processes' inserts. A segment's hot chunks go with its cold ones (no compaction).
 //!
 //! # Measured
-//! `cargo bench -p cora-cache --bench cache`; see `bench/results/` for the latest table.
+//! `cargo bench -p cora-cache --bench cache` (table and analysis:
+//! `bench/results/2026-12-07-cache-segments/`), against plain files in the same run, ext4:
+//! inserts 0.49x of `write` (tmpfs 0.83x); warm random 4 KiB reads 0.69x of `pread` (mmap
+//! mode 1.76x), 1 MiB as 16 chunk reads 0.67x (mmap 1.09x); 0.1 % disk overhead; opening a
+//! cache of 1 M entries 333–355 ms and 113 bytes of memory per entry.
 
 mod format;
 mod index;
