@@ -178,9 +178,6 @@ pub(crate) fn read_index(path: &Path) -> Option<SegIndex> {
 
 /// Loads one segment: from its index if it has a good one, else by scanning its records.
 pub(crate) fn load(dir: &Path, name: &str, has_idx: bool) -> io::Result<Loaded> {
-    if has_idx && let Some(idx) = read_index(&idx_path(dir, name)) {
-        return Ok(Loaded::Sealed(idx));
-    }
     let path = seg_path(dir, name);
     let file = match File::open(&path) {
         Ok(f) => f,
@@ -188,6 +185,13 @@ pub(crate) fn load(dir: &Path, name: &str, has_idx: bool) -> io::Result<Loaded> 
         Err(e) => return Err(e),
     };
     let len = file.metadata()?.len();
+    if has_idx && let Some(mut idx) = read_index(&idx_path(dir, name)) {
+        // After a power cut an index can outlive the end of its segment: entries past the
+        // file are not there.
+        idx.entries
+            .retain(|e| e.offset.saturating_add(u64::from(e.len)) <= len);
+        return Ok(Loaded::Sealed(idx));
+    }
     let mut head = [0u8; format::SEG_HEADER_LEN as usize];
     if len < format::SEG_HEADER_LEN || file.read_exact_at(&mut head, 0).is_err() {
         return Ok(Loaded::Unreadable);
@@ -313,7 +317,10 @@ impl Inner {
             inner.open.remove(id);
         }
         for (seg, entries) in found.new {
-            idx.add_segment(seg, &entries, verify);
+            // Registered meanwhile (this process's writer opened it during our listing).
+            if !idx.by_name.contains_key(&seg.name) {
+                idx.add_segment(seg, &entries, verify);
+            }
         }
         for (id, entries) in found.sealed {
             let Some(seg) = idx.segs.get_mut(&id) else {

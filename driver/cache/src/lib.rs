@@ -345,8 +345,14 @@ impl Inner {
         // Room for what a writer may still append (it seals past segment_bytes, by at most
         // one chunk); records past the mapping are read with pread.
         let map_len = len.max(self.segment_bytes.saturating_mul(2) + (16 << 20));
-        let seg = Arc::new(OpenSeg::new(file, map_len));
-        self.open.put(id, seg.clone());
+        let seg = Arc::new(OpenSeg::new(file, len, map_len));
+        // Kept only if the segment is still known: one evicted meanwhile (refresh dropped it)
+        // would otherwise hold its deleted file open. Lock order: index, then open segments.
+        let idx = self.index_read();
+        if idx.segs.contains_key(&id) {
+            self.open.put(id, seg.clone());
+        }
+        drop(idx);
         Ok(Some(seg))
     }
 }
@@ -620,8 +626,10 @@ impl ChunkCache {
                 .verified_on_open
                 .fetch_add(1, Ordering::Relaxed);
             let mut data = vec![0u8; loc.len as usize];
-            self.copy_out(&found, 0, &mut data)?;
-            if format::data_crc(&data) != loc.data_crc {
+            // A record past the end of its file (the index reached the disk, the data did
+            // not) reads short: damage like a bad CRC.
+            let read = self.copy_out(&found, 0, &mut data);
+            if read.is_err() || format::data_crc(&data) != loc.data_crc {
                 warn!(digest = %digest_hex(digest), "cache entry from an earlier boot is damaged (power loss?); dropped");
                 inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                 inner.forget(digest, loc.seg);
@@ -670,6 +678,7 @@ impl ChunkCache {
             }
             inner.append(&mut writer, digest, data)?
         };
+        drop(_fill);
         inner.counters.inserts.fetch_add(1, Ordering::Relaxed);
         self.note_inserted(added);
         Ok(())
@@ -700,16 +709,19 @@ impl ChunkCache {
         }
     }
 
-    /// Evict to 90 % of the limit unless another thread of this process is already evicting.
-    /// Another process's eviction is waited for, then this one scans again: that process may
-    /// have scanned before our inserts.
+    /// Evict to 90 % of the limit unless another thread of this process, or another process
+    /// (an eviction, or a gc that may hash the whole cache for minutes), holds the lock: the
+    /// insert path never waits for it. The estimate stays over, so the next insert tries
+    /// again and counts what the other evictor could not have seen.
     fn auto_evict(&self) -> Result<()> {
         let inner = &*self.inner;
         if inner.evicting.swap(true, Ordering::Acquire) {
             return Ok(());
         }
         let result = (|| {
-            let _lock = DirLock::acquire(&inner.lock_path)?;
+            let Some(_lock) = DirLock::try_acquire(&inner.lock_path)? else {
+                return Ok(());
+            };
             let target = inner.opts.limit_bytes / 10 * 9;
             inner.evict_locked(target).map(|_| ())
         })();

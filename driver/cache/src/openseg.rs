@@ -14,6 +14,9 @@ pub type SegId = u32;
 /// it is held, even after an evictor unlinked the file.
 pub struct OpenSeg {
     pub file: File,
+    /// The file's length as last seen: a mapped range past it would fault (SIGBUS), so
+    /// `mapped` checks against it, and looks again (fstat) before refusing.
+    len: AtomicU64,
     /// Mapped on first use in mmap mode or when lending; `map_len` covers the appends a
     /// live writer may still make, so a mapping is made once per segment.
     map: OnceLock<Option<Mapping>>,
@@ -21,9 +24,10 @@ pub struct OpenSeg {
 }
 
 impl OpenSeg {
-    pub fn new(file: File, map_len: u64) -> OpenSeg {
+    pub fn new(file: File, len: u64, map_len: u64) -> OpenSeg {
         OpenSeg {
             file,
+            len: AtomicU64::new(len),
             map: OnceLock::new(),
             map_len,
         }
@@ -33,6 +37,14 @@ impl OpenSeg {
     /// mapped or lies past the mapping (a record appended after a long writer's segment
     /// outgrew it): callers fall back to `pread`.
     pub fn mapped(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let end = offset.checked_add(len as u64)?;
+        if end > self.len.load(Ordering::Relaxed) {
+            let now = self.file.metadata().ok()?.len();
+            self.len.fetch_max(now, Ordering::Relaxed);
+            if end > now {
+                return None;
+            }
+        }
         let map = self
             .map
             .get_or_init(|| {

@@ -490,8 +490,10 @@ impl ChunkCache {
             ..idx
         };
         if !good.entries.is_empty() {
-            fs::hard_link(&path, &new_seg).map_err(io_err("link", &new_seg))?;
+            // The index first: a segment without one looks like a dead writer's to a process
+            // opening the cache meanwhile, which would reseal it with every entry.
             write_index(dir, &new_name, &good, used, inner.opts.sync_data)?;
+            fs::hard_link(&path, &new_seg).map_err(io_err("link", &new_seg))?;
         }
         remove_quietly(&path)?;
         remove_quietly(&idx_path(dir, name))?;

@@ -115,6 +115,12 @@ impl DirLock {
             .map_err(io_err("open lock file", path))
     }
 
+    /// Takes the lock if nobody holds it.
+    pub fn try_acquire(path: &Path) -> Result<Option<DirLock>> {
+        let file = Self::create(path)?;
+        Ok(flock(&file, libc::LOCK_EX, true, path)?.then_some(DirLock { _file: file }))
+    }
+
     pub fn acquire(path: &Path) -> Result<DirLock> {
         let file = Self::create(path)?;
         flock(&file, libc::LOCK_EX, false, path)?;

@@ -741,3 +741,33 @@ fn prune_gives_up_this_processs_open_segment_last() {
     cache.insert(&mine, &data).expect("insert");
     assert_eq!(other.get(&mine).expect("get"), Some(data));
 }
+
+#[test]
+fn an_index_that_outlived_its_segments_end_is_a_miss_not_a_fault() {
+    for mmap in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chunks: Vec<_> = (0..3).map(|i| entry(90 + i, 30_000)).collect();
+        let mut o = opts(mmap);
+        o.boot_id = Some([1; 16]);
+        let (seg, last) = {
+            let before = ChunkCache::open_with(dir.path(), o.clone()).expect("open");
+            for (d, data) in &chunks {
+                before.insert(d, data).expect("insert");
+            }
+            place(&before, &chunks[2].0)
+        };
+        // A power cut: the index made it to disk, the segment's last pages did not.
+        File::options()
+            .write(true)
+            .open(&seg)
+            .and_then(|f| f.set_len(last + 100))
+            .expect("truncate");
+        o.boot_id = Some([2; 16]);
+        let after = ChunkCache::open_with(dir.path(), o).expect("open");
+        assert_eq!(after.get(&chunks[2].0).expect("a miss, not an error"), None);
+        for (d, data) in &chunks[..2] {
+            assert_eq!(after.get(d).expect("get").as_deref(), Some(&data[..]));
+        }
+        assert!(after.lend(&chunks[2].0, 30_000).expect("lend").is_none());
+    }
+}
