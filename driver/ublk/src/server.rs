@@ -48,6 +48,10 @@ pub struct IoCounters {
     pub copied: AtomicU64,
     /// Waited for a fetch.
     pub missed: AtomicU64,
+    /// Of those, read once the fetch was done like a hit: by io_uring from the cache's files
+    /// into the registered request (AUTO_BUF_REG; the source stores fetched chunks before it
+    /// wakes the reader).
+    pub missed_registered: AtomicU64,
 }
 
 impl IoCounters {
@@ -58,6 +62,7 @@ impl IoCounters {
             "lent": get(&self.lent),
             "copied": get(&self.copied),
             "missed": get(&self.missed),
+            "missed_registered": get(&self.missed_registered),
         })
     }
 
@@ -404,13 +409,15 @@ async fn handle(
                 }
             }
         }
-        sys::UBLK_IO_OP_READ => match read(ctx, tag, offset, len, io_buf).await {
-            Ok(()) => len as i32,
-            Err(e) => {
-                tracing::warn!(qid = ctx.qid, tag, offset, len, "read failed: {e}");
-                -libc::EIO
+        sys::UBLK_IO_OP_READ => {
+            match read(ctx, tag, offset, len, io_buf, registered, extents).await {
+                Ok(()) => len as i32,
+                Err(e) => {
+                    tracing::warn!(qid = ctx.qid, tag, offset, len, "read failed: {e}");
+                    -libc::EIO
+                }
             }
-        },
+        }
         sys::UBLK_IO_OP_FLUSH => 0,
         sys::UBLK_IO_OP_WRITE
         | sys::UBLK_IO_OP_DISCARD
@@ -492,12 +499,16 @@ async fn read_extent(tag: u16, e: &FileExtent, at: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// A read by copy (or lent slices); with `registered` (AUTO_BUF_REG), a miss is read like a
+/// hit once its fetch is done, by io_uring from the cache's files into the request.
 async fn read(
     ctx: &QueueCtx,
     tag: u16,
     offset: u64,
     len: usize,
     io_buf: &mut IoBuf<u8>,
+    registered: bool,
+    extents: &mut Vec<FileExtent>,
 ) -> io::Result<()> {
     if len > ctx.max_io || offset.saturating_add(len as u64) > ctx.size.next_multiple_of(512) {
         return Err(io::Error::other("request outside the device"));
@@ -528,6 +539,15 @@ async fn read(
                 IoCounters::count(&ctx.counters.missed);
                 // This task waits; the queue's other tags go on being served.
                 wake::ready(&mut miss, ctx.doorbell.clone()).await;
+                if registered && avail == len && ctx.in_files(offset, len, extents) {
+                    // Local now: no user copy of the fetched bytes.
+                    drop(miss);
+                    let res = read_files_into_request(tag, extents).await;
+                    extents.clear();
+                    res?;
+                    IoCounters::count(&ctx.counters.missed_registered);
+                    return Ok(());
+                }
                 miss.finish(&mut buf[..avail])?;
             }
         }
