@@ -420,7 +420,7 @@ pub fn run(opts: &FioBenchOpts) -> Result<()> {
     );
     let vm_opts = vm::VmOpts {
         mem: opts.mem.clone(),
-        timeout: opts.timeout,
+        timeout: Some(opts.timeout),
         kernel: opts.kernel,
         ..vm::VmOpts::default()
     };

@@ -151,10 +151,21 @@ fn test() -> Result<()> {
     Ok(())
 }
 
+/// How long one guest test script may run before the guest runner kills it and fails it. The
+/// slowest (41-containerd2) takes 500-600 s under TCG on these machines; a per-script limit
+/// names the script that hung instead of the VM deadline killing the whole suite.
+const SCRIPT_TIMEOUT_SECS: u64 = 1200;
+/// Boot, host preps aside, and the runner's own work: on top of the scripts' budgets.
+const VM_TEST_OVERHEAD_SECS: u64 = 300;
+
 /// One boot runs every guest test script, then exits with a fixed nonzero status: seeing that
 /// status and the scripts' output file on the host proves exit codes and rw shares work.
 fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
     const PROBE_STATUS: i32 = 3;
+    let scripts = count_guest_scripts(&vm::repo_root().join("tests/vm"), filter.unwrap_or(""))?;
+    let mut opts = opts.clone();
+    opts.timeout
+        .get_or_insert(scripts * SCRIPT_TIMEOUT_SECS + VM_TEST_OVERHEAD_SECS);
     tools::ensure_rublk()?;
     let repo = vm::repo_root();
     let out = repo.join("target/vm/test-out");
@@ -166,13 +177,13 @@ fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
     let runner = repo.join("xtask/src/vm/run-tests.sh");
     let q = |p: &std::path::Path| vm::shell_quote(&p.display().to_string());
     let cmd = format!(
-        "CORA_VM_TEST_OUT={out} sh {runner} {tests} {filter}; echo $? >{out}/suite-status; exit {PROBE_STATUS}",
+        "CORA_VM_TEST_OUT={out} CORA_VM_TEST_SCRIPT_TIMEOUT={SCRIPT_TIMEOUT_SECS} sh {runner} {tests} {filter}; echo $? >{out}/suite-status; exit {PROBE_STATUS}",
         out = q(&out),
         runner = q(&runner),
         tests = q(&repo.join("tests/vm")),
         filter = vm::shell_quote(filter.unwrap_or("")),
     );
-    let code = vm::run(opts, &[cmd])?;
+    let code = vm::run(&opts, &[cmd])?;
     let suite = std::fs::read_to_string(out.join("suite-status"))
         .context("guest's suite-status is not visible on the host (rw share broken?)")?;
     if code != PROBE_STATUS {
@@ -185,6 +196,18 @@ fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
     }
     eprintln!("xtask: vm-test passed (exit status and rw share verified)");
     Ok(())
+}
+
+/// Guest test scripts (`tests/vm/*.sh`) whose name contains `filter`, as the runner picks them.
+fn count_guest_scripts(dir: &std::path::Path, filter: &str) -> Result<u64> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".sh") && name.contains(filter) {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Runs `tests/vm/*.prep` (those whose name contains `filter`) on the host, in name order:

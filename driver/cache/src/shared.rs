@@ -23,14 +23,7 @@ const STATE_LEN: usize = 4096;
 
 impl SharedState {
     pub fn open(path: &Path) -> Result<SharedState> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(io_err("open", path))?;
+        let file = open_rw(path)?;
         let len = file.metadata().map_err(io_err("stat", path))?.len();
         if len < STATE_LEN as u64 {
             // Concurrent openers may both extend it: same length, zero-filled, harmless.
@@ -145,14 +138,7 @@ const FILL_SLOTS: u64 = 1 << 16;
 
 impl FillLocks {
     pub fn open(path: &Path) -> Result<FillLocks> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(io_err("open", path))?;
+        let file = open_rw(path)?;
         Ok(FillLocks { file })
     }
 
@@ -189,4 +175,16 @@ impl Drop for FillGuard<'_> {
     fn drop(&mut self) {
         set_ofd_lock(self.file, self.slot, libc::F_UNLCK as libc::c_short);
     }
+}
+
+/// Opens (creating, never truncating) a file the cache's processes share read-write.
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("open", path))
 }
