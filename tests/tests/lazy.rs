@@ -656,32 +656,42 @@ fn no_miss_window_while_a_stored_trace_is_prefetched() -> Result<()> {
 
 #[test]
 fn fill_fetches_the_whole_stack_in_the_background() -> Result<()> {
+    use cora_api::driver::Fill;
     let env = Env::new()?;
     let tree = small_tree()?;
     let m = env.push("fill", &[&tree])?;
     let expect = reference_bytes(&env, &m, "fill")?;
-    let src = env.source_with(
-        &m,
-        vec![env.blobs(&env.reg.host, "fill")?],
-        &env.tmp.path().join("cache"),
-        FetchOptions {
-            fill: cora_api::driver::Fill::Idle,
-            ..FetchOptions::default()
-        },
-    )?;
-    assert!(src.fills());
-    // No trace: the prefetch is the fill alone.
-    src.start_prefetch(Vec::new);
-    src.wait_prefetch();
-    for (s, i, d) in all_chunks(&src) {
-        assert!(src.cache().contains(&d), "chunk {i} of {s:?} not filled in");
+    for fill in [Fill::Idle, Fill::Paced, Fill::Always] {
+        let src = env.source_with(
+            &m,
+            vec![env.blobs(&env.reg.host, "fill")?],
+            &env.tmp.path().join(format!("cache-{}", fill.as_str())),
+            FetchOptions {
+                fill,
+                ..FetchOptions::default()
+            },
+        )?;
+        assert!(src.fills());
+        // No trace: the prefetch is the fill alone.
+        src.start_prefetch(Vec::new);
+        src.wait_prefetch();
+        for (s, i, d) in all_chunks(&src) {
+            assert!(
+                src.cache().contains(&d),
+                "{fill:?}: chunk {i} of {s:?} not filled in"
+            );
+        }
+        let st = src.stats.snapshot();
+        assert_eq!(st.misses, st.prefetched + st.readahead, "{fill:?}: {st:?}");
+        assert!(st.prefetched > 0, "{fill:?}: {st:?}");
+        // Every read is now local and right.
+        assert!(read_all(&src, 1 << 20, 3)? == expect, "{fill:?}");
+        assert_eq!(
+            src.stats.snapshot().misses,
+            st.misses,
+            "{fill:?}: a read missed"
+        );
     }
-    let st = src.stats.snapshot();
-    assert_eq!(st.misses, st.prefetched + st.readahead, "{st:?}");
-    assert!(st.prefetched > 0, "{st:?}");
-    // Every read is now local and right.
-    assert!(read_all(&src, 1 << 20, 3)? == expect);
-    assert_eq!(src.stats.snapshot().misses, st.misses, "a read missed");
     Ok(())
 }
 

@@ -161,13 +161,16 @@ pub enum Fill {
     Off,
     /// One small request at a time, only while nothing else is being fetched.
     Idle,
-    /// Beside everything else, a few requests in flight at all times: the whole stack is
-    /// local soonest, at the cost of sharing the link with the start.
+    /// Beside everything else, as many requests in flight as the link carries before a queue
+    /// builds up (measured by their delay): demand reads wait behind little of it.
+    Paced,
+    /// Beside everything else, a fixed number of requests in flight (the trace prefetch's):
+    /// the whole stack is local soonest, at the cost of queueing the start's reads behind it.
     Always,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown fill {0:?} (off, idle, always)")]
+#[error("unknown fill {0:?} (off, idle, paced, always)")]
 pub struct UnknownFill(pub String);
 
 impl Fill {
@@ -175,6 +178,7 @@ impl Fill {
         match self {
             Fill::Off => "off",
             Fill::Idle => "idle",
+            Fill::Paced => "paced",
             Fill::Always => "always",
         }
     }
@@ -187,6 +191,7 @@ impl std::str::FromStr for Fill {
         match s {
             "off" => Ok(Fill::Off),
             "idle" => Ok(Fill::Idle),
+            "paced" => Ok(Fill::Paced),
             "always" => Ok(Fill::Always),
             other => Err(UnknownFill(other.to_owned())),
         }
@@ -632,7 +637,7 @@ mod tests {
             run: RunArgs::default(),
         };
         assert_eq!(r.to_args(), ["recover", "3"]);
-        for f in [Fill::Off, Fill::Idle, Fill::Always] {
+        for f in [Fill::Off, Fill::Idle, Fill::Paced, Fill::Always] {
             assert_eq!(f.as_str().parse::<Fill>().ok(), Some(f));
         }
         assert!("on".parse::<Fill>().is_err());

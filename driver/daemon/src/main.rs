@@ -191,8 +191,9 @@ struct SourceArgs {
     #[arg(long, requires = "image", value_parser = cora_api::size::parse_size)]
     file_window: Option<u64>,
     /// Fetch the rest of the stack in the background: off, idle (one request at a time while
-    /// nothing else is fetched) or always (default off).
-    #[arg(long, requires = "image", value_name = "off|idle|always")]
+    /// nothing else is fetched), paced (as many requests as the link carries before a queue
+    /// builds up) or always (a fixed number of requests beside everything else) (default off).
+    #[arg(long, requires = "image", value_name = "off|idle|paced|always")]
     fill: Option<cora_api::driver::Fill>,
     /// Platform picked from a multi-platform image: os/arch[/variant] (default: this host's).
     #[arg(long, requires = "image", value_name = "PLATFORM")]

@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod device;
 pub mod imageref;
 pub mod inspect;
+pub mod pace;
 pub mod remote;
 pub mod source;
 pub mod trace;

@@ -22,14 +22,16 @@
 //! 3. trace prefetch: chunks of a recorded access trace, in trace order, with at most
 //!    `prefetch_requests` requests in flight so demand reads always find a free worker;
 //!    then, with `fill`, every chunk of the stack not yet local, in stream order: `idle`, one
-//!    small request at a time and only while no other fetch is queued or running; `always`,
-//!    beside everything else.
+//!    small request at a time and only while no other fetch is queued or running; `paced`,
+//!    beside everything else with as many requests in flight as the link carries before a
+//!    queue builds up (`pace`); `always`, beside everything else, `prefetch_requests` at once.
 //!
 //! Several runs in flight at once (over the client's reused connections) and decoding on
 //! several workers is what makes a cold sequential read keep up with the wire.
 
 use crate::blobs::BlobRead;
 use crate::cache::{ChunkCache, ChunkDigest};
+use crate::pace::Pacer;
 use blobfmt::oci::{Manifest, annotation};
 use blobfmt::{ChunkEntry, Footer, Piece, Stack, StreamId, Trailer, decode_chunk, oci_digest};
 use cora_api::driver::{DriverStats, Fill, LatencyHistogram};
@@ -394,6 +396,8 @@ struct Inner {
     /// misses fetch no miss window meanwhile (on a Python start the windows were 40 % of the
     /// bytes fetched and delayed the trace's own requests on a 50 MB/s link).
     trace_prefetching: AtomicBool,
+    /// Requests in flight for `Fill::Paced`, learnt from every prefetch request's time.
+    pacer: Pacer,
 }
 
 /// A layer stack of an image, readable at any byte offset.
@@ -475,6 +479,7 @@ impl LazySource {
                 readahead: Mutex::new(HashMap::new()),
                 trace: OnceLock::new(),
                 trace_prefetching: AtomicBool::new(false),
+                pacer: Pacer::new(pool.prefetch_slots),
                 stats: stats.clone(),
             }),
             pool,
@@ -1025,7 +1030,7 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
         let traced = trace.iter().filter_map(|d| index.get(d).copied());
         // No miss windows until the trace's own fetches are done, not just submitted.
         inner.trace_prefetching.store(true, Ordering::Relaxed);
-        let fed = feed(inner, pool, traced, PREFETCH_REQUEST, false);
+        let fed = feed(inner, pool, traced, PREFETCH_REQUEST, Gate::Slots);
         if fed {
             pool.wait_prefetch_idle();
         }
@@ -1034,17 +1039,22 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
             return;
         }
     }
-    let fill = match inner.opts.fill {
+    let gate = match inner.opts.fill {
         Fill::Off => None,
-        Fill::Idle => Some((PREFETCH_REQUEST, true)),
-        Fill::Always => Some((PREFETCH_REQUEST, false)),
+        Fill::Idle => Some(Gate::Quiet),
+        Fill::Paced => Some(Gate::Paced(&inner.pacer)),
+        Fill::Always => Some(Gate::Slots),
     };
-    if let Some((batch, quiet)) = fill {
+    if let Some(gate) = gate {
         let streams = std::iter::once(StreamId::Meta)
             .chain((0..inner.stack.layers().len() as u32).map(StreamId::Layer));
         let all = streams.flat_map(|s| (0..inner.stack.chunks(s).len()).map(move |i| (s, i)));
-        if feed(inner, pool, all, batch, quiet) {
-            debug!("background fill done");
+        if feed(inner, pool, all, PREFETCH_REQUEST, gate) {
+            debug!(
+                in_flight = inner.pacer.slots(),
+                floor_ms = inner.pacer.floor().map(|f| f.as_secs_f64() * 1e3),
+                "background fill done"
+            );
         }
     }
     pool.wait_prefetch_idle();
@@ -1065,19 +1075,29 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
     );
 }
 
+/// When the prefetch feeder may submit its next job.
+#[derive(Clone, Copy)]
+enum Gate<'a> {
+    /// While fewer prefetch jobs than the pool's prefetch slots are queued or running.
+    Slots,
+    /// Only while no fetch of any kind is queued or running.
+    Quiet,
+    /// While fewer prefetch jobs than the pacer allows are queued or running.
+    Paced(&'a Pacer),
+}
+
 /// Submits prefetch jobs for `chunks` (those neither cached nor in flight), `batch_bytes` per
-/// job, as prefetch slots free up (with `quiet`, only while no demand or read-ahead fetch is
-/// queued or running). False when the pool stopped.
+/// job, as `gate` lets them through. False when the pool stopped.
 fn feed(
     inner: &Arc<Inner>,
     pool: &Arc<Pool>,
     chunks: impl Iterator<Item = (StreamId, usize)>,
     batch_bytes: u64,
-    quiet: bool,
+    gate: Gate<'_>,
 ) -> bool {
     let mut pending = chunks.peekable();
     while pending.peek().is_some() {
-        if !pool.wait_prefetch_slot(quiet) {
+        if !pool.wait_prefetch_slot(gate) {
             return false;
         }
         let mut claims = Vec::new();
@@ -1252,7 +1272,11 @@ impl Inner {
             let began = std::time::Instant::now();
             let bytes = match remote.read(blob, start, end - start) {
                 Ok(b) if b.len() as u64 == end - start => {
-                    self.stats.observe_fetch(began.elapsed());
+                    let took = began.elapsed();
+                    self.stats.observe_fetch(took);
+                    if prio == Prio::Prefetch {
+                        self.pacer.observe(end - start, took);
+                    }
                     b
                 }
                 Ok(b) => {
@@ -1485,9 +1509,8 @@ impl Pool {
         }
     }
 
-    /// Wait until fewer prefetch jobs than slots are queued or running (with `quiet`: until
-    /// none is, and no demand or read-ahead job either); false when stopping.
-    fn wait_prefetch_slot(&self, quiet: bool) -> bool {
+    /// Wait until `gate` lets the next prefetch job through; false when stopping.
+    fn wait_prefetch_slot(&self, gate: Gate<'_>) -> bool {
         let mut st = lock(&self.state);
         loop {
             if st.stop {
@@ -1495,10 +1518,10 @@ impl Pool {
             }
             let p = Prio::Prefetch as usize;
             let busy = |q: usize| st.queues[q].len() + st.running[q];
-            let free = if quiet {
-                (0..3).all(|q| busy(q) == 0)
-            } else {
-                busy(p) < self.prefetch_slots
+            let free = match gate {
+                Gate::Quiet => (0..3).all(|q| busy(q) == 0),
+                Gate::Slots => busy(p) < self.prefetch_slots,
+                Gate::Paced(pacer) => busy(p) < pacer.slots().min(self.prefetch_slots),
             };
             if free {
                 return true;
