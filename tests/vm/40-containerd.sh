@@ -392,12 +392,16 @@ traced=$(($(wc -l <"$T/base.trace") - 1))
 rm -rf "$T/cache" "$T/trace-cache"
 echo cora-trace >"$T/mode"
 pull_attaches=$(grep -c "attached at pull" "$T/snap.log" || true)
+# From the snapshotter's metrics (live devices and detached ones): a device's own stats file
+# goes with it, and the run's device may already be detached when it ends.
+prefetched_before=$(metric cora_prefetched_chunks_total)
 cold_cora base
 [ "$fresh_pull" = 0 ] || [ "$(grep -c "attached at pull" "$T/snap.log")" -gt "$pull_attaches" ] \
     || fail "the second cold start of base was not attached at pull"
 trace_secs=$RUN_SECS trace_bytes=$RUN_BYTES
 record cora-trace base "$trace_secs" "$trace_bytes" "$cora_size"
-prefetched=$(cat "$SNAPDIR"/root/remote/*.stats.json | jq -s 'map(.prefetched // 0) | add')
+prefetched=$(metric cora_prefetched_chunks_total)
+prefetched=$(awk "BEGIN { printf \"%d\", ${prefetched:-0} - ${prefetched_before:-0} }")
 [ "$prefetched" -gt 0 ] || fail "the cold start with a stored trace prefetched nothing"
 trace_ratio=$(awk "BEGIN { printf \"%.2f\", $oci_secs / $trace_secs }")
 log "CORA base with its stored trace ($traced chunks, $prefetched prefetched; attached at pull: $fresh_pull): first output after ${trace_secs}s (rpull ${RPULL_SECS}s), $trace_bytes bytes; ${trace_ratio}x faster than OCI"
