@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask test`, `cargo xtask vm -- CMD`, `cargo xtask demo`, benches.
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
 
 mod benches;
 mod deps;
@@ -162,26 +163,30 @@ const VM_TEST_OVERHEAD_SECS: u64 = 300;
 /// status and the scripts' output file on the host proves exit codes and rw shares work.
 fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
     const PROBE_STATUS: i32 = 3;
-    let scripts = count_guest_scripts(&vm::repo_root().join("tests/vm"), filter.unwrap_or(""))?;
+    let repo = vm::repo_root();
+    let tests = repo.join("tests/vm");
+    let filter_s = filter.unwrap_or("");
+    let scripts = guest_test_files(&tests, "sh", filter_s)?.len() as u64;
     let mut opts = opts.clone();
     opts.timeout
         .get_or_insert(scripts * SCRIPT_TIMEOUT_SECS + VM_TEST_OVERHEAD_SECS);
     tools::ensure_rublk()?;
-    let repo = vm::repo_root();
     let out = repo.join("target/vm/test-out");
     if out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    run_host_preps(&repo.join("tests/vm"), filter.unwrap_or(""))?;
+    for prep in guest_test_files(&tests, "prep", filter_s)? {
+        deps::run("sh", &[&prep.to_string_lossy()])?;
+    }
     let runner = repo.join("xtask/src/vm/run-tests.sh");
-    let q = |p: &std::path::Path| vm::shell_quote(&p.display().to_string());
+    let q = |p: &Path| vm::shell_quote(&p.display().to_string());
     let cmd = format!(
         "CORA_VM_TEST_OUT={out} CORA_VM_TEST_SCRIPT_TIMEOUT={SCRIPT_TIMEOUT_SECS} sh {runner} {tests} {filter}; echo $? >{out}/suite-status; exit {PROBE_STATUS}",
         out = q(&out),
         runner = q(&runner),
-        tests = q(&repo.join("tests/vm")),
-        filter = vm::shell_quote(filter.unwrap_or("")),
+        tests = q(&tests),
+        filter = vm::shell_quote(filter_s),
     );
     let code = vm::run(&opts, &[cmd])?;
     let suite = std::fs::read_to_string(out.join("suite-status"))
@@ -198,35 +203,21 @@ fn vm_test(opts: &vm::VmOpts, filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Guest test scripts (`tests/vm/*.sh`) whose name contains `filter`, as the runner picks them.
-fn count_guest_scripts(dir: &std::path::Path, filter: &str) -> Result<u64> {
-    let mut n = 0;
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".sh") && name.contains(filter) {
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
-/// Runs `tests/vm/*.prep` (those whose name contains `filter`) on the host, in name order:
-/// work a guest test needs that is much faster native than under TCG (e.g. building images).
-fn run_host_preps(dir: &std::path::Path, filter: &str) -> Result<()> {
-    let mut preps: Vec<_> = std::fs::read_dir(dir)
+/// The files `tests/vm/*.EXT` whose name contains `filter`, in name order (the order the
+/// runner takes the scripts in): `sh`, the guest test scripts; `prep`, work a guest test
+/// needs that is much faster native than under TCG (e.g. building images), run on the host.
+fn guest_test_files(dir: &Path, ext: &str, filter: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "prep"))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
         .filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().contains(filter))
         })
         .collect();
-    preps.sort();
-    for p in preps {
-        deps::run("sh", &[&p.to_string_lossy()])?;
-    }
-    Ok(())
+    files.sort();
+    Ok(files)
 }
 
 fn demo(with_vm: bool) -> Result<()> {

@@ -1030,7 +1030,7 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
         let traced = trace.iter().filter_map(|d| index.get(d).copied());
         // No miss windows until the trace's own fetches are done, not just submitted.
         inner.trace_prefetching.store(true, Ordering::Relaxed);
-        let fed = feed(inner, pool, traced, PREFETCH_REQUEST, Gate::Slots);
+        let fed = feed(inner, pool, traced, Gate::Slots);
         if fed {
             pool.wait_prefetch_idle();
         }
@@ -1049,7 +1049,7 @@ fn prefetch_feeder(inner: &Arc<Inner>, pool: &Arc<Pool>, trace: Vec<ChunkDigest>
         let streams = std::iter::once(StreamId::Meta)
             .chain((0..inner.stack.layers().len() as u32).map(StreamId::Layer));
         let all = streams.flat_map(|s| (0..inner.stack.chunks(s).len()).map(move |i| (s, i)));
-        if feed(inner, pool, all, PREFETCH_REQUEST, gate) {
+        if feed(inner, pool, all, gate) {
             debug!(
                 in_flight = inner.pacer.slots(),
                 floor_ms = inner.pacer.floor().map(|f| f.as_secs_f64() * 1e3),
@@ -1086,13 +1086,12 @@ enum Gate<'a> {
     Paced(&'a Pacer),
 }
 
-/// Submits prefetch jobs for `chunks` (those neither cached nor in flight), `batch_bytes` per
-/// job, as `gate` lets them through. False when the pool stopped.
+/// Submits prefetch jobs for `chunks` (those neither cached nor in flight), up to
+/// [`PREFETCH_REQUEST`] bytes each, as `gate` lets them through. False when the pool stopped.
 fn feed(
     inner: &Arc<Inner>,
     pool: &Arc<Pool>,
     chunks: impl Iterator<Item = (StreamId, usize)>,
-    batch_bytes: u64,
     gate: Gate<'_>,
 ) -> bool {
     let mut pending = chunks.peekable();
@@ -1113,12 +1112,12 @@ fn feed(
                 flights.insert(c.digest, f.clone());
                 claims.push((s, i, f));
                 bytes += u64::from(c.compressed_len);
-                if bytes >= batch_bytes || claims.len() >= 256 {
+                if bytes >= PREFETCH_REQUEST || claims.len() >= 256 {
                     break;
                 }
             }
         }
-        for run in inner.runs_with_gap(claims, batch_bytes, PREFETCH_GAP) {
+        for run in inner.runs_with_gap(claims, PREFETCH_REQUEST, PREFETCH_GAP) {
             pool.submit(Job::new(inner.clone(), run, Prio::Prefetch));
         }
     }
