@@ -596,14 +596,17 @@ impl Bench {
             printed.contains("start"),
             "the traced run printed {printed:?}"
         );
-        let chunks = std::fs::read_to_string(&trace)?
+        let chunks = std::fs::read_to_string(&trace)
+            .with_context(|| format!("reading the trace {}", trace.display()))?
             .lines()
             .count()
             .saturating_sub(1);
         ensure!(chunks > 0, "the trace of {} recorded no chunks", w.image);
         // Written last when the recorder exits (waited for above).
-        let fetched: DriverStats = serde_json::from_slice(&std::fs::read(&stats)?)
-            .with_context(|| format!("parsing {}", stats.display()))?;
+        let fetched: DriverStats = std::fs::read(&stats)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(serde_json::from_slice(&b)?))
+            .with_context(|| format!("the trace recorder's stats {}", stats.display()))?;
         run(Command::new(cora_bin("cora"))
             .args(["trace", "push", "--insecure", &self.direct, reference])
             .arg(&trace))?;
@@ -890,7 +893,10 @@ fn main() -> Result<()> {
         let reference = format!("{}/bench/{}:cora", registry.addr, w.image);
         let tdir = dir.path().join(format!("trace-{}", w.image));
         std::fs::create_dir_all(&tdir)?;
-        traced.insert(w.image, bench.record_trace(&reference, w, &tdir)?);
+        let t = bench
+            .record_trace(&reference, w, &tdir)
+            .with_context(|| format!("recording the trace of {}", w.image))?;
+        traced.insert(w.image, t);
     }
     let default = bench
         .systems

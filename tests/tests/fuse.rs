@@ -308,6 +308,49 @@ fn a_failing_registry_gives_eio_through_fuse_and_reads_recover() -> Result<()> {
     Ok(())
 }
 
+/// A trace recorded beside `--stats-file` is written when the device ends, however short its
+/// life: the stats writer's thread once held the source for good, so the source was never
+/// dropped and a trace not yet written by its once-a-second writer was lost (a start shorter
+/// than a second recorded nothing).
+#[test]
+fn a_trace_recorded_beside_stats_is_written_when_the_device_ends() -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse missing: this test needs FUSE");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("cora-fuse-")
+        .tempdir_in("/var/tmp")?;
+    let reg = Registry::start()?;
+    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
+    let image = push_cora(tmp.path(), &reg.host, &tree)?;
+    let trace = tmp.path().join("start.trace");
+    let trace_arg = trace.to_string_lossy().into_owned();
+    let ready = add_fuse_with(
+        tmp.path(),
+        &image,
+        &reg.host,
+        &["--no-prefetch", "--record-trace", &trace_arg],
+    )?;
+    let mut buf = vec![0u8; 256 << 10];
+    std::fs::File::open(&ready.path)?.read_exact_at(&mut buf, 0)?;
+    del_fuse(tmp.path(), ready.id)?;
+    assert!(!running(ready.pid), "the server outlived del");
+    let recorded = lazy::trace::Trace::read_file(&trace)
+        .context("the trace of a start shorter than a second")?;
+    let s = stats(&tmp.path().join("stats.json"))?;
+    assert!(!recorded.chunks.is_empty(), "the trace lists no chunk");
+    // Fetched chunks include the miss window's and read-ahead's, which nothing read.
+    assert!(
+        recorded.chunks.len() as u64 <= s.misses,
+        "{} chunks traced, {} fetched",
+        recorded.chunks.len(),
+        s.misses
+    );
+    assert!(s.fetched_bytes > 0, "the last stats show no fetch: {s:?}");
+    Ok(())
+}
+
 /// `add --daemon` killed by whoever started it (e.g. the snapshotter's add timeout) before the
 /// device was ready: the forked server finds nobody to report to when it gets ready, and
 /// removes the device instead of leaving one nobody knows about.

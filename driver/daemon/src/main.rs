@@ -654,10 +654,14 @@ impl StopOnSignal {
 
 /// Writes the source's counters to a file every second (atomically: temp file + rename), and a
 /// last time when dropped, so a reader (the snapshotter's metrics) never sees a torn file.
+/// Dropping it also ends its thread, which holds the source: the source's own drop (which
+/// writes a recorded trace the last time) must not wait for a thread that never ends.
 struct StatsWriter {
     path: Option<PathBuf>,
     source: Arc<dyn cora_read::BlockSource>,
     ublk: Option<Arc<ublk::IoCounters>>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl StatsWriter {
@@ -670,25 +674,44 @@ impl StatsWriter {
         source: Arc<dyn cora_read::BlockSource>,
         ublk: Option<Arc<ublk::IoCounters>>,
     ) -> std::io::Result<Self> {
-        if let Some(p) = &path {
-            let (p, src, counters) = (p.clone(), source.clone(), ublk.clone());
-            std::thread::Builder::new()
-                .name("stats".into())
-                .spawn(move || {
-                    loop {
-                        if let Err(e) = write_stats(&p, src.as_ref(), counters.as_deref()) {
-                            tracing::warn!(path = %p.display(), "writing stats: {e}");
+        let mut w = StatsWriter {
+            path,
+            source,
+            ublk,
+            stop: None,
+            thread: None,
+        };
+        if let Some(p) = &w.path {
+            let (p, src, counters) = (p.clone(), w.source.clone(), w.ublk.clone());
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            w.thread = Some(
+                std::thread::Builder::new()
+                    .name("stats".into())
+                    .spawn(move || {
+                        loop {
+                            if let Err(e) = write_stats(&p, src.as_ref(), counters.as_deref()) {
+                                tracing::warn!(path = %p.display(), "writing stats: {e}");
+                            }
+                            if rx.recv_timeout(Self::INTERVAL)
+                                != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                            {
+                                return;
+                            }
                         }
-                        std::thread::sleep(Self::INTERVAL);
-                    }
-                })?;
+                    })?,
+            );
+            w.stop = Some(tx);
         }
-        Ok(StatsWriter { path, source, ublk })
+        Ok(w)
     }
 }
 
 impl Drop for StatsWriter {
     fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
         if let Some(p) = &self.path {
             let _ = write_stats(p, self.source.as_ref(), self.ublk.as_deref());
         }
