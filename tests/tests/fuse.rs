@@ -116,8 +116,9 @@ fn del_fuse(tmp: &Path, id: u32) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
+/// A scratch directory, a registry, and the small Debian tree pushed to it as a CORA image
+/// (checks first that this host has FUSE).
+fn small_image_env() -> Result<(tempfile::TempDir, Registry, PathBuf, String)> {
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse missing: this test needs FUSE");
     }
@@ -127,6 +128,12 @@ fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
     let reg = Registry::start()?;
     let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
     let image = push_cora(tmp.path(), &reg.host, &tree)?;
+    Ok((tmp, reg, tree, image))
+}
+
+#[test]
+fn a_cora_image_served_through_fuse_reads_back_its_tree() -> Result<()> {
+    let (tmp, reg, tree, image) = small_image_env()?;
     let blob_bytes: u64 = {
         let out = run(Command::new(cora_bin("cora")).args([
             "--insecure",
@@ -315,15 +322,7 @@ fn a_failing_registry_gives_eio_through_fuse_and_reads_recover() -> Result<()> {
 #[test]
 fn a_trace_recorded_beside_stats_is_written_when_the_device_ends() -> Result<()> {
     use std::os::unix::fs::FileExt;
-    if !Path::new("/dev/fuse").exists() {
-        bail!("/dev/fuse missing: this test needs FUSE");
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("cora-fuse-")
-        .tempdir_in("/var/tmp")?;
-    let reg = Registry::start()?;
-    let tree = fixtures::debian_tree("small", fixtures::SMALL)?;
-    let image = push_cora(tmp.path(), &reg.host, &tree)?;
+    let (tmp, reg, _tree, image) = small_image_env()?;
     let trace = tmp.path().join("start.trace");
     let trace_arg = trace.to_string_lossy().into_owned();
     let ready = add_fuse_with(
