@@ -704,9 +704,7 @@ impl StatsWriter {
         }
         Ok(w)
     }
-}
 
-impl StatsWriter {
     /// Writes the stats a last time and leaves the thread, and with it the source, alive until
     /// the process exits: what a ublk server does. Dropping the source at a ublk server's exit
     /// (fetch pool joined, cache closed before the process ends) was followed, in 2 of 4 guest
