@@ -15,6 +15,11 @@ for m in /tmp /run /dev/shm; do
     [ "$(stat -f -c %T "$m")" = tmpfs ] || fail "$m is not tmpfs"
 done
 [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ] || fail "cgroup2 not at /sys/fs/cgroup"
+# The cgroup that keeps the allocators' static keys on (see the init): no container's start
+# or removal may patch kernel text under TCG.
+for c in cpuset memory; do
+    grep -qw "$c" /sys/fs/cgroup/cora-vm-keys/cgroup.controllers || fail "cora-vm-keys lacks $c"
+done
 [ "$(stat -f -c %T /dev/pts)" = devpts ] || fail "/dev/pts not devpts"
 ip -o addr show lo | grep -q 'inet 127.0.0.1/' || fail "lo has no 127.0.0.1"
 busybox ping -c1 -W2 127.0.0.1 >/dev/null 2>&1 || fail "ping 127.0.0.1 failed"
