@@ -704,22 +704,6 @@ impl StatsWriter {
         }
         Ok(w)
     }
-
-    /// Writes the stats a last time and leaves the thread, and with it the source, alive until
-    /// the process exits: what a ublk server does. Dropping the source at a ublk server's exit
-    /// (fetch pool joined, cache closed before the process ends) was followed, in 2 of 4 guest
-    /// runs of the VM suite (6.12 and 7.3), by a kernel slab corruption a few seconds later;
-    /// until that is understood, ublk servers exit as they did before the source was dropped.
-    /// (A FUSE server drops it: its recorded trace is written then.)
-    fn end_keeping_source(self) {
-        if self.thread.is_none() {
-            return;
-        }
-        if let Some(p) = &self.path {
-            let _ = write_stats(p, self.source.as_ref(), self.ublk.as_deref());
-        }
-        std::mem::forget(self);
-    }
 }
 
 impl Drop for StatsWriter {
@@ -806,7 +790,7 @@ fn add(args: AddArgs) -> Result<()> {
             on_ready(&n, &f, r)
         })
         .context("serving the device")?;
-        stats.end_keeping_source();
+        drop(stats);
         take_failed(&failed)
     })();
     if let Err(e) = &res {
@@ -873,9 +857,7 @@ fn recover(id: u32, run: RunArgs) -> Result<()> {
             move |r| on_ready(&n, &f, r),
         )
         .with_context(|| format!("recovering device {id}"))?;
-        if let Some(s) = stats {
-            s.end_keeping_source();
-        }
+        drop(stats);
         take_failed(&failed)?;
         // A recovering server does not own the device's deletion, except when told to stop.
         if stop.requested.load(Ordering::SeqCst) {
