@@ -660,8 +660,8 @@ struct StatsWriter {
     path: Option<PathBuf>,
     source: Arc<dyn cora_read::BlockSource>,
     ublk: Option<Arc<ublk::IoCounters>>,
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The writer thread and the sender whose drop ends it (none without a path).
+    thread: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl StatsWriter {
@@ -678,29 +678,26 @@ impl StatsWriter {
             path,
             source,
             ublk,
-            stop: None,
             thread: None,
         };
         if let Some(p) = &w.path {
             let (p, src, counters) = (p.clone(), w.source.clone(), w.ublk.clone());
             let (tx, rx) = std::sync::mpsc::channel::<()>();
-            w.thread = Some(
-                std::thread::Builder::new()
-                    .name("stats".into())
-                    .spawn(move || {
-                        loop {
-                            if let Err(e) = write_stats(&p, src.as_ref(), counters.as_deref()) {
-                                tracing::warn!(path = %p.display(), "writing stats: {e}");
-                            }
-                            if rx.recv_timeout(Self::INTERVAL)
-                                != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                            {
-                                return;
-                            }
+            let thread = std::thread::Builder::new()
+                .name("stats".into())
+                .spawn(move || {
+                    loop {
+                        if let Err(e) = write_stats(&p, src.as_ref(), counters.as_deref()) {
+                            tracing::warn!(path = %p.display(), "writing stats: {e}");
                         }
-                    })?,
-            );
-            w.stop = Some(tx);
+                        if rx.recv_timeout(Self::INTERVAL)
+                            != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                        {
+                            return;
+                        }
+                    }
+                })?;
+            w.thread = Some((tx, thread));
         }
         Ok(w)
     }
@@ -708,9 +705,9 @@ impl StatsWriter {
 
 impl Drop for StatsWriter {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some((stop, thread)) = self.thread.take() {
+            drop(stop);
+            let _ = thread.join();
         }
         if let Some(p) = &self.path {
             let _ = write_stats(p, self.source.as_ref(), self.ublk.as_deref());

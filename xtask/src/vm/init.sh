@@ -95,7 +95,7 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /newroot/dev
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /newroot/dev/shm || fail "mount /dev/shm"
 mount -t cgroup2 -o nsdelegate cgroup2 /newroot/sys/fs/cgroup || fail "mount cgroup2"
 # The first cgroup with cpuset or memory turns static keys on in the page and slab allocators,
-# and each container's removal turned them off again: kernel text patched through int3
+# and removing the last one turns them off again (each container, before this): kernel text patched through int3
 # breakpoints, which multi-threaded TCG now and then lets another vCPU trap on after the patch
 # ("Oops: int3", a panic; kernel-notes/README.md). Turn them on now, while nothing else runs
 # and before the command starts (xtask boots again after a panic here), and keep them on with
